@@ -1,0 +1,594 @@
+//! The presence engine: a sharded map of users keyed by (service SID, identity), the
+//! subscription index, presence diffs and their fan-out.
+//!
+//! Each [`Entry`] lives in one shard of a `DashMap` and holds everything one diff needs: the
+//! user's local connection count, its published online state, its profile (friendly name,
+//! attributes, bindings; loaded from the store on first interest), and the connections
+//! subscribed to it. A transition locks only that user's shard, builds one [`Update`] and hands
+//! the same `Arc` to each subscriber's [`Outbox`]; the bytes are encoded once per encoding, on
+//! first use by a writer. No lock is held across an `.await`.
+//!
+//! Rules (protocol.md, "Presence rules"):
+//! - online while at least one connection is attached; after the last one ends, the user stays
+//!   online for `offline_grace` and goes offline only if nobody reconnected (`bye` skips the
+//!   grace);
+//! - while the service has reachability disabled nothing is published and the flags read null;
+//!   enabling publishes the users already online at once;
+//! - `is_online` is null for a user not online since the latest enabling (`online_epoch`),
+//!   `is_notifiable` null for a user that never had a push binding.
+//!
+//! Entries with no connection, no subscriber and no grace pending are removed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use reach_proto::{CloseCode, Encoding, Reasons, ServerFrame, UpdateReason, User, encode};
+use tokio::sync::mpsc;
+
+use crate::metrics::EngineMetrics;
+use crate::outbox::{Outbox, PushOutcome, SlotId, Update};
+
+/// Identifies a connection within this process.
+pub type ConnId = u64;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub offline_grace: Duration,
+    /// Bytes an outbox may hold before its connection is closed with 4009.
+    pub max_outbox_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            offline_grace: Duration::from_secs(5),
+            max_outbox_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Key of a user: `<service SID>/<identity>` (a service SID never holds a `/`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserKey(Arc<str>);
+
+impl UserKey {
+    pub fn new(service_sid: &str, identity: &str) -> Self {
+        let mut s = String::with_capacity(service_sid.len() + 1 + identity.len());
+        s.push_str(service_sid);
+        s.push('/');
+        s.push_str(identity);
+        UserKey(Arc::from(s))
+    }
+    pub fn service(&self) -> &str {
+        self.0.split_once('/').map_or("", |(s, _)| s)
+    }
+    pub fn identity(&self) -> &str {
+        self.0.split_once('/').map_or("", |(_, i)| i)
+    }
+}
+
+/// What the store knows of a user, as the engine needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Store revision; a profile only ever replaces an older one.
+    pub revision: i64,
+    pub friendly_name: Option<String>,
+    pub attributes: String,
+    pub binding_count: i64,
+    pub ever_had_binding: bool,
+    /// Reachability epoch in which the user was last online (0 = never).
+    pub online_epoch: i64,
+}
+
+/// A service's reachability switch as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceState {
+    pub enabled: bool,
+    pub epoch: i64,
+}
+
+/// Something the engine wants written to the store, off the hot path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PersistEvent {
+    /// The user was online in this reachability epoch.
+    Online {
+        service_sid: String,
+        identity: String,
+        epoch: i64,
+    },
+}
+
+/// One live connection as the engine sees it.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: ConnId,
+    pub service: Arc<str>,
+    pub identity: Arc<str>,
+    pub key: UserKey,
+    pub outbox: Outbox,
+}
+
+struct Sub {
+    conn: Arc<Conn>,
+}
+
+struct Entry {
+    /// Connections of this user attached on this node.
+    conns: u32,
+    /// The published presence: true while `conns > 0` or inside the offline grace.
+    online: bool,
+    /// Non-zero while an offline grace timer is pending; a timer acts only if it still matches.
+    grace_gen: u64,
+    /// Highest epoch seen online (from the store, raised when the user comes online).
+    online_epoch: i64,
+    /// `None` until loaded from the store.
+    profile: Option<Profile>,
+    subscribers: Vec<Sub>,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            conns: 0,
+            online: false,
+            grace_gen: 0,
+            online_epoch: 0,
+            profile: None,
+            subscribers: Vec::new(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.conns == 0 && !self.online && self.subscribers.is_empty()
+    }
+
+    fn is_online(&self, svc: ServiceState) -> Option<bool> {
+        if !svc.enabled {
+            None
+        } else if self.online {
+            Some(true)
+        } else if self.online_epoch >= svc.epoch && svc.epoch > 0 {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
+        let p = self.profile.as_ref()?;
+        if !svc.enabled || !p.ever_had_binding {
+            None
+        } else {
+            Some(p.binding_count > 0)
+        }
+    }
+
+    fn view(&self, identity: &str, svc: ServiceState) -> Option<User> {
+        let p = self.profile.as_ref()?;
+        Some(User {
+            identity: identity.to_owned(),
+            friendly_name: p.friendly_name.clone(),
+            attributes: p.attributes.clone(),
+            is_online: self.is_online(svc),
+            is_notifiable: self.is_notifiable(svc),
+        })
+    }
+}
+
+/// What attaching or subscribing found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// The slot was filled with the user's current state.
+    Filled,
+    /// The user's profile is not in memory: load it, then call [`Engine::load_profile`] and
+    /// [`Engine::fill`].
+    NeedsProfile,
+}
+
+/// The presence engine. See the module doc.
+pub struct Engine {
+    config: EngineConfig,
+    users: DashMap<UserKey, Entry>,
+    services: DashMap<Arc<str>, ServiceState>,
+    conns: DashMap<ConnId, Arc<Conn>>,
+    next_conn: AtomicU64,
+    next_grace: AtomicU64,
+    persist: Option<mpsc::UnboundedSender<PersistEvent>>,
+    metrics: EngineMetrics,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("users", &self.users.len())
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Engine {
+    pub fn new(
+        config: EngineConfig,
+        metrics: EngineMetrics,
+        persist: Option<mpsc::UnboundedSender<PersistEvent>>,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            config,
+            users: DashMap::new(),
+            services: DashMap::new(),
+            conns: DashMap::new(),
+            next_conn: AtomicU64::new(1),
+            next_grace: AtomicU64::new(1),
+            persist,
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    /// The engine's view of a service's switch (disabled if unknown).
+    pub fn service(&self, service_sid: &str) -> ServiceState {
+        self.services
+            .get(service_sid)
+            .map(|s| *s)
+            .unwrap_or_default()
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Creates a connection handle and registers it (for service-wide pushes and closes).
+    pub fn new_conn(&self, service_sid: &str, identity: &str, encoding: Encoding) -> Arc<Conn> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            service: Arc::from(service_sid),
+            identity: Arc::from(identity),
+            key: UserKey::new(service_sid, identity),
+            outbox: Outbox::new(encoding, self.config.max_outbox_bytes),
+        });
+        self.conns.insert(id, Arc::clone(&conn));
+        conn
+    }
+
+    /// Attaches an authenticated connection to its own user: counts it (0 -> 1 publishes
+    /// online, or cancels a pending offline grace), subscribes it to its own user and fills
+    /// `slot` with the user's state.
+    pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> Attach {
+        let svc = self.service(&conn.service);
+        let mut entry = self
+            .users
+            .entry(conn.key.clone())
+            .or_insert_with(Entry::new);
+        entry.conns += 1;
+        if entry.conns == 1 {
+            entry.grace_gen = 0;
+            if !entry.online {
+                entry.online = true;
+                self.metrics.online_users.inc();
+                self.note_online(&conn.key, &mut entry, svc);
+                self.publish(
+                    &conn.key,
+                    &entry,
+                    svc,
+                    Reasons::of(UpdateReason::ReachabilityOnline),
+                );
+            }
+        }
+        entry.subscribers.push(Sub {
+            conn: Arc::clone(conn),
+        });
+        self.metrics.subscriptions.inc();
+        self.fill_locked(&entry, &conn.identity, conn, slot, svc)
+    }
+
+    /// Subscribes `conn` to a user and fills `slot` with its state.
+    pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
+        let key = UserKey::new(&conn.service, identity);
+        let svc = self.service(&conn.service);
+        let mut entry = self.users.entry(key).or_insert_with(Entry::new);
+        if !entry.subscribers.iter().any(|s| s.conn.id == conn.id) {
+            entry.subscribers.push(Sub {
+                conn: Arc::clone(conn),
+            });
+            self.metrics.subscriptions.inc();
+        }
+        self.fill_locked(&entry, identity, conn, slot, svc)
+    }
+
+    /// Fills `slot` with the user's current state once its profile is loaded.
+    pub fn fill(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
+        let key = UserKey::new(&conn.service, identity);
+        let svc = self.service(&conn.service);
+        match self.users.get(&key) {
+            Some(entry) => self.fill_locked(&entry, identity, conn, slot, svc),
+            None => Attach::NeedsProfile,
+        }
+    }
+
+    fn fill_locked(
+        &self,
+        entry: &Entry,
+        identity: &str,
+        conn: &Conn,
+        slot: SlotId,
+        svc: ServiceState,
+    ) -> Attach {
+        match entry.view(identity, svc) {
+            Some(user) => {
+                conn.outbox.fill(slot, identity, user);
+                Attach::Filled
+            }
+            None => Attach::NeedsProfile,
+        }
+    }
+
+    /// Removes `conn`'s subscription to a user. Its own user cannot be unsubscribed.
+    pub fn unsubscribe(&self, conn: &Conn, identity: &str) {
+        if identity == &*conn.identity {
+            return;
+        }
+        let key = UserKey::new(&conn.service, identity);
+        self.remove_subscriber(&key, conn.id);
+    }
+
+    fn remove_subscriber(&self, key: &UserKey, conn_id: ConnId) {
+        if let Some(mut entry) = self.users.get_mut(key) {
+            let before = entry.subscribers.len();
+            entry.subscribers.retain(|s| s.conn.id != conn_id);
+            let removed = before - entry.subscribers.len();
+            self.metrics.subscriptions.sub(removed as i64);
+        }
+        self.users.remove_if(key, |_, e| e.is_idle());
+    }
+
+    /// Ends a connection: drops its subscriptions (`watched` lists the identities it subscribed
+    /// to besides its own) and, if it was attached, its connection count. The last connection
+    /// of a user starts the offline grace, or, after `bye`, publishes offline at once.
+    pub fn detach(self: &Arc<Self>, conn: &Conn, attached: bool, watched: &[String], bye: bool) {
+        self.conns.remove(&conn.id);
+        for identity in watched {
+            if identity.as_str() != &*conn.identity {
+                self.remove_subscriber(&UserKey::new(&conn.service, identity), conn.id);
+            }
+        }
+        if !attached {
+            return;
+        }
+        let svc = self.service(&conn.service);
+        let mut start_grace = None;
+        if let Some(mut entry) = self.users.get_mut(&conn.key) {
+            let before = entry.subscribers.len();
+            entry.subscribers.retain(|s| s.conn.id != conn.id);
+            self.metrics
+                .subscriptions
+                .sub((before - entry.subscribers.len()) as i64);
+            entry.conns = entry.conns.saturating_sub(1);
+            if entry.conns == 0 && entry.online {
+                if bye || self.config.offline_grace.is_zero() {
+                    self.go_offline(&conn.key, &mut entry, svc);
+                } else {
+                    let generation = self.next_grace.fetch_add(1, Ordering::Relaxed);
+                    entry.grace_gen = generation;
+                    start_grace = Some(generation);
+                }
+            }
+        }
+        self.users.remove_if(&conn.key, |_, e| e.is_idle());
+        if let Some(generation) = start_grace {
+            let engine = Arc::clone(self);
+            let key = conn.key.clone();
+            let deadline = tokio::time::Instant::now() + self.config.offline_grace;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                engine.grace_expired(&key, generation);
+            });
+        }
+    }
+
+    fn grace_expired(&self, key: &UserKey, generation: u64) {
+        let svc = self.service(key.service());
+        if let Some(mut entry) = self.users.get_mut(key)
+            && entry.grace_gen == generation
+            && entry.conns == 0
+            && entry.online
+        {
+            self.go_offline(key, &mut entry, svc);
+        }
+        self.users.remove_if(key, |_, e| e.is_idle());
+    }
+
+    fn go_offline(&self, key: &UserKey, entry: &mut Entry, svc: ServiceState) {
+        entry.grace_gen = 0;
+        entry.online = false;
+        self.metrics.online_users.dec();
+        self.publish(
+            key,
+            entry,
+            svc,
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+    }
+
+    fn note_online(&self, key: &UserKey, entry: &mut Entry, svc: ServiceState) {
+        if svc.enabled && entry.online_epoch < svc.epoch {
+            entry.online_epoch = svc.epoch;
+            if let Some(tx) = &self.persist {
+                let _ = tx.send(PersistEvent::Online {
+                    service_sid: key.service().to_owned(),
+                    identity: key.identity().to_owned(),
+                    epoch: svc.epoch,
+                });
+            }
+        }
+    }
+
+    /// Fans a diff out to the user's subscribers. Nothing is published while reachability is
+    /// disabled for presence reasons, or before the profile is loaded (nobody has seen it yet).
+    fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
+        let presence_only = !reasons.contains(UpdateReason::FriendlyName)
+            && !reasons.contains(UpdateReason::Attributes);
+        if (presence_only && !svc.enabled) || entry.subscribers.is_empty() {
+            return;
+        }
+        let Some(user) = entry.view(key.identity(), svc) else {
+            return;
+        };
+        let started = Instant::now();
+        self.metrics.diffs.inc();
+        let update = Update::new(user, reasons);
+        let identity: Arc<str> = Arc::from(key.identity());
+        let (mut queued, mut coalesced) = (0u64, 0u64);
+        for sub in &entry.subscribers {
+            match sub.conn.outbox.push_update(&identity, &update) {
+                PushOutcome::Queued => queued += 1,
+                PushOutcome::Coalesced => coalesced += 1,
+                PushOutcome::Dropped => {}
+            }
+        }
+        self.metrics.deliveries.inc_by(queued);
+        self.metrics.coalesced.inc_by(coalesced);
+        self.metrics
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Stores a loaded profile unless a newer one is already in memory. Presence that changed
+    /// while the profile was loading is not published (nobody had the user's state yet).
+    pub fn load_profile(&self, service_sid: &str, identity: &str, profile: Profile) {
+        let key = UserKey::new(service_sid, identity);
+        if let Some(mut entry) = self.users.get_mut(&key) {
+            entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
+            if entry
+                .profile
+                .as_ref()
+                .is_none_or(|p| p.revision < profile.revision)
+            {
+                entry.profile = Some(profile);
+            }
+        }
+    }
+
+    /// Applies a profile written through REST or a push registration and publishes what
+    /// changed (`friendlyName`, `attributes`, `reachabilityNotifiable`). Users not in memory are
+    /// skipped: whoever loads them later reads the new record.
+    pub fn update_profile(&self, service_sid: &str, identity: &str, profile: Profile) {
+        let key = UserKey::new(service_sid, identity);
+        let svc = self.service(service_sid);
+        let Some(mut entry) = self.users.get_mut(&key) else {
+            return;
+        };
+        entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
+        let Some(old) = entry.profile.clone() else {
+            entry.profile = Some(profile);
+            return;
+        };
+        if old.revision >= profile.revision {
+            return;
+        }
+        let notifiable_before = entry.is_notifiable(svc);
+        let mut reasons = Reasons::EMPTY;
+        if old.friendly_name != profile.friendly_name {
+            reasons = reasons.with(UpdateReason::FriendlyName);
+        }
+        if old.attributes != profile.attributes {
+            reasons = reasons.with(UpdateReason::Attributes);
+        }
+        entry.profile = Some(profile);
+        if entry.is_notifiable(svc) != notifiable_before {
+            reasons = reasons.with(UpdateReason::ReachabilityNotifiable);
+        }
+        if !reasons.is_empty() {
+            self.publish(&key, &entry, svc, reasons);
+        }
+    }
+
+    /// Presence of a user as REST reports it: `(online, online_epoch)`, if in memory.
+    pub fn presence(&self, service_sid: &str, identity: &str) -> Option<(bool, i64)> {
+        self.users
+            .get(&UserKey::new(service_sid, identity))
+            .map(|e| (e.online, e.online_epoch))
+    }
+
+    /// Sets a service's switch (at start, on create, on a configuration update). A change
+    /// pushes `service_updated` to every connection of the service; enabling also publishes the
+    /// users already online, and the notifiable flags that stop being null.
+    pub fn set_service(&self, service_sid: &str, state: ServiceState) {
+        let previous = self.services.insert(Arc::from(service_sid), state);
+        let Some(previous) = previous else { return };
+        if previous.enabled == state.enabled {
+            return;
+        }
+        let frames = Encoding::ALL.map(|enc| {
+            encode(
+                &ServerFrame::ServiceUpdated {
+                    reachability_enabled: state.enabled,
+                },
+                enc,
+            )
+        });
+        for conn in self.conns.iter() {
+            if &*conn.service == service_sid {
+                let enc = conn.outbox.encoding();
+                conn.outbox.push_bytes(frames[enc.index()].clone());
+            }
+        }
+        if !state.enabled {
+            return;
+        }
+        // Enabling: a scan of the map, done once per switch flip (an admin operation).
+        for mut entry in self.users.iter_mut() {
+            let key = entry.key().clone();
+            if key.service() != service_sid {
+                continue;
+            }
+            let entry = entry.value_mut();
+            let mut reasons = Reasons::EMPTY;
+            if entry.online {
+                self.note_online(&key, entry, state);
+                reasons = reasons.with(UpdateReason::ReachabilityOnline);
+            }
+            if entry.is_notifiable(state).is_some() {
+                reasons = reasons.with(UpdateReason::ReachabilityNotifiable);
+            }
+            if !reasons.is_empty() {
+                self.publish(&key, entry, state, reasons);
+            }
+        }
+    }
+
+    /// Forgets a deleted service and closes its connections with 4003.
+    pub fn remove_service(&self, service_sid: &str) {
+        self.services.remove(service_sid);
+        for conn in self.conns.iter() {
+            if &*conn.service == service_sid {
+                conn.outbox.close(CloseCode::Forbidden);
+            }
+        }
+    }
+
+    /// Closes the connections of a deleted user with 4003.
+    pub fn remove_user(&self, service_sid: &str, identity: &str) {
+        for conn in self.conns.iter() {
+            if &*conn.service == service_sid && &*conn.identity == identity {
+                conn.outbox.close(CloseCode::Forbidden);
+            }
+        }
+    }
+
+    /// Every live connection (for draining).
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        self.conns.iter().map(|c| Arc::clone(c.value())).collect()
+    }
+}

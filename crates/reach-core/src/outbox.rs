@@ -1,0 +1,548 @@
+//! The per-connection outbox: what the engine and the connection's request handling have
+//! queued for one socket, drained by that socket's writer.
+//!
+//! Three kinds of item sit in one FIFO queue:
+//! - [`Item::Frame`]: bytes already encoded (replies, `service_updated`, errors);
+//! - [`Item::Update`]: a `user_updated` whose bytes are shared with every subscriber of the
+//!   same diff. While an update for a user is still queued, a newer one for the same user
+//!   *replaces* it in place (latest state kept, reasons merged): a subscriber that falls behind
+//!   holds at most one pending update per user it watches, and never misses the final state;
+//! - [`Item::Slot`]: a reply whose users are filled in under the presence map's lock
+//!   (`welcome`, `subscribed`), so no update for those users can overtake the state the reply
+//!   carries. The writer stops at a slot until it is sealed.
+//!
+//! Memory is bounded: when the queued bytes pass `max_bytes` the outbox asks the connection to
+//! close with 4009 (slow consumer) and drops what it holds. The queue's buffers are released
+//! when it drains, so an idle connection's outbox costs only its empty struct.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Waker;
+
+use bytes::Bytes;
+use reach_proto::{
+    CloseCode, Encoding, IdentityError, Reasons, ServerFrame, UpdateReason, User, encode,
+};
+
+/// One diff of one user, shared (behind an `Arc`) by every subscriber it is fanned out to.
+#[derive(Debug)]
+pub struct Update {
+    pub user: User,
+    pub reasons: Reasons,
+    encoded: [OnceLock<Bytes>; 2],
+}
+
+impl Update {
+    pub fn new(user: User, reasons: Reasons) -> Arc<Update> {
+        Arc::new(Update {
+            user,
+            reasons,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        })
+    }
+
+    /// The `user_updated` frame in this encoding, encoded on first use and then shared.
+    pub fn bytes(&self, encoding: Encoding) -> Bytes {
+        self.encoded[encoding.index()]
+            .get_or_init(|| encode(&self.frame(self.reasons), encoding))
+            .clone()
+    }
+
+    fn frame(&self, reasons: Reasons) -> ServerFrame {
+        ServerFrame::UserUpdated {
+            user: self.user.clone(),
+            reasons: reasons.to_vec(),
+        }
+    }
+
+    fn approx_size(&self) -> usize {
+        96 + self.user.identity.len()
+            + self.user.attributes.len()
+            + self.user.friendly_name.as_ref().map_or(0, String::len)
+    }
+}
+
+/// A reply whose users are filled in under the presence map's lock.
+#[derive(Debug)]
+pub enum SlotFrame {
+    /// `welcome`; `user` is filled with the connection's own user.
+    Welcome {
+        connection_id: String,
+        identity: String,
+        service_sid: String,
+        reachability_enabled: bool,
+        heartbeat_interval_ms: u64,
+        token_expires_at: i64,
+        user: Option<User>,
+    },
+    /// `subscribed`; users are filled one by one, errors added before sealing.
+    Subscribed {
+        id: i64,
+        users: Vec<User>,
+        errors: Vec<IdentityError>,
+    },
+}
+
+impl SlotFrame {
+    fn into_frame(self) -> ServerFrame {
+        match self {
+            SlotFrame::Welcome {
+                connection_id,
+                identity,
+                service_sid,
+                reachability_enabled,
+                heartbeat_interval_ms,
+                token_expires_at,
+                user,
+            } => {
+                let user = user.unwrap_or_else(|| User {
+                    identity: identity.clone(),
+                    friendly_name: None,
+                    attributes: "{}".into(),
+                    is_online: None,
+                    is_notifiable: None,
+                });
+                ServerFrame::Welcome {
+                    connection_id,
+                    identity,
+                    service_sid,
+                    reachability_enabled,
+                    heartbeat_interval_ms,
+                    token_expires_at,
+                    user,
+                }
+            }
+            SlotFrame::Subscribed { id, users, errors } => {
+                ServerFrame::Subscribed { id, users, errors }
+            }
+        }
+    }
+}
+
+/// Handle of a reserved slot (its absolute position in the queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotId(u64);
+
+#[derive(Debug)]
+enum Item {
+    Frame(Bytes),
+    Update {
+        update: Arc<Update>,
+        reasons: Reasons,
+    },
+    Slot {
+        frame: Option<SlotFrame>,
+        sealed: bool,
+    },
+}
+
+/// What the writer takes out of the outbox.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// Bytes to send as one message in the connection's encoding.
+    Message(Bytes),
+    /// The connection must be closed with this code.
+    Close(CloseCode),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    items: VecDeque<Item>,
+    /// Absolute sequence number of `items[0]`.
+    head_seq: u64,
+    /// Identity -> absolute sequence of its queued, still coalescable update.
+    pending: HashMap<Arc<str>, u64>,
+    /// Approximate bytes held by `items`.
+    bytes: usize,
+    waker: Option<Waker>,
+    close: Option<CloseCode>,
+}
+
+impl Inner {
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn push(&mut self, item: Item, size: usize, max_bytes: usize) -> Option<u64> {
+        if self.close.is_some() {
+            return None;
+        }
+        self.bytes += size;
+        if self.bytes > max_bytes {
+            self.overflow();
+            return None;
+        }
+        let seq = self.head_seq + self.items.len() as u64;
+        self.items.push_back(item);
+        self.wake();
+        Some(seq)
+    }
+
+    fn overflow(&mut self) {
+        self.items = VecDeque::new();
+        self.pending = HashMap::new();
+        self.bytes = 0;
+        self.close = Some(CloseCode::SlowConsumer);
+        self.wake();
+    }
+
+    fn slot_mut(&mut self, slot: SlotId) -> Option<&mut Item> {
+        let idx = slot.0.checked_sub(self.head_seq)? as usize;
+        self.items.get_mut(idx)
+    }
+}
+
+/// Counts what the outbox did, for the engine's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Queued,
+    Coalesced,
+    Dropped,
+}
+
+/// A connection's queue of outgoing frames. See the module doc.
+#[derive(Debug)]
+pub struct Outbox {
+    encoding: Encoding,
+    max_bytes: usize,
+    inner: Mutex<Inner>,
+}
+
+impl Outbox {
+    pub fn new(encoding: Encoding, max_bytes: usize) -> Self {
+        Outbox {
+            encoding,
+            max_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the queue half-updated in a way that
+        // matters more than losing the connection, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an already encoded frame. Updates queued before it are no longer merged with
+    /// later ones: a client reads them in order, so an update must not move ahead of, say, a
+    /// `service_updated` that changes what its flags mean.
+    pub fn push_bytes(&self, bytes: Bytes) -> PushOutcome {
+        let size = bytes.len() + 32;
+        let mut inner = self.lock();
+        inner.pending.clear();
+        match inner.push(Item::Frame(bytes), size, self.max_bytes) {
+            Some(_) => PushOutcome::Queued,
+            None => PushOutcome::Dropped,
+        }
+    }
+
+    /// Encodes and queues a frame.
+    pub fn push_frame(&self, frame: &ServerFrame) -> PushOutcome {
+        self.push_bytes(encode(frame, self.encoding))
+    }
+
+    /// Queues a user update, coalescing it with a still-queued update of the same user.
+    pub fn push_update(&self, identity: &Arc<str>, update: &Arc<Update>) -> PushOutcome {
+        let mut inner = self.lock();
+        if inner.close.is_some() {
+            return PushOutcome::Dropped;
+        }
+        if let Some(&seq) = inner.pending.get(identity) {
+            let idx = (seq - inner.head_seq) as usize;
+            if let Some(Item::Update {
+                update: queued,
+                reasons,
+            }) = inner.items.get_mut(idx)
+            {
+                *reasons = reasons.union(update.reasons);
+                *queued = Arc::clone(update);
+                return PushOutcome::Coalesced;
+            }
+        }
+        let item = Item::Update {
+            update: Arc::clone(update),
+            reasons: update.reasons,
+        };
+        match inner.push(item, update.approx_size(), self.max_bytes) {
+            Some(seq) => {
+                inner.pending.insert(Arc::clone(identity), seq);
+                PushOutcome::Queued
+            }
+            None => PushOutcome::Dropped,
+        }
+    }
+
+    /// Reserves a place in the queue for a reply that is completed later.
+    pub fn reserve(&self, frame: SlotFrame) -> Option<SlotId> {
+        let item = Item::Slot {
+            frame: Some(frame),
+            sealed: false,
+        };
+        self.lock().push(item, 256, self.max_bytes).map(SlotId)
+    }
+
+    /// Puts a user into a reserved slot. Called under the presence map's lock for that user;
+    /// later updates of the user are queued behind the slot, never merged into an earlier one.
+    pub fn fill(&self, slot: SlotId, identity: &str, user: User) {
+        let mut inner = self.lock();
+        inner.pending.remove(identity);
+        inner.bytes += user.attributes.len() + 64;
+        if let Some(Item::Slot {
+            frame: Some(frame), ..
+        }) = inner.slot_mut(slot)
+        {
+            match frame {
+                SlotFrame::Welcome { user: u, .. } => *u = Some(user),
+                SlotFrame::Subscribed { users, .. } => users.push(user),
+            }
+        }
+    }
+
+    /// Adds a per-identity error to a reserved `subscribed` slot.
+    pub fn add_error(&self, slot: SlotId, error: IdentityError) {
+        let mut inner = self.lock();
+        if let Some(Item::Slot {
+            frame: Some(SlotFrame::Subscribed { errors, .. }),
+            ..
+        }) = inner.slot_mut(slot)
+        {
+            errors.push(error);
+        }
+    }
+
+    /// Marks a slot complete: the writer may send it.
+    pub fn seal(&self, slot: SlotId) {
+        let mut inner = self.lock();
+        if let Some(Item::Slot { sealed, .. }) = inner.slot_mut(slot) {
+            *sealed = true;
+        }
+        inner.wake();
+    }
+
+    /// Asks the connection to close with `code`; queued frames are still sent first unless the
+    /// code is 4009 (the queue was dropped).
+    pub fn close(&self, code: CloseCode) {
+        let mut inner = self.lock();
+        if inner.close.is_none() {
+            inner.close = Some(code);
+        }
+        inner.wake();
+    }
+
+    /// The close requested so far, if any.
+    pub fn close_requested(&self) -> Option<CloseCode> {
+        self.lock().close
+    }
+
+    /// Takes the next message, or registers `waker` to be woken when there is one.
+    ///
+    /// Returns `None` when nothing can be sent now (empty, or an unsealed slot at the head).
+    pub fn pop(&self, waker: &Waker) -> Option<Outgoing> {
+        let mut inner = self.lock();
+        let ready = match inner.items.front() {
+            Some(Item::Slot { sealed, .. }) => *sealed,
+            Some(_) => true,
+            None => false,
+        };
+        if !ready {
+            if let Some(code) = inner.close
+                && (inner.items.is_empty() || code == CloseCode::SlowConsumer)
+            {
+                return Some(Outgoing::Close(code));
+            }
+            if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                inner.waker = Some(waker.clone());
+            }
+            if inner.items.is_empty() && inner.items.capacity() > 64 {
+                inner.items = VecDeque::new();
+                inner.pending = HashMap::new();
+            }
+            return None;
+        }
+        let item = inner.items.pop_front().expect("front checked");
+        let seq = inner.head_seq;
+        inner.head_seq += 1;
+        let (bytes, size) = match item {
+            Item::Frame(b) => {
+                let n = b.len() + 32;
+                (b, n)
+            }
+            Item::Update { update, reasons } => {
+                if inner
+                    .pending
+                    .get(update.user.identity.as_str())
+                    .is_some_and(|s| *s == seq)
+                {
+                    inner.pending.remove(update.user.identity.as_str());
+                }
+                let bytes = if reasons == update.reasons {
+                    update.bytes(self.encoding)
+                } else {
+                    encode(&update.frame(reasons), self.encoding)
+                };
+                (bytes, update.approx_size())
+            }
+            Item::Slot { frame, .. } => {
+                let frame = frame.expect("slot holds its frame until sent").into_frame();
+                (encode(&frame, self.encoding), 256)
+            }
+        };
+        inner.bytes = inner.bytes.saturating_sub(size);
+        if inner.items.is_empty() {
+            inner.bytes = 0;
+        }
+        Some(Outgoing::Message(bytes))
+    }
+
+    /// Number of queued items (for tests and diagnostics).
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reasons of a coalesced update, for callers that decode frames in tests.
+pub fn reasons_of(frame: &ServerFrame) -> Vec<UpdateReason> {
+    match frame {
+        ServerFrame::UserUpdated { reasons, .. } => reasons.clone(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reach_proto::decode_server;
+    use std::task::Waker;
+
+    fn user(identity: &str, online: bool) -> User {
+        User {
+            identity: identity.into(),
+            friendly_name: None,
+            attributes: "{}".into(),
+            is_online: Some(online),
+            is_notifiable: None,
+        }
+    }
+
+    fn drain(outbox: &Outbox) -> Vec<ServerFrame> {
+        let mut out = Vec::new();
+        while let Some(Outgoing::Message(b)) = outbox.pop(Waker::noop()) {
+            out.push(decode_server(&b, outbox.encoding()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn pending_updates_of_one_user_coalesce_with_merged_reasons() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let bob: Arc<str> = Arc::from("bob");
+        let carol: Arc<str> = Arc::from("carol");
+        let u1 = Update::new(
+            user("bob", true),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+        let u2 = Update::new(
+            user("carol", true),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+        let mut u3u = user("bob", false);
+        u3u.friendly_name = Some("Bob".into());
+        let u3 = Update::new(u3u, Reasons::of(UpdateReason::FriendlyName));
+        assert_eq!(outbox.push_update(&bob, &u1), PushOutcome::Queued);
+        assert_eq!(outbox.push_update(&carol, &u2), PushOutcome::Queued);
+        assert_eq!(outbox.push_update(&bob, &u3), PushOutcome::Coalesced);
+        let frames = drain(&outbox);
+        assert_eq!(frames.len(), 2);
+        match &frames[0] {
+            ServerFrame::UserUpdated { user, reasons } => {
+                assert_eq!(user.identity, "bob");
+                assert_eq!(user.is_online, Some(false), "latest state kept");
+                assert_eq!(user.friendly_name.as_deref(), Some("Bob"));
+                assert_eq!(
+                    reasons,
+                    &vec![UpdateReason::FriendlyName, UpdateReason::ReachabilityOnline]
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // After the first was sent, a new update is queued again, not merged.
+        assert_eq!(outbox.push_update(&bob, &u1), PushOutcome::Queued);
+    }
+
+    #[test]
+    fn writer_waits_for_an_unsealed_slot_and_updates_queue_behind_it() {
+        let outbox = Outbox::new(Encoding::MsgPack, 1 << 20);
+        let bob: Arc<str> = Arc::from("bob");
+        let old = Update::new(
+            user("bob", false),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+        outbox.push_update(&bob, &old);
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 9,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        outbox.fill(slot, "bob", user("bob", true));
+        let newer = Update::new(user("bob", true), Reasons::of(UpdateReason::FriendlyName));
+        assert_eq!(
+            outbox.push_update(&bob, &newer),
+            PushOutcome::Queued,
+            "not merged forward"
+        );
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        assert!(outbox.pop(Waker::noop()).is_none(), "slot not sealed yet");
+        outbox.seal(slot);
+        let rest = drain(&outbox);
+        assert!(
+            matches!(&rest[0], ServerFrame::Subscribed { id: 9, users, .. } if users[0].is_online == Some(true))
+        );
+        assert_eq!(reasons_of(&rest[1]), vec![UpdateReason::FriendlyName]);
+    }
+
+    #[test]
+    fn overflow_drops_the_queue_and_asks_for_4009() {
+        let outbox = Outbox::new(Encoding::Json, 1000);
+        for _ in 0..10 {
+            outbox.push_bytes(Bytes::from(vec![b'x'; 200]));
+        }
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Close(CloseCode::SlowConsumer))
+        ));
+        assert_eq!(
+            outbox.push_bytes(Bytes::from_static(b"x")),
+            PushOutcome::Dropped
+        );
+    }
+
+    #[test]
+    fn close_is_reported_after_queued_frames() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        outbox.close(CloseCode::Forbidden);
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Close(CloseCode::Forbidden))
+        ));
+    }
+}

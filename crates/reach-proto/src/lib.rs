@@ -1,0 +1,502 @@
+//! Reach wire protocol, version 1: the frames that travel over a gateway WebSocket, their two
+//! encodings, and the close and error codes.
+//!
+//! Data flow: the gateway reads one WebSocket message, checks its size, then calls
+//! [`decode_client`] with the connection's [`Encoding`] to get a [`ClientFrame`] (or a
+//! [`DecodeError`] that maps to an error frame and close 4002). Replies and pushes are built as
+//! [`ServerFrame`] values and turned into bytes once with [`encode`]; the bytes are shared by
+//! every subscriber that receives the same frame.
+//!
+//! Both encodings carry the same objects with the same field names: `reach.v1.json` as one JSON
+//! object per text message, `reach.v1.msgpack` as one MessagePack map per binary message.
+
+pub mod codes;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use codes::{CloseCode, ErrorCode};
+
+/// Subprotocol name for MessagePack binary frames.
+pub const SUBPROTOCOL_MSGPACK: &str = "reach.v1.msgpack";
+/// Subprotocol name for JSON text frames.
+pub const SUBPROTOCOL_JSON: &str = "reach.v1.json";
+
+/// How a connection's frames are encoded, chosen by the WebSocket subprotocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// `reach.v1.json`, or no subprotocol offered: text messages.
+    Json,
+    /// `reach.v1.msgpack`: binary messages.
+    MsgPack,
+}
+
+impl Encoding {
+    /// Both encodings, in a fixed order (index = [`Encoding::index`]).
+    pub const ALL: [Encoding; 2] = [Encoding::Json, Encoding::MsgPack];
+
+    /// The subprotocol name this encoding answers to.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => SUBPROTOCOL_JSON,
+            Encoding::MsgPack => SUBPROTOCOL_MSGPACK,
+        }
+    }
+
+    /// A dense index, for per-encoding caches.
+    pub fn index(self) -> usize {
+        match self {
+            Encoding::Json => 0,
+            Encoding::MsgPack => 1,
+        }
+    }
+
+    /// Picks the encoding from a `Sec-WebSocket-Protocol` offer (comma separated).
+    ///
+    /// `Ok(None)` when nothing was offered (JSON, without echoing a subprotocol), `Err(())` when
+    /// only unknown protocols were offered. The first known protocol in the offer wins.
+    #[allow(clippy::result_unit_err)]
+    pub fn negotiate(offer: Option<&str>) -> Result<Option<Encoding>, ()> {
+        let Some(offer) = offer else { return Ok(None) };
+        let mut any = false;
+        for p in offer.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            any = true;
+            if p == SUBPROTOCOL_MSGPACK {
+                return Ok(Some(Encoding::MsgPack));
+            }
+            if p == SUBPROTOCOL_JSON {
+                return Ok(Some(Encoding::Json));
+            }
+        }
+        if any { Err(()) } else { Ok(None) }
+    }
+}
+
+/// Why a user's state changed; wire names as in the hosted SDKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum UpdateReason {
+    #[serde(rename = "friendlyName")]
+    FriendlyName,
+    #[serde(rename = "attributes")]
+    Attributes,
+    #[serde(rename = "reachabilityOnline")]
+    ReachabilityOnline,
+    #[serde(rename = "reachabilityNotifiable")]
+    ReachabilityNotifiable,
+}
+
+impl UpdateReason {
+    /// All reasons, in wire order.
+    pub const ALL: [UpdateReason; 4] = [
+        UpdateReason::FriendlyName,
+        UpdateReason::Attributes,
+        UpdateReason::ReachabilityOnline,
+        UpdateReason::ReachabilityNotifiable,
+    ];
+
+    fn bit(self) -> u8 {
+        match self {
+            UpdateReason::FriendlyName => 1,
+            UpdateReason::Attributes => 2,
+            UpdateReason::ReachabilityOnline => 4,
+            UpdateReason::ReachabilityNotifiable => 8,
+        }
+    }
+}
+
+/// A small set of [`UpdateReason`]s, merged when pending updates coalesce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Reasons(u8);
+
+impl Reasons {
+    pub const EMPTY: Reasons = Reasons(0);
+
+    pub fn of(reason: UpdateReason) -> Self {
+        Reasons(reason.bit())
+    }
+    pub fn with(self, reason: UpdateReason) -> Self {
+        Reasons(self.0 | reason.bit())
+    }
+    pub fn union(self, other: Reasons) -> Self {
+        Reasons(self.0 | other.0)
+    }
+    pub fn contains(self, reason: UpdateReason) -> bool {
+        self.0 & reason.bit() != 0
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn to_vec(self) -> Vec<UpdateReason> {
+        UpdateReason::ALL
+            .into_iter()
+            .filter(|r| self.contains(*r))
+            .collect()
+    }
+}
+
+impl FromIterator<UpdateReason> for Reasons {
+    fn from_iter<I: IntoIterator<Item = UpdateReason>>(iter: I) -> Self {
+        iter.into_iter().fold(Reasons::EMPTY, Reasons::with)
+    }
+}
+
+/// The user object, as REST returns it for that user at that moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub identity: String,
+    pub friendly_name: Option<String>,
+    /// JSON text (`"{}"` when unset).
+    pub attributes: String,
+    pub is_online: Option<bool>,
+    pub is_notifiable: Option<bool>,
+}
+
+/// A per-identity failure inside a `subscribed` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityError {
+    pub identity: String,
+    pub code: u32,
+    pub message: String,
+}
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Hello {
+        token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    Subscribe {
+        id: i64,
+        identities: Vec<String>,
+    },
+    Unsubscribe {
+        id: i64,
+        identities: Vec<String>,
+    },
+    Ping {
+        id: i64,
+    },
+    UpdateToken {
+        id: i64,
+        token: String,
+    },
+    RegisterPush {
+        id: i64,
+        binding_type: String,
+        address: String,
+    },
+    UnregisterPush {
+        id: i64,
+        binding_type: String,
+        address: String,
+    },
+    Bye,
+}
+
+impl ClientFrame {
+    /// Every `type` a client may send.
+    pub const TYPES: [&'static str; 8] = [
+        "hello",
+        "subscribe",
+        "unsubscribe",
+        "ping",
+        "update_token",
+        "register_push",
+        "unregister_push",
+        "bye",
+    ];
+
+    /// The request id, for frames that expect a reply.
+    pub fn id(&self) -> Option<i64> {
+        match self {
+            ClientFrame::Hello { .. } | ClientFrame::Bye => None,
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Ping { id }
+            | ClientFrame::UpdateToken { id, .. }
+            | ClientFrame::RegisterPush { id, .. }
+            | ClientFrame::UnregisterPush { id, .. } => Some(*id),
+        }
+    }
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome {
+        connection_id: String,
+        identity: String,
+        service_sid: String,
+        reachability_enabled: bool,
+        heartbeat_interval_ms: u64,
+        token_expires_at: i64,
+        user: User,
+    },
+    Subscribed {
+        id: i64,
+        users: Vec<User>,
+        errors: Vec<IdentityError>,
+    },
+    Unsubscribed {
+        id: i64,
+    },
+    Pong {
+        id: i64,
+    },
+    TokenUpdated {
+        id: i64,
+        token_expires_at: i64,
+    },
+    PushRegistered {
+        id: i64,
+        binding_sid: String,
+    },
+    PushUnregistered {
+        id: i64,
+    },
+    UserUpdated {
+        user: User,
+        reasons: Vec<UpdateReason>,
+    },
+    ServiceUpdated {
+        reachability_enabled: bool,
+    },
+    TokenAboutToExpire {
+        expires_at: i64,
+    },
+    Goodbye {
+        reason: String,
+        retry_after_ms: u64,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<i64>,
+        code: u32,
+        message: String,
+    },
+}
+
+/// Why a client frame could not be read. Every variant closes the connection with 4002.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    #[error("a {0} frame must be a {1} message")]
+    WrongMessageKind(&'static str, &'static str),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::UnknownType(_) => ErrorCode::UnknownFrameType,
+            DecodeError::Malformed(_) | DecodeError::WrongMessageKind(..) => {
+                ErrorCode::MalformedFrame
+            }
+        }
+    }
+    pub fn close_code(&self) -> CloseCode {
+        CloseCode::ProtocolError
+    }
+}
+
+#[derive(Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Decodes one client frame from a message payload in the given encoding.
+pub fn decode_client(payload: &[u8], encoding: Encoding) -> Result<ClientFrame, DecodeError> {
+    let first = match encoding {
+        Encoding::Json => serde_json::from_slice::<ClientFrame>(payload).map_err(|e| e.to_string()),
+        Encoding::MsgPack => {
+            rmp_serde::from_slice::<ClientFrame>(payload).map_err(|e| e.to_string())
+        }
+    };
+    first.map_err(|detail| {
+        // Tell an unknown `type` apart from a known type with bad fields.
+        let kind = match encoding {
+            Encoding::Json => serde_json::from_slice::<TypeOnly>(payload).ok(),
+            Encoding::MsgPack => rmp_serde::from_slice::<TypeOnly>(payload).ok(),
+        };
+        match kind {
+            Some(TypeOnly { kind }) if !ClientFrame::TYPES.contains(&kind.as_str()) => {
+                DecodeError::UnknownType(kind)
+            }
+            _ => DecodeError::Malformed(detail),
+        }
+    })
+}
+
+/// Encodes a frame. Serialising these types cannot fail.
+pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Bytes {
+    match encoding {
+        Encoding::Json => Bytes::from(serde_json::to_vec(frame).expect("frames serialise")),
+        Encoding::MsgPack => Bytes::from(rmp_serde::to_vec_named(frame).expect("frames serialise")),
+    }
+}
+
+/// Decodes a server frame (for clients and tests).
+pub fn decode_server(payload: &[u8], encoding: Encoding) -> Result<ServerFrame, DecodeError> {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(payload).map_err(|e| e.to_string()),
+        Encoding::MsgPack => rmp_serde::from_slice(payload).map_err(|e| e.to_string()),
+    }
+    .map_err(DecodeError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> User {
+        User {
+            identity: "bob".into(),
+            friendly_name: None,
+            attributes: "{}".into(),
+            is_online: Some(true),
+            is_notifiable: None,
+        }
+    }
+
+    #[test]
+    fn client_frames_round_trip_in_both_encodings() {
+        let frames = vec![
+            ClientFrame::Hello {
+                token: "t".into(),
+                client: Some("x/1".into()),
+            },
+            ClientFrame::Subscribe {
+                id: 1,
+                identities: vec!["bob".into()],
+            },
+            ClientFrame::Unsubscribe {
+                id: 2,
+                identities: vec![],
+            },
+            ClientFrame::Ping { id: 3 },
+            ClientFrame::UpdateToken {
+                id: 4,
+                token: "t".into(),
+            },
+            ClientFrame::RegisterPush {
+                id: 5,
+                binding_type: "fcm".into(),
+                address: "a".into(),
+            },
+            ClientFrame::UnregisterPush {
+                id: 6,
+                binding_type: "fcm".into(),
+                address: "a".into(),
+            },
+            ClientFrame::Bye,
+        ];
+        for enc in Encoding::ALL {
+            for f in &frames {
+                let bytes = encode(f, enc);
+                assert_eq!(&decode_client(&bytes, enc).unwrap(), f);
+            }
+        }
+    }
+
+    #[test]
+    fn json_wire_shape_matches_protocol() {
+        let f = ServerFrame::UserUpdated {
+            user: user(),
+            reasons: vec![UpdateReason::ReachabilityOnline],
+        };
+        let v: serde_json::Value = serde_json::from_slice(&encode(&f, Encoding::Json)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"user_updated","user":{"identity":"bob","friendly_name":null,
+                "attributes":"{}","is_online":true,"is_notifiable":null},"reasons":["reachabilityOnline"]})
+        );
+        let e = ServerFrame::Error {
+            id: None,
+            code: 20400,
+            message: "m".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&encode(&e, Encoding::Json)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","code":20400,"message":"m"})
+        );
+    }
+
+    #[test]
+    fn msgpack_frames_are_maps_with_named_fields() {
+        let bytes = encode(&ServerFrame::Pong { id: 7 }, Encoding::MsgPack);
+        let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"pong","id":7}));
+        assert_eq!(
+            decode_server(&bytes, Encoding::MsgPack).unwrap(),
+            ServerFrame::Pong { id: 7 }
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_told_apart_from_malformed() {
+        assert_eq!(
+            decode_client(br#"{"type":"dance","id":1}"#, Encoding::Json),
+            Err(DecodeError::UnknownType("dance".into()))
+        );
+        assert!(matches!(
+            decode_client(br#"{"type":"ping"}"#, Encoding::Json),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client(b"{not json", Encoding::Json),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client(b"[1,2]", Encoding::Json),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_client(&[0xc1], Encoding::MsgPack),
+            Err(DecodeError::Malformed(_))
+        ));
+        let unknown = rmp_serde::to_vec_named(&serde_json::json!({"type":"dance"})).unwrap();
+        assert_eq!(
+            decode_client(&unknown, Encoding::MsgPack),
+            Err(DecodeError::UnknownType("dance".into()))
+        );
+    }
+
+    #[test]
+    fn negotiation_prefers_first_known_and_refuses_only_unknown() {
+        assert_eq!(Encoding::negotiate(None), Ok(None));
+        assert_eq!(
+            Encoding::negotiate(Some("reach.v1.msgpack")),
+            Ok(Some(Encoding::MsgPack))
+        );
+        assert_eq!(
+            Encoding::negotiate(Some("foo, reach.v1.json, reach.v1.msgpack")),
+            Ok(Some(Encoding::Json))
+        );
+        assert_eq!(Encoding::negotiate(Some("foo, bar")), Err(()));
+    }
+
+    #[test]
+    fn reasons_merge_and_keep_wire_order() {
+        let r = Reasons::of(UpdateReason::ReachabilityNotifiable)
+            .union(Reasons::of(UpdateReason::FriendlyName));
+        assert_eq!(
+            r.to_vec(),
+            vec![
+                UpdateReason::FriendlyName,
+                UpdateReason::ReachabilityNotifiable
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&r.to_vec()).unwrap(),
+            r#"["friendlyName","reachabilityNotifiable"]"#
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Durable records of a Reach deployment: services, their configuration, users and push
+//! bindings, behind the [`Store`] trait.
+//!
+//! Data flow: the gateway's REST handlers and its connection tasks (hello, subscribe to a user
+//! not yet in memory, register_push) call the store; the presence engine never does. Every
+//! acknowledged write is committed before the call returns (SQLite: WAL with
+//! `synchronous=FULL`), so it survives a restart or `kill -9`.
+//!
+//! Backends: [`sqlite::SqliteStore`] (single node, the default). A PostgreSQL backend for
+//! clusters implements the same trait.
+//!
+//! Times are unix seconds. SIDs are two letters and 32 lowercase hex digits ([`new_sid`]).
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+/// A conversations service: the scope of users, bindings and the reachability switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub sid: String,
+    pub account_sid: String,
+    pub friendly_name: String,
+    pub date_created: i64,
+    pub date_updated: i64,
+}
+
+/// A service's configuration resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub service_sid: String,
+    pub reachability_enabled: bool,
+    /// Bumped each time reachability goes from disabled to enabled. A user whose
+    /// `online_epoch` equals it has been online since the latest enabling (else `is_online`
+    /// is null).
+    pub reachability_epoch: i64,
+    pub default_conversation_creator_role_sid: Option<String>,
+    pub default_conversation_role_sid: Option<String>,
+    pub default_chat_service_role_sid: Option<String>,
+}
+
+/// Fields of a configuration update; `None` leaves a field unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigUpdate {
+    pub reachability_enabled: Option<bool>,
+    pub default_conversation_creator_role_sid: Option<String>,
+    pub default_conversation_role_sid: Option<String>,
+    pub default_chat_service_role_sid: Option<String>,
+}
+
+/// A user of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub sid: String,
+    pub account_sid: String,
+    pub service_sid: String,
+    pub identity: String,
+    pub friendly_name: Option<String>,
+    /// JSON text; `"{}"` when unset.
+    pub attributes: String,
+    pub role_sid: Option<String>,
+    pub date_created: i64,
+    pub date_updated: i64,
+    /// Increases on every update of friendly name, attributes or role, and on every binding
+    /// change.
+    pub revision: i64,
+    /// The service's `reachability_epoch` when the user was last seen online; 0 = never.
+    pub online_epoch: i64,
+    /// True once the user has had a push binding.
+    pub ever_had_binding: bool,
+    /// Number of push bindings the user has now.
+    pub binding_count: i64,
+}
+
+/// Fields for a new user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewUser {
+    pub identity: String,
+    pub friendly_name: Option<String>,
+    pub attributes: Option<String>,
+    pub role_sid: Option<String>,
+}
+
+/// Fields of a user update; `None` leaves a field unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserUpdate {
+    pub friendly_name: Option<String>,
+    pub attributes: Option<String>,
+    pub role_sid: Option<String>,
+}
+
+/// A push registration of one user's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub sid: String,
+    pub account_sid: String,
+    pub service_sid: String,
+    pub credential_sid: Option<String>,
+    pub identity: String,
+    /// `apn`, `gcm` or `fcm`.
+    pub binding_type: String,
+    /// The device token.
+    pub address: String,
+    pub date_created: i64,
+    pub date_updated: i64,
+}
+
+/// Where a list page starts, and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Keyset cursor: return rows after this one (from a previous page's `next_cursor`).
+    pub after: Option<i64>,
+    /// Offset, used when `after` is `None`.
+    pub offset: i64,
+    /// Rows per page, 1..=1000.
+    pub limit: i64,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Cursor of the next page, when there are more rows.
+    pub next_cursor: Option<i64>,
+}
+
+/// Binding list filters; empty vectors mean "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BindingFilter {
+    pub binding_types: Vec<String>,
+    pub identities: Vec<String>,
+}
+
+/// What a store call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("a user with identity {0:?} already exists")]
+    UserExists(String),
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Durable records. Implementations must commit each write before returning.
+///
+/// Lookups by service are always scoped by `account_sid` at the REST layer: a service of
+/// another account is reported as `NotFound`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service>;
+    /// `NotFound` unless the service exists and belongs to `account_sid`.
+    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service>;
+    /// The service regardless of account (used for access tokens, which name both).
+    async fn find_service(&self, service_sid: &str) -> Result<Service>;
+    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>>;
+    /// Deletes the service with its configuration, users and bindings.
+    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()>;
+
+    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig>;
+    /// Applies the update; when reachability goes from disabled to enabled,
+    /// `reachability_epoch` is incremented in the same transaction.
+    async fn update_config(
+        &self,
+        service_sid: &str,
+        update: &ConfigUpdate,
+    ) -> Result<ServiceConfig>;
+    /// Every service's configuration (loaded into the engine at start).
+    async fn list_configs(&self) -> Result<Vec<ServiceConfig>>;
+
+    /// `UserExists` when the identity is taken in this service.
+    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord>;
+    /// Returns the user, creating it with defaults when it does not exist.
+    async fn get_or_create_user(&self, service: &Service, identity: &str) -> Result<UserRecord>;
+    /// By SID (`US...`) or identity.
+    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord>;
+    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>>;
+    /// Applies the update and bumps `revision` and `date_updated`.
+    async fn update_user(
+        &self,
+        service_sid: &str,
+        sid_or_identity: &str,
+        update: &UserUpdate,
+    ) -> Result<UserRecord>;
+    /// Deletes the user and its bindings; returns what was deleted.
+    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord>;
+    /// Records that the user was online in the given reachability epoch.
+    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()>;
+
+    /// Creates the binding, or returns the existing one for the same identity, type and
+    /// address. Sets the user's `ever_had_binding`. The user must exist.
+    async fn upsert_binding(
+        &self,
+        service: &Service,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+        credential_sid: Option<&str>,
+    ) -> Result<Binding>;
+    /// Deletes the identity's binding of that type and address; `NotFound` if there is none.
+    async fn delete_binding_by_address(
+        &self,
+        service_sid: &str,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+    ) -> Result<Binding>;
+    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding>;
+    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding>;
+    async fn list_bindings(
+        &self,
+        service_sid: &str,
+        filter: &BindingFilter,
+        page: PageRequest,
+    ) -> Result<Page<Binding>>;
+    /// Number of bindings the identity has now.
+    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64>;
+}
+
+/// A new SID: `prefix` (two letters) and 32 random lowercase hex digits.
+pub fn new_sid(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{prefix}{n:032x}")
+}
+
+/// True when `s` has the shape of a SID: two uppercase letters and 32 lowercase hex digits.
+pub fn looks_like_sid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 34
+        && b[0].is_ascii_uppercase()
+        && b[1].is_ascii_uppercase()
+        && b[2..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sids_have_the_documented_shape() {
+        let s = new_sid("US");
+        assert!(looks_like_sid(&s), "{s}");
+        assert!(!looks_like_sid("alice"));
+        assert!(!looks_like_sid(&s.to_uppercase()));
+    }
+}

@@ -1,0 +1,1529 @@
+//! SQLite backend of [`Store`]: one database file, for a single node.
+//!
+//! # Schema (version 1, recorded in `PRAGMA user_version`)
+//!
+//! - `services`: one row per service, scoped by `account_sid`.
+//! - `service_configs`: one row per service (created with it), `ON DELETE CASCADE`.
+//! - `users`: `UNIQUE(service_sid, identity)`, cascade-deleted with their service.
+//! - `bindings`: `UNIQUE(service_sid, identity, binding_type, address)`, cascade-deleted with
+//!   their service and with their user (and also deleted explicitly in `delete_user`).
+//!
+//! Every listed table has `seq INTEGER PRIMARY KEY AUTOINCREMENT` (the rowid, never reused)
+//! next to its `sid UNIQUE`: lists are ordered by `seq`, i.e. by insertion, and a page's
+//! `next_cursor` is the `seq` of its last row (keyset paging; `offset` is the fallback).
+//!
+//! # Durability
+//!
+//! The file is opened in WAL mode with `synchronous=FULL`, so every commit is fsynced before
+//! the call returns: an acknowledged write survives a crash, `kill -9` or power loss.
+//! `foreign_keys=ON` on every connection. Multi-statement writes run in `BEGIN IMMEDIATE`
+//! transactions (the write lock is taken up front, so they never fail half-way with a busy
+//! snapshot); concurrent writers wait on the 5 s busy timeout. Nothing is buffered in memory:
+//! each method returns only after its transaction has committed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::{
+    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
+    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, looks_like_sid, new_sid, now_unix,
+};
+
+/// The schema version this code writes and understands.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS services (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    sid           TEXT    NOT NULL UNIQUE,
+    account_sid   TEXT    NOT NULL,
+    friendly_name TEXT    NOT NULL,
+    date_created  INTEGER NOT NULL,
+    date_updated  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS services_by_account ON services (account_sid, seq);
+
+CREATE TABLE IF NOT EXISTS service_configs (
+    service_sid                           TEXT    NOT NULL PRIMARY KEY
+                                                  REFERENCES services (sid) ON DELETE CASCADE,
+    reachability_enabled                  INTEGER NOT NULL DEFAULT 0,
+    reachability_epoch                    INTEGER NOT NULL DEFAULT 0,
+    default_conversation_creator_role_sid TEXT,
+    default_conversation_role_sid         TEXT,
+    default_chat_service_role_sid         TEXT
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    sid              TEXT    NOT NULL UNIQUE,
+    service_sid      TEXT    NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    account_sid      TEXT    NOT NULL,
+    identity         TEXT    NOT NULL,
+    friendly_name    TEXT,
+    attributes       TEXT,
+    role_sid         TEXT,
+    date_created     INTEGER NOT NULL,
+    date_updated     INTEGER NOT NULL,
+    revision         INTEGER NOT NULL DEFAULT 0,
+    online_epoch     INTEGER NOT NULL DEFAULT 0,
+    ever_had_binding INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (service_sid, identity)
+);
+CREATE INDEX IF NOT EXISTS users_by_service ON users (service_sid, seq);
+
+CREATE TABLE IF NOT EXISTS bindings (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    sid            TEXT    NOT NULL UNIQUE,
+    service_sid    TEXT    NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    account_sid    TEXT    NOT NULL,
+    identity       TEXT    NOT NULL,
+    binding_type   TEXT    NOT NULL,
+    address        TEXT    NOT NULL,
+    credential_sid TEXT,
+    date_created   INTEGER NOT NULL,
+    date_updated   INTEGER NOT NULL,
+    UNIQUE (service_sid, identity, binding_type, address),
+    FOREIGN KEY (service_sid, identity) REFERENCES users (service_sid, identity)
+        ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS bindings_by_service ON bindings (service_sid, seq);
+"#;
+
+const SERVICE_COLS: &str = "seq, sid, account_sid, friendly_name, date_created, date_updated";
+
+const CONFIG_COLS: &str = "c.service_sid, c.reachability_enabled, c.reachability_epoch, \
+     c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
+     c.default_chat_service_role_sid";
+
+const USER_COLS: &str = "u.seq, u.sid, u.account_sid, u.service_sid, u.identity, \
+     u.friendly_name, u.attributes, u.role_sid, u.date_created, u.date_updated, u.revision, \
+     u.online_epoch, u.ever_had_binding, \
+     (SELECT COUNT(*) FROM bindings b \
+       WHERE b.service_sid = u.service_sid AND b.identity = u.identity) AS binding_count";
+
+const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, identity, \
+     binding_type, address, date_created, date_updated";
+
+/// [`Store`] on a SQLite file. Cheap to clone (the clones share one connection pool).
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its parent folder when missing) the database at `path`,
+    /// and creates or checks the schema.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        let store = SqliteStore { pool };
+        if let Err(e) = store.migrate().await {
+            store.pool.close().await;
+            return Err(e);
+        }
+        Ok(store)
+    }
+
+    /// Waits for the connections in use to be returned, then closes them all.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "database schema version {version} is newer than this build ({SCHEMA_VERSION})"
+            )));
+        }
+        if version < SCHEMA_VERSION {
+            sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(db)?;
+            sqlx::raw_sql("PRAGMA user_version = 1")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// A write transaction that holds the database's write lock from its start.
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+/// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
+fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        e => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// Like [`db`], but a foreign-key violation (the parent service or user is gone) is `NotFound`.
+fn db_fk(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound,
+        _ => db(e),
+    }
+}
+
+/// A page request made safe: `(after, offset, limit)`.
+fn window(page: PageRequest) -> (i64, i64, i64) {
+    let limit = page.limit.clamp(1, 1000);
+    match page.after {
+        Some(after) => (after, 0, limit),
+        // seq starts at 1.
+        None => (0, page.offset.max(0), limit),
+    }
+}
+
+/// Builds a page from up to `limit + 1` rows tagged with their `seq`.
+fn into_page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = if more {
+        rows.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(|(_, item)| item).collect(),
+        next_cursor,
+    }
+}
+
+fn service_row(row: &SqliteRow) -> sqlx::Result<(i64, Service)> {
+    Ok((
+        row.try_get("seq")?,
+        Service {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            friendly_name: row.try_get("friendly_name")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+        },
+    ))
+}
+
+fn config_row(row: &SqliteRow) -> sqlx::Result<ServiceConfig> {
+    Ok(ServiceConfig {
+        service_sid: row.try_get("service_sid")?,
+        reachability_enabled: row.try_get("reachability_enabled")?,
+        reachability_epoch: row.try_get("reachability_epoch")?,
+        default_conversation_creator_role_sid: row
+            .try_get("default_conversation_creator_role_sid")?,
+        default_conversation_role_sid: row.try_get("default_conversation_role_sid")?,
+        default_chat_service_role_sid: row.try_get("default_chat_service_role_sid")?,
+    })
+}
+
+fn user_row(row: &SqliteRow) -> sqlx::Result<(i64, UserRecord)> {
+    let attributes: Option<String> = row.try_get("attributes")?;
+    Ok((
+        row.try_get("seq")?,
+        UserRecord {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            service_sid: row.try_get("service_sid")?,
+            identity: row.try_get("identity")?,
+            friendly_name: row.try_get("friendly_name")?,
+            attributes: attributes.unwrap_or_else(|| "{}".to_owned()),
+            role_sid: row.try_get("role_sid")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+            revision: row.try_get("revision")?,
+            online_epoch: row.try_get("online_epoch")?,
+            ever_had_binding: row.try_get("ever_had_binding")?,
+            binding_count: row.try_get("binding_count")?,
+        },
+    ))
+}
+
+fn binding_row(row: &SqliteRow) -> sqlx::Result<(i64, Binding)> {
+    Ok((
+        row.try_get("seq")?,
+        Binding {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            service_sid: row.try_get("service_sid")?,
+            credential_sid: row.try_get("credential_sid")?,
+            identity: row.try_get("identity")?,
+            binding_type: row.try_get("binding_type")?,
+            address: row.try_get("address")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+        },
+    ))
+}
+
+/// Reads one user by SID or identity; `NotFound` when there is none.
+///
+/// A key with the shape of a user SID (`US` + 32 hex digits) matches the SID first and, failing
+/// that, an identity spelled the same way; any other key is an identity.
+async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str) -> Result<UserRecord>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let sql = if looks_like_sid(key) && key.starts_with("US") {
+        format!(
+            "SELECT {USER_COLS} FROM users u \
+             WHERE u.service_sid = ?1 AND (u.sid = ?2 OR u.identity = ?2) \
+             ORDER BY u.sid = ?2 DESC LIMIT 1"
+        )
+    } else {
+        format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = ?1 AND u.identity = ?2")
+    };
+    let row = sqlx::query(&sql)
+        .bind(service_sid)
+        .bind(key)
+        .fetch_optional(exec)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+    Ok(user_row(&row).map_err(db)?.1)
+}
+
+async fn fetch_binding<'e, E>(exec: E, service_sid: &str, binding_sid: &str) -> Result<Binding>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let row = sqlx::query(&format!(
+        "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND sid = ?"
+    ))
+    .bind(service_sid)
+    .bind(binding_sid)
+    .fetch_optional(exec)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound)?;
+    Ok(binding_row(&row).map_err(db)?.1)
+}
+
+async fn fetch_config<'e, E>(exec: E, service_sid: &str) -> Result<ServiceConfig>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let row = sqlx::query(&format!(
+        "SELECT {CONFIG_COLS} FROM service_configs c WHERE c.service_sid = ?"
+    ))
+    .bind(service_sid)
+    .fetch_optional(exec)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound)?;
+    config_row(&row).map_err(db)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
+        let now = now_unix();
+        let service = Service {
+            sid: new_sid("IS"),
+            account_sid: account_sid.to_owned(),
+            friendly_name: friendly_name.to_owned(),
+            date_created: now,
+            date_updated: now,
+        };
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO services (sid, account_sid, friendly_name, date_created, date_updated) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(&service.friendly_name)
+        .bind(service.date_created)
+        .bind(service.date_updated)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO service_configs (service_sid, reachability_enabled, reachability_epoch) \
+             VALUES (?, 0, 0)",
+        )
+        .bind(&service.sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(service)
+    }
+
+    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE sid = ? AND account_sid = ?"
+        ))
+        .bind(service_sid)
+        .bind(account_sid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(service_row(&row).map_err(db)?.1)
+    }
+
+    async fn find_service(&self, service_sid: &str) -> Result<Service> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE sid = ?"
+        ))
+        .bind(service_sid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(service_row(&row).map_err(db)?.1)
+    }
+
+    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>> {
+        let (after, offset, limit) = window(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE account_sid = ? AND seq > ? \
+             ORDER BY seq LIMIT ? OFFSET ?"
+        ))
+        .bind(account_sid)
+        .bind(after)
+        .bind(limit + 1)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let rows = rows
+            .iter()
+            .map(service_row)
+            .collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
+        // One statement, committed on its own; the foreign keys cascade to the configuration,
+        // users and bindings.
+        let done = sqlx::query("DELETE FROM services WHERE sid = ? AND account_sid = ?")
+            .bind(service_sid)
+            .bind(account_sid)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig> {
+        fetch_config(&self.pool, service_sid).await
+    }
+
+    async fn update_config(
+        &self,
+        service_sid: &str,
+        update: &ConfigUpdate,
+    ) -> Result<ServiceConfig> {
+        let mut tx = self.begin().await?;
+        let mut config = fetch_config(&mut *tx, service_sid).await?;
+        if let Some(enabled) = update.reachability_enabled {
+            if enabled && !config.reachability_enabled {
+                config.reachability_epoch += 1;
+            }
+            config.reachability_enabled = enabled;
+        }
+        if let Some(role) = &update.default_conversation_creator_role_sid {
+            config.default_conversation_creator_role_sid = Some(role.clone());
+        }
+        if let Some(role) = &update.default_conversation_role_sid {
+            config.default_conversation_role_sid = Some(role.clone());
+        }
+        if let Some(role) = &update.default_chat_service_role_sid {
+            config.default_chat_service_role_sid = Some(role.clone());
+        }
+        sqlx::query(
+            "UPDATE service_configs SET reachability_enabled = ?, reachability_epoch = ?, \
+             default_conversation_creator_role_sid = ?, default_conversation_role_sid = ?, \
+             default_chat_service_role_sid = ? WHERE service_sid = ?",
+        )
+        .bind(config.reachability_enabled)
+        .bind(config.reachability_epoch)
+        .bind(&config.default_conversation_creator_role_sid)
+        .bind(&config.default_conversation_role_sid)
+        .bind(&config.default_chat_service_role_sid)
+        .bind(service_sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(config)
+    }
+
+    async fn list_configs(&self) -> Result<Vec<ServiceConfig>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CONFIG_COLS} FROM service_configs c \
+             JOIN services s ON s.sid = c.service_sid ORDER BY s.seq"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(config_row)
+            .collect::<sqlx::Result<_>>()
+            .map_err(db)
+    }
+
+    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
+        let now = now_unix();
+        let sid = new_sid("US");
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (sid, service_sid, account_sid, identity, friendly_name, \
+             attributes, role_sid, date_created, date_updated) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&sid)
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(&user.identity)
+        .bind(&user.friendly_name)
+        .bind(&user.attributes)
+        .bind(&user.role_sid)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::UserExists(user.identity.clone()));
+            }
+            Err(e) => return Err(db_fk(e)),
+        }
+        let record = fetch_user(&mut *tx, &service.sid, &sid).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn get_or_create_user(&self, service: &Service, identity: &str) -> Result<UserRecord> {
+        // The common case, an existing user, needs no write (and no fsync).
+        match fetch_user(&self.pool, &service.sid, identity).await {
+            Err(StoreError::NotFound) => {}
+            found => return found,
+        }
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (sid, service_sid, account_sid, identity, date_created, \
+             date_updated) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (service_sid, identity) DO NOTHING",
+        )
+        .bind(new_sid("US"))
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(identity)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_fk)?;
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE u.service_sid = ? AND u.identity = ?"
+        ))
+        .bind(&service.sid)
+        .bind(identity)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = user_row(&row).map_err(db)?.1;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+        fetch_user(&self.pool, service_sid, sid_or_identity).await
+    }
+
+    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>> {
+        let (after, offset, limit) = window(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE u.service_sid = ? AND u.seq > ? \
+             ORDER BY u.seq LIMIT ? OFFSET ?"
+        ))
+        .bind(service_sid)
+        .bind(after)
+        .bind(limit + 1)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let rows = rows.iter().map(user_row).collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn update_user(
+        &self,
+        service_sid: &str,
+        sid_or_identity: &str,
+        update: &UserUpdate,
+    ) -> Result<UserRecord> {
+        let mut tx = self.begin().await?;
+        let user = fetch_user(&mut *tx, service_sid, sid_or_identity).await?;
+        sqlx::query(
+            "UPDATE users SET friendly_name = COALESCE(?, friendly_name), \
+             attributes = COALESCE(?, attributes), role_sid = COALESCE(?, role_sid), \
+             revision = revision + 1, date_updated = ? WHERE sid = ?",
+        )
+        .bind(&update.friendly_name)
+        .bind(&update.attributes)
+        .bind(&update.role_sid)
+        .bind(now_unix())
+        .bind(&user.sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = fetch_user(&mut *tx, service_sid, &user.sid).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+        let mut tx = self.begin().await?;
+        let user = fetch_user(&mut *tx, service_sid, sid_or_identity).await?;
+        sqlx::query("DELETE FROM bindings WHERE service_sid = ? AND identity = ?")
+            .bind(service_sid)
+            .bind(&user.identity)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("DELETE FROM users WHERE sid = ?")
+            .bind(&user.sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(user)
+    }
+
+    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()> {
+        // Only writes when the epoch actually advances.
+        let done = sqlx::query(
+            "UPDATE users SET online_epoch = ? \
+             WHERE service_sid = ? AND identity = ? AND online_epoch < ?",
+        )
+        .bind(epoch)
+        .bind(service_sid)
+        .bind(identity)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM users WHERE service_sid = ? AND identity = ?")
+                .bind(service_sid)
+                .bind(identity)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        exists.map(|_| ()).ok_or(StoreError::NotFound)
+    }
+
+    async fn upsert_binding(
+        &self,
+        service: &Service,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+        credential_sid: Option<&str>,
+    ) -> Result<Binding> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let marked = sqlx::query(
+            "UPDATE users SET ever_had_binding = 1, revision = revision + 1 \
+             WHERE service_sid = ? AND identity = ?",
+        )
+        .bind(&service.sid)
+        .bind(identity)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if marked.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "INSERT INTO bindings (sid, service_sid, account_sid, identity, binding_type, \
+             address, credential_sid, date_created, date_updated) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
+        )
+        .bind(new_sid("BS"))
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .bind(credential_sid)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_fk)?;
+        let row = sqlx::query(&format!(
+            "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND identity = ? \
+             AND binding_type = ? AND address = ?"
+        ))
+        .bind(&service.sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let binding = binding_row(&row).map_err(db)?.1;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn delete_binding_by_address(
+        &self,
+        service_sid: &str,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+    ) -> Result<Binding> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND identity = ? \
+             AND binding_type = ? AND address = ?"
+        ))
+        .bind(service_sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        let binding = binding_row(&row).map_err(db)?.1;
+        sqlx::query("DELETE FROM bindings WHERE sid = ?")
+            .bind(&binding.sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        bump_revision(&mut tx, &binding).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+        fetch_binding(&self.pool, service_sid, binding_sid).await
+    }
+
+    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+        let mut tx = self.begin().await?;
+        let binding = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
+        sqlx::query("DELETE FROM bindings WHERE sid = ?")
+            .bind(&binding.sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        bump_revision(&mut tx, &binding).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn list_bindings(
+        &self,
+        service_sid: &str,
+        filter: &BindingFilter,
+        page: PageRequest,
+    ) -> Result<Page<Binding>> {
+        let (after, offset, limit) = window(page);
+        let placeholders = |n: usize| vec!["?"; n].join(", ");
+        let mut sql = format!("SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ?");
+        if !filter.binding_types.is_empty() {
+            sql += &format!(
+                " AND binding_type IN ({})",
+                placeholders(filter.binding_types.len())
+            );
+        }
+        if !filter.identities.is_empty() {
+            sql += &format!(
+                " AND identity IN ({})",
+                placeholders(filter.identities.len())
+            );
+        }
+        sql += " AND seq > ? ORDER BY seq LIMIT ? OFFSET ?";
+        let mut query = sqlx::query(&sql).bind(service_sid);
+        for binding_type in &filter.binding_types {
+            query = query.bind(binding_type);
+        }
+        for identity in &filter.identities {
+            query = query.bind(identity);
+        }
+        let rows = query
+            .bind(after)
+            .bind(limit + 1)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let rows = rows
+            .iter()
+            .map(binding_row)
+            .collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE service_sid = ? AND identity = ?")
+            .bind(service_sid)
+            .bind(identity)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+}
+
+/// A binding change is a change of the user's notifiable flag: bump its revision, so the
+/// engine (which keeps the newest revision) never takes an older profile over it.
+async fn bump_revision(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    binding: &Binding,
+) -> Result<()> {
+    sqlx::query("UPDATE users SET revision = revision + 1 WHERE service_sid = ? AND identity = ?")
+        .bind(&binding.service_sid)
+        .bind(&binding.identity)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AC: &str = "AC00000000000000000000000000000001";
+    const OTHER_AC: &str = "AC00000000000000000000000000000002";
+
+    async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("nested/dir/reach.db"))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    fn first(limit: i64) -> PageRequest {
+        PageRequest {
+            after: None,
+            offset: 0,
+            limit,
+        }
+    }
+
+    fn new_user(identity: &str) -> NewUser {
+        NewUser {
+            identity: identity.to_owned(),
+            ..NewUser::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn open_sets_durability_pragmas_and_schema_version() {
+        let (_dir, store) = open_temp().await;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn services_are_scoped_by_account() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "first").await.unwrap();
+        assert!(looks_like_sid(&svc.sid) && svc.sid.starts_with("IS"));
+        assert_eq!(svc.account_sid, AC);
+        assert_eq!(svc.friendly_name, "first");
+
+        assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+        assert_eq!(store.find_service(&svc.sid).await.unwrap(), svc);
+        assert!(matches!(
+            store.get_service(OTHER_AC, &svc.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store
+                .find_service("IS00000000000000000000000000000000")
+                .await,
+            Err(StoreError::NotFound)
+        ));
+
+        let second = store.create_service(AC, "second").await.unwrap();
+        let other = store.create_service(OTHER_AC, "theirs").await.unwrap();
+        let page = store.list_services(AC, first(50)).await.unwrap();
+        assert_eq!(page.items, vec![svc.clone(), second.clone()]);
+        assert_eq!(page.next_cursor, None);
+        let page = store.list_services(OTHER_AC, first(50)).await.unwrap();
+        assert_eq!(page.items, vec![other.clone()]);
+
+        // Another account cannot delete it.
+        assert!(matches!(
+            store.delete_service(OTHER_AC, &svc.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        store.delete_service(AC, &svc.sid).await.unwrap();
+        assert!(matches!(
+            store.get_service(AC, &svc.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.get_config(&svc.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.delete_service(AC, &svc.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        let page = store.list_services(AC, first(50)).await.unwrap();
+        assert_eq!(page.items, vec![second]);
+    }
+
+    #[tokio::test]
+    async fn deleting_a_service_deletes_its_users_and_bindings() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        store.create_user(&svc, &new_user("alice")).await.unwrap();
+        store
+            .upsert_binding(&svc, "alice", "fcm", "token", None)
+            .await
+            .unwrap();
+        store.delete_service(AC, &svc.sid).await.unwrap();
+        let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let bindings: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bindings")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!((users, bindings), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn config_epoch_bumps_only_when_enabling() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        let config = store.get_config(&svc.sid).await.unwrap();
+        assert_eq!(
+            config,
+            ServiceConfig {
+                service_sid: svc.sid.clone(),
+                reachability_enabled: false,
+                reachability_epoch: 0,
+                default_conversation_creator_role_sid: None,
+                default_conversation_role_sid: None,
+                default_chat_service_role_sid: None,
+            }
+        );
+
+        let enable = ConfigUpdate {
+            reachability_enabled: Some(true),
+            ..ConfigUpdate::default()
+        };
+        let disable = ConfigUpdate {
+            reachability_enabled: Some(false),
+            ..ConfigUpdate::default()
+        };
+        let c = store.update_config(&svc.sid, &enable).await.unwrap();
+        assert!(c.reachability_enabled);
+        assert_eq!(c.reachability_epoch, 1);
+        // true -> true: no bump.
+        let c = store.update_config(&svc.sid, &enable).await.unwrap();
+        assert_eq!(c.reachability_epoch, 1);
+        // true -> false: no bump.
+        let c = store.update_config(&svc.sid, &disable).await.unwrap();
+        assert!(!c.reachability_enabled);
+        assert_eq!(c.reachability_epoch, 1);
+        // false -> false: no bump.
+        let c = store.update_config(&svc.sid, &disable).await.unwrap();
+        assert_eq!(c.reachability_epoch, 1);
+        // false -> true: bump.
+        let c = store.update_config(&svc.sid, &enable).await.unwrap();
+        assert_eq!(c.reachability_epoch, 2);
+
+        // Role updates leave reachability alone.
+        let roles = ConfigUpdate {
+            default_chat_service_role_sid: Some("RL00000000000000000000000000000001".into()),
+            ..ConfigUpdate::default()
+        };
+        let c = store.update_config(&svc.sid, &roles).await.unwrap();
+        assert!(c.reachability_enabled);
+        assert_eq!(c.reachability_epoch, 2);
+        assert_eq!(
+            c.default_chat_service_role_sid.as_deref(),
+            Some("RL00000000000000000000000000000001")
+        );
+        assert_eq!(c.default_conversation_role_sid, None);
+        assert_eq!(store.get_config(&svc.sid).await.unwrap(), c);
+
+        let other = store.create_service(OTHER_AC, "t").await.unwrap();
+        let all = store.list_configs().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0], c);
+        assert_eq!(all[1].service_sid, other.sid);
+
+        assert!(matches!(
+            store
+                .update_config("IS00000000000000000000000000000000", &enable)
+                .await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn users_lifecycle() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
+        assert!(looks_like_sid(&alice.sid) && alice.sid.starts_with("US"));
+        assert_eq!(alice.identity, "alice");
+        assert_eq!(alice.service_sid, svc.sid);
+        assert_eq!(alice.account_sid, AC);
+        assert_eq!(alice.attributes, "{}");
+        assert_eq!(alice.friendly_name, None);
+        assert_eq!(alice.revision, 0);
+        assert_eq!(alice.online_epoch, 0);
+        assert!(!alice.ever_had_binding);
+        assert_eq!(alice.binding_count, 0);
+
+        match store.create_user(&svc, &new_user("alice")).await {
+            Err(StoreError::UserExists(identity)) => assert_eq!(identity, "alice"),
+            other => panic!("expected UserExists, got {other:?}"),
+        }
+        // The same identity in another service is fine.
+        let svc2 = store.create_service(AC, "s2").await.unwrap();
+        store.create_user(&svc2, &new_user("alice")).await.unwrap();
+
+        assert_eq!(store.get_user(&svc.sid, &alice.sid).await.unwrap(), alice);
+        assert_eq!(store.get_user(&svc.sid, "alice").await.unwrap(), alice);
+        assert!(matches!(
+            store.get_user(&svc.sid, "bob").await,
+            Err(StoreError::NotFound)
+        ));
+        // Scoped by service.
+        assert!(matches!(
+            store.get_user(&svc2.sid, &alice.sid).await,
+            Err(StoreError::NotFound)
+        ));
+
+        let bob = store
+            .create_user(
+                &svc,
+                &NewUser {
+                    identity: "bob".into(),
+                    friendly_name: Some("Bob".into()),
+                    attributes: Some(r#"{"a":1}"#.into()),
+                    role_sid: Some("RL00000000000000000000000000000001".into()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(bob.friendly_name.as_deref(), Some("Bob"));
+        assert_eq!(bob.attributes, r#"{"a":1}"#);
+
+        let updated = store
+            .update_user(
+                &svc.sid,
+                &bob.sid,
+                &UserUpdate {
+                    friendly_name: Some("Robert".into()),
+                    ..UserUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated.revision, bob.revision + 1);
+        assert_eq!(updated.friendly_name.as_deref(), Some("Robert"));
+        assert_eq!(updated.attributes, bob.attributes, "unchanged");
+        assert_eq!(updated.role_sid, bob.role_sid, "unchanged");
+        assert!(updated.date_updated >= bob.date_updated);
+        let updated = store
+            .update_user(
+                &svc.sid,
+                "bob",
+                &UserUpdate {
+                    attributes: Some("{}".into()),
+                    ..UserUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated.revision, bob.revision + 2);
+        assert_eq!(updated.friendly_name.as_deref(), Some("Robert"));
+        assert!(matches!(
+            store
+                .update_user(&svc.sid, "nobody", &UserUpdate::default())
+                .await,
+            Err(StoreError::NotFound)
+        ));
+
+        store.mark_online(&svc.sid, "bob", 3).await.unwrap();
+        store.mark_online(&svc.sid, "bob", 2).await.unwrap();
+        assert_eq!(
+            store.get_user(&svc.sid, "bob").await.unwrap().online_epoch,
+            3
+        );
+        store.mark_online(&svc.sid, "bob", 3).await.unwrap();
+        store.mark_online(&svc.sid, "bob", 4).await.unwrap();
+        assert_eq!(
+            store.get_user(&svc.sid, "bob").await.unwrap().online_epoch,
+            4
+        );
+        assert!(matches!(
+            store.mark_online(&svc.sid, "nobody", 1).await,
+            Err(StoreError::NotFound)
+        ));
+
+        // Deleting removes the bindings too.
+        store
+            .upsert_binding(&svc, "bob", "apn", "t1", None)
+            .await
+            .unwrap();
+        store
+            .upsert_binding(&svc, "bob", "fcm", "t2", None)
+            .await
+            .unwrap();
+        let deleted = store.delete_user(&svc.sid, "bob").await.unwrap();
+        assert_eq!(deleted.sid, bob.sid);
+        assert_eq!(deleted.binding_count, 2);
+        assert_eq!(store.count_bindings(&svc.sid, "bob").await.unwrap(), 0);
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE identity = 'bob'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        assert!(matches!(
+            store.get_user(&svc.sid, &bob.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.delete_user(&svc.sid, &bob.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        // Delete by SID works too.
+        store.delete_user(&svc.sid, &alice.sid).await.unwrap();
+        assert!(matches!(
+            store.get_user(&svc.sid, "alice").await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn identity_shaped_like_a_sid_is_still_found() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        let odd = "US0123456789abcdef0123456789abcdef";
+        let user = store.create_user(&svc, &new_user(odd)).await.unwrap();
+        assert_eq!(store.get_user(&svc.sid, odd).await.unwrap(), user);
+        assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
+    }
+
+    #[tokio::test]
+    async fn get_or_create_returns_the_same_user() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        let a = store.get_or_create_user(&svc, "carol").await.unwrap();
+        let b = store.get_or_create_user(&svc, "carol").await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.attributes, "{}");
+        assert_eq!(a.revision, 0);
+
+        // Concurrent callers agree on one row.
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                store.get_or_create_user(&svc, "dave").await.unwrap().sid
+            }));
+        }
+        let mut sids = Vec::new();
+        for t in tasks {
+            sids.push(t.await.unwrap());
+        }
+        sids.sort();
+        sids.dedup();
+        assert_eq!(sids.len(), 1, "{sids:?}");
+
+        // A service that no longer exists.
+        store.delete_service(AC, &svc.sid).await.unwrap();
+        assert!(matches!(
+            store.get_or_create_user(&svc, "erin").await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.create_user(&svc, &new_user("erin")).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn paging_by_cursor_and_by_offset() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        let mut identities = Vec::new();
+        for i in 0..7 {
+            let identity = format!("user{i}");
+            store.create_user(&svc, &new_user(&identity)).await.unwrap();
+            identities.push(identity);
+        }
+        let names = |page: &Page<UserRecord>| {
+            page.items
+                .iter()
+                .map(|u| u.identity.clone())
+                .collect::<Vec<_>>()
+        };
+
+        // Keyset: 3 + 3 + 1.
+        let p1 = store.list_users(&svc.sid, first(3)).await.unwrap();
+        assert_eq!(names(&p1), identities[0..3]);
+        assert!(p1.next_cursor.is_some());
+        let p2 = store
+            .list_users(
+                &svc.sid,
+                PageRequest {
+                    after: p1.next_cursor,
+                    offset: 0,
+                    limit: 3,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(names(&p2), identities[3..6]);
+        assert!(p2.next_cursor.is_some());
+        // The offset is ignored when a cursor is given.
+        let p3 = store
+            .list_users(
+                &svc.sid,
+                PageRequest {
+                    after: p2.next_cursor,
+                    offset: 100,
+                    limit: 3,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(names(&p3), identities[6..7]);
+        assert_eq!(p3.next_cursor, None);
+
+        // Offset: 3 + 3 + 1.
+        let mut seen = Vec::new();
+        for (i, offset) in [0, 3, 6].into_iter().enumerate() {
+            let page = store
+                .list_users(
+                    &svc.sid,
+                    PageRequest {
+                        after: None,
+                        offset,
+                        limit: 3,
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(page.next_cursor.is_some(), i < 2, "page {i}");
+            seen.extend(names(&page));
+        }
+        assert_eq!(seen, identities);
+
+        // Deleting a row already listed does not shift a keyset page.
+        store.delete_user(&svc.sid, "user0").await.unwrap();
+        let p2_again = store
+            .list_users(
+                &svc.sid,
+                PageRequest {
+                    after: p1.next_cursor,
+                    offset: 0,
+                    limit: 3,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(names(&p2_again), identities[3..6]);
+
+        // Exactly `limit` rows left: no next page.
+        let all = store.list_users(&svc.sid, first(6)).await.unwrap();
+        assert_eq!(all.items.len(), 6);
+        assert_eq!(all.next_cursor, None);
+
+        // Services page the same way.
+        for i in 0..4 {
+            store.create_service(AC, &format!("more{i}")).await.unwrap();
+        }
+        let p = store.list_services(AC, first(2)).await.unwrap();
+        assert_eq!(p.items.len(), 2);
+        let p = store
+            .list_services(
+                AC,
+                PageRequest {
+                    after: p.next_cursor,
+                    offset: 0,
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.items.len(), 2);
+        let p = store
+            .list_services(
+                AC,
+                PageRequest {
+                    after: p.next_cursor,
+                    offset: 0,
+                    limit: 2,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.items.len(), 1);
+        assert_eq!(p.next_cursor, None);
+    }
+
+    #[tokio::test]
+    async fn bindings_upsert_delete_and_filter() {
+        let (_dir, store) = open_temp().await;
+        let svc = store.create_service(AC, "s").await.unwrap();
+        store.create_user(&svc, &new_user("alice")).await.unwrap();
+        store.create_user(&svc, &new_user("bob")).await.unwrap();
+
+        // The user must exist.
+        assert!(matches!(
+            store.upsert_binding(&svc, "nobody", "fcm", "x", None).await,
+            Err(StoreError::NotFound)
+        ));
+
+        let b1 = store
+            .upsert_binding(
+                &svc,
+                "alice",
+                "fcm",
+                "tok-a",
+                Some("CR00000000000000000000000000000001"),
+            )
+            .await
+            .unwrap();
+        assert!(looks_like_sid(&b1.sid) && b1.sid.starts_with("BS"));
+        assert_eq!(b1.account_sid, AC);
+        assert_eq!(
+            b1.credential_sid.as_deref(),
+            Some("CR00000000000000000000000000000001")
+        );
+        // Idempotent.
+        let again = store
+            .upsert_binding(&svc, "alice", "fcm", "tok-a", None)
+            .await
+            .unwrap();
+        assert_eq!(again, b1);
+        assert_eq!(store.count_bindings(&svc.sid, "alice").await.unwrap(), 1);
+
+        let b2 = store
+            .upsert_binding(&svc, "alice", "apn", "tok-b", None)
+            .await
+            .unwrap();
+        let b3 = store
+            .upsert_binding(&svc, "bob", "apn", "tok-c", None)
+            .await
+            .unwrap();
+        let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+        assert!(alice.ever_had_binding);
+        assert_eq!(alice.binding_count, 2);
+        assert_eq!(store.get_binding(&svc.sid, &b2.sid).await.unwrap(), b2);
+
+        let list = |types: &[&str], identities: &[&str]| BindingFilter {
+            binding_types: types.iter().map(|s| s.to_string()).collect(),
+            identities: identities.iter().map(|s| s.to_string()).collect(),
+        };
+        let sids = |page: Page<Binding>| page.items.into_iter().map(|b| b.sid).collect::<Vec<_>>();
+        let all = store
+            .list_bindings(&svc.sid, &list(&[], &[]), first(50))
+            .await
+            .unwrap();
+        assert_eq!(
+            sids(all),
+            vec![b1.sid.clone(), b2.sid.clone(), b3.sid.clone()]
+        );
+        let apn = store
+            .list_bindings(&svc.sid, &list(&["apn"], &[]), first(50))
+            .await
+            .unwrap();
+        assert_eq!(sids(apn), vec![b2.sid.clone(), b3.sid.clone()]);
+        let alice_any = store
+            .list_bindings(&svc.sid, &list(&["apn", "fcm"], &["alice"]), first(50))
+            .await
+            .unwrap();
+        assert_eq!(sids(alice_any), vec![b1.sid.clone(), b2.sid.clone()]);
+        let both = store
+            .list_bindings(&svc.sid, &list(&["apn"], &["alice", "bob"]), first(1))
+            .await
+            .unwrap();
+        assert_eq!(both.items, vec![b2.clone()]);
+        let rest = store
+            .list_bindings(
+                &svc.sid,
+                &list(&["apn"], &["alice", "bob"]),
+                PageRequest {
+                    after: both.next_cursor,
+                    offset: 0,
+                    limit: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(rest.items, vec![b3.clone()]);
+        assert_eq!(rest.next_cursor, None);
+        let none = store
+            .list_bindings(&svc.sid, &list(&["gcm"], &[]), first(50))
+            .await
+            .unwrap();
+        assert!(none.items.is_empty());
+
+        // Deletes.
+        let gone = store
+            .delete_binding_by_address(&svc.sid, "alice", "fcm", "tok-a")
+            .await
+            .unwrap();
+        assert_eq!(gone, b1);
+        assert!(matches!(
+            store
+                .delete_binding_by_address(&svc.sid, "alice", "fcm", "tok-a")
+                .await,
+            Err(StoreError::NotFound)
+        ));
+        assert_eq!(store.delete_binding(&svc.sid, &b2.sid).await.unwrap(), b2);
+        assert!(matches!(
+            store.delete_binding(&svc.sid, &b2.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.get_binding(&svc.sid, &b2.sid).await,
+            Err(StoreError::NotFound)
+        ));
+        let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+        assert!(alice.ever_had_binding, "stays true");
+        assert_eq!(alice.binding_count, 0);
+        assert_eq!(store.count_bindings(&svc.sid, "alice").await.unwrap(), 0);
+
+        // A new binding after the delete gets a new SID.
+        let b4 = store
+            .upsert_binding(&svc, "alice", "fcm", "tok-a", None)
+            .await
+            .unwrap();
+        assert_ne!(b4.sid, b1.sid);
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reach.db");
+        let (svc, user, binding, config) = {
+            let store = SqliteStore::open(&path).await.unwrap();
+            let svc = store.create_service(AC, "durable").await.unwrap();
+            let config = store
+                .update_config(
+                    &svc.sid,
+                    &ConfigUpdate {
+                        reachability_enabled: Some(true),
+                        ..ConfigUpdate::default()
+                    },
+                )
+                .await
+                .unwrap();
+            store.create_user(&svc, &new_user("alice")).await.unwrap();
+            store.mark_online(&svc.sid, "alice", 1).await.unwrap();
+            let binding = store
+                .upsert_binding(&svc, "alice", "fcm", "tok", None)
+                .await
+                .unwrap();
+            let user = store.get_user(&svc.sid, "alice").await.unwrap();
+            // Dropped without close(): every write was already committed.
+            drop(store);
+            (svc, user, binding, config)
+        };
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+        assert_eq!(store.get_config(&svc.sid).await.unwrap(), config);
+        assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
+        assert_eq!(user.online_epoch, 1);
+        assert_eq!(
+            store.get_binding(&svc.sid, &binding.sid).await.unwrap(),
+            binding
+        );
+        store.close().await;
+
+        // A third open (schema already at version 1) also works.
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.list_configs().await.unwrap(), vec![config]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reach.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        sqlx::query("PRAGMA user_version = 99")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.close().await;
+        assert!(matches!(
+            SqliteStore::open(&path).await,
+            Err(StoreError::Backend(_))
+        ));
+    }
+}
