@@ -424,13 +424,17 @@ impl Engine {
     fn note_online(&self, key: &UserKey, entry: &mut Entry, svc: ServiceState) {
         if svc.enabled && entry.online_epoch < svc.epoch {
             entry.online_epoch = svc.epoch;
-            if let Some(tx) = &self.persist {
-                let _ = tx.send(PersistEvent::Online {
-                    service_sid: key.service().to_owned(),
-                    identity: key.identity().to_owned(),
-                    epoch: svc.epoch,
-                });
-            }
+            self.persist_online(key, svc.epoch);
+        }
+    }
+
+    fn persist_online(&self, key: &UserKey, epoch: i64) {
+        if let Some(tx) = &self.persist {
+            let _ = tx.send(PersistEvent::Online {
+                service_sid: key.service().to_owned(),
+                identity: key.identity().to_owned(),
+                epoch,
+            });
         }
     }
 
@@ -469,6 +473,10 @@ impl Engine {
     pub fn load_profile(&self, service_sid: &str, identity: &str, profile: Profile) {
         let key = UserKey::new(service_sid, identity);
         if let Some(mut entry) = self.users.get_mut(&key) {
+            if entry.online_epoch > profile.online_epoch {
+                // Came online before its record existed or was read: record it now.
+                self.persist_online(&key, entry.online_epoch);
+            }
             entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
             if entry
                 .profile

@@ -1,0 +1,534 @@
+//! Who may do what: accounts and API keys, HTTP Basic for REST, and access tokens (JWT, HS256)
+//! for sockets, in the format the official helper libraries mint.
+//!
+//! Token checks, in order: the header names HS256; the `iss` claim names a known API key;
+//! the signature verifies with that key's secret; `exp` is present, not past and at most 24 h
+//! ahead; `nbf`, if present, is not in the future; `sub` is the key's account; the grant names
+//! an identity and a service (`chat`, or the legacy `ip_messaging`). The caller then checks that
+//! the service exists and belongs to that account.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use reach_proto::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AccountConfig, ApiKeyConfig, Config};
+
+/// Longest lifetime accepted for an access token.
+pub const MAX_TOKEN_LIFETIME_S: i64 = 24 * 3600;
+
+/// The accounts and API keys this gateway knows.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    accounts: HashMap<String, String>,
+    keys: HashMap<String, ApiKeyConfig>,
+}
+
+/// The principal a REST request authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub account_sid: String,
+}
+
+impl Credentials {
+    pub fn new(accounts: &[AccountConfig], keys: &[ApiKeyConfig]) -> Self {
+        Credentials {
+            accounts: accounts
+                .iter()
+                .map(|a| (a.sid.clone(), a.auth_token.clone()))
+                .collect(),
+            keys: keys.iter().map(|k| (k.sid.clone(), k.clone())).collect(),
+        }
+    }
+
+    /// HTTP Basic: account SID + auth token, or API key SID + secret.
+    pub fn basic(&self, header: Option<&str>) -> Option<Principal> {
+        let encoded = header?
+            .strip_prefix("Basic ")
+            .or_else(|| header?.strip_prefix("basic "))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (user, password) = decoded.split_once(':')?;
+        if let Some(token) = self.accounts.get(user) {
+            return constant_time_eq(token, password).then(|| Principal {
+                account_sid: user.to_owned(),
+            });
+        }
+        let key = self.keys.get(user)?;
+        constant_time_eq(&key.secret, password).then(|| Principal {
+            account_sid: key.account_sid.clone(),
+        })
+    }
+
+    pub fn key(&self, sid: &str) -> Option<&ApiKeyConfig> {
+        self.keys.get(sid)
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a token was refused. Each maps to an error code and a metric label; the socket is
+/// closed with 4001.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token is not a valid JWT")]
+    Malformed,
+    #[error("the access token must be signed with HS256")]
+    Algorithm,
+    #[error("the access token names an unknown API key")]
+    UnknownKey,
+    #[error("the access token signature is invalid")]
+    Signature,
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token expires more than 24 hours from now")]
+    TooLong,
+    #[error("the access token is not valid yet")]
+    NotYetValid,
+    #[error("the access token's account does not own its API key or service")]
+    WrongAccount,
+    #[error("the access token has no chat grant with an identity and a service SID")]
+    Grant,
+    #[error("the access token's service does not exist")]
+    UnknownService,
+    #[error("the new token is for another identity or service")]
+    OtherPrincipal,
+}
+
+impl TokenError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TokenError::Malformed => ErrorCode::InvalidAccessToken,
+            TokenError::Algorithm | TokenError::Signature => ErrorCode::InvalidSignature,
+            TokenError::UnknownKey | TokenError::WrongAccount | TokenError::UnknownService => {
+                ErrorCode::InvalidIssuer
+            }
+            TokenError::Expired | TokenError::TooLong => ErrorCode::TokenExpired,
+            TokenError::NotYetValid => ErrorCode::TokenNotYetValid,
+            TokenError::Grant => ErrorCode::InvalidGrant,
+            TokenError::OtherPrincipal => ErrorCode::Forbidden,
+        }
+    }
+
+    /// Label of `reach_auth_failures_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::TooLong => "lifetime",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::WrongAccount => "wrong_account",
+            TokenError::Grant => "grant",
+            TokenError::UnknownService => "unknown_service",
+            TokenError::OtherPrincipal => "other_principal",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ChatGrant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_sid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    push_credential_sid: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Grants {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chat: Option<ChatGrant>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip_messaging: Option<ChatGrant>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    jti: String,
+    iss: String,
+    sub: String,
+    exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<i64>,
+    grants: Grants,
+}
+
+#[derive(Debug, Deserialize)]
+struct IssuerOnly {
+    iss: Option<String>,
+}
+
+/// What a verified token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub api_key_sid: String,
+    pub account_sid: String,
+    pub identity: String,
+    pub service_sid: String,
+    pub push_credential_sid: Option<String>,
+    pub expires_at: i64,
+}
+
+/// Verifies an access token at time `now` (unix seconds). See the module doc for the checks.
+pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenGrant, TokenError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+    if header.alg != Algorithm::HS256 {
+        return Err(TokenError::Algorithm);
+    }
+    let unverified = jsonwebtoken::dangerous::insecure_decode::<IssuerOnly>(token)
+        .map_err(|_| TokenError::Malformed)?;
+    let iss = unverified.claims.iss.ok_or(TokenError::Malformed)?;
+    let key = creds.key(&iss).ok_or(TokenError::UnknownKey)?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Expiry and not-before are checked below against `now`, with no leeway.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(key.secret.as_bytes()),
+        &validation,
+    )
+    .map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::Signature,
+        jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => TokenError::Algorithm,
+        _ => TokenError::Malformed,
+    })?;
+    let claims = data.claims;
+    if claims.exp <= now {
+        return Err(TokenError::Expired);
+    }
+    if claims.exp > now + MAX_TOKEN_LIFETIME_S {
+        return Err(TokenError::TooLong);
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now) {
+        return Err(TokenError::NotYetValid);
+    }
+    if claims.sub != key.account_sid {
+        return Err(TokenError::WrongAccount);
+    }
+    let identity = claims
+        .grants
+        .identity
+        .filter(|i| !i.is_empty())
+        .ok_or(TokenError::Grant)?;
+    let chat = claims
+        .grants
+        .chat
+        .or(claims.grants.ip_messaging)
+        .ok_or(TokenError::Grant)?;
+    let service_sid = chat
+        .service_sid
+        .filter(|s| s.starts_with("IS") && reach_store::looks_like_sid(s))
+        .ok_or(TokenError::Grant)?;
+    Ok(TokenGrant {
+        api_key_sid: key.sid.clone(),
+        account_sid: key.account_sid.clone(),
+        identity,
+        service_sid,
+        push_credential_sid: chat.push_credential_sid,
+        expires_at: claims.exp,
+    })
+}
+
+/// Mints a token as the helper libraries' `AccessToken` + `ChatGrant` do.
+pub fn mint_token(
+    key: &ApiKeyConfig,
+    service_sid: &str,
+    identity: &str,
+    ttl_s: i64,
+    now: i64,
+) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.typ = Some("JWT".into());
+    header.cty = Some("twilio-fpa;v=1".into());
+    let claims = Claims {
+        jti: format!("{}-{now}", key.sid),
+        iss: key.sid.clone(),
+        sub: key.account_sid.clone(),
+        exp: now + ttl_s,
+        nbf: None,
+        grants: Grants {
+            identity: Some(identity.to_owned()),
+            chat: Some(ChatGrant {
+                service_sid: Some(service_sid.to_owned()),
+                endpoint_id: None,
+                push_credential_sid: None,
+            }),
+            ip_messaging: None,
+        },
+    };
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(key.secret.as_bytes()),
+    )
+    .expect("HS256 encoding cannot fail")
+}
+
+/// Account and API key generated on first start, kept in the data folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GeneratedCredentials {
+    pub account: AccountConfig,
+    pub api_key: ApiKeyConfig,
+}
+
+impl GeneratedCredentials {
+    pub fn path(config: &Config) -> PathBuf {
+        config.data_dir().join("credentials.toml")
+    }
+
+    /// Reads the file, or `None` if it does not exist.
+    pub fn read(path: &Path) -> std::io::Result<Option<GeneratedCredentials>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml_from_str(&text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Generates a new account and API key and writes them (mode 0600) atomically.
+    pub fn generate(path: &Path) -> std::io::Result<GeneratedCredentials> {
+        let account_sid = reach_store::new_sid("AC");
+        let creds = GeneratedCredentials {
+            account: AccountConfig {
+                sid: account_sid.clone(),
+                auth_token: random_secret(),
+            },
+            api_key: ApiKeyConfig {
+                sid: reach_store::new_sid("SK"),
+                secret: random_secret(),
+                account_sid,
+            },
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let text = format!(
+            "# Generated by reachd on first start. Keep this file secret.\n\
+             [account]\nsid = \"{}\"\nauth_token = \"{}\"\n\n\
+             [api_key]\nsid = \"{}\"\nsecret = \"{}\"\naccount_sid = \"{}\"\n",
+            creds.account.sid,
+            creds.account.auth_token,
+            creds.api_key.sid,
+            creds.api_key.secret,
+            creds.api_key.account_sid
+        );
+        let tmp = path.with_extension("toml.tmp");
+        {
+            use std::io::Write;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let mut f = opts.open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(creds)
+    }
+}
+
+fn toml_from_str(text: &str) -> std::io::Result<GeneratedCredentials> {
+    use figment::providers::{Format, Toml};
+    figment::Figment::from(Toml::string(text))
+        .extract()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn creds() -> (Credentials, ApiKeyConfig) {
+        let account = AccountConfig {
+            sid: "AC0123456789abcdef0123456789abcdef".into(),
+            auth_token: "test-fixture-auth-token".into(),
+        };
+        let key = ApiKeyConfig {
+            sid: "SK0123456789abcdef0123456789abcdef".into(),
+            secret: "test-fixture-secret".into(),
+            account_sid: account.sid.clone(),
+        };
+        (
+            Credentials::new(&[account], std::slice::from_ref(&key)),
+            key,
+        )
+    }
+
+    const SVC: &str = "IS0123456789abcdef0123456789abcdef";
+
+    fn sign(claims: &serde_json::Value, secret: &str, alg: Algorithm) -> String {
+        let mut header = Header::new(alg);
+        header.cty = Some("twilio-fpa;v=1".into());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn claims(exp: i64) -> serde_json::Value {
+        serde_json::json!({
+            "jti": format!("SK0123456789abcdef0123456789abcdef-{NOW}"),
+            "iss": "SK0123456789abcdef0123456789abcdef",
+            "sub": "AC0123456789abcdef0123456789abcdef",
+            "exp": exp,
+            "grants": {"identity": "alice", "chat": {"service_sid": SVC}}
+        })
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let (c, key) = creds();
+        let t = mint_token(&key, SVC, "alice", 3600, NOW);
+        let g = verify_token(&c, &t, NOW).unwrap();
+        assert_eq!(
+            (g.identity.as_str(), g.service_sid.as_str(), g.expires_at),
+            ("alice", SVC, NOW + 3600)
+        );
+    }
+
+    #[test]
+    fn refusals_have_their_own_reasons() {
+        let (c, _) = creds();
+        let ok = claims(NOW + 60);
+        assert!(verify_token(&c, &sign(&ok, "test-fixture-secret", Algorithm::HS256), NOW).is_ok());
+        assert_eq!(
+            verify_token(&c, &sign(&ok, "wrong-secret", Algorithm::HS256), NOW),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(
+            verify_token(&c, &sign(&ok, "test-fixture-secret", Algorithm::HS512), NOW),
+            Err(TokenError::Algorithm)
+        );
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&claims(NOW), "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(
+                    &claims(NOW + 24 * 3600 + 1),
+                    "test-fixture-secret",
+                    Algorithm::HS256
+                ),
+                NOW
+            ),
+            Err(TokenError::TooLong)
+        );
+        let mut nbf = ok.clone();
+        nbf["nbf"] = serde_json::json!(NOW + 10);
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&nbf, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::NotYetValid)
+        );
+        let mut other = ok.clone();
+        other["iss"] = serde_json::json!("SK00000000000000000000000000000000");
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&other, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::UnknownKey)
+        );
+        let mut sub = ok.clone();
+        sub["sub"] = serde_json::json!("AC00000000000000000000000000000000");
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&sub, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::WrongAccount)
+        );
+        let mut legacy = ok.clone();
+        legacy["grants"] =
+            serde_json::json!({"identity": "bob", "ip_messaging": {"service_sid": SVC}});
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&legacy, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            )
+            .unwrap()
+            .identity,
+            "bob"
+        );
+        let mut nogrant = ok;
+        nogrant["grants"] = serde_json::json!({"identity": "bob"});
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&nogrant, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::Grant)
+        );
+        assert_eq!(
+            verify_token(&c, "not.a.jwt", NOW),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn basic_auth_accepts_account_and_key() {
+        let (c, _) = creds();
+        let b = |u: &str, p: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        };
+        let acct = "AC0123456789abcdef0123456789abcdef";
+        assert!(c.basic(Some(&b(acct, "test-fixture-auth-token"))).is_some());
+        assert!(
+            c.basic(Some(&b(
+                "SK0123456789abcdef0123456789abcdef",
+                "test-fixture-secret"
+            )))
+            .is_some()
+        );
+        assert!(c.basic(Some(&b(acct, "nope"))).is_none());
+        assert!(c.basic(None).is_none());
+        assert!(c.basic(Some("Bearer x")).is_none());
+    }
+}

@@ -1,0 +1,373 @@
+//! `reachd` configuration: documented defaults, then the TOML file (`--config`), then
+//! environment variables `REACH_<SECTION>__<KEY>` (e.g. `REACH_SERVER__LISTEN=0.0.0.0:8080`).
+//! Everything is validated at start-up; a bad value exits non-zero with the key named.
+//!
+//! `config/reachd.toml` lists every key with its default and meaning.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub presence: PresenceConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub accounts: Vec<AccountConfig>,
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// REST API and WebSocket (`/v1/ws`).
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// Base of the absolute URLs in REST responses, e.g. `https://reach.example.com`. Empty:
+    /// `http://` plus the request's `Host` header.
+    pub public_url: String,
+    /// On SIGTERM/SIGINT, how long to wait for sockets to close after `goodbye`.
+    pub drain_grace_ms: u64,
+    /// Upper bound of the jittered `retry_after_ms` sent in `goodbye`.
+    pub drain_retry_max_ms: u64,
+    /// Listen backlog of the public listener.
+    pub backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            admin_listen: "127.0.0.1:9090".parse().expect("valid default"),
+            public_url: String::new(),
+            drain_grace_ms: 10_000,
+            drain_retry_max_ms: 5_000,
+            backlog: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The SQLite file; its folder also keeps generated credentials.
+    pub sqlite_path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            sqlite_path: PathBuf::from("data/reach.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Interval of the server's WebSocket pings, and the client ping interval announced in
+    /// `welcome`.
+    pub heartbeat_interval_ms: u64,
+    /// A connection that sends nothing for this long is closed with 4008.
+    pub heartbeat_timeout_ms: u64,
+    /// How long a user stays online after its last connection ended abruptly.
+    pub offline_grace_ms: u64,
+    /// Time allowed between the upgrade and `hello`.
+    pub auth_timeout_ms: u64,
+    /// `token_about_to_expire` is sent this many seconds before the token expires.
+    pub token_warning_s: u64,
+    /// Subscriptions one connection may hold (its own user not counted).
+    pub max_subscriptions_per_connection: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            heartbeat_interval_ms: 10_000,
+            heartbeat_timeout_ms: 30_000,
+            offline_grace_ms: 5_000,
+            auth_timeout_ms: 10_000,
+            token_warning_s: 180,
+            max_subscriptions_per_connection: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open WebSockets; one more is answered with an error and close 4029.
+    pub max_connections: usize,
+    /// Largest WebSocket message accepted; larger ones close with 1009.
+    pub max_frame_bytes: usize,
+    /// Bytes queued for one connection before it is closed with 4009.
+    pub max_outbox_bytes: usize,
+    /// A socket whose writes make no progress for this long is closed with 4009.
+    pub write_stall_timeout_ms: u64,
+    /// Read buffer of each socket (tungstenite's `read_buffer_size`).
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            max_frame_bytes: 65_536,
+            max_outbox_bytes: 1 << 20,
+            write_stall_timeout_ms: 10_000,
+            read_buffer_bytes: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `reach_gateway=debug,info`. `RUST_LOG` wins if set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// An account and its auth token (HTTP Basic user and password).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub sid: String,
+    pub auth_token: String,
+}
+
+/// An API key: signs access tokens, and authenticates REST calls for its account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub sid: String,
+    pub secret: String,
+    pub account_sid: String,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("config file {0} not found")]
+    Missing(PathBuf),
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if given; it must exist), then `REACH_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only REACH_<SECTION>__<KEY> names are configuration; other REACH_* variables (such as
+        // REACH_CONFIG or test settings) are not.
+        figment = figment.merge(
+            Env::prefixed("REACH_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.presence;
+        let positive = [
+            ("presence.heartbeat_interval_ms", p.heartbeat_interval_ms),
+            ("presence.heartbeat_timeout_ms", p.heartbeat_timeout_ms),
+            ("presence.auth_timeout_ms", p.auth_timeout_ms),
+            (
+                "limits.write_stall_timeout_ms",
+                self.limits.write_stall_timeout_ms,
+            ),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            ("limits.max_frame_bytes", self.limits.max_frame_bytes as u64),
+            (
+                "limits.max_outbox_bytes",
+                self.limits.max_outbox_bytes as u64,
+            ),
+            (
+                "limits.read_buffer_bytes",
+                self.limits.read_buffer_bytes as u64,
+            ),
+            ("server.backlog", u64::from(self.server.backlog)),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if p.heartbeat_timeout_ms <= p.heartbeat_interval_ms {
+            return Err(invalid(
+                "presence.heartbeat_timeout_ms",
+                format!(
+                    "must be greater than presence.heartbeat_interval_ms ({})",
+                    p.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.limits.max_frame_bytes < 256 {
+            return Err(invalid("limits.max_frame_bytes", "must be at least 256"));
+        }
+        let url = &self.server.public_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.storage.sqlite_path.as_os_str().is_empty() {
+            return Err(invalid("storage.sqlite_path", "must not be empty"));
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            if !is_sid(&a.sid, "AC") {
+                return Err(invalid(
+                    &format!("accounts[{i}].sid"),
+                    "must be AC followed by 32 lowercase hex digits",
+                ));
+            }
+            if a.auth_token.len() < 16 {
+                return Err(invalid(
+                    &format!("accounts[{i}].auth_token"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if !is_sid(&k.sid, "SK") {
+                return Err(invalid(
+                    &format!("api_keys[{i}].sid"),
+                    "must be SK followed by 32 lowercase hex digits",
+                ));
+            }
+            if k.secret.len() < 16 {
+                return Err(invalid(
+                    &format!("api_keys[{i}].secret"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if !self.accounts.iter().any(|a| a.sid == k.account_sid) {
+                return Err(invalid(
+                    &format!("api_keys[{i}].account_sid"),
+                    format!(
+                        "{} is not one of the configured [[accounts]]",
+                        k.account_sid
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.presence.heartbeat_interval_ms)
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.presence.heartbeat_timeout_ms)
+    }
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_millis(self.presence.auth_timeout_ms)
+    }
+    pub fn offline_grace(&self) -> Duration {
+        Duration::from_millis(self.presence.offline_grace_ms)
+    }
+
+    /// The folder that holds the database and generated credentials.
+    pub fn data_dir(&self) -> PathBuf {
+        match self.storage.sqlite_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        }
+    }
+}
+
+fn is_sid(s: &str, prefix: &str) -> bool {
+    s.starts_with(prefix) && reach_store::looks_like_sid(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_values() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.presence.offline_grace_ms, 5000);
+    }
+
+    #[test]
+    fn the_shipped_config_file_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/reachd.toml");
+        let figment = Figment::from(Toml::file(&path));
+        let from_file: Config = figment.extract().expect("config/reachd.toml parses");
+        let d = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&d).unwrap(),
+            "config/reachd.toml documents the defaults"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let mut c = Config::default();
+        c.presence.heartbeat_timeout_ms = 100;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("presence.heartbeat_timeout_ms"), "{e}");
+        c = Config::default();
+        c.api_keys.push(ApiKeyConfig {
+            sid: "SK00000000000000000000000000000000".into(),
+            secret: "0123456789abcdef".into(),
+            account_sid: "AC00000000000000000000000000000000".into(),
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("api_keys[0].account_sid"), "{e}");
+    }
+}

@@ -1,0 +1,127 @@
+//! The gateway's Prometheus metrics, in a registry owned by the app (not a global). Labels are
+//! low-cardinality: a close reason, an auth failure reason, a route template, a status.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use reach_core::EngineMetrics;
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub engine: EngineMetrics,
+    /// Open WebSockets (upgraded, authenticated or not).
+    pub connections: IntGauge,
+    pub connections_opened: IntCounter,
+    /// Closed connections by reason (close code label).
+    pub connections_closed: IntCounterVec,
+    /// Frames written to sockets (all types).
+    pub frames_sent: IntCounter,
+    /// Frames read from sockets.
+    pub frames_received: IntCounter,
+    pub heartbeat_timeouts: IntCounter,
+    /// Refused hellos and token updates by reason.
+    pub auth_failures: IntCounterVec,
+    /// REST requests by route template, method and status.
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    /// Time from a hello arriving to its welcome being queued.
+    pub hello_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let engine = EngineMetrics::register(&registry)?;
+        let connections = IntGauge::new("reach_connections", "Open WebSocket connections")?;
+        let connections_opened = IntCounter::new(
+            "reach_connections_opened_total",
+            "WebSocket connections accepted",
+        )?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "reach_connections_closed_total",
+                "WebSocket connections closed, by reason",
+            ),
+            &["reason"],
+        )?;
+        let frames_sent = IntCounter::new("reach_frames_sent_total", "Frames written to sockets")?;
+        let frames_received =
+            IntCounter::new("reach_frames_received_total", "Frames read from sockets")?;
+        let heartbeat_timeouts = IntCounter::new(
+            "reach_heartbeat_timeouts_total",
+            "Connections closed with 4008 after hearing nothing for heartbeat_timeout",
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "reach_auth_failures_total",
+                "Refused access tokens and REST credentials, by reason",
+            ),
+            &["reason"],
+        )?;
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "reach_http_requests_total",
+                "REST requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "reach_http_request_duration_seconds",
+                "REST request latency",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route", "method"],
+        )?;
+        let hello_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "reach_hello_duration_seconds",
+                "Time from hello to welcome queued",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )?;
+        registry.register(Box::new(connections.clone()))?;
+        for c in [
+            &connections_opened,
+            &frames_sent,
+            &frames_received,
+            &heartbeat_timeouts,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for c in [&connections_closed, &auth_failures, &http_requests] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(hello_duration.clone()))?;
+        Ok(Metrics {
+            registry,
+            engine,
+            connections,
+            connections_opened,
+            connections_closed,
+            frames_sent,
+            frames_received,
+            heartbeat_timeouts,
+            auth_failures,
+            http_requests,
+            http_duration,
+            hello_duration,
+        })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,1013 @@
+//! The WebSocket endpoint `/v1/ws` (protocol v1, `docs/protocol.md`).
+//!
+//! One task per socket. Before `hello` the task writes to the socket directly; after it, the
+//! connection has an [`Outbox`](reach_core::Outbox) in the engine and the task runs one
+//! `select!` loop over: the socket's reads (requests), the outbox (replies and pushes, written
+//! in batches and flushed once per batch), a timer (server pings, heartbeat timeout, token
+//! warning and expiry, write stall) and the drain signal.
+//!
+//! Writes are pulled from the outbox only when the socket is ready to take them, so a branch
+//! that wins the `select!` never loses a frame. A socket whose writes make no progress for
+//! `write_stall_timeout_ms`, or whose outbox passes `max_outbox_bytes`, is closed with 4009.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use reach_core::{Attach, Conn, Outgoing, SlotFrame};
+use reach_proto::{
+    ClientFrame, CloseCode, DecodeError, Encoding, ErrorCode, IdentityError, ServerFrame,
+    decode_client, encode,
+};
+use reach_store::{Service, StoreError};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tracing::Instrument;
+
+use crate::app::{App, profile_of};
+use crate::auth::{TokenError, TokenGrant, verify_token};
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Sink = futures_util::stream::SplitSink<Socket, Message>;
+type Stream = futures_util::stream::SplitStream<Socket>;
+
+/// Push binding types a client may register.
+pub const BINDING_TYPES: [&str; 3] = ["apn", "gcm", "fcm"];
+const MAX_ADDRESS_LEN: usize = 1024;
+const MAX_IDENTITY_LEN: usize = 256;
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new().route("/v1/ws", get(upgrade)).with_state(app)
+}
+
+fn http_error(status: StatusCode, code: u32, message: &str) -> Response {
+    let body = serde_json::json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status.as_u16(),
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    if !header_has_token(&req, header::CONNECTION, "upgrade")
+        || !header_has_token(&req, header::UPGRADE, "websocket")
+    {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            20001,
+            "expected a WebSocket upgrade request",
+        );
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            20001,
+            "Sec-WebSocket-Version must be 13",
+        );
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            20001,
+            "Sec-WebSocket-Key is missing",
+        );
+    };
+    let offer: Vec<&str> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let offer = (!offer.is_empty()).then(|| offer.join(","));
+    let chosen = match Encoding::negotiate(offer.as_deref()) {
+        Ok(c) => c,
+        Err(()) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                20001,
+                "unsupported subprotocol: offer reach.v1.msgpack or reach.v1.json",
+            );
+        }
+    };
+    if app.shutdown.is_cancelled() {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            20503,
+            "the gateway is draining",
+        );
+    }
+    let encoding = chosen.unwrap_or(Encoding::Json);
+    let permit = Arc::clone(&app.conn_permits).try_acquire_owned().ok();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(app.config.limits.read_buffer_bytes)
+        .max_message_size(Some(app.config.limits.max_frame_bytes))
+        .max_frame_size(Some(app.config.limits.max_frame_bytes));
+    let task_app = Arc::clone(&app);
+    app.sockets.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(ws_config),
+            )
+            .await;
+            let _permit = permit.as_ref();
+            serve_socket(task_app, ws, encoding, permit.is_some()).await;
+        }
+        .instrument(tracing::info_span!("ws", %peer)),
+    );
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    if let Some(enc) = chosen {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(enc.subprotocol()),
+        );
+    }
+    resp
+}
+
+/// How a socket ended, for the close-reason metric and the presence rules.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// We close with this code.
+    Close(CloseCode),
+    /// Internal error (close 1011).
+    Internal,
+    /// The client closed (close frame or EOF) or the transport failed.
+    Gone(&'static str),
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Close(c) => c.label(),
+            End::Internal => "internal_error",
+            End::Gone(l) => l,
+        }
+    }
+}
+
+fn message(bytes: Bytes, encoding: Encoding) -> Message {
+    match encoding {
+        Encoding::MsgPack => Message::Binary(bytes),
+        Encoding::Json => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Message::Text(text),
+            // JSON from serde_json is UTF-8; this arm is unreachable in practice.
+            Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
+        },
+    }
+}
+
+fn error_frame(id: Option<i64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code: code.as_u32(),
+        message: message.into(),
+    }
+}
+
+/// What one read from the socket produced.
+enum Read {
+    Frame(ClientFrame),
+    /// A control frame or something else that needs no action.
+    Nothing,
+    /// Bad input: send this error, then close with this code.
+    Fail(ErrorCode, String, CloseCode),
+    Gone(&'static str),
+}
+
+fn classify(item: Option<Result<Message, tungstenite::Error>>, encoding: Encoding) -> Read {
+    let payload = match item {
+        None => return Read::Gone("client_gone"),
+        Some(Ok(Message::Text(t))) => {
+            if encoding != Encoding::Json {
+                let e = DecodeError::WrongMessageKind("reach.v1.msgpack", "binary");
+                return Read::Fail(e.code(), e.to_string(), e.close_code());
+            }
+            Bytes::from(t)
+        }
+        Some(Ok(Message::Binary(b))) => {
+            if encoding != Encoding::MsgPack {
+                let e = DecodeError::WrongMessageKind("reach.v1.json", "text");
+                return Read::Fail(e.code(), e.to_string(), e.close_code());
+            }
+            b
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Read::Nothing,
+        Some(Ok(Message::Close(_))) => return Read::Gone("client_closed"),
+        Some(Err(tungstenite::Error::Capacity(e))) => {
+            return Read::Fail(
+                ErrorCode::FrameTooBig,
+                format!("frame too big: {e}"),
+                CloseCode::TooBig,
+            );
+        }
+        Some(Err(tungstenite::Error::Protocol(e))) => {
+            return Read::Fail(
+                ErrorCode::MalformedFrame,
+                format!("WebSocket protocol error: {e}"),
+                CloseCode::ProtocolError,
+            );
+        }
+        Some(Err(tungstenite::Error::Utf8(e))) => {
+            return Read::Fail(
+                ErrorCode::MalformedFrame,
+                format!("text frame is not UTF-8: {e}"),
+                CloseCode::ProtocolError,
+            );
+        }
+        Some(Err(_)) => return Read::Gone("transport_error"),
+    };
+    match decode_client(&payload, encoding) {
+        Ok(frame) => Read::Frame(frame),
+        Err(e) => Read::Fail(e.code(), e.to_string(), e.close_code()),
+    }
+}
+
+/// Sends `frame` (if any) and a close frame directly, then waits briefly for the peer's close.
+async fn close_direct(
+    sink: &mut Sink,
+    stream: &mut Stream,
+    encoding: Encoding,
+    frame: Option<ServerFrame>,
+    code: u16,
+    reason: &str,
+) {
+    let reason = reason.chars().take(100).collect::<String>();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if let Some(f) = frame {
+            sink.feed(message(encode(&f, encoding), encoding)).await?;
+        }
+        sink.send(Message::Close(Some(CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        })))
+        .await?;
+        // Wait for the peer's close so the TCP connection ends cleanly.
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<(), tungstenite::Error>(())
+    })
+    .await;
+}
+
+async fn serve_socket(app: Arc<App>, ws: Socket, encoding: Encoding, admitted: bool) {
+    let m = &app.metrics;
+    m.connections.inc();
+    m.connections_opened.inc();
+    let (mut sink, mut stream) = ws.split();
+    let end = if !admitted {
+        let f = error_frame(None, ErrorCode::TooMany, "too many connections");
+        close_direct(
+            &mut sink,
+            &mut stream,
+            encoding,
+            Some(f),
+            4029,
+            "too many connections",
+        )
+        .await;
+        End::Close(CloseCode::RateLimited)
+    } else {
+        match await_hello(&app, &mut sink, &mut stream, encoding).await {
+            Ok((grant, service)) => {
+                let mut session = Session::start(&app, grant, service, encoding).await;
+                let end = match &mut session {
+                    Ok(s) => s.run(&mut sink, &mut stream).await,
+                    Err(()) => End::Internal,
+                };
+                if let Ok(s) = session {
+                    s.finish(&mut sink, &mut stream, end).await;
+                } else {
+                    close_direct(
+                        &mut sink,
+                        &mut stream,
+                        encoding,
+                        Some(error_frame(
+                            None,
+                            ErrorCode::Internal,
+                            "internal error; retry later",
+                        )),
+                        1011,
+                        "internal error",
+                    )
+                    .await;
+                }
+                end
+            }
+            Err(end) => end,
+        }
+    };
+    m.connections.dec();
+    m.connections_closed.with_label_values(&[end.label()]).inc();
+    tracing::debug!(reason = end.label(), "socket closed");
+}
+
+/// Waits for `hello`, verifies its token and service. On failure the socket is closed here.
+async fn await_hello(
+    app: &Arc<App>,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    encoding: Encoding,
+) -> Result<(TokenGrant, Service), End> {
+    let deadline = Instant::now() + app.config.auth_timeout();
+    loop {
+        let read = tokio::select! {
+            item = stream.next() => classify(item, encoding),
+            _ = tokio::time::sleep_until(deadline) => {
+                let f = error_frame(None, ErrorCode::Timeout, "no hello within auth_timeout");
+                close_direct(sink, stream, encoding, Some(f), 4001, "no hello").await;
+                app.metrics.auth_failures.with_label_values(&["auth_timeout"]).inc();
+                return Err(End::Close(CloseCode::Unauthorized));
+            }
+            _ = app.shutdown.cancelled() => {
+                close_direct(sink, stream, encoding, None, 1001, "draining").await;
+                return Err(End::Close(CloseCode::GoingAway));
+            }
+        };
+        app.metrics.frames_received.inc();
+        match read {
+            Read::Nothing => continue,
+            Read::Gone(label) => return Err(End::Gone(label)),
+            Read::Fail(code, msg, close) => {
+                close_direct(
+                    sink,
+                    stream,
+                    encoding,
+                    Some(error_frame(None, code, msg)),
+                    close.as_u16(),
+                    "bad frame",
+                )
+                .await;
+                return Err(End::Close(close));
+            }
+            Read::Frame(ClientFrame::Hello { token, .. }) => {
+                let result = match verify_token(&app.creds, &token, reach_store::now_unix()) {
+                    Ok(grant) => match app.store.find_service(&grant.service_sid).await {
+                        Ok(service) if service.account_sid == grant.account_sid => {
+                            Ok((grant, service))
+                        }
+                        Ok(_) => Err(TokenError::WrongAccount),
+                        Err(StoreError::NotFound) => Err(TokenError::UnknownService),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "store failure during hello");
+                            let f = error_frame(
+                                None,
+                                ErrorCode::Internal,
+                                "internal error; retry later",
+                            );
+                            close_direct(sink, stream, encoding, Some(f), 1011, "internal error")
+                                .await;
+                            return Err(End::Internal);
+                        }
+                    },
+                    Err(e) => Err(e),
+                };
+                return match result {
+                    Ok(ok) => Ok(ok),
+                    Err(e) => {
+                        app.metrics
+                            .auth_failures
+                            .with_label_values(&[e.label()])
+                            .inc();
+                        let f = error_frame(None, e.code(), e.to_string());
+                        close_direct(sink, stream, encoding, Some(f), 4001, "unauthorized").await;
+                        Err(End::Close(CloseCode::Unauthorized))
+                    }
+                };
+            }
+            Read::Frame(other) => {
+                let f = error_frame(
+                    other.id(),
+                    ErrorCode::UnexpectedFrame,
+                    "the first frame must be hello",
+                );
+                close_direct(sink, stream, encoding, Some(f), 4002, "hello expected").await;
+                return Err(End::Close(CloseCode::ProtocolError));
+            }
+        }
+    }
+}
+
+/// Unix seconds -> a tokio instant (clamped to now for the past).
+fn instant_at(unix: i64) -> Instant {
+    let delta = unix - reach_store::now_unix();
+    Instant::now() + Duration::from_secs(delta.max(0) as u64)
+}
+
+/// Write-side bookkeeping that survives across `select!` iterations.
+#[derive(Default)]
+struct WriteState {
+    /// Frames written to the sink but not flushed yet.
+    dirty: bool,
+    /// Since when the socket has refused to take more bytes.
+    blocked_since: Option<Instant>,
+    ping_due: bool,
+}
+
+/// An authenticated connection.
+struct Session {
+    app: Arc<App>,
+    conn: Arc<Conn>,
+    service: Service,
+    grant: TokenGrant,
+    /// Identities subscribed to besides the connection's own.
+    watched: HashSet<String>,
+    last_heard: Instant,
+    next_ping: Instant,
+    expires_at: Instant,
+    warn_at: Option<Instant>,
+    draining: bool,
+    bye: bool,
+}
+
+impl Session {
+    /// Registers the connection in the engine and queues `welcome`.
+    async fn start(
+        app: &Arc<App>,
+        grant: TokenGrant,
+        service: Service,
+        encoding: Encoding,
+    ) -> Result<Session, ()> {
+        let started = std::time::Instant::now();
+        let engine = &app.engine;
+        let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
+        let slot = conn.outbox.reserve(SlotFrame::Welcome {
+            connection_id: reach_store::new_sid("CN"),
+            identity: grant.identity.clone(),
+            service_sid: service.sid.clone(),
+            reachability_enabled: engine.service(&service.sid).enabled,
+            heartbeat_interval_ms: app.config.presence.heartbeat_interval_ms,
+            token_expires_at: grant.expires_at,
+            user: None,
+        });
+        let Some(slot) = slot else { return Err(()) };
+        if engine.attach(&conn, slot) == Attach::NeedsProfile {
+            match app
+                .store
+                .get_or_create_user(&service, &grant.identity)
+                .await
+            {
+                Ok(rec) => {
+                    engine.load_profile(&service.sid, &grant.identity, profile_of(&rec));
+                    engine.fill(&conn, &grant.identity, slot);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the user at hello");
+                    engine.detach(&conn, true, &[], false);
+                    return Err(());
+                }
+            }
+        }
+        conn.outbox.seal(slot);
+        app.metrics
+            .hello_duration
+            .observe(started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        let mut s = Session {
+            app: Arc::clone(app),
+            conn,
+            service,
+            watched: HashSet::new(),
+            last_heard: now,
+            next_ping: now + app.config.heartbeat_interval(),
+            expires_at: now,
+            warn_at: None,
+            draining: false,
+            bye: false,
+            grant,
+        };
+        s.set_expiry();
+        tracing::debug!(identity = %s.grant.identity, service = %s.service.sid, "authenticated");
+        Ok(s)
+    }
+
+    fn set_expiry(&mut self) {
+        self.expires_at = instant_at(self.grant.expires_at);
+        let warn = self.grant.expires_at - self.app.config.presence.token_warning_s as i64;
+        self.warn_at = Some(instant_at(warn));
+    }
+
+    fn push(&self, frame: &ServerFrame) {
+        self.conn.outbox.push_frame(frame);
+    }
+
+    fn fail(&self, code: ErrorCode, msg: impl Into<String>, close: CloseCode) {
+        self.push(&error_frame(None, code, msg));
+        self.conn.outbox.close(close);
+    }
+
+    fn next_deadline(&self, w: &WriteState) -> Instant {
+        let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
+        let mut d = self
+            .next_ping
+            .min(self.last_heard + self.app.config.heartbeat_timeout())
+            .min(self.expires_at);
+        if let Some(warn) = self.warn_at {
+            d = d.min(warn);
+        }
+        if let Some(b) = w.blocked_since {
+            d = d.min(b + stall);
+        }
+        d
+    }
+
+    /// The main loop; returns how the connection ends.
+    async fn run(&mut self, sink: &mut Sink, stream: &mut Stream) -> End {
+        let mut w = WriteState::default();
+        let encoding = self.conn.outbox.encoding();
+        loop {
+            let deadline = self.next_deadline(&w);
+            tokio::select! {
+                biased;
+                res = write_some(sink, &self.conn, &mut w, &self.app) => {
+                    return match res {
+                        Ok(code) => End::Close(code),
+                        Err(_) => End::Gone("transport_error"),
+                    };
+                }
+                item = stream.next() => {
+                    self.last_heard = Instant::now();
+                    self.app.metrics.frames_received.inc();
+                    match classify(item, encoding) {
+                        Read::Nothing => {}
+                        Read::Gone(label) => return End::Gone(label),
+                        Read::Fail(code, msg, close) => self.fail(code, msg, close),
+                        Read::Frame(frame) => self.handle(frame).await,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if let Some(end) = self.tick(&mut w) {
+                        return end;
+                    }
+                }
+                _ = self.app.shutdown.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    let retry = rand::random_range(0..=self.app.config.server.drain_retry_max_ms);
+                    self.push(&ServerFrame::Goodbye { reason: "draining".into(), retry_after_ms: retry });
+                    self.conn.outbox.close(CloseCode::GoingAway);
+                }
+            }
+        }
+    }
+
+    /// Timers; returns an end when the socket must go now.
+    fn tick(&mut self, w: &mut WriteState) -> Option<End> {
+        let now = Instant::now();
+        let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
+        if w.blocked_since.is_some_and(|b| now >= b + stall) {
+            // The socket takes nothing: no error frame could reach the client.
+            return Some(End::Close(CloseCode::SlowConsumer));
+        }
+        if now >= self.last_heard + self.app.config.heartbeat_timeout() {
+            self.app.metrics.heartbeat_timeouts.inc();
+            self.fail(
+                ErrorCode::Timeout,
+                "nothing heard within heartbeat_timeout",
+                CloseCode::HeartbeatTimeout,
+            );
+            self.last_heard = now;
+            return None;
+        }
+        if now >= self.expires_at {
+            self.app
+                .metrics
+                .auth_failures
+                .with_label_values(&["expired"])
+                .inc();
+            self.fail(
+                ErrorCode::TokenExpired,
+                "the access token has expired",
+                CloseCode::Unauthorized,
+            );
+            self.expires_at = now + Duration::from_secs(3600);
+            self.warn_at = None;
+            return None;
+        }
+        if self.warn_at.is_some_and(|t| now >= t) {
+            self.warn_at = None;
+            self.push(&ServerFrame::TokenAboutToExpire {
+                expires_at: self.grant.expires_at,
+            });
+        }
+        if now >= self.next_ping {
+            w.ping_due = true;
+            self.next_ping = now + self.app.config.heartbeat_interval();
+        }
+        None
+    }
+
+    async fn handle(&mut self, frame: ClientFrame) {
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.fail(
+                    ErrorCode::UnexpectedFrame,
+                    "hello was already received",
+                    CloseCode::ProtocolError,
+                );
+            }
+            ClientFrame::Ping { id } => self.push(&ServerFrame::Pong { id }),
+            ClientFrame::Subscribe { id, identities } => self.subscribe(id, identities).await,
+            ClientFrame::Unsubscribe { id, identities } => {
+                for identity in identities {
+                    if self.watched.remove(&identity) {
+                        self.app.engine.unsubscribe(&self.conn, &identity);
+                    }
+                }
+                self.push(&ServerFrame::Unsubscribed { id });
+            }
+            ClientFrame::UpdateToken { id, token } => self.update_token(id, &token),
+            ClientFrame::RegisterPush {
+                id,
+                binding_type,
+                address,
+            } => {
+                self.register_push(id, &binding_type, &address).await;
+            }
+            ClientFrame::UnregisterPush {
+                id,
+                binding_type,
+                address,
+            } => {
+                self.unregister_push(id, &binding_type, &address).await;
+            }
+            ClientFrame::Bye => {
+                self.bye = true;
+                self.conn.outbox.close(CloseCode::Normal);
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: i64, identities: Vec<String>) {
+        let engine = Arc::clone(&self.app.engine);
+        let outbox = &self.conn.outbox;
+        let Some(slot) = outbox.reserve(SlotFrame::Subscribed {
+            id,
+            users: vec![],
+            errors: vec![],
+        }) else {
+            return;
+        };
+        let limit = self.app.config.presence.max_subscriptions_per_connection;
+        let mut seen = HashSet::new();
+        let mut cold = Vec::new();
+        let err = |identity: &str, code: ErrorCode, message: &str| IdentityError {
+            identity: identity.to_owned(),
+            code: code.as_u32(),
+            message: message.to_owned(),
+        };
+        for identity in identities {
+            if !seen.insert(identity.clone()) {
+                continue;
+            }
+            if identity.is_empty() || identity.len() > MAX_IDENTITY_LEN {
+                outbox.add_error(
+                    slot,
+                    err(
+                        &identity,
+                        ErrorCode::InvalidParameter,
+                        "identity must be 1 to 256 bytes",
+                    ),
+                );
+                continue;
+            }
+            let own = identity == *self.conn.identity;
+            if !own && !self.watched.contains(&identity) && self.watched.len() >= limit {
+                outbox.add_error(
+                    slot,
+                    err(
+                        &identity,
+                        ErrorCode::TooMany,
+                        "max_subscriptions_per_connection reached",
+                    ),
+                );
+                continue;
+            }
+            if !own {
+                self.watched.insert(identity.clone());
+            }
+            if engine.subscribe(&self.conn, &identity, slot) == Attach::NeedsProfile {
+                cold.push(identity);
+            }
+        }
+        for identity in cold {
+            match self.app.store.get_user(&self.service.sid, &identity).await {
+                Ok(rec) if rec.identity == identity => {
+                    engine.load_profile(&self.service.sid, &identity, profile_of(&rec));
+                    engine.fill(&self.conn, &identity, slot);
+                }
+                Ok(_) | Err(StoreError::NotFound) => {
+                    self.watched.remove(&identity);
+                    engine.unsubscribe(&self.conn, &identity);
+                    let msg = format!("User {identity} not found in service {}", self.service.sid);
+                    outbox.add_error(slot, err(&identity, ErrorCode::NotFound, &msg));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store failure during subscribe");
+                    self.watched.remove(&identity);
+                    engine.unsubscribe(&self.conn, &identity);
+                    outbox.add_error(
+                        slot,
+                        err(
+                            &identity,
+                            ErrorCode::Internal,
+                            "internal error; retry later",
+                        ),
+                    );
+                }
+            }
+        }
+        outbox.seal(slot);
+    }
+
+    fn update_token(&mut self, id: i64, token: &str) {
+        let grant = verify_token(&self.app.creds, token, reach_store::now_unix()).and_then(|g| {
+            if g.identity == self.grant.identity
+                && g.service_sid == self.grant.service_sid
+                && g.account_sid == self.grant.account_sid
+            {
+                Ok(g)
+            } else {
+                Err(TokenError::OtherPrincipal)
+            }
+        });
+        match grant {
+            Ok(grant) => {
+                self.grant = grant;
+                self.set_expiry();
+                self.push(&ServerFrame::TokenUpdated {
+                    id,
+                    token_expires_at: self.grant.expires_at,
+                });
+            }
+            Err(e) => {
+                self.app
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[e.label()])
+                    .inc();
+                self.push(&error_frame(Some(id), e.code(), e.to_string()));
+            }
+        }
+    }
+
+    fn check_binding(&self, id: i64, binding_type: &str, address: &str) -> bool {
+        if !BINDING_TYPES.contains(&binding_type) {
+            self.push(&error_frame(
+                Some(id),
+                ErrorCode::InvalidParameter,
+                "binding_type must be one of apn, gcm, fcm",
+            ));
+            return false;
+        }
+        if address.is_empty() || address.len() > MAX_ADDRESS_LEN {
+            self.push(&error_frame(
+                Some(id),
+                ErrorCode::InvalidParameter,
+                "address must be 1 to 1024 bytes",
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Re-reads the own user after a binding change and lets the engine publish it.
+    async fn refresh_own_profile(&self) {
+        if let Ok(rec) = self
+            .app
+            .store
+            .get_user(&self.service.sid, &self.grant.identity)
+            .await
+            && rec.identity == self.grant.identity
+        {
+            self.app
+                .engine
+                .update_profile(&self.service.sid, &rec.identity, profile_of(&rec));
+        }
+    }
+
+    async fn register_push(&self, id: i64, binding_type: &str, address: &str) {
+        if !self.check_binding(id, binding_type, address) {
+            return;
+        }
+        let credential = self.grant.push_credential_sid.as_deref();
+        match self
+            .app
+            .store
+            .upsert_binding(
+                &self.service,
+                &self.grant.identity,
+                binding_type,
+                address,
+                credential,
+            )
+            .await
+        {
+            Ok(binding) => {
+                self.refresh_own_profile().await;
+                self.push(&ServerFrame::PushRegistered {
+                    id,
+                    binding_sid: binding.sid,
+                });
+            }
+            Err(StoreError::NotFound) => {
+                self.push(&error_frame(
+                    Some(id),
+                    ErrorCode::NotFound,
+                    "the user no longer exists",
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store failure during register_push");
+                self.push(&error_frame(
+                    Some(id),
+                    ErrorCode::Internal,
+                    "internal error; retry later",
+                ));
+            }
+        }
+    }
+
+    async fn unregister_push(&self, id: i64, binding_type: &str, address: &str) {
+        if !self.check_binding(id, binding_type, address) {
+            return;
+        }
+        match self
+            .app
+            .store
+            .delete_binding_by_address(
+                &self.service.sid,
+                &self.grant.identity,
+                binding_type,
+                address,
+            )
+            .await
+        {
+            Ok(_) => {
+                self.refresh_own_profile().await;
+                self.push(&ServerFrame::PushUnregistered { id });
+            }
+            Err(StoreError::NotFound) => {
+                self.push(&error_frame(
+                    Some(id),
+                    ErrorCode::NotFound,
+                    "no such push registration",
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store failure during unregister_push");
+                self.push(&error_frame(
+                    Some(id),
+                    ErrorCode::Internal,
+                    "internal error; retry later",
+                ));
+            }
+        }
+    }
+
+    /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
+    async fn finish(self, sink: &mut Sink, stream: &mut Stream, end: End) {
+        let watched: Vec<String> = self.watched.iter().cloned().collect();
+        self.app.engine.detach(&self.conn, true, &watched, self.bye);
+        if let End::Close(code) = end {
+            let reason = match code {
+                CloseCode::Normal => "bye",
+                CloseCode::GoingAway => "draining",
+                other => other.label(),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                sink.send(Message::Close(Some(CloseFrame {
+                    code: code.as_u16().into(),
+                    reason: reason.into(),
+                })))
+                .await?;
+                while let Some(Ok(m)) = stream.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<(), tungstenite::Error>(())
+            })
+            .await;
+        }
+    }
+}
+
+/// Writes what the outbox holds while the socket takes it; flushes once per batch.
+/// Resolves only when the connection must close (`Ok(code)`) or the socket failed.
+async fn write_some(
+    sink: &mut Sink,
+    conn: &Conn,
+    w: &mut WriteState,
+    app: &App,
+) -> Result<CloseCode, tungstenite::Error> {
+    let encoding = conn.outbox.encoding();
+    std::future::poll_fn(|cx| {
+        loop {
+            match sink.poll_ready_unpin(cx) {
+                Poll::Pending => {
+                    w.blocked_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => w.blocked_since = None,
+            }
+            if w.ping_due {
+                w.ping_due = false;
+                sink.start_send_unpin(Message::Ping(Bytes::new()))?;
+                w.dirty = true;
+                continue;
+            }
+            match conn.outbox.pop(cx.waker()) {
+                Some(Outgoing::Message(bytes)) => {
+                    sink.start_send_unpin(message(bytes, encoding))?;
+                    app.metrics.frames_sent.inc();
+                    w.dirty = true;
+                }
+                Some(Outgoing::Close(code)) => {
+                    if w.dirty {
+                        match sink.poll_flush_unpin(cx) {
+                            Poll::Pending => {
+                                w.blocked_since.get_or_insert_with(Instant::now);
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Ready(Ok(())) => w.dirty = false,
+                        }
+                    }
+                    return Poll::Ready(Ok(code));
+                }
+                None => {
+                    if w.dirty {
+                        match sink.poll_flush_unpin(cx) {
+                            Poll::Pending => {
+                                w.blocked_since.get_or_insert_with(Instant::now);
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Ready(Ok(())) => w.dirty = false,
+                        }
+                    }
+                    w.blocked_since = None;
+                    return Poll::Pending;
+                }
+            }
+        }
+    })
+    .await
+}

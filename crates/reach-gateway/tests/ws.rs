@@ -1,0 +1,887 @@
+//! WebSocket protocol v1 against the real reachd: handshake, subscriptions, presence with
+//! grace, heartbeats, tokens, push registrations, bad input and every close code.
+
+mod common;
+mod ws_client;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reach_proto::{ClientFrame, Encoding, ServerFrame, UpdateReason};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use ws_client::*;
+
+/// Short intervals so timing rules can be observed quickly.
+const FAST: &str = r#"
+[presence]
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 1000
+offline_grace_ms = 400
+auth_timeout_ms = 1000
+"#;
+
+async fn enabled_service(d: &Reachd) -> String {
+    let rest = d.client();
+    let svc = rest.create_service("ws tests").await;
+    rest.set_reachability(&svc, true).await;
+    svc
+}
+
+fn user_of(f: &ServerFrame) -> &reach_proto::User {
+    match f {
+        ServerFrame::UserUpdated { user, .. } => user,
+        other => panic!("expected user_updated, got {other:?}"),
+    }
+}
+
+fn reasons_of(f: &ServerFrame) -> Vec<UpdateReason> {
+    match f {
+        ServerFrame::UserUpdated { reasons, .. } => reasons.clone(),
+        other => panic!("expected user_updated, got {other:?}"),
+    }
+}
+
+async fn subscribe(ws: &mut Ws, id: i64, identities: &[&str]) -> ServerFrame {
+    ws.request(ClientFrame::Subscribe {
+        id,
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+    })
+    .await
+}
+
+#[tokio::test]
+async fn welcome_and_presence_in_both_encodings() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    for enc in [Some(Encoding::Json), Some(Encoding::MsgPack), None] {
+        let (mut bob, welcome) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), enc).await;
+        match &welcome {
+            ServerFrame::Welcome {
+                identity,
+                service_sid,
+                reachability_enabled,
+                heartbeat_interval_ms,
+                token_expires_at,
+                user,
+                connection_id,
+            } => {
+                assert_eq!(identity, "bob");
+                assert_eq!(service_sid, &svc);
+                assert!(reachability_enabled);
+                assert_eq!(*heartbeat_interval_ms, 200);
+                assert!(*token_expires_at > now());
+                assert!(connection_id.starts_with("CN"));
+                assert_eq!(user.identity, "bob");
+                assert_eq!(user.is_online, Some(true), "own user is online");
+                assert_eq!(user.is_notifiable, None, "never had a binding");
+                assert_eq!(user.attributes, "{}");
+            }
+            _ => unreachable!(),
+        }
+        // alice does not exist yet: per-identity 20404, the others succeed.
+        let reply = subscribe(&mut bob, 1, &["nobody", "bob"]).await;
+        match reply {
+            ServerFrame::Subscribed { id, users, errors } => {
+                assert_eq!(id, 1);
+                assert_eq!(users.len(), 1);
+                assert_eq!(errors.len(), 1);
+                assert_eq!(
+                    (errors[0].identity.as_str(), errors[0].code),
+                    ("nobody", 20404)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // alice connects once (her user is created by the token), then bob watches her.
+        let (alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), enc).await;
+        match subscribe(&mut bob, 2, &["alice"]).await {
+            ServerFrame::Subscribed { users, errors, .. } => {
+                assert!(errors.is_empty());
+                assert_eq!(users[0].is_online, Some(true));
+            }
+            other => panic!("{other:?}"),
+        }
+        alice.abort();
+        let started = Instant::now();
+        let off = bob.update_of("alice").await;
+        assert_eq!(user_of(&off).is_online, Some(false));
+        assert_eq!(reasons_of(&off), vec![UpdateReason::ReachabilityOnline]);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "offline only after the grace"
+        );
+        let (_alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), enc).await;
+        let on = bob.update_of("alice").await;
+        assert_eq!(user_of(&on).is_online, Some(true));
+        let r = bob.request(ClientFrame::Ping { id: 9 }).await;
+        assert_eq!(r, ServerFrame::Pong { id: 9 });
+    }
+}
+
+#[tokio::test]
+async fn reconnect_inside_the_grace_is_not_a_flap_and_bye_is_immediate() {
+    let d = Reachd::start(
+        r#"
+[presence]
+offline_grace_ms = 1500
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let url = d.ws_url();
+    let (a, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+    let (c, _) = Ws::hello(&url, &d.token(&svc, "carol"), None).await;
+    let (mut bob, _) = Ws::hello(&url, &d.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, 1, &["alice", "carol"]).await;
+    // alice drops and comes back at once; carol drops a little later and stays away.
+    a.abort();
+    let (_a2, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.abort();
+    // carol's offline comes after alice's grace ended: nothing about alice may precede it.
+    let f = bob
+        .recv_until(|f| matches!(f, ServerFrame::UserUpdated { .. }))
+        .await;
+    assert_eq!(user_of(&f).identity, "carol", "alice must not flap: {f:?}");
+    assert_eq!(user_of(&f).is_online, Some(false));
+    // bye: offline at once, well inside the 1.5 s grace.
+    let (mut dave, _) = Ws::hello(&url, &d.token(&svc, "dave"), None).await;
+    subscribe(&mut bob, 2, &["dave"]).await;
+    let started = Instant::now();
+    dave.send(&ClientFrame::Bye).await;
+    let closed = dave.closed().await;
+    assert_eq!(closed.code, Some(1000));
+    let off = bob.update_of("dave").await;
+    assert_eq!(user_of(&off).is_online, Some(false));
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "bye skips the grace"
+    );
+    // REST agrees.
+    let r = d
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/dave"))
+        .await;
+    assert_eq!(r.body["is_online"], false);
+    let r = d
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.body["is_online"], true);
+}
+
+#[tokio::test]
+async fn enabling_and_disabling_reachability() {
+    let d = Reachd::start(FAST);
+    let rest = d.client();
+    let svc = rest.create_service("switch").await;
+    let url = d.ws_url();
+    let (mut bob, welcome) = Ws::hello(&url, &d.token(&svc, "bob"), None).await;
+    match welcome {
+        ServerFrame::Welcome {
+            reachability_enabled,
+            user,
+            ..
+        } => {
+            assert!(!reachability_enabled);
+            assert_eq!(
+                (user.is_online, user.is_notifiable),
+                (None, None),
+                "null while disabled"
+            );
+        }
+        _ => unreachable!(),
+    }
+    let (_alice, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+    let (carol, _) = Ws::hello(&url, &d.token(&svc, "carol"), None).await;
+    carol.abort();
+    match subscribe(&mut bob, 1, &["alice", "carol"]).await {
+        ServerFrame::Subscribed { users, .. } => {
+            assert!(users.iter().all(|u| u.is_online.is_none()))
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert!(
+        r.body["is_online"].is_null() && r.body["is_notifiable"].is_null(),
+        "{}",
+        r.text
+    );
+    // carol's grace ends while disabled: nothing is published.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    rest.set_reachability(&svc, true).await;
+    assert_eq!(
+        bob.recv().await,
+        ServerFrame::ServiceUpdated {
+            reachability_enabled: true
+        }
+    );
+    let on = bob.update_of("alice").await;
+    assert_eq!(
+        user_of(&on).is_online,
+        Some(true),
+        "already connected users turn online at once"
+    );
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert_eq!(r.body["is_online"], true);
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/carol")).await;
+    assert!(
+        r.body["is_online"].is_null(),
+        "carol never online since enabling: {}",
+        r.text
+    );
+    rest.set_reachability(&svc, false).await;
+    assert_eq!(
+        bob.recv_until(|f| matches!(f, ServerFrame::ServiceUpdated { .. }))
+            .await,
+        ServerFrame::ServiceUpdated {
+            reachability_enabled: false
+        }
+    );
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert!(r.body["is_online"].is_null());
+}
+
+#[tokio::test]
+async fn rest_profile_updates_reach_subscribers_with_reasons() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    let r = rest
+        .post(
+            &format!("/v1/Services/{svc}/Users"),
+            &[("Identity", "alice")],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), Some(Encoding::MsgPack)).await;
+    match subscribe(&mut bob, 1, &["alice"]).await {
+        ServerFrame::Subscribed { users, .. } => {
+            assert_eq!(users[0].is_online, None, "never online since enabling");
+        }
+        other => panic!("{other:?}"),
+    }
+    rest.post(
+        &format!("/v1/Services/{svc}/Users/alice"),
+        &[("FriendlyName", "Alice A.")],
+    )
+    .await;
+    let f = bob.update_of("alice").await;
+    assert_eq!(reasons_of(&f), vec![UpdateReason::FriendlyName]);
+    assert_eq!(user_of(&f).friendly_name.as_deref(), Some("Alice A."));
+    rest.post(
+        &format!("/v1/Services/{svc}/Users/alice"),
+        &[("Attributes", r#"{"team":"blue"}"#)],
+    )
+    .await;
+    let f = bob.update_of("alice").await;
+    assert_eq!(reasons_of(&f), vec![UpdateReason::Attributes]);
+    assert_eq!(user_of(&f).attributes, r#"{"team":"blue"}"#);
+    // Unsubscribed: the next change of alice is not delivered, but carol's is.
+    assert_eq!(
+        bob.request(ClientFrame::Unsubscribe {
+            id: 2,
+            identities: vec!["alice".into()]
+        })
+        .await,
+        ServerFrame::Unsubscribed { id: 2 }
+    );
+    rest.post(
+        &format!("/v1/Services/{svc}/Users"),
+        &[("Identity", "carol")],
+    )
+    .await;
+    subscribe(&mut bob, 3, &["carol"]).await;
+    rest.post(
+        &format!("/v1/Services/{svc}/Users/alice"),
+        &[("FriendlyName", "ignored")],
+    )
+    .await;
+    rest.post(
+        &format!("/v1/Services/{svc}/Users/carol"),
+        &[("FriendlyName", "Carol")],
+    )
+    .await;
+    let f = bob
+        .recv_until(|f| matches!(f, ServerFrame::UserUpdated { .. }))
+        .await;
+    assert_eq!(user_of(&f).identity, "carol");
+}
+
+#[tokio::test]
+async fn push_registrations_make_users_notifiable() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    let (mut alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, 1, &["alice"]).await;
+    let reg = alice
+        .request(ClientFrame::RegisterPush {
+            id: 5,
+            binding_type: "fcm".into(),
+            address: "device-1".into(),
+        })
+        .await;
+    let binding_sid = match reg {
+        ServerFrame::PushRegistered { id: 5, binding_sid } => binding_sid,
+        other => panic!("{other:?}"),
+    };
+    assert!(binding_sid.starts_with("BS"));
+    let f = bob.update_of("alice").await;
+    assert_eq!(reasons_of(&f), vec![UpdateReason::ReachabilityNotifiable]);
+    assert_eq!(user_of(&f).is_notifiable, Some(true));
+    // Bad binding type: an error for that request, the socket stays.
+    let e = alice
+        .request(ClientFrame::RegisterPush {
+            id: 6,
+            binding_type: "sms".into(),
+            address: "x".into(),
+        })
+        .await;
+    assert!(
+        matches!(
+            e,
+            ServerFrame::Error {
+                id: Some(6),
+                code: 20001,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // REST sees the binding, filtered by identity and type.
+    let r = rest
+        .get(&format!(
+            "/v1/Services/{svc}/Bindings?Identity=alice&BindingType=fcm"
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["bindings"][0]["sid"], binding_sid.as_str());
+    assert_eq!(r.body["bindings"][0]["endpoint"], "device-1");
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert_eq!(r.body["is_notifiable"], true);
+    assert_eq!(
+        alice
+            .request(ClientFrame::UnregisterPush {
+                id: 7,
+                binding_type: "fcm".into(),
+                address: "device-1".into()
+            })
+            .await,
+        ServerFrame::PushUnregistered { id: 7 }
+    );
+    let f = bob.update_of("alice").await;
+    assert_eq!(
+        user_of(&f).is_notifiable,
+        Some(false),
+        "had a binding once: false, not null"
+    );
+    let e = alice
+        .request(ClientFrame::UnregisterPush {
+            id: 8,
+            binding_type: "fcm".into(),
+            address: "device-1".into(),
+        })
+        .await;
+    assert!(
+        matches!(
+            e,
+            ServerFrame::Error {
+                id: Some(8),
+                code: 20404,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A binding deleted over REST is published too.
+    let reg = alice
+        .request(ClientFrame::RegisterPush {
+            id: 9,
+            binding_type: "apn".into(),
+            address: "d2".into(),
+        })
+        .await;
+    let ServerFrame::PushRegistered { binding_sid, .. } = reg else {
+        panic!("{reg:?}")
+    };
+    assert_eq!(
+        user_of(&bob.update_of("alice").await).is_notifiable,
+        Some(true)
+    );
+    let r = rest
+        .get(&format!("/v1/Services/{svc}/Bindings/{binding_sid}"))
+        .await;
+    assert_eq!(r.body["binding_type"], "apn");
+    let r = rest
+        .delete(&format!("/v1/Services/{svc}/Bindings/{binding_sid}"))
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        user_of(&bob.update_of("alice").await).is_notifiable,
+        Some(false)
+    );
+}
+
+#[tokio::test]
+async fn tokens_refresh_warn_and_expire() {
+    let d = Reachd::start(
+        r#"
+[presence]
+token_warning_s = 2
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let short = mint(KEY_SID, KEY_SECRET, ACCOUNT_SID, &svc, "alice", 3);
+    let (mut alice, _) = Ws::hello(&d.ws_url(), &short, None).await;
+    let warn = alice
+        .recv_until(|f| matches!(f, ServerFrame::TokenAboutToExpire { .. }))
+        .await;
+    assert!(matches!(warn, ServerFrame::TokenAboutToExpire { expires_at } if expires_at > 0));
+    // A token for another identity is refused; the connection stays.
+    let other = mint(KEY_SID, KEY_SECRET, ACCOUNT_SID, &svc, "mallory", 3600);
+    let e = alice
+        .request(ClientFrame::UpdateToken {
+            id: 1,
+            token: other,
+        })
+        .await;
+    assert!(
+        matches!(
+            e,
+            ServerFrame::Error {
+                id: Some(1),
+                code: 20403,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = alice
+        .request(ClientFrame::UpdateToken {
+            id: 2,
+            token: "garbage".into(),
+        })
+        .await;
+    assert!(
+        matches!(
+            e,
+            ServerFrame::Error {
+                id: Some(2),
+                code: 20101,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // Without a refresh the connection is closed with 4001 at expiry.
+    let closed = alice.closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_eq!(closed.error_code(), Some(20104));
+    // With a refresh it lives on.
+    let short = mint(KEY_SID, KEY_SECRET, ACCOUNT_SID, &svc, "bob", 3);
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &short, None).await;
+    let fresh = mint(KEY_SID, KEY_SECRET, ACCOUNT_SID, &svc, "bob", 3600);
+    match bob
+        .request(ClientFrame::UpdateToken {
+            id: 3,
+            token: fresh,
+        })
+        .await
+    {
+        ServerFrame::TokenUpdated {
+            id: 3,
+            token_expires_at,
+        } => assert!(token_expires_at > now() + 3000),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        bob.request(ClientFrame::Ping { id: 4 }).await,
+        ServerFrame::Pong { id: 4 }
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_4001() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let other_svc = d
+        .client_as(OTHER_ACCOUNT_SID, OTHER_AUTH_TOKEN)
+        .create_service("theirs")
+        .await;
+    let claims = |exp: i64| {
+        serde_json::json!({"jti": "x", "iss": KEY_SID, "sub": ACCOUNT_SID, "exp": exp,
+            "grants": {"identity": "alice", "chat": {"service_sid": svc}}})
+    };
+    let mut nbf = claims(now() + 600);
+    nbf["nbf"] = serde_json::json!(now() + 300);
+    let mut hs512 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512);
+    hs512.cty = Some("twilio-fpa;v=1".into());
+    let hs512 = jsonwebtoken::encode(
+        &hs512,
+        &claims(now() + 600),
+        &jsonwebtoken::EncodingKey::from_secret(KEY_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let cases = vec![
+        (
+            "bad signature",
+            sign(&claims(now() + 600), "wrong-secret"),
+            20107,
+        ),
+        ("alg HS512", hs512, 20107),
+        ("expired", sign(&claims(now() - 1), KEY_SECRET), 20104),
+        (
+            "exp beyond 24 h",
+            sign(&claims(now() + 25 * 3600), KEY_SECRET),
+            20104,
+        ),
+        ("nbf in the future", sign(&nbf, KEY_SECRET), 20105),
+        (
+            "unknown key",
+            mint(
+                "SK99999999999999999999999999999999",
+                KEY_SECRET,
+                ACCOUNT_SID,
+                &svc,
+                "a",
+                600,
+            ),
+            20103,
+        ),
+        (
+            "service of another account",
+            d.token(&other_svc, "alice"),
+            20103,
+        ),
+        (
+            "unknown service",
+            d.token("IS99999999999999999999999999999999", "alice"),
+            20103,
+        ),
+        ("not a JWT", "nope".to_string(), 20101),
+    ];
+    for (name, token, code) in cases {
+        let mut ws = Ws::connect(&d.ws_url(), None).await;
+        ws.send(&ClientFrame::Hello {
+            token,
+            client: None,
+        })
+        .await;
+        let closed = ws.closed().await;
+        assert_eq!(closed.code, Some(4001), "{name}");
+        assert_eq!(
+            closed.error_code(),
+            Some(code),
+            "{name}: {:?}",
+            closed.frames
+        );
+    }
+    let metrics = reqwest::get(format!("http://{}/metrics", d.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"reach_auth_failures_total{reason="signature"} 1"#),
+        "{metrics}"
+    );
+    // The server still serves.
+    let _ = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_frame_and_the_documented_close() {
+    let d = Reachd::start(
+        r#"
+[presence]
+auth_timeout_ms = 500
+[limits]
+max_frame_bytes = 1024
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let url = d.ws_url();
+    // Frame before hello.
+    let mut ws = Ws::connect(&url, None).await;
+    ws.send(&ClientFrame::Ping { id: 1 }).await;
+    let c = ws.closed().await;
+    assert_eq!((c.code, c.error_code()), (Some(4002), Some(20409)));
+    // No hello at all.
+    let c = Ws::connect(&url, None).await.closed().await;
+    assert_eq!((c.code, c.error_code()), (Some(4001), Some(20408)));
+    // Malformed JSON, unknown type, missing field, wrong message kind, each after hello.
+    let text = |s: &str| Message::Text(Utf8Bytes::from(s.to_string()));
+    let cases: Vec<(Option<Encoding>, Message, u32)> = vec![
+        (None, text("{not json"), 20400),
+        (None, text(r#"{"type":"dance","id":1}"#), 20405),
+        (None, text(r#"{"type":"subscribe","id":1}"#), 20400),
+        (None, text("[1,2,3]"), 20400),
+        (None, Message::Binary(vec![0x81, 0xa4].into()), 20400),
+        (
+            Some(Encoding::MsgPack),
+            Message::Binary(vec![0xc1, 0x00].into()),
+            20400,
+        ),
+        (
+            Some(Encoding::MsgPack),
+            Message::Binary(
+                rmp_serde::to_vec_named(&serde_json::json!({"type":"dance"}))
+                    .unwrap()
+                    .into(),
+            ),
+            20405,
+        ),
+        (
+            Some(Encoding::MsgPack),
+            text(r#"{"type":"ping","id":1}"#),
+            20400,
+        ),
+        (
+            None,
+            text(&format!(
+                r#"{{"type":"ping","id":1,"pad":"{}"}}"#,
+                "x".repeat(2000)
+            )),
+            20413,
+        ),
+    ];
+    for (enc, msg, code) in cases {
+        let (mut ws, _) = Ws::hello(&url, &d.token(&svc, "alice"), enc).await;
+        let label = format!("{msg:?}").chars().take(60).collect::<String>();
+        ws.send_raw(msg).await;
+        let c = ws.closed().await;
+        let close = if code == 20413 { 1009 } else { 4002 };
+        assert_eq!(
+            (c.code, c.error_code()),
+            (Some(close), Some(code)),
+            "{label}"
+        );
+    }
+    // hello twice.
+    let (mut ws, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+    ws.send(&ClientFrame::Hello {
+        token: d.token(&svc, "alice"),
+        client: None,
+    })
+    .await;
+    let c = ws.closed().await;
+    assert_eq!((c.code, c.error_code()), (Some(4002), Some(20409)));
+    // An offer naming only unknown subprotocols is refused at the upgrade.
+    let resp = reqwest::Client::new()
+        .get(d.base() + "/v1/ws")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Protocol", "mqtt, chat.v9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Still serving.
+    let (mut ws, _) = Ws::hello(&url, &d.token(&svc, "alice"), Some(Encoding::MsgPack)).await;
+    assert_eq!(
+        ws.request(ClientFrame::Ping { id: 2 }).await,
+        ServerFrame::Pong { id: 2 }
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_ping_and_silent_peers_are_closed_with_4008() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    d.client()
+        .post(
+            &format!("/v1/Services/{svc}/Users"),
+            &[("Identity", "carol")],
+        )
+        .await;
+    // bob is a live client: tungstenite answers the server's pings while bob reads.
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, 1, &["carol"]).await;
+    // A silent peer: says hello, then never answers pings.
+    let raw = RawWs::hello(d.http, &d.token(&svc, "carol")).await;
+    let started = Instant::now();
+    let silent = tokio::spawn(raw.read_to_close(Duration::from_secs(10)));
+    // carol comes online, and after 4008 plus the grace goes offline; bob reads all along.
+    let f = bob.update_of("carol").await;
+    assert_eq!(user_of(&f).is_online, Some(true));
+    let f = bob.update_of("carol").await;
+    assert_eq!(user_of(&f).is_online, Some(false));
+    // Keep bob talking (and answering pings) until the silent peer's socket has ended.
+    let mut silent = silent;
+    let (texts, code, pings) = loop {
+        tokio::select! {
+            r = &mut silent => break r.unwrap(),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                assert_eq!(bob.request(ClientFrame::Ping { id: 3 }).await, ServerFrame::Pong { id: 3 });
+            }
+        }
+    };
+    assert_eq!(code, Some(4008), "{texts:?}");
+    assert!(texts.iter().any(|t| t.contains("20408")), "{texts:?}");
+    assert!(
+        pings >= 2,
+        "server pinged every heartbeat_interval: {pings}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1300),
+        "timeout plus grace"
+    );
+    assert!(bob.pings >= 2, "bob saw pings too");
+    assert_eq!(
+        bob.request(ClientFrame::Ping { id: 2 }).await,
+        ServerFrame::Pong { id: 2 }
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", d.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("reach_heartbeat_timeouts_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_closes_with_4029() {
+    let d = Reachd::start(
+        r#"
+[limits]
+max_connections = 2
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let (_a, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "a"), None).await;
+    let (b, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "b"), None).await;
+    let c = Ws::connect(&d.ws_url(), None).await.closed().await;
+    assert_eq!((c.code, c.error_code()), (Some(4029), Some(20429)));
+    b.abort();
+    // The permit comes back once the socket task ends.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut ws = Ws::connect(&d.ws_url(), None).await;
+        ws.send(&ClientFrame::Hello {
+            token: d.token(&svc, "c"),
+            client: None,
+        })
+        .await;
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("welcome") => break,
+            _ => assert!(Instant::now() < deadline, "a slot frees up"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscription_limit_is_per_identity() {
+    let d = Reachd::start(
+        r#"
+[presence]
+max_subscriptions_per_connection = 2
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    for u in ["u1", "u2", "u3"] {
+        rest.post(&format!("/v1/Services/{svc}/Users"), &[("Identity", u)])
+            .await;
+    }
+    let (mut ws, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "me"), None).await;
+    match subscribe(&mut ws, 1, &["u1", "u2", "u3", "me"]).await {
+        ServerFrame::Subscribed { users, errors, .. } => {
+            assert_eq!(users.len(), 3, "u1, u2 and the own user");
+            assert_eq!(errors.len(), 1);
+            assert_eq!((errors[0].identity.as_str(), errors[0].code), ("u3", 20429));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_goodbye_and_1001() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let (ws, _) = Ws::hello(
+        &d.ws_url(),
+        &d.token(&svc, "alice"),
+        Some(Encoding::MsgPack),
+    )
+    .await;
+    let closing = tokio::spawn(ws.closed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = tokio::task::spawn_blocking(move || d.terminate())
+        .await
+        .unwrap();
+    let closed = closing.await.unwrap();
+    assert_eq!(closed.code, Some(1001));
+    match closed.frames.last() {
+        Some(ServerFrame::Goodbye {
+            reason,
+            retry_after_ms,
+        }) => {
+            assert_eq!(reason, "draining");
+            assert!(*retry_after_ms <= 2000);
+        }
+        other => panic!("expected goodbye, got {other:?}"),
+    }
+    assert!(status.success(), "exit 0 after draining: {status:?}");
+}
+
+#[tokio::test]
+async fn users_and_bindings_survive_kill_9() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let (mut alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    let reg = alice
+        .request(ClientFrame::RegisterPush {
+            id: 1,
+            binding_type: "gcm".into(),
+            address: "tok".into(),
+        })
+        .await;
+    assert!(matches!(reg, ServerFrame::PushRegistered { .. }));
+    let d = d.kill9_and_restart();
+    let rest = d.client();
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["is_notifiable"], true);
+    assert_eq!(
+        r.body["is_online"], false,
+        "was online since enabling, gone now"
+    );
+    let r = rest.get(&format!("/v1/Services/{svc}/Configuration")).await;
+    assert_eq!(r.body["reachability_enabled"], true);
+    let r = rest.get(&format!("/v1/Services/{svc}/Bindings")).await;
+    assert_eq!(r.body["bindings"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let (_ws, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    let get = |p: &str| reqwest::get(format!("http://{}{p}", d.admin));
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let text = get("/metrics").await.unwrap().text().await.unwrap();
+    for name in [
+        "reach_connections 1",
+        "reach_connections_opened_total 1",
+        "reach_online_users 1",
+        "reach_subscriptions 1",
+        "reach_frames_sent_total",
+        "reach_diffs_emitted_total",
+        "reach_updates_coalesced_total",
+        "reach_fanout_duration_seconds_bucket",
+        "reach_http_requests_total{",
+        "reach_http_request_duration_seconds_bucket{",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
