@@ -885,3 +885,93 @@ async fn metrics_and_health_endpoints() {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
 }
+
+async fn metric(d: &Reachd, line: &str) -> bool {
+    let text = reqwest::get(format!("http://{}/metrics", d.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines().any(|l| l == line)
+}
+
+#[tokio::test]
+async fn deleted_services_and_users_close_their_sockets_with_4003() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    let (alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    let r = rest
+        .delete(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(alice.closed().await.code, Some(4003));
+    assert_eq!(
+        bob.request(ClientFrame::Ping { id: 1 }).await,
+        ServerFrame::Pong { id: 1 }
+    );
+    let r = rest.delete(&format!("/v1/Services/{svc}")).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(bob.closed().await.code, Some(4003));
+    // Its tokens are refused from now on.
+    let mut ws = Ws::connect(&d.ws_url(), None).await;
+    ws.send(&ClientFrame::Hello {
+        token: d.token(&svc, "bob"),
+        client: None,
+    })
+    .await;
+    assert_eq!(ws.closed().await.code, Some(4001));
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
+    let d = Reachd::start(
+        r#"
+[limits]
+max_outbox_bytes = 4096
+write_stall_timeout_ms = 1000
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    // A user with large attributes: each subscribe reply carries them (about 15 KB).
+    let attributes = serde_json::json!({ "bio": "x".repeat(15_000) }).to_string();
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Users"),
+            &[("Identity", "big"), ("Attributes", &attributes)],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mut raw = RawWs::hello_with_rcvbuf(d.http, &d.token(&svc, "greedy"), Some(4096)).await;
+    // Ask for far more than the socket buffers and the outbox can hold, never reading.
+    let request = r#"{"type":"subscribe","id":1,"identities":["big"]}"#;
+    let flood = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            raw.send_text(request).await;
+        }
+        raw
+    });
+    let deadline = Instant::now() + WAIT;
+    while !metric(
+        &d,
+        r#"reach_connections_closed_total{reason="slow_consumer"} 1"#,
+    )
+    .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "closed as slow consumer within the wait"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    flood.abort();
+    // Others are unaffected.
+    let (mut ws, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "fine"), None).await;
+    assert_eq!(
+        ws.request(ClientFrame::Ping { id: 1 }).await,
+        ServerFrame::Pong { id: 1 }
+    );
+}

@@ -197,7 +197,20 @@ pub struct RawWs {
 impl RawWs {
     /// Upgrades (JSON) and sends `hello` with `token`.
     pub async fn hello(addr: std::net::SocketAddr, token: &str) -> RawWs {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        Self::hello_with_rcvbuf(addr, token, None).await
+    }
+
+    /// Like `hello`, with a small kernel receive buffer so the server's writes block early.
+    pub async fn hello_with_rcvbuf(
+        addr: std::net::SocketAddr,
+        token: &str,
+        rcvbuf: Option<u32>,
+    ) -> RawWs {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut tcp = socket.connect(addr).await.unwrap();
         let req = format!(
             "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
