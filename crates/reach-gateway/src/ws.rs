@@ -157,7 +157,7 @@ async fn upgrade(
             let _permit = permit.as_ref();
             serve_socket(task_app, ws, encoding, permit.is_some()).await;
         }
-        .instrument(tracing::info_span!("ws", %peer)),
+        .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
     );
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -487,8 +487,10 @@ impl Session {
         let started = std::time::Instant::now();
         let engine = &app.engine;
         let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
+        let connection_id = reach_store::new_sid("CN");
+        tracing::Span::current().record("conn", connection_id.as_str());
         let slot = conn.outbox.reserve(SlotFrame::Welcome {
-            connection_id: reach_store::new_sid("CN"),
+            connection_id,
             identity: grant.identity.clone(),
             service_sid: service.sid.clone(),
             reachability_enabled: engine.service(&service.sid).enabled,
@@ -930,20 +932,8 @@ impl Session {
                 CloseCode::GoingAway => "draining",
                 other => other.label(),
             };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                sink.send(Message::Close(Some(CloseFrame {
-                    code: code.as_u16().into(),
-                    reason: reason.into(),
-                })))
-                .await?;
-                while let Some(Ok(m)) = stream.next().await {
-                    if matches!(m, Message::Close(_)) {
-                        break;
-                    }
-                }
-                Ok::<(), tungstenite::Error>(())
-            })
-            .await;
+            let encoding = self.conn.outbox.encoding();
+            close_direct(sink, stream, encoding, None, code.as_u16(), reason).await;
         }
     }
 }
