@@ -353,6 +353,11 @@ async fn serve_socket(app: Arc<App>, ws: Socket, encoding: Encoding, admitted: b
             Err(end) => end,
         }
     };
+    if let End::Gone("client_closed") = end {
+        // tungstenite queued the reply to the client's close frame: send it, completing the
+        // closing handshake (else the client sees 1006).
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.flush()).await;
+    }
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
     tracing::debug!(reason = end.label(), "socket closed");

@@ -982,3 +982,19 @@ write_stall_timeout_ms = 1000
         ServerFrame::Pong { id: 1 }
     );
 }
+
+#[tokio::test]
+async fn a_client_close_frame_is_answered() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let (mut ws, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    ws.stream.close(None).await.unwrap();
+    // The server answers with its own close frame: the stream ends cleanly, without an error.
+    let next = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Ok(Message::Close(_))) | None),
+        "closing handshake completed: {next:?}"
+    );
+}
