@@ -265,19 +265,27 @@ impl Engine {
     /// Attaches an authenticated connection to its own user: counts it (0 -> 1 publishes
     /// online, or cancels a pending offline grace), subscribes it to its own user and fills
     /// `slot` with the user's state.
-    pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> Attach {
+    ///
+    /// The second value is the reachability epoch in which this attach found the user online
+    /// for the first time: the caller records it in the store (`Store::mark_online`) before
+    /// acknowledging the connection, so `is_online` reads `false`, not `null`, after a crash.
+    pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> (Attach, Option<i64>) {
         let svc = self.service(&conn.service);
         let mut entry = self
             .users
             .entry(conn.key.clone())
             .or_insert_with(Entry::new);
+        let mut new_epoch = None;
         entry.conns += 1;
         if entry.conns == 1 {
             entry.grace_gen = 0;
             if !entry.online {
                 entry.online = true;
                 self.metrics.online_users.inc();
-                self.note_online(&conn.key, &mut entry, svc);
+                if svc.enabled && entry.online_epoch < svc.epoch {
+                    entry.online_epoch = svc.epoch;
+                    new_epoch = Some(svc.epoch);
+                }
                 self.publish(
                     &conn.key,
                     &entry,
@@ -290,7 +298,10 @@ impl Engine {
             conn: Arc::clone(conn),
         });
         self.metrics.subscriptions.inc();
-        self.fill_locked(&entry, &conn.identity, conn, slot, svc)
+        (
+            self.fill_locked(&entry, &conn.identity, conn, slot, svc),
+            new_epoch,
+        )
     }
 
     /// Subscribes `conn` to a user and fills `slot` with its state.
@@ -473,10 +484,6 @@ impl Engine {
     pub fn load_profile(&self, service_sid: &str, identity: &str, profile: Profile) {
         let key = UserKey::new(service_sid, identity);
         if let Some(mut entry) = self.users.get_mut(&key) {
-            if entry.online_epoch > profile.online_epoch {
-                // Came online before its record existed or was read: record it now.
-                self.persist_online(&key, entry.online_epoch);
-            }
             entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
             if entry
                 .profile

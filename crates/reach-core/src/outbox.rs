@@ -359,7 +359,7 @@ impl Outbox {
             if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
                 inner.waker = Some(waker.clone());
             }
-            if inner.items.is_empty() && inner.items.capacity() > 64 {
+            if inner.items.is_empty() && inner.items.capacity() > 0 {
                 inner.items = VecDeque::new();
                 inner.pending = HashMap::new();
             }

@@ -222,17 +222,16 @@ pub async fn run(
             token.cancel();
         }
     });
-    let admin_app = Arc::clone(&app);
-    let admin_token = token.clone();
-    let admin_task = tokio::spawn(async move {
-        let router = admin_router(admin_app);
-        // The admin listener stays up while sockets drain; it stops with the process.
-        let _ = axum::serve(admin, router)
-            .with_graceful_shutdown(async move {
-                admin_token.cancelled().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            })
-            .await;
+    // The admin listener outlives the drain, so /readyz answers 503 while sockets close.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn({
+        let router = admin_router(Arc::clone(&app));
+        let stop = admin_stop.clone();
+        async move {
+            let _ = axum::serve(admin, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        }
     });
     let router =
         public_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
@@ -252,6 +251,7 @@ pub async fn run(
             "drain grace over; closing the remaining sockets"
         );
     }
+    admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
 }

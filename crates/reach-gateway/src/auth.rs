@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AccountConfig, ApiKeyConfig, Config};
 
+/// Longest identity accepted in a token (and in `subscribe`).
+pub const MAX_IDENTITY_LEN: usize = 256;
+
 /// Longest lifetime accepted for an access token.
 pub const MAX_TOKEN_LIFETIME_S: i64 = 24 * 3600;
 
@@ -97,6 +100,8 @@ pub enum TokenError {
     WrongAccount,
     #[error("the access token has no chat grant with an identity and a service SID")]
     Grant,
+    #[error("the access token's identity looks like a SID or is longer than 256 bytes")]
+    BadIdentity,
     #[error("the access token's service does not exist")]
     UnknownService,
     #[error("the new token is for another identity or service")]
@@ -114,6 +119,7 @@ impl TokenError {
             TokenError::Expired | TokenError::TooLong => ErrorCode::TokenExpired,
             TokenError::NotYetValid => ErrorCode::TokenNotYetValid,
             TokenError::Grant => ErrorCode::InvalidGrant,
+            TokenError::BadIdentity => ErrorCode::IdentityLooksLikeSid,
             TokenError::OtherPrincipal => ErrorCode::Forbidden,
         }
     }
@@ -130,6 +136,7 @@ impl TokenError {
             TokenError::NotYetValid => "not_yet_valid",
             TokenError::WrongAccount => "wrong_account",
             TokenError::Grant => "grant",
+            TokenError::BadIdentity => "identity",
             TokenError::UnknownService => "unknown_service",
             TokenError::OtherPrincipal => "other_principal",
         }
@@ -227,6 +234,9 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
         .identity
         .filter(|i| !i.is_empty())
         .ok_or(TokenError::Grant)?;
+    if reach_store::looks_like_sid(&identity) || identity.len() > MAX_IDENTITY_LEN {
+        return Err(TokenError::BadIdentity);
+    }
     let chat = claims
         .grants
         .chat
@@ -506,6 +516,16 @@ mod tests {
         assert_eq!(
             verify_token(&c, "not.a.jwt", NOW),
             Err(TokenError::Malformed)
+        );
+        let mut sidlike = claims(NOW + 60);
+        sidlike["grants"]["identity"] = serde_json::json!("US0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            verify_token(
+                &c,
+                &sign(&sidlike, "test-fixture-secret", Algorithm::HS256),
+                NOW
+            ),
+            Err(TokenError::BadIdentity)
         );
     }
 

@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::app::{App, profile_of};
-use crate::auth::{TokenError, TokenGrant, verify_token};
+use crate::auth::{MAX_IDENTITY_LEN, TokenError, TokenGrant, verify_token};
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 type Sink = futures_util::stream::SplitSink<Socket, Message>;
@@ -48,7 +48,6 @@ type Stream = futures_util::stream::SplitStream<Socket>;
 /// Push binding types a client may register.
 pub const BINDING_TYPES: [&str; 3] = ["apn", "gcm", "fcm"];
 const MAX_ADDRESS_LEN: usize = 1024;
-const MAX_IDENTITY_LEN: usize = 256;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -254,6 +253,9 @@ fn classify(item: Option<Result<Message, tungstenite::Error>>, encoding: Encodin
                 CloseCode::TooBig,
             );
         }
+        Some(Err(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ))) => return Read::Gone("client_gone"),
         Some(Err(tungstenite::Error::Protocol(e))) => {
             return Read::Fail(
                 ErrorCode::MalformedFrame,
@@ -504,22 +506,33 @@ impl Session {
             user: None,
         });
         let Some(slot) = slot else { return Err(()) };
-        if engine.attach(&conn, slot) == Attach::NeedsProfile {
+        let (fill, new_epoch) = engine.attach(&conn, slot);
+        if fill == Attach::NeedsProfile {
             match app
                 .store
                 .get_or_create_user(&service, &grant.identity)
                 .await
             {
-                Ok(rec) => {
+                Ok(rec) if rec.identity == grant.identity => {
                     engine.load_profile(&service.sid, &grant.identity, profile_of(&rec));
                     engine.fill(&conn, &grant.identity, slot);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot load the user at hello");
+                other => {
+                    if let Err(e) = other {
+                        tracing::warn!(error = %e, "cannot load the user at hello");
+                    }
                     engine.detach(&conn, true, &[], false);
                     return Err(());
                 }
             }
+        }
+        if let Some(epoch) = new_epoch
+            && let Err(e) = app
+                .store
+                .mark_online(&service.sid, &grant.identity, epoch)
+                .await
+        {
+            tracing::warn!(error = %e, "cannot record the user online");
         }
         conn.outbox.seal(slot);
         app.metrics

@@ -821,10 +821,33 @@ async fn sigterm_drains_with_goodbye_and_1001() {
     )
     .await;
     let closing = tokio::spawn(ws.closed());
+    // A peer that never answers the close keeps the drain going for a moment.
+    let stubborn = RawWs::hello(d.http, &d.token(&svc, "bob")).await;
+    let readyz = format!("http://{}/readyz", d.admin);
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let status = tokio::task::spawn_blocking(move || d.terminate())
-        .await
-        .unwrap();
+    let pid = d.pid();
+    let terminated = tokio::task::spawn_blocking(move || d.terminate());
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    // While sockets drain, /readyz says 503.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = reqwest::get(&readyz).await
+            && r.status() == 503
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz turned 503 while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = terminated.await.unwrap();
+    drop(stubborn);
     let closed = closing.await.unwrap();
     assert_eq!(closed.code, Some(1001));
     match closed.frames.last() {
