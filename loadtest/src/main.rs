@@ -1,0 +1,207 @@
+//! `reach-loadtest`: drives thousands of WebSockets against a `reachd` and reports notification
+//! latency (HDR histograms), deliveries and connections per second, the server's memory and CPU
+//! (from `/proc`), the harness's own CPU, errors, and whether every watcher ended with the true
+//! presence of the users it watches.
+//!
+//! Parts:
+//! - [`scenario`]: what the sockets do (TOML files in `loadtest/scenarios/`, flags override);
+//! - [`coord`]: the coordinator: starts reachd (optionally), creates a service, re-executes this
+//!   binary as worker processes, drives the phases, relays events, samples `/proc`, shows
+//!   progress and writes the results;
+//! - [`worker`]: a worker process holding up to 19,000 sockets on a single-threaded runtime;
+//! - [`ipc`]: the JSON lines between them;
+//! - [`stats`], [`report`]: histograms, `/proc` readings, and the JSON / Markdown / SVG output.
+
+mod coord;
+mod ipc;
+mod report;
+mod scenario;
+mod stats;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::scenario::{Kind, Scenario};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "reach-loadtest",
+    version,
+    about = "Load-test harness for reachd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a scenario against reachd.
+    Run(Box<RunArgs>),
+    /// (internal) A worker process, started by `run`.
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Scenario fields that flags override.
+#[derive(Args, Debug, Default)]
+pub struct Overrides {
+    #[arg(long)]
+    kind: Option<Kind>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    sockets: Option<u32>,
+    #[arg(long)]
+    subs: Option<u32>,
+    #[arg(long)]
+    room_size: Option<u32>,
+    #[arg(long)]
+    flappers: Option<u32>,
+    #[arg(long)]
+    flaps_per_s: Option<f64>,
+    #[arg(long)]
+    churn_per_s: Option<f64>,
+    /// Weights of the ways to leave in `rooms`: BYE,ABRUPT,SILENT (e.g. 0.8,0.2,0).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mix: Option<Vec<f64>>,
+    #[arg(long)]
+    rejoin_ms: Option<u64>,
+    #[arg(long)]
+    abrupt_rejoin_ms: Option<u64>,
+    #[arg(long)]
+    hold_s: Option<f64>,
+    #[arg(long)]
+    settle_s: Option<f64>,
+    #[arg(long)]
+    connect_per_s: Option<f64>,
+    #[arg(long)]
+    connect_concurrency: Option<u32>,
+    #[arg(long)]
+    workers: Option<u32>,
+    #[arg(long)]
+    source_ips: Option<u32>,
+    /// msgpack or json.
+    #[arg(long)]
+    encoding: Option<String>,
+    #[arg(long)]
+    offline_grace_ms: Option<u64>,
+    #[arg(long)]
+    heartbeat_timeout_ms: Option<u64>,
+}
+
+impl Overrides {
+    fn apply(self, s: &mut Scenario) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { s.$f = v; } )* };
+        }
+        set!(
+            kind,
+            name,
+            sockets,
+            subs,
+            room_size,
+            flappers,
+            flaps_per_s,
+            churn_per_s,
+            rejoin_ms,
+            abrupt_rejoin_ms,
+            hold_s,
+            settle_s,
+            connect_per_s,
+            connect_concurrency,
+            workers,
+            source_ips,
+            encoding,
+            offline_grace_ms,
+            heartbeat_timeout_ms
+        );
+        if let Some(m) = self.mix {
+            s.mix.bye = m[0];
+            s.mix.abrupt = m[1];
+            s.mix.silent = m[2];
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Scenario file (TOML), e.g. loadtest/scenarios/rooms.toml; flags override its fields.
+    #[arg(long, short)]
+    scenario: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+    /// The gateway's WebSocket URL (an IPv4 address, not a name).
+    #[arg(long, default_value = "ws://127.0.0.1:18080/v1/ws")]
+    pub url: String,
+    /// The gateway's admin listener (for /readyz and /metrics).
+    #[arg(long, default_value = "http://127.0.0.1:19090")]
+    pub admin: String,
+    /// Start this reachd binary for the run (killed at the end), with a fresh database.
+    #[arg(long)]
+    pub spawn_reachd: Option<PathBuf>,
+    /// Config file of the spawned reachd.
+    #[arg(long, default_value = "loadtest/reachd-bench.toml")]
+    pub reachd_config: PathBuf,
+    /// Extra environment of the spawned reachd, e.g. REACH_LIMITS__READ_BUFFER_BYTES=1024.
+    #[arg(long = "reachd-env", value_name = "KEY=VALUE")]
+    pub reachd_env: Vec<String>,
+    /// CPUs for the spawned reachd (taskset -c), e.g. 0.
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+    /// CPUs for the workers (taskset -c), e.g. 1.
+    #[arg(long)]
+    pub worker_cpus: Option<String>,
+    /// PID of a reachd started elsewhere (default: the spawned one, or the only `reachd`).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Account, auth token and API key configured in reachd (defaults: the test fixtures of
+    /// loadtest/reachd-bench.toml).
+    #[arg(long, default_value = "AC10ad7e5710ad7e5710ad7e5710ad7e57")]
+    pub account_sid: String,
+    #[arg(long, default_value = "loadtest-fixture-auth-token")]
+    pub auth_token: String,
+    #[arg(long, default_value = "SK10ad7e5710ad7e5710ad7e5710ad7e57")]
+    pub key_sid: String,
+    #[arg(long, default_value = "loadtest-fixture-key-secret")]
+    pub key_secret: String,
+    /// Folder for result.json, summary.md and chart.svg (default:
+    /// loadtest/results/<name>-<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Exit non-zero unless errors, unexpected closes, missed and spurious notifications are 0.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Worker => worker::main(),
+        Command::Run(args) => {
+            let mut args = *args;
+            let mut scenario = match &args.scenario {
+                Some(p) => match Scenario::load(p) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("reach-loadtest: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Scenario::default(),
+            };
+            std::mem::take(&mut args.overrides).apply(&mut scenario);
+            if let Err(e) = scenario.validate() {
+                eprintln!("reach-loadtest: invalid scenario: {e}");
+                return ExitCode::from(2);
+            }
+            coord::main(scenario, args)
+        }
+    }
+}

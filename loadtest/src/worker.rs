@@ -1,0 +1,916 @@
+//! A worker process: holds the sockets of the users it owns and plays its part of the
+//! scenario, taking orders from the coordinator on stdin and reporting on stdout (see
+//! [`crate::ipc`]).
+//!
+//! One single-threaded tokio runtime per worker (the coordinator starts as many workers as the
+//! scenario asks, so the harness uses every core while each worker stays free of locks). Each
+//! user is one task that owns its `WebSocketStream` and lives across that user's sessions: it
+//! connects from one of the worker's source addresses, sends `hello`, subscribes, reads
+//! frames, and on an order leaves (`bye`, reset, or going silent) and rejoins.
+//!
+//! Lean on purpose: no SDK state per socket, a 2 KiB read buffer, and the watched users' states
+//! kept as a small vector, so one worker can hold 19,000 sockets in little memory and CPU.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use reach_proto::{ClientFrame, Encoding, ServerFrame, decode_server, encode};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::ipc::{Event, EventKind, FromWorker, Phase, Plan, Tick, ToWorker, WorkerResult};
+use crate::scenario::{Kind, Scenario, identity, user_of};
+use crate::stats::{encode_hist, new_hist, now_ns, proc_sample, record_ns};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long to wait for one reply (`welcome`, `subscribed`) before counting an error.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connection attempts before a user is given up.
+const CONNECT_ATTEMPTS: u32 = 20;
+/// A notification is matched to its event after this long, so that events relayed from other
+/// workers have arrived.
+const RESOLVE_DELAY_NS: u64 = 300_000_000;
+/// A notification that contradicts an event younger than this is taken as a late delivery of
+/// the event before it.
+const LATE_WINDOW_NS: u64 = 2_000_000_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    Bye,
+    Abrupt,
+    Silent,
+    /// Reset and reconnect at once (reconnect storm): invisible to watchers.
+    Storm,
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Subscribe,
+    Leave(Leave),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Connecting,
+    /// Authenticated, not subscribed yet (initial ramp).
+    Connected,
+    /// Authenticated and subscribed.
+    Ready,
+    /// Left; rejoins later.
+    Out,
+    Failed,
+}
+
+struct Slot {
+    st: Cell<St>,
+    tx: RefCell<Option<mpsc::UnboundedSender<Cmd>>>,
+    /// Watched user -> last known `is_online`.
+    view: RefCell<Vec<(u32, Option<bool>)>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: u64,
+    notifications: u64,
+    events: u64,
+    matched: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    unexpected_closes: u64,
+    spurious_repeat: u64,
+    spurious_state: u64,
+    spurious_snapshot: u64,
+    unmatched: u64,
+    late: u64,
+    final_mismatch: u64,
+}
+
+struct Hists {
+    latency: [Histogram<u64>; 4],
+    prompt: Histogram<u64>,
+    upgrade: Histogram<u64>,
+    hello: Histogram<u64>,
+    subscribe: Histogram<u64>,
+}
+
+struct Worker {
+    sc: Scenario,
+    plan: Plan,
+    enc: Encoding,
+    server: SocketAddr,
+    start: u32,
+    slots: Vec<Slot>,
+    c: RefCell<Counters>,
+    h: RefCell<Hists>,
+    /// Visible events per user (own and relayed), in time order.
+    events: RefCell<HashMap<u32, Vec<Event>>>,
+    /// Notifications not matched to their event yet: (user, online, receipt ns).
+    pending: RefCell<Vec<(u32, bool, u64)>>,
+    storm: Cell<bool>,
+    /// Storm: when every socket of this worker was back.
+    converged: Cell<Option<u64>>,
+    ws_config: WebSocketConfig,
+    next_req: Cell<i64>,
+}
+
+fn send(msg: &FromWorker) {
+    let mut out = std::io::stdout().lock();
+    let ok = serde_json::to_writer(&mut out, msg).is_ok()
+        && out.write_all(b"\n").is_ok()
+        && out.flush().is_ok();
+    if !ok {
+        // The coordinator is gone: nothing left to report to.
+        std::process::exit(1);
+    }
+}
+
+/// Entry point of `reach-loadtest worker`.
+pub fn main() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    match local.block_on(&rt, run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            send(&FromWorker::Fatal { message: e });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn server_addr(url: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("url must start with ws://: {url}"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    host.parse()
+        .map_err(|e| format!("url host must be IP:PORT ({host}): {e}"))
+}
+
+async fn run() -> Result<(), String> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let first = lines
+        .next_line()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no plan on stdin")?;
+    let ToWorker::Plan(plan) =
+        serde_json::from_str(&first).map_err(|e| format!("bad plan: {e}"))?
+    else {
+        return Err("the first line must be a plan".into());
+    };
+    let plan = *plan;
+    let sc = plan.scenario.clone();
+    let owned = sc.owned(plan.worker);
+    let enc = if sc.encoding == "json" {
+        Encoding::Json
+    } else {
+        Encoding::MsgPack
+    };
+    let w = Rc::new(Worker {
+        server: server_addr(&plan.url)?,
+        enc,
+        start: owned.start,
+        slots: owned
+            .clone()
+            .map(|_| Slot {
+                st: Cell::new(St::Connecting),
+                tx: RefCell::new(None),
+                view: RefCell::new(Vec::new()),
+            })
+            .collect(),
+        c: RefCell::new(Counters::default()),
+        h: RefCell::new(Hists {
+            latency: [new_hist(), new_hist(), new_hist(), new_hist()],
+            prompt: new_hist(),
+            upgrade: new_hist(),
+            hello: new_hist(),
+            subscribe: new_hist(),
+        }),
+        events: RefCell::new(HashMap::new()),
+        pending: RefCell::new(Vec::new()),
+        storm: Cell::new(false),
+        converged: Cell::new(None),
+        ws_config: WebSocketConfig::default().read_buffer_size(2048),
+        next_req: Cell::new(1),
+        sc,
+        plan,
+    });
+    tokio::task::spawn_local(ticker(Rc::clone(&w)));
+    tokio::task::spawn_local(ramp(Rc::clone(&w)));
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        let msg: ToWorker = serde_json::from_str(&line).map_err(|e| format!("bad order: {e}"))?;
+        match msg {
+            ToWorker::Plan(_) => return Err("a second plan".into()),
+            ToWorker::Event(e) => w.events.borrow_mut().entry(e.user).or_default().push(e),
+            ToWorker::Go { phase } => match phase {
+                Phase::Subscribe => {
+                    for slot in &w.slots {
+                        if let Some(tx) = &*slot.tx.borrow() {
+                            let _ = tx.send(Cmd::Subscribe);
+                        }
+                    }
+                    let w2 = Rc::clone(&w);
+                    tokio::task::spawn_local(async move {
+                        w2.wait_all(&[St::Ready, St::Failed], None).await;
+                        send(&FromWorker::Reached {
+                            phase: Phase::Subscribed,
+                        });
+                    });
+                }
+                Phase::Run => {
+                    tokio::task::spawn_local(run_phase(Rc::clone(&w)));
+                }
+                Phase::Settle => {
+                    let w2 = Rc::clone(&w);
+                    tokio::task::spawn_local(async move {
+                        tokio::time::sleep(Duration::from_secs_f64(w2.sc.settle_s)).await;
+                        let online = w2
+                            .slots
+                            .iter()
+                            .map(|s| matches!(s.st.get(), St::Ready | St::Connected))
+                            .collect();
+                        send(&FromWorker::Truth {
+                            start: w2.start,
+                            online,
+                        });
+                    });
+                }
+                other => return Err(format!("unexpected phase order {other:?}")),
+            },
+            ToWorker::Truth { online } => {
+                w.resolve(true);
+                send(&FromWorker::Done(Box::new(w.finish(&online))));
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects every owned user, `connect_concurrency` at a time and at most `connect_per_s`.
+async fn ramp(w: Rc<Worker>) {
+    let sem = std::sync::Arc::new(Semaphore::new(w.sc.connect_concurrency.max(1) as usize));
+    let rate = w.sc.connect_per_s / f64::from(w.sc.workers);
+    let mut interval = (rate > 0.0).then(|| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
+    for i in 0..w.slots.len() as u32 {
+        if let Some(iv) = interval.as_mut() {
+            iv.tick().await;
+        }
+        let permit = std::sync::Arc::clone(&sem)
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
+        let (tx, rx) = mpsc::unbounded_channel();
+        *w.slots[i as usize].tx.borrow_mut() = Some(tx);
+        tokio::task::spawn_local(user_task(Rc::clone(&w), w.start + i, rx, Some(permit)));
+    }
+    w.wait_all(&[St::Connected, St::Failed], None).await;
+    send(&FromWorker::Reached {
+        phase: Phase::Connected,
+    });
+}
+
+/// Every second: a tick report; every 200 ms: match notifications to events.
+async fn ticker(w: Rc<Worker>) {
+    let mut last = (0u64, 0u64, 0u64);
+    let mut n = 0u32;
+    let mut iv = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        iv.tick().await;
+        w.resolve(false);
+        n += 1;
+        if n < 5 {
+            continue;
+        }
+        n = 0;
+        let (connects, notifications, errors) = {
+            let c = w.c.borrow();
+            (c.connects, c.notifications, c.errors)
+        };
+        let prompt = {
+            let mut h = w.h.borrow_mut();
+            let s = encode_hist(&h.prompt);
+            h.prompt.reset();
+            s
+        };
+        send(&FromWorker::Tick(Tick {
+            sockets_in: w.slots.iter().filter(|s| s.st.get() == St::Ready).count() as u32,
+            connects: connects - last.0,
+            notifications: notifications - last.1,
+            errors: errors - last.2,
+            prompt_hist: prompt,
+        }));
+        last = (connects, notifications, errors);
+    }
+}
+
+/// The scenario's active phase; reports `Ran` when done and every user is back.
+async fn run_phase(w: Rc<Worker>) {
+    let hold = Duration::from_secs_f64(w.sc.hold_s);
+    let started = tokio::time::Instant::now();
+    let mut converged = None;
+    match w.sc.kind {
+        Kind::Idle => tokio::time::sleep(hold).await,
+        Kind::Storm => {
+            w.storm.set(true);
+            for i in 0..w.slots.len() {
+                if w.slots[i].st.get() == St::Ready {
+                    w.order(i, Leave::Storm);
+                }
+            }
+            w.wait_all(&[St::Ready, St::Failed], None).await;
+            converged = Some(now_ns());
+            tokio::time::sleep_until(started + hold).await;
+        }
+        Kind::Rooms => {
+            let rate = w.sc.churn_per_s / f64::from(w.sc.workers);
+            if rate > 0.0 {
+                churn(&w, rate, started + hold, |rng| w.pick_leave(rng)).await;
+            } else {
+                tokio::time::sleep(hold).await;
+            }
+        }
+        Kind::Fanout => {
+            let flappers: Vec<usize> = (0..w.sc.flappers)
+                .filter(|u| w.owns(*u))
+                .map(|u| (u - w.start) as usize)
+                .collect();
+            if flappers.is_empty() || w.sc.flaps_per_s <= 0.0 {
+                tokio::time::sleep(hold).await;
+            } else {
+                let mut iv = tokio::time::interval(Duration::from_secs_f64(1.0 / w.sc.flaps_per_s));
+                iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut next = 0;
+                while started.elapsed() < hold {
+                    iv.tick().await;
+                    for _ in 0..flappers.len() {
+                        let i = flappers[next % flappers.len()];
+                        next += 1;
+                        if w.slots[i].st.get() == St::Ready {
+                            w.order(i, Leave::Bye);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Wait for everyone who left to come back (the longest rejoin is a silent peer's).
+    let longest = w.sc.rejoin_ms.max(w.sc.abrupt_rejoin_ms)
+        + w.sc.heartbeat_timeout_ms
+        + w.sc.offline_grace_ms
+        + 10_000;
+    w.wait_all(
+        &[St::Ready, St::Failed],
+        Some(Duration::from_millis(longest)),
+    )
+    .await;
+    w.converged.set(converged);
+    send(&FromWorker::Reached { phase: Phase::Ran });
+}
+
+/// Sends leave orders to random ready users at `rate` per second until `until`.
+async fn churn(
+    w: &Worker,
+    rate: f64,
+    until: tokio::time::Instant,
+    mut pick: impl FnMut(&mut rand::rngs::ThreadRng) -> Leave,
+) {
+    let mut iv = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut rng = rand::rng();
+    while tokio::time::Instant::now() < until {
+        iv.tick().await;
+        for _ in 0..32 {
+            let i = rng.random_range(0..w.slots.len());
+            if w.slots[i].st.get() == St::Ready {
+                let leave = pick(&mut rng);
+                w.order(i, leave);
+                break;
+            }
+        }
+    }
+}
+
+impl Worker {
+    fn owns(&self, user: u32) -> bool {
+        user >= self.start && ((user - self.start) as usize) < self.slots.len()
+    }
+
+    fn slot(&self, user: u32) -> &Slot {
+        &self.slots[(user - self.start) as usize]
+    }
+
+    fn order(&self, i: usize, leave: Leave) {
+        let slot = &self.slots[i];
+        if let Some(tx) = &*slot.tx.borrow() {
+            slot.st.set(St::Out);
+            let _ = tx.send(Cmd::Leave(leave));
+        }
+    }
+
+    fn pick_leave(&self, rng: &mut rand::rngs::ThreadRng) -> Leave {
+        let m = self.sc.mix;
+        let total = m.bye + m.abrupt + m.silent;
+        let x = rng.random_range(0.0..total.max(f64::MIN_POSITIVE));
+        if x < m.bye {
+            Leave::Bye
+        } else if x < m.bye + m.abrupt {
+            Leave::Abrupt
+        } else {
+            Leave::Silent
+        }
+    }
+
+    async fn wait_all(&self, states: &[St], limit: Option<Duration>) {
+        let started = tokio::time::Instant::now();
+        loop {
+            if self.slots.iter().all(|s| states.contains(&s.st.get())) {
+                return;
+            }
+            if limit.is_some_and(|l| started.elapsed() >= l) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn error(&self, what: impl Into<String>) {
+        let mut c = self.c.borrow_mut();
+        c.errors += 1;
+        let what = what.into();
+        if c.error_samples.len() < 10 && !c.error_samples.contains(&what) {
+            c.error_samples.push(what);
+        }
+    }
+
+    /// Records a visible presence change caused now, and tells the coordinator when some
+    /// watcher lives in another worker.
+    fn event(&self, user: u32, online: bool, kind: EventKind) {
+        let e = Event {
+            user,
+            online,
+            kind,
+            t0_ns: now_ns(),
+        };
+        self.c.borrow_mut().events += 1;
+        self.events.borrow_mut().entry(user).or_default().push(e);
+        if self.sc.watched_across_workers(user) {
+            send(&FromWorker::Event(e));
+        }
+    }
+
+    fn token(&self, user: u32) -> String {
+        let p = &self.plan;
+        let now = (now_ns() / 1_000_000_000) as i64;
+        let claims = serde_json::json!({
+            "jti": format!("{}-{now}-{user}", p.key_sid),
+            "iss": p.key_sid,
+            "sub": p.account_sid,
+            "exp": now + 6 * 3600,
+            "grants": {"identity": identity(user), "chat": {"service_sid": p.service_sid}}
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.typ = Some("JWT".into());
+        header.cty = Some("twilio-fpa;v=1".into());
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(p.key_secret.as_bytes()),
+        )
+        .expect("HS256 signing cannot fail")
+    }
+
+    fn message(&self, frame: &ClientFrame) -> Message {
+        let bytes = encode(frame, self.enc);
+        match self.enc {
+            Encoding::MsgPack => Message::Binary(bytes),
+            Encoding::Json => Message::Text(
+                Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}")),
+            ),
+        }
+    }
+
+    fn source_ip(&self, user: u32) -> Ipv4Addr {
+        let third = (self.plan.worker + 1).min(254) as u8;
+        let fourth = (1 + user % self.sc.source_ips) as u8;
+        Ipv4Addr::new(127, 0, third, fourth)
+    }
+
+    async fn upgrade(&self, user: u32) -> Result<Ws, String> {
+        let started = now_ns();
+        let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        sock.bind(SocketAddr::new(self.source_ip(user).into(), 0))
+            .map_err(|e| format!("bind {}: {e}", self.source_ip(user)))?;
+        let stream = sock
+            .connect(self.server)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut req = self
+            .plan
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("url: {e}"))?;
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            self.enc.subprotocol().parse().expect("valid header value"),
+        );
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(req, stream, Some(self.ws_config))
+                .await
+                .map_err(|e| format!("upgrade: {e}"))?;
+        record_ns(&mut self.h.borrow_mut().upgrade, now_ns() - started);
+        Ok(ws)
+    }
+
+    /// Connects and authenticates `user`; a visible connect is recorded as an event.
+    async fn establish(&self, user: u32, visible: bool) -> Result<Ws, String> {
+        let mut attempt = 0;
+        let mut ws = loop {
+            attempt += 1;
+            match self.upgrade(user).await {
+                Ok(ws) => break ws,
+                Err(e) if attempt < CONNECT_ATTEMPTS => {
+                    self.error(e);
+                    let backoff = 50 * u64::from(attempt) + rand::random_range(0..100);
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let token = self.token(user);
+        if visible {
+            self.event(user, true, EventKind::Connect);
+        }
+        let sent = now_ns();
+        ws.send(self.message(&ClientFrame::Hello {
+            token,
+            client: Some("reach-loadtest/0.1".into()),
+        }))
+        .await
+        .map_err(|e| format!("send hello: {e}"))?;
+        let welcome = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(m)) => match self.frame(&m)? {
+                        Some(ServerFrame::Welcome { .. }) => return Ok(()),
+                        Some(ServerFrame::Error { code, message, .. }) => {
+                            return Err(format!("hello refused: {code} {message}"));
+                        }
+                        _ => {}
+                    },
+                    Some(Err(e)) => return Err(format!("read welcome: {e}")),
+                    None => return Err("closed before welcome".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no welcome in time".to_string())?;
+        welcome?;
+        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
+        self.c.borrow_mut().connects += 1;
+        Ok(ws)
+    }
+
+    /// Decodes a data message; `None` for control frames.
+    fn frame(&self, m: &Message) -> Result<Option<ServerFrame>, String> {
+        let payload: &[u8] = match m {
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+            Message::Close(c) => return Err(format!("server closed: {c:?}")),
+            _ => return Ok(None),
+        };
+        decode_server(payload, self.enc)
+            .map(Some)
+            .map_err(|e| format!("undecodable frame: {e}"))
+    }
+
+    /// Handles a frame read outside a request/reply exchange.
+    fn on_frame(&self, user: u32, frame: ServerFrame) {
+        match frame {
+            ServerFrame::UserUpdated { user: u, .. } => {
+                let t1 = now_ns();
+                let Some(x) = user_of(&u.identity) else {
+                    self.error(format!("update of unknown identity {}", u.identity));
+                    return;
+                };
+                if x == user {
+                    return;
+                }
+                let online = u.is_online == Some(true);
+                let mut c = self.c.borrow_mut();
+                c.notifications += 1;
+                let slot = self.slot(user);
+                let mut view = slot.view.borrow_mut();
+                match view.iter_mut().find(|(w, _)| *w == x) {
+                    Some((_, v)) if *v == u.is_online => c.spurious_repeat += 1,
+                    Some((_, v)) => *v = u.is_online,
+                    None => view.push((x, u.is_online)),
+                }
+                self.pending.borrow_mut().push((x, online, t1));
+            }
+            ServerFrame::Error { code, message, .. } => {
+                self.error(format!("error frame: {code} {message}"));
+            }
+            _ => {}
+        }
+    }
+
+    /// Subscribes `user` to the users it watches and waits for `subscribed`.
+    async fn subscribe(&self, user: u32, ws: &mut Ws) -> Result<(), String> {
+        let watched = self.sc.watches(user);
+        if watched.is_empty() {
+            *self.slot(user).view.borrow_mut() = Vec::new();
+            return Ok(());
+        }
+        let id = self.next_req.get();
+        self.next_req.set(id + 1);
+        let sent = now_ns();
+        ws.send(self.message(&ClientFrame::Subscribe {
+            id,
+            identities: watched.iter().map(|u| identity(*u)).collect(),
+        }))
+        .await
+        .map_err(|e| format!("send subscribe: {e}"))?;
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(m)) => match self.frame(&m)? {
+                        Some(ServerFrame::Subscribed {
+                            id: rid,
+                            users,
+                            errors,
+                        }) if rid == id => {
+                            return Ok((users, errors));
+                        }
+                        Some(other) => self.on_frame(user, other),
+                        None => {}
+                    },
+                    Some(Err(e)) => return Err(format!("read subscribed: {e}")),
+                    None => return Err("closed before subscribed".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no subscribed in time".to_string())??;
+        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
+        let (users, errors) = reply;
+        for e in errors {
+            self.error(format!(
+                "subscribe {}: {} {}",
+                e.identity, e.code, e.message
+            ));
+        }
+        let mut view = Vec::with_capacity(users.len());
+        for u in users {
+            if let Some(x) = user_of(&u.identity) {
+                if self.storm.get() && u.is_online != Some(true) {
+                    self.c.borrow_mut().spurious_snapshot += 1;
+                }
+                view.push((x, u.is_online));
+            }
+        }
+        *self.slot(user).view.borrow_mut() = view;
+        Ok(())
+    }
+
+    /// Matches received notifications to the events that caused them.
+    fn resolve(&self, all: bool) {
+        let cutoff = now_ns().saturating_sub(RESOLVE_DELAY_NS);
+        let ready: Vec<(u32, bool, u64)> = {
+            let mut p = self.pending.borrow_mut();
+            if all {
+                std::mem::take(&mut *p)
+            } else {
+                let (ready, keep) = p.drain(..).partition(|n| n.2 <= cutoff);
+                *p = keep;
+                ready
+            }
+        };
+        if ready.is_empty() {
+            return;
+        }
+        let events = self.events.borrow();
+        let mut c = self.c.borrow_mut();
+        let mut h = self.h.borrow_mut();
+        for (x, online, t1) in ready {
+            let Some(log) = events.get(&x) else {
+                c.unmatched += 1;
+                continue;
+            };
+            // The latest event before the receipt; if it says the opposite, the notification
+            // may still be a late one of the event before it (a backlog), as long as the
+            // contradicting event is recent.
+            let mut before = log.iter().rev().filter(|e| e.t0_ns <= t1);
+            let found = match before.next() {
+                Some(e) if e.online == online => Some(e),
+                Some(e) if t1 - e.t0_ns < LATE_WINDOW_NS => {
+                    let prev = before.find(|p| p.online == online);
+                    if prev.is_some() {
+                        c.late += 1;
+                    }
+                    prev
+                }
+                Some(_) => None,
+                None => {
+                    c.unmatched += 1;
+                    continue;
+                }
+            };
+            match found {
+                Some(e) => {
+                    c.matched += 1;
+                    let lat = t1 - e.t0_ns;
+                    record_ns(&mut h.latency[e.kind.index()], lat);
+                    if matches!(e.kind, EventKind::Connect | EventKind::Bye) {
+                        record_ns(&mut h.prompt, lat);
+                    }
+                }
+                None => c.spurious_state += 1,
+            }
+        }
+    }
+
+    fn finish(&self, truth: &[bool]) -> WorkerResult {
+        let mut c = self.c.borrow_mut();
+        for slot in &self.slots {
+            if slot.st.get() != St::Ready {
+                continue;
+            }
+            for (x, v) in slot.view.borrow().iter() {
+                let want = truth.get(*x as usize).copied().unwrap_or(false);
+                if *v != Some(want) {
+                    c.final_mismatch += 1;
+                }
+            }
+        }
+        let h = self.h.borrow();
+        let me = proc_sample("self").unwrap_or_default();
+        WorkerResult {
+            latency: h.latency.iter().map(encode_hist).collect(),
+            upgrade_hist: encode_hist(&h.upgrade),
+            hello_hist: encode_hist(&h.hello),
+            subscribe_hist: encode_hist(&h.subscribe),
+            connects: c.connects,
+            notifications: c.notifications,
+            events: c.events,
+            matched: c.matched,
+            errors: c.errors,
+            error_samples: c.error_samples.clone(),
+            unexpected_closes: c.unexpected_closes,
+            spurious_repeat: c.spurious_repeat,
+            spurious_state: c.spurious_state,
+            spurious_snapshot: c.spurious_snapshot,
+            unmatched: c.unmatched,
+            late: c.late,
+            final_mismatch: c.final_mismatch,
+            converged_ns: self.converged.get(),
+            cpu_s: me.cpu_s,
+            rss_bytes: me.rss_bytes,
+        }
+    }
+}
+
+/// Resets the TCP connection (linger 0): the server sees an abrupt close.
+fn reset(ws: Ws) {
+    let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
+    drop(ws);
+}
+
+/// One user's life: sessions separated by leaves, until the worker ends.
+async fn user_task(
+    w: Rc<Worker>,
+    user: u32,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let slot = w.slot(user);
+    let mut subscribe_now = false;
+    let mut visible = false;
+    loop {
+        slot.st.set(St::Connecting);
+        let mut ws = match w.establish(user, visible).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                w.error(e);
+                slot.st.set(St::Failed);
+                return;
+            }
+        };
+        drop(permit.take());
+        if subscribe_now {
+            if let Err(e) = w.subscribe(user, &mut ws).await {
+                w.error(e);
+                slot.st.set(St::Failed);
+                return;
+            }
+            slot.st.set(St::Ready);
+        } else {
+            slot.st.set(St::Connected);
+        }
+        let leave = loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(Cmd::Subscribe) => match w.subscribe(user, &mut ws).await {
+                        Ok(()) => slot.st.set(St::Ready),
+                        Err(e) => {
+                            w.error(e);
+                            slot.st.set(St::Failed);
+                            return;
+                        }
+                    },
+                    Some(Cmd::Leave(l)) => break l,
+                },
+                m = ws.next() => {
+                    let frame = match m {
+                        Some(Ok(m)) => w.frame(&m),
+                        Some(Err(e)) => Err(format!("read: {e}")),
+                        None => Err("server closed the socket".into()),
+                    };
+                    match frame {
+                        Ok(Some(f)) => w.on_frame(user, f),
+                        Ok(None) => {}
+                        Err(e) => {
+                            w.c.borrow_mut().unexpected_closes += 1;
+                            w.error(e);
+                            slot.st.set(St::Failed);
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        slot.st.set(St::Out);
+        let sc = &w.sc;
+        match leave {
+            Leave::Bye => {
+                w.event(user, false, EventKind::Bye);
+                let _ = ws.send(w.message(&ClientFrame::Bye)).await;
+                // Read to the server's close, so the close handshake completes.
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    while let Some(Ok(m)) = ws.next().await {
+                        if let Ok(Some(f)) = w.frame(&m) {
+                            w.on_frame(user, f);
+                        }
+                    }
+                })
+                .await;
+                drop(ws);
+                tokio::time::sleep(Duration::from_millis(sc.rejoin_ms)).await;
+                visible = true;
+            }
+            Leave::Abrupt => {
+                let shown = sc.abrupt_visible();
+                if shown {
+                    w.event(user, false, EventKind::Abrupt);
+                }
+                reset(ws);
+                tokio::time::sleep(Duration::from_millis(sc.abrupt_rejoin_ms)).await;
+                visible = shown;
+            }
+            Leave::Silent => {
+                w.event(user, false, EventKind::Silent);
+                // Hold the socket without reading it: no pongs, no frames.
+                let hold = sc.heartbeat_timeout_ms + sc.offline_grace_ms + 1500;
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                reset(ws);
+                visible = true;
+            }
+            Leave::Storm => {
+                reset(ws);
+                visible = false;
+            }
+        }
+        subscribe_now = true;
+    }
+}

@@ -1,0 +1,58 @@
+//! The harness end to end, a few seconds long: it starts the reachd built next to it, runs the
+//! smoke scenario (rooms with churn, two worker processes) and must report no error, no missed
+//! and no spurious notification.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
+    let harness = PathBuf::from(env!("CARGO_BIN_EXE_reach-loadtest"));
+    let reachd = harness.with_file_name("reachd");
+    if !reachd.exists() {
+        eprintln!(
+            "skipped: {} not built (cargo build -p reach-gateway)",
+            reachd.display()
+        );
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("reach-loadtest-smoke-{}", std::process::id()));
+    let (port, admin) = (free_port(), free_port());
+    let status = Command::new(&harness)
+        .current_dir(root.parent().unwrap())
+        .args(["run", "--quiet", "--strict", "--scenario"])
+        .arg(root.join("scenarios/smoke.toml"))
+        .arg("--spawn-reachd")
+        .arg(&reachd)
+        .arg("--reachd-config")
+        .arg(root.join("reachd-bench.toml"))
+        .arg(format!(
+            "--reachd-env=REACH_SERVER__LISTEN=127.0.0.1:{port}"
+        ))
+        .arg(format!(
+            "--reachd-env=REACH_SERVER__ADMIN_LISTEN=127.0.0.1:{admin}"
+        ))
+        .arg(format!("--url=ws://127.0.0.1:{port}/v1/ws"))
+        .arg(format!("--admin=http://127.0.0.1:{admin}"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run reach-loadtest");
+    assert!(status.success(), "reach-loadtest failed: {status}");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    assert!(result["correctness"]["matched"].as_u64().unwrap() > 0);
+    assert_eq!(result["correctness"]["missed"], 0);
+    assert_eq!(result["correctness"]["spurious"], 0);
+    assert!(out.join("chart.svg").exists() && out.join("summary.md").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
