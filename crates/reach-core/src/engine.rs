@@ -19,6 +19,7 @@
 //!
 //! Entries with no connection, no subscriber and no grace pending are removed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -111,10 +112,6 @@ pub struct Conn {
     pub outbox: Outbox,
 }
 
-struct Sub {
-    conn: Arc<Conn>,
-}
-
 struct Entry {
     /// Connections of this user attached on this node.
     conns: u32,
@@ -126,7 +123,9 @@ struct Entry {
     online_epoch: i64,
     /// `None` until loaded from the store.
     profile: Option<Profile>,
-    subscribers: Vec<Sub>,
+    /// Connections subscribed to this user (its own connections included), by id: O(1)
+    /// subscribe and unsubscribe however many watchers a user has.
+    subscribers: HashMap<ConnId, Arc<Conn>>,
 }
 
 impl Entry {
@@ -137,7 +136,7 @@ impl Entry {
             grace_gen: 0,
             online_epoch: 0,
             profile: None,
-            subscribers: Vec::new(),
+            subscribers: HashMap::new(),
         }
     }
 
@@ -294,10 +293,13 @@ impl Engine {
                 );
             }
         }
-        entry.subscribers.push(Sub {
-            conn: Arc::clone(conn),
-        });
-        self.metrics.subscriptions.inc();
+        if entry
+            .subscribers
+            .insert(conn.id, Arc::clone(conn))
+            .is_none()
+        {
+            self.metrics.subscriptions.inc();
+        }
         (
             self.fill_locked(&entry, &conn.identity, conn, slot, svc),
             new_epoch,
@@ -309,10 +311,11 @@ impl Engine {
         let key = UserKey::new(&conn.service, identity);
         let svc = self.service(&conn.service);
         let mut entry = self.users.entry(key).or_insert_with(Entry::new);
-        if !entry.subscribers.iter().any(|s| s.conn.id == conn.id) {
-            entry.subscribers.push(Sub {
-                conn: Arc::clone(conn),
-            });
+        if entry
+            .subscribers
+            .insert(conn.id, Arc::clone(conn))
+            .is_none()
+        {
             self.metrics.subscriptions.inc();
         }
         self.fill_locked(&entry, identity, conn, slot, svc)
@@ -356,10 +359,9 @@ impl Engine {
 
     fn remove_subscriber(&self, key: &UserKey, conn_id: ConnId) {
         if let Some(mut entry) = self.users.get_mut(key) {
-            let before = entry.subscribers.len();
-            entry.subscribers.retain(|s| s.conn.id != conn_id);
-            let removed = before - entry.subscribers.len();
-            self.metrics.subscriptions.sub(removed as i64);
+            if entry.subscribers.remove(&conn_id).is_some() {
+                self.metrics.subscriptions.dec();
+            }
         }
         self.users.remove_if(key, |_, e| e.is_idle());
     }
@@ -380,11 +382,9 @@ impl Engine {
         let svc = self.service(&conn.service);
         let mut start_grace = None;
         if let Some(mut entry) = self.users.get_mut(&conn.key) {
-            let before = entry.subscribers.len();
-            entry.subscribers.retain(|s| s.conn.id != conn.id);
-            self.metrics
-                .subscriptions
-                .sub((before - entry.subscribers.len()) as i64);
+            if entry.subscribers.remove(&conn.id).is_some() {
+                self.metrics.subscriptions.dec();
+            }
             entry.conns = entry.conns.saturating_sub(1);
             if entry.conns == 0 && entry.online {
                 if bye || self.config.offline_grace.is_zero() {
@@ -465,8 +465,8 @@ impl Engine {
         let update = Update::new(user, reasons);
         let identity: Arc<str> = Arc::from(key.identity());
         let (mut queued, mut coalesced) = (0u64, 0u64);
-        for sub in &entry.subscribers {
-            match sub.conn.outbox.push_update(&identity, &update) {
+        for conn in entry.subscribers.values() {
+            match conn.outbox.push_update(&identity, &update) {
                 PushOutcome::Queued => queued += 1,
                 PushOutcome::Coalesced => coalesced += 1,
                 PushOutcome::Dropped => {}

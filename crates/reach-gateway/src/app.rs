@@ -39,6 +39,10 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every socket task, so draining can wait for them.
     pub sockets: TaskTracker,
+    /// Services by SID, so a `hello` does not read the store for its service each time.
+    /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
+    /// raced with the delete cannot bring it back.
+    services: dashmap::DashMap<String, Option<reach_store::Service>>,
     ready: AtomicBool,
 }
 
@@ -93,9 +97,29 @@ impl App {
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            services: dashmap::DashMap::new(),
             ready: AtomicBool::new(true),
         });
         Ok(app)
+    }
+
+    /// The service with this SID (any account), from memory when it was seen before.
+    pub async fn find_service(&self, sid: &str) -> reach_store::Result<reach_store::Service> {
+        if let Some(s) = self.services.get(sid) {
+            return s.clone().ok_or(reach_store::StoreError::NotFound);
+        }
+        let service = self.store.find_service(sid).await?;
+        self.services
+            .entry(sid.to_owned())
+            .or_insert(Some(service))
+            .clone()
+            .ok_or(reach_store::StoreError::NotFound)
+    }
+
+    /// Forgets a deleted service: its connections are closed and its tokens refused.
+    pub fn service_deleted(&self, sid: &str) {
+        self.services.insert(sid.to_owned(), None);
+        self.engine.remove_service(sid);
     }
 
     pub fn is_ready(&self) -> bool {

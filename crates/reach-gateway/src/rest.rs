@@ -959,7 +959,7 @@ async fn delete_service(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
         .delete_service(&ctx.account, &sid)
         .await
         .map_err(ctx.store_err())?;
-    ctx.app().engine.remove_service(&sid);
+    ctx.app().service_deleted(&sid);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

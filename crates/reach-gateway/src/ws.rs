@@ -405,7 +405,7 @@ async fn await_hello(
             }
             Read::Frame(ClientFrame::Hello { token, .. }) => {
                 let result = match verify_token(&app.creds, &token, reach_store::now_unix()) {
-                    Ok(grant) => match app.store.find_service(&grant.service_sid).await {
+                    Ok(grant) => match app.find_service(&grant.service_sid).await {
                         Ok(service) if service.account_sid == grant.account_sid => {
                             Ok((grant, service))
                         }
