@@ -358,10 +358,10 @@ impl Engine {
     }
 
     fn remove_subscriber(&self, key: &UserKey, conn_id: ConnId) {
-        if let Some(mut entry) = self.users.get_mut(key) {
-            if entry.subscribers.remove(&conn_id).is_some() {
-                self.metrics.subscriptions.dec();
-            }
+        if let Some(mut entry) = self.users.get_mut(key)
+            && entry.subscribers.remove(&conn_id).is_some()
+        {
+            self.metrics.subscriptions.dec();
         }
         self.users.remove_if(key, |_, e| e.is_idle());
     }
