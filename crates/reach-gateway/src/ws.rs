@@ -591,8 +591,19 @@ impl Session {
     async fn run(&mut self, sink: &mut Sink, stream: &mut Stream) -> End {
         let mut w = WriteState::default();
         let encoding = self.conn.outbox.encoding();
+        // One timer and one cancellation wait for the socket's life, not one per wake-up: the
+        // timer is moved earlier when a deadline comes closer, and re-armed after it fires
+        // (a later deadline, e.g. a heartbeat pushed back by a frame, waits for that).
+        let timer = tokio::time::sleep_until(self.next_deadline(&w));
+        tokio::pin!(timer);
+        let shutdown = self.app.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let deadline = self.next_deadline(&w);
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 res = write_some(sink, &self.conn, &mut w, &self.app) => {
@@ -611,12 +622,13 @@ impl Session {
                         Read::Frame(frame) => self.handle(frame).await,
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut timer => {
                     if let Some(end) = self.tick(&mut w) {
                         return end;
                     }
+                    timer.as_mut().reset(self.next_deadline(&w));
                 }
-                _ = self.app.shutdown.cancelled(), if !self.draining => {
+                _ = &mut cancelled, if !self.draining => {
                     self.draining = true;
                     let retry = rand::random_range(0..=self.app.config.server.drain_retry_max_ms);
                     self.push(&ServerFrame::Goodbye { reason: "draining".into(), retry_after_ms: retry });
