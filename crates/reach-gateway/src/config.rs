@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub drain_retry_max_ms: u64,
     /// Listen backlog of the public listener.
     pub backlog: u32,
+    /// Runtime worker threads; 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             drain_grace_ms: 10_000,
             drain_retry_max_ms: 5_000,
             backlog: 4096,
+            worker_threads: 0,
         }
     }
 }
