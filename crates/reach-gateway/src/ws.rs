@@ -1000,34 +1000,42 @@ async fn write_some(
                     w.dirty = true;
                 }
                 Some(Outgoing::Close(code)) => {
-                    if w.dirty {
-                        match sink.poll_flush_unpin(cx) {
-                            Poll::Pending => {
-                                w.blocked_since.get_or_insert_with(Instant::now);
-                                return Poll::Pending;
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Ready(Ok(())) => w.dirty = false,
-                        }
-                    }
-                    return Poll::Ready(Ok(code));
+                    return flush_dirty(sink, w, cx).map_ok(|()| code);
                 }
                 None => {
-                    if w.dirty {
-                        match sink.poll_flush_unpin(cx) {
-                            Poll::Pending => {
-                                w.blocked_since.get_or_insert_with(Instant::now);
-                                return Poll::Pending;
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Ready(Ok(())) => w.dirty = false,
+                    return match flush_dirty(sink, w, cx) {
+                        Poll::Ready(Ok(())) => {
+                            w.blocked_since = None;
+                            Poll::Pending
                         }
-                    }
-                    w.blocked_since = None;
-                    return Poll::Pending;
+                        other => other.map_ok(|()| CloseCode::Normal),
+                    };
                 }
             }
         }
     })
     .await
+}
+
+/// Flushes what was written since the last flush; notes when the socket blocks.
+fn flush_dirty(
+    sink: &mut Sink,
+    w: &mut WriteState,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<(), tungstenite::Error>> {
+    if !w.dirty {
+        return Poll::Ready(Ok(()));
+    }
+    match sink.poll_flush_unpin(cx) {
+        Poll::Pending => {
+            w.blocked_since.get_or_insert_with(Instant::now);
+            Poll::Pending
+        }
+        Poll::Ready(result) => {
+            if result.is_ok() {
+                w.dirty = false;
+            }
+            Poll::Ready(result)
+        }
+    }
 }
