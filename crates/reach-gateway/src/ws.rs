@@ -135,8 +135,8 @@ async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(app.config.limits.read_buffer_bytes)
-        .max_message_size(Some(app.config.limits.max_frame_bytes))
-        .max_frame_size(Some(app.config.limits.max_frame_bytes));
+        .max_message_size(Some(hard_frame_limit(app.config.limits.max_frame_bytes)))
+        .max_frame_size(Some(hard_frame_limit(app.config.limits.max_frame_bytes)));
     let task_app = Arc::clone(&app);
     app.sockets.spawn(
         async move {
@@ -227,7 +227,36 @@ enum Read {
     Gone(&'static str),
 }
 
-fn classify(item: Option<Result<Message, tungstenite::Error>>, encoding: Encoding) -> Read {
+fn too_big(len: usize, max: usize) -> Read {
+    Read::Fail(
+        ErrorCode::FrameTooBig,
+        format!("frame of {len} bytes exceeds max_frame_bytes ({max})"),
+        CloseCode::TooBig,
+    )
+}
+
+/// Where tungstenite itself stops reading a message. Messages between `max_frame_bytes` and
+/// this are read whole and refused by [`classify`] (error 20413, close 1009), which leaves the
+/// socket clean so the client receives both; past this the connection is cut at the header.
+fn hard_frame_limit(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_mul(4).max(1 << 20)
+}
+
+fn classify(
+    item: Option<Result<Message, tungstenite::Error>>,
+    encoding: Encoding,
+    max_frame: usize,
+) -> Read {
+    if let Some(Ok(Message::Text(t))) = &item
+        && t.len() > max_frame
+    {
+        return too_big(t.len(), max_frame);
+    }
+    if let Some(Ok(Message::Binary(b))) = &item
+        && b.len() > max_frame
+    {
+        return too_big(b.len(), max_frame);
+    }
     let payload = match item {
         None => return Read::Gone("client_gone"),
         Some(Ok(Message::Text(t))) => {
@@ -375,7 +404,7 @@ async fn await_hello(
     let deadline = Instant::now() + app.config.auth_timeout();
     loop {
         let read = tokio::select! {
-            item = stream.next() => classify(item, encoding),
+            item = stream.next() => classify(item, encoding, app.config.limits.max_frame_bytes),
             _ = tokio::time::sleep_until(deadline) => {
                 let f = error_frame(None, ErrorCode::Timeout, "no hello within auth_timeout");
                 close_direct(sink, stream, encoding, Some(f), 4001, "no hello").await;
@@ -615,7 +644,7 @@ impl Session {
                 item = stream.next() => {
                     self.last_heard = Instant::now();
                     self.app.metrics.frames_received.inc();
-                    match classify(item, encoding) {
+                    match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
                         Read::Nothing => {}
                         Read::Gone(label) => return End::Gone(label),
                         Read::Fail(code, msg, close) => self.fail(code, msg, close),

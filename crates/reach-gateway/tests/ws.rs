@@ -654,6 +654,14 @@ max_frame_bytes = 1024
             )),
             20413,
         ),
+        (
+            None,
+            text(&format!(
+                r#"{{"type":"ping","id":1,"pad":"{}"}}"#,
+                "x".repeat(100_000)
+            )),
+            20413,
+        ),
     ];
     for (enc, msg, code) in cases {
         let (mut ws, _) = Ws::hello(&url, &d.token(&svc, "alice"), enc).await;
