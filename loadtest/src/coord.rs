@@ -328,6 +328,8 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
     let mut truth: Vec<bool> = vec![false; scenario.sockets as usize];
     let mut truths = 0usize;
     let mut results: Vec<WorkerResult> = Vec::new();
+    // Workers that sent their result; their exit right after is not a failure.
+    let mut finished = vec![false; n];
     let mut last_sample = sample();
     let mut loaded: Option<ProcSample> = None;
     let mut run_start: Option<(ProcSample, Vec<f64>, Instant, u64)> = None;
@@ -346,7 +348,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                 let Some((i, msg)) = msg else { return Err("all workers ended".into()) };
                 match msg {
                     FromWorker::Fatal { message } => {
-                        if results.len() == n {
+                        if results.len() == n || finished[i] {
                             continue;
                         }
                         return Err(message);
@@ -418,6 +420,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                         }
                     }
                     FromWorker::Done(r) => {
+                        finished[i] = true;
                         results.push(*r);
                         if results.len() == n {
                             break;

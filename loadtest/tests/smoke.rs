@@ -12,12 +12,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-// Not in the default run: it failed once in a fresh-clone CI run with "worker 1 exited" and no
-// error from the worker (6 of 6 local reruns passed): the coordinator may treat a worker's
-// normal exit as fatal when it races the end of the run. Run it with
-// `cargo test -p loadtest -- --ignored` until that is fixed.
 #[test]
-#[ignore = "flaky: a worker's exit can race the coordinator's end of run; see the comment"]
 fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
     let harness = PathBuf::from(env!("CARGO_BIN_EXE_reach-loadtest"));
     let reachd = harness.with_file_name("reachd");
