@@ -92,7 +92,7 @@ fn flap(engine: &Arc<Engine>, online: bool, alice: &mut Option<Arc<Conn>>) {
         conn.outbox.seal(slot);
         *alice = Some(conn);
     } else if let Some(conn) = alice.take() {
-        engine.detach(&conn, true, &[], true);
+        engine.detach(&conn, &[], true);
     }
 }
 

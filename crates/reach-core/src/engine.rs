@@ -145,24 +145,12 @@ impl Entry {
     }
 
     fn is_online(&self, svc: ServiceState) -> Option<bool> {
-        if !svc.enabled {
-            None
-        } else if self.online {
-            Some(true)
-        } else if self.online_epoch >= svc.epoch && svc.epoch > 0 {
-            Some(false)
-        } else {
-            None
-        }
+        is_online_flag(svc, self.online, self.online_epoch)
     }
 
     fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
         let p = self.profile.as_ref()?;
-        if !svc.enabled || !p.ever_had_binding {
-            None
-        } else {
-            Some(p.binding_count > 0)
-        }
+        is_notifiable_flag(svc, p.ever_had_binding, p.binding_count)
     }
 
     fn view(&self, identity: &str, svc: ServiceState) -> Option<User> {
@@ -175,6 +163,31 @@ impl Entry {
             is_notifiable: self.is_notifiable(svc),
         })
     }
+}
+
+/// `is_online` by the null rules: null while reachability is disabled, or for a user not online
+/// since the latest enabling (`online_epoch` below the service's epoch); else the presence.
+/// The one place these rules live: the engine's frames and REST both use it.
+pub fn is_online_flag(svc: ServiceState, online: bool, online_epoch: i64) -> Option<bool> {
+    if !svc.enabled {
+        None
+    } else if online {
+        Some(true)
+    } else if svc.epoch > 0 && online_epoch >= svc.epoch {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// `is_notifiable` by the null rules: null while reachability is disabled or for a user that
+/// never had a push binding; else whether it has one now.
+pub fn is_notifiable_flag(
+    svc: ServiceState,
+    ever_had_binding: bool,
+    binding_count: i64,
+) -> Option<bool> {
+    (svc.enabled && ever_had_binding).then_some(binding_count > 0)
 }
 
 /// What attaching or subscribing found.
@@ -367,17 +380,14 @@ impl Engine {
     }
 
     /// Ends a connection: drops its subscriptions (`watched` lists the identities it subscribed
-    /// to besides its own) and, if it was attached, its connection count. The last connection
+    /// to besides its own) and its connection count. The last connection
     /// of a user starts the offline grace, or, after `bye`, publishes offline at once.
-    pub fn detach(self: &Arc<Self>, conn: &Conn, attached: bool, watched: &[String], bye: bool) {
+    pub fn detach(self: &Arc<Self>, conn: &Conn, watched: &[String], bye: bool) {
         self.conns.remove(&conn.id);
         for identity in watched {
             if identity.as_str() != &*conn.identity {
                 self.remove_subscriber(&UserKey::new(&conn.service, identity), conn.id);
             }
-        }
-        if !attached {
-            return;
         }
         let svc = self.service(&conn.service);
         let mut start_grace = None;

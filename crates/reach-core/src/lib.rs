@@ -19,6 +19,7 @@ pub mod outbox;
 
 pub use engine::{
     Attach, Conn, ConnId, Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey,
+    is_notifiable_flag, is_online_flag,
 };
 pub use metrics::EngineMetrics;
 pub use outbox::{Outbox, Outgoing, SlotFrame, SlotId, Update};

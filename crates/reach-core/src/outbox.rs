@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 
 use bytes::Bytes;
-use reach_proto::{
-    CloseCode, Encoding, IdentityError, Reasons, ServerFrame, UpdateReason, User, encode,
-};
+use reach_proto::{CloseCode, Encoding, IdentityError, Reasons, ServerFrame, User, encode};
 
 /// One diff of one user, shared (behind an `Arc`) by every subscriber it is fanned out to.
 #[derive(Debug)]
@@ -410,19 +408,19 @@ impl Outbox {
     }
 }
 
-/// Reasons of a coalesced update, for callers that decode frames in tests.
-pub fn reasons_of(frame: &ServerFrame) -> Vec<UpdateReason> {
-    match frame {
-        ServerFrame::UserUpdated { reasons, .. } => reasons.clone(),
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reach_proto::UpdateReason;
     use reach_proto::decode_server;
     use std::task::Waker;
+
+    fn reasons_of(frame: &ServerFrame) -> Vec<UpdateReason> {
+        match frame {
+            ServerFrame::UserUpdated { reasons, .. } => reasons.clone(),
+            _ => Vec::new(),
+        }
+    }
 
     fn user(identity: &str, online: bool) -> User {
         User {

@@ -125,7 +125,7 @@ async fn reconnect_inside_the_grace_is_not_a_flap() {
         presence_updates(&drain(&watcher)),
         vec![("alice".into(), Some(true))]
     );
-    e.detach(&a1, true, &[], false);
+    e.detach(&a1, &[], false);
     advance(Duration::from_secs(4)).await;
     let _a2 = connect(&e, "alice");
     advance(Duration::from_secs(10)).await;
@@ -143,7 +143,7 @@ async fn last_connection_goes_offline_after_the_grace() {
     subscribe(&e, &watcher, &["alice"]);
     let a1 = connect(&e, "alice");
     drain(&watcher);
-    e.detach(&a1, true, &[], false);
+    e.detach(&a1, &[], false);
     advance(GRACE - Duration::from_millis(1)).await;
     assert!(drain(&watcher).is_empty(), "still inside the grace");
     advance(Duration::from_millis(1)).await;
@@ -161,12 +161,12 @@ async fn bye_goes_offline_at_once_only_for_the_last_connection() {
     let a1 = connect(&e, "alice");
     let a2 = connect(&e, "alice");
     drain(&watcher);
-    e.detach(&a1, true, &[], true);
+    e.detach(&a1, &[], true);
     assert!(
         drain(&watcher).is_empty(),
         "another connection is still open"
     );
-    e.detach(&a2, true, &[], true);
+    e.detach(&a2, &[], true);
     assert_eq!(
         presence_updates(&drain(&watcher)),
         vec![("alice".into(), Some(false))]
@@ -280,7 +280,7 @@ async fn slow_subscriber_holds_one_pending_update_with_the_latest_state() {
     drain(&watcher);
     for _ in 0..100 {
         let a = connect(&e, "alice");
-        e.detach(&a, true, &[], true);
+        e.detach(&a, &[], true);
     }
     let a = connect(&e, "alice");
     assert_eq!(watcher.outbox.len(), 1, "coalesced to one pending update");
@@ -290,7 +290,7 @@ async fn slow_subscriber_holds_one_pending_update_with_the_latest_state() {
         presence_updates(&frames),
         vec![("alice".into(), Some(true))]
     );
-    e.detach(&a, true, &[], true);
+    e.detach(&a, &[], true);
 }
 
 #[tokio::test(start_paused = true)]
@@ -425,7 +425,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Op::Drop(i) | Op::Bye(i) if !live.is_empty() => {
                     let bye = matches!(op, Op::Bye(_));
                     let (u, conn, watched) = live.remove(i % live.len());
-                    e.detach(&conn, true, &watched, bye);
+                    e.detach(&conn, &watched, bye);
                     let name = USERS[u];
                     let mu = model.users.get_mut(name).unwrap();
                     mu.conns -= 1;

@@ -132,22 +132,14 @@ impl App {
         cfg: &ServiceConfig,
         rec: &UserRecord,
     ) -> (Option<bool>, Option<bool>) {
-        if !cfg.reachability_enabled {
-            return (None, None);
-        }
+        let svc = service_state(cfg);
         let (online, epoch) = self
             .engine
             .presence(&cfg.service_sid, &rec.identity)
             .unwrap_or((false, rec.online_epoch));
-        let epoch = epoch.max(rec.online_epoch);
-        let is_online = if online {
-            Some(true)
-        } else if cfg.reachability_epoch > 0 && epoch >= cfg.reachability_epoch {
-            Some(false)
-        } else {
-            None
-        };
-        let is_notifiable = rec.ever_had_binding.then_some(rec.binding_count > 0);
+        let is_online = reach_core::is_online_flag(svc, online, epoch.max(rec.online_epoch));
+        let is_notifiable =
+            reach_core::is_notifiable_flag(svc, rec.ever_had_binding, rec.binding_count);
         (is_online, is_notifiable)
     }
 }

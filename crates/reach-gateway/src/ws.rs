@@ -550,7 +550,7 @@ impl Session {
                     if let Err(e) = other {
                         tracing::warn!(error = %e, "cannot load the user at hello");
                     }
-                    engine.detach(&conn, true, &[], false);
+                    engine.detach(&conn, &[], false);
                     return Err(());
                 }
             }
@@ -984,7 +984,7 @@ impl Session {
     /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
     async fn finish(self, sink: &mut Sink, stream: &mut Stream, end: End) {
         let watched: Vec<String> = self.watched.iter().cloned().collect();
-        self.app.engine.detach(&self.conn, true, &watched, self.bye);
+        self.app.engine.detach(&self.conn, &watched, self.bye);
         if let End::Close(code) = end {
             let reason = match code {
                 CloseCode::Normal => "bye",
