@@ -4,13 +4,17 @@
 //! Data flow: the gateway's REST handlers and its connection tasks (hello, subscribe to a user
 //! not yet in memory, register_push) call the store; the presence engine never does. Every
 //! acknowledged write is committed before the call returns (SQLite: WAL with
-//! `synchronous=FULL`), so it survives a restart or `kill -9`.
+//! `synchronous=FULL`; PostgreSQL: the `COMMIT` has returned, with the server's default
+//! `synchronous_commit=on`), so it survives a restart or `kill -9`.
 //!
-//! Backends: [`sqlite::SqliteStore`] (single node, the default). A PostgreSQL backend for
-//! clusters implements the same trait.
+//! Backends: [`sqlite::SqliteStore`] (single node, the default: one file) and
+//! [`postgres::PgStore`] (clusters: every reachd node connects to one database, which it
+//! migrates under an advisory lock at start). Both behave the same for every [`Store`] method;
+//! `tests/conformance.rs` runs one suite against each.
 //!
 //! Times are unix seconds. SIDs are two letters and 32 lowercase hex digits ([`new_sid`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -1,0 +1,1108 @@
+//! PostgreSQL backend of [`Store`]: one database shared by every node of a cluster.
+//!
+//! It keeps the records, and behaves, exactly like [`crate::sqlite::SqliteStore`] (the same
+//! errors, paging cursors and revision rules); the shared conformance suite in
+//! `tests/conformance.rs` runs every case against both backends.
+//!
+//! # Schema (version 1)
+//!
+//! The tables of the SQLite backend, with PostgreSQL types: `BIGINT` times and counters,
+//! `BOOLEAN` flags, `TEXT` SIDs.
+//!
+//! - `services`: one row per service, scoped by `account_sid`.
+//! - `service_configs`: one row per service (created with it), `ON DELETE CASCADE`.
+//! - `users`: `UNIQUE(service_sid, identity)` (constraint `users_identity_key`, whose
+//!   violation is [`StoreError::UserExists`]), cascade-deleted with their service.
+//! - `bindings`: `UNIQUE(service_sid, identity, binding_type, address)`, cascade-deleted with
+//!   their service and with their user (and also deleted explicitly in `delete_user`).
+//!
+//! Every listed table has `seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY` (a sequence,
+//! never reused) next to its `sid UNIQUE`: lists are ordered by `seq`, i.e. by insertion, and a
+//! page's `next_cursor` is the `seq` of its last row (keyset paging; `offset` is the fallback).
+//!
+//! # Migrations
+//!
+//! [`PgStore::connect`] brings the schema up to date before it returns. The migrations are
+//! numbered SQL scripts ([`MIGRATIONS`]; version `n` is the `n`-th); each applied version is
+//! a row of `reach_schema_version`. They run in one transaction that first takes
+//! `pg_advisory_xact_lock(MIGRATION_LOCK_KEY)`: nodes that start at once against the same
+//! database queue on that lock, the first applies the scripts, and the others then find the
+//! schema current and apply nothing. A database whose version is newer than this build knows
+//! is refused (nothing is changed), as the SQLite backend refuses a newer `user_version`.
+//!
+//! # Durability
+//!
+//! Each method returns only after its transaction (or its single autocommitted statement)
+//! has committed. With the server's default `synchronous_commit = on`, a commit returns once
+//! its WAL record is flushed to disk (and, with synchronous standbys configured, once they
+//! have it too), so an acknowledged write survives a crash of the server or of the node. The
+//! backend does not override the setting: a server configured with `synchronous_commit = off`
+//! weakens that guarantee to "committed, flushed within a few hundred milliseconds".
+//!
+//! # Concurrency
+//!
+//! Several nodes write the same rows at once, at PostgreSQL's default `READ COMMITTED`
+//! isolation. Where the SQLite backend relies on `BEGIN IMMEDIATE` (one writer at a time),
+//! this one uses single-statement updates or row locks:
+//!
+//! - `get_or_create_user` is `INSERT ... ON CONFLICT DO NOTHING` and then a `SELECT`: a racing
+//!   insert of the same identity waits for the other one to commit and then reads its row, so
+//!   every caller gets the same SID.
+//! - `update_config` is one `UPDATE ... RETURNING` whose epoch bump reads the row it updates,
+//!   so two nodes enabling reachability at once bump the epoch once.
+//! - Writes to a user and its bindings (`update_user`, `delete_user`, `upsert_binding`,
+//!   `delete_binding*`) lock the user's row first (`SELECT ... FOR UPDATE` or the `UPDATE` of
+//!   its revision) and then touch its bindings, always in that order, so they serialise per
+//!   user without deadlocking each other, and `revision = revision + 1` never loses a bump.
+//!
+//! Keyset paging has one difference: identity values are handed out at insert time, but
+//! transactions commit in any order, so a cursor taken while inserts are in flight can be past
+//! the `seq` of a row whose insert commits later; the pages after that cursor miss the row
+//! (a listing started afresh has it). With one writer at a time (SQLite) it cannot happen.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, Postgres, Row, Transaction};
+
+use crate::{
+    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
+    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, looks_like_sid, new_sid, now_unix,
+};
+
+/// The schema migrations, in order: version `n` is `MIGRATIONS[n - 1]`. Never edit an entry
+/// that has shipped; append a new one.
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+/// The schema version this code writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Key of the transaction-scoped advisory lock that serialises migrations across nodes
+/// (the bytes of `"reachmig"`).
+pub const MIGRATION_LOCK_KEY: i64 = 0x7265_6163_686d_6967;
+
+/// Connections per node.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// How long a call waits for a free connection, and `connect` for its first one.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Name of the unique constraint on `users (service_sid, identity)`.
+const USERS_IDENTITY_KEY: &str = "users_identity_key";
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE services (
+    seq           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sid           TEXT   NOT NULL UNIQUE,
+    account_sid   TEXT   NOT NULL,
+    friendly_name TEXT   NOT NULL,
+    date_created  BIGINT NOT NULL,
+    date_updated  BIGINT NOT NULL
+);
+CREATE INDEX services_by_account ON services (account_sid, seq);
+
+CREATE TABLE service_configs (
+    service_sid                           TEXT    NOT NULL PRIMARY KEY
+                                                  REFERENCES services (sid) ON DELETE CASCADE,
+    reachability_enabled                  BOOLEAN NOT NULL DEFAULT FALSE,
+    reachability_epoch                    BIGINT  NOT NULL DEFAULT 0,
+    default_conversation_creator_role_sid TEXT,
+    default_conversation_role_sid         TEXT,
+    default_chat_service_role_sid         TEXT
+);
+
+CREATE TABLE users (
+    seq              BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sid              TEXT    NOT NULL UNIQUE,
+    service_sid      TEXT    NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    account_sid      TEXT    NOT NULL,
+    identity         TEXT    NOT NULL,
+    friendly_name    TEXT,
+    attributes       TEXT,
+    role_sid         TEXT,
+    date_created     BIGINT  NOT NULL,
+    date_updated     BIGINT  NOT NULL,
+    revision         BIGINT  NOT NULL DEFAULT 0,
+    online_epoch     BIGINT  NOT NULL DEFAULT 0,
+    ever_had_binding BOOLEAN NOT NULL DEFAULT FALSE,
+    CONSTRAINT users_identity_key UNIQUE (service_sid, identity)
+);
+CREATE INDEX users_by_service ON users (service_sid, seq);
+
+CREATE TABLE bindings (
+    seq            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    sid            TEXT   NOT NULL UNIQUE,
+    service_sid    TEXT   NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    account_sid    TEXT   NOT NULL,
+    identity       TEXT   NOT NULL,
+    binding_type   TEXT   NOT NULL,
+    address        TEXT   NOT NULL,
+    credential_sid TEXT,
+    date_created   BIGINT NOT NULL,
+    date_updated   BIGINT NOT NULL,
+    UNIQUE (service_sid, identity, binding_type, address),
+    FOREIGN KEY (service_sid, identity) REFERENCES users (service_sid, identity)
+        ON DELETE CASCADE
+);
+CREATE INDEX bindings_by_service ON bindings (service_sid, seq);
+"#;
+
+const SERVICE_COLS: &str = "seq, sid, account_sid, friendly_name, date_created, date_updated";
+
+const CONFIG_COLS: &str = "c.service_sid, c.reachability_enabled, c.reachability_epoch, \
+     c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
+     c.default_chat_service_role_sid";
+
+const USER_COLS: &str = "u.seq, u.sid, u.account_sid, u.service_sid, u.identity, \
+     u.friendly_name, u.attributes, u.role_sid, u.date_created, u.date_updated, u.revision, \
+     u.online_epoch, u.ever_had_binding, \
+     (SELECT COUNT(*) FROM bindings b \
+       WHERE b.service_sid = u.service_sid AND b.identity = u.identity) AS binding_count";
+
+const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, identity, \
+     binding_type, address, date_created, date_updated";
+
+/// [`Store`] on a PostgreSQL database. Cheap to clone (the clones share one connection pool).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/database`, with
+    /// sqlx's query parameters such as `sslmode`), creates or migrates the schema over a first
+    /// connection, and returns a store whose pool opens up to 8 connections as calls need them.
+    ///
+    /// Errors are [`StoreError::Backend`] naming the step that failed (parsing the URL,
+    /// connecting, migrating) and the server as `user@host:port/database`; they never contain
+    /// the password.
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        let secrets = url_secrets(url);
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| connect_error(&secrets, "invalid database URL", &e))?;
+        let target = describe(&options);
+        // One connection first, on its own: the pool would retry a failing connect until its
+        // timeout and then report only "timed out", where this reports the cause (refused,
+        // unknown database, authentication failed).
+        let step = format!("cannot connect to {target}");
+        let connecting = PgConnection::connect_with(&options);
+        let mut conn = match tokio::time::timeout(ACQUIRE_TIMEOUT, connecting).await {
+            Ok(connected) => connected.map_err(|e| connect_error(&secrets, &step, &e))?,
+            Err(_) => {
+                let cause = format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs());
+                return Err(connect_error(&secrets, &step, &cause));
+            }
+        };
+        let migrated = migrate(&mut conn).await;
+        // Best effort: the migration has committed (or rolled back) already.
+        let _ = conn.close().await;
+        if let Err(e) = migrated {
+            let detail = match e {
+                StoreError::Backend(detail) => detail,
+                other => other.to_string(),
+            };
+            let step = format!("cannot migrate the schema of {target}");
+            return Err(connect_error(&secrets, &step, &detail));
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(PgStore { pool })
+    }
+
+    /// Waits for the connections in use to be returned, then closes them all.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(db)
+    }
+}
+
+/// Applies the missing migrations, under the advisory lock, in one transaction.
+async fn migrate(conn: &mut PgConnection) -> Result<()> {
+    let mut tx = conn.begin().await.map_err(db)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    // Checked rather than `CREATE TABLE IF NOT EXISTS`, which leaves a notice in the
+    // server's answer (and so in the logs) at every start.
+    let has_versions: bool =
+        sqlx::query_scalar("SELECT to_regclass('reach_schema_version') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    if !has_versions {
+        let create = sqlx::raw_sql(
+            "CREATE TABLE reach_schema_version (\
+             version BIGINT NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        );
+        Executor::execute(&mut *tx, create).await.map_err(db)?;
+    }
+    let version: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM reach_schema_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "database schema version {version} is newer than this build ({SCHEMA_VERSION})"
+        )));
+    }
+    // By index: an iterator over the list held across the awaits would make this future
+    // (and `connect`'s) not `Send` (a limit of the compiler's lifetime checks).
+    for v in version + 1..=SCHEMA_VERSION {
+        let script: &'static str = MIGRATIONS[(v - 1) as usize];
+        Executor::execute(&mut *tx, sqlx::raw_sql(script))
+            .await
+            .map_err(|e| StoreError::Backend(format!("migration {v}: {e}")))?;
+        sqlx::query("INSERT INTO reach_schema_version (version, applied_at) VALUES ($1, $2)")
+            .bind(v)
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
+/// A failure of [`PgStore::connect`]: the step, then the cause, with any password of the URL
+/// blotted out.
+fn connect_error(secrets: &[String], step: &str, cause: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Backend(redact(&format!("PostgreSQL: {step}: {cause}"), secrets))
+}
+
+/// The server a connection goes to, without credentials: `user@host:port/database`.
+fn describe(options: &PgConnectOptions) -> String {
+    let host = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => options.get_host().to_owned(),
+    };
+    format!(
+        "{}@{}:{}/{}",
+        options.get_username(),
+        host,
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username())
+    )
+}
+
+/// The passwords a URL carries (in its user info or a `password` query parameter), as written
+/// and percent-decoded, so that an error message quoting any of them can be cleaned.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    if let Some((user_info, _host)) = authority.rsplit_once('@')
+        && let Some((_user, password)) = user_info.split_once(':')
+    {
+        secrets.push(password.to_owned());
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        let query = query.split('#').next().unwrap_or("");
+        for pair in query.split('&') {
+            if let Some(("password", password)) = pair.split_once('=') {
+                secrets.push(password.to_owned());
+                secrets.push(password.replace('+', " "));
+            }
+        }
+    }
+    let decoded: Vec<String> = secrets.iter().map(|s| percent_decode(s)).collect();
+    secrets.extend(decoded);
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort();
+    secrets.dedup();
+    // Longest first, so a password that contains another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+}
+
+/// `%XX` escapes decoded (invalid escapes and invalid UTF-8 are kept as they are).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
+/// `message` with each secret replaced by `***`.
+fn redact(message: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(message.to_owned(), |m, secret| {
+        m.replace(secret.as_str(), "***")
+    })
+}
+
+/// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
+fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        e => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// Like [`db`], but a foreign-key violation (the parent service or user is gone) is `NotFound`.
+fn db_fk(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound,
+        _ => db(e),
+    }
+}
+
+/// A page request made safe: `(after, offset, limit)`.
+fn window(page: PageRequest) -> (i64, i64, i64) {
+    let limit = page.limit.clamp(1, 1000);
+    match page.after {
+        Some(after) => (after, 0, limit),
+        // seq starts at 1.
+        None => (0, page.offset.max(0), limit),
+    }
+}
+
+/// Builds a page from up to `limit + 1` rows tagged with their `seq`.
+fn into_page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = if more {
+        rows.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(|(_, item)| item).collect(),
+        next_cursor,
+    }
+}
+
+fn service_row(row: &PgRow) -> sqlx::Result<(i64, Service)> {
+    Ok((
+        row.try_get("seq")?,
+        Service {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            friendly_name: row.try_get("friendly_name")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+        },
+    ))
+}
+
+fn config_row(row: &PgRow) -> sqlx::Result<ServiceConfig> {
+    Ok(ServiceConfig {
+        service_sid: row.try_get("service_sid")?,
+        reachability_enabled: row.try_get("reachability_enabled")?,
+        reachability_epoch: row.try_get("reachability_epoch")?,
+        default_conversation_creator_role_sid: row
+            .try_get("default_conversation_creator_role_sid")?,
+        default_conversation_role_sid: row.try_get("default_conversation_role_sid")?,
+        default_chat_service_role_sid: row.try_get("default_chat_service_role_sid")?,
+    })
+}
+
+fn user_row(row: &PgRow) -> sqlx::Result<(i64, UserRecord)> {
+    let attributes: Option<String> = row.try_get("attributes")?;
+    Ok((
+        row.try_get("seq")?,
+        UserRecord {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            service_sid: row.try_get("service_sid")?,
+            identity: row.try_get("identity")?,
+            friendly_name: row.try_get("friendly_name")?,
+            attributes: attributes.unwrap_or_else(|| "{}".to_owned()),
+            role_sid: row.try_get("role_sid")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+            revision: row.try_get("revision")?,
+            online_epoch: row.try_get("online_epoch")?,
+            ever_had_binding: row.try_get("ever_had_binding")?,
+            binding_count: row.try_get("binding_count")?,
+        },
+    ))
+}
+
+fn binding_row(row: &PgRow) -> sqlx::Result<(i64, Binding)> {
+    Ok((
+        row.try_get("seq")?,
+        Binding {
+            sid: row.try_get("sid")?,
+            account_sid: row.try_get("account_sid")?,
+            service_sid: row.try_get("service_sid")?,
+            credential_sid: row.try_get("credential_sid")?,
+            identity: row.try_get("identity")?,
+            binding_type: row.try_get("binding_type")?,
+            address: row.try_get("address")?,
+            date_created: row.try_get("date_created")?,
+            date_updated: row.try_get("date_updated")?,
+        },
+    ))
+}
+
+/// Whether a read also locks the rows it returns until the transaction ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    None,
+    ForUpdate,
+}
+
+/// Reads one user by SID or identity; `NotFound` when there is none.
+///
+/// A key with the shape of a user SID (`US` + 32 hex digits) matches the SID first and, failing
+/// that, an identity spelled the same way; any other key is an identity.
+async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str, lock: Lock) -> Result<UserRecord>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let mut sql = if looks_like_sid(key) && key.starts_with("US") {
+        format!(
+            "SELECT {USER_COLS} FROM users u \
+             WHERE u.service_sid = $1 AND (u.sid = $2 OR u.identity = $2) \
+             ORDER BY (u.sid = $2) DESC LIMIT 1"
+        )
+    } else {
+        format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2")
+    };
+    if lock == Lock::ForUpdate {
+        sql += " FOR UPDATE OF u";
+    }
+    let row = sqlx::query(&sql)
+        .bind(service_sid)
+        .bind(key)
+        .fetch_optional(exec)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+    Ok(user_row(&row).map_err(db)?.1)
+}
+
+async fn fetch_binding<'e, E>(exec: E, service_sid: &str, binding_sid: &str) -> Result<Binding>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let row = sqlx::query(&format!(
+        "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = $1 AND sid = $2"
+    ))
+    .bind(service_sid)
+    .bind(binding_sid)
+    .fetch_optional(exec)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound)?;
+    Ok(binding_row(&row).map_err(db)?.1)
+}
+
+async fn fetch_config<'e, E>(exec: E, service_sid: &str) -> Result<ServiceConfig>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let row = sqlx::query(&format!(
+        "SELECT {CONFIG_COLS} FROM service_configs c WHERE c.service_sid = $1"
+    ))
+    .bind(service_sid)
+    .fetch_optional(exec)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound)?;
+    config_row(&row).map_err(db)
+}
+
+/// Locks the user's row until the transaction ends; false when there is no such user.
+///
+/// Every write to a user's bindings takes this lock (or updates the row) before touching the
+/// bindings, so writers of one user queue in one order and never deadlock.
+async fn lock_user(
+    tx: &mut Transaction<'_, Postgres>,
+    service_sid: &str,
+    identity: &str,
+) -> Result<bool> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM users WHERE service_sid = $1 AND identity = $2 FOR UPDATE",
+    )
+    .bind(service_sid)
+    .bind(identity)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?;
+    Ok(found.is_some())
+}
+
+/// A binding change is a change of the user's notifiable flag: bump its revision, so the
+/// engine (which keeps the newest revision) never takes an older profile over it.
+async fn bump_revision(tx: &mut Transaction<'_, Postgres>, binding: &Binding) -> Result<()> {
+    sqlx::query(
+        "UPDATE users SET revision = revision + 1 WHERE service_sid = $1 AND identity = $2",
+    )
+    .bind(&binding.service_sid)
+    .bind(&binding.identity)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Deletes one binding (already locked out by [`lock_user`]) and returns it; `NotFound` when a
+/// concurrent call deleted it first.
+async fn delete_binding_row(
+    tx: &mut Transaction<'_, Postgres>,
+    binding_sid: &str,
+) -> Result<Binding> {
+    let row = sqlx::query(&format!(
+        "DELETE FROM bindings WHERE sid = $1 RETURNING {BINDING_COLS}"
+    ))
+    .bind(binding_sid)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound)?;
+    Ok(binding_row(&row).map_err(db)?.1)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
+        let now = now_unix();
+        let service = Service {
+            sid: new_sid("IS"),
+            account_sid: account_sid.to_owned(),
+            friendly_name: friendly_name.to_owned(),
+            date_created: now,
+            date_updated: now,
+        };
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO services (sid, account_sid, friendly_name, date_created, date_updated) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(&service.friendly_name)
+        .bind(service.date_created)
+        .bind(service.date_updated)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO service_configs (service_sid, reachability_enabled, reachability_epoch) \
+             VALUES ($1, FALSE, 0)",
+        )
+        .bind(&service.sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(service)
+    }
+
+    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE sid = $1 AND account_sid = $2"
+        ))
+        .bind(service_sid)
+        .bind(account_sid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(service_row(&row).map_err(db)?.1)
+    }
+
+    async fn find_service(&self, service_sid: &str) -> Result<Service> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE sid = $1"
+        ))
+        .bind(service_sid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(service_row(&row).map_err(db)?.1)
+    }
+
+    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>> {
+        let (after, offset, limit) = window(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVICE_COLS} FROM services WHERE account_sid = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3 OFFSET $4"
+        ))
+        .bind(account_sid)
+        .bind(after)
+        .bind(limit + 1)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let rows = rows
+            .iter()
+            .map(service_row)
+            .collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
+        // One statement, committed on its own; the foreign keys cascade to the configuration,
+        // users and bindings.
+        let done = sqlx::query("DELETE FROM services WHERE sid = $1 AND account_sid = $2")
+            .bind(service_sid)
+            .bind(account_sid)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig> {
+        fetch_config(&self.pool, service_sid).await
+    }
+
+    async fn update_config(
+        &self,
+        service_sid: &str,
+        update: &ConfigUpdate,
+    ) -> Result<ServiceConfig> {
+        // One statement: the right-hand sides read the row as it was before this update, under
+        // the row lock the update holds, so concurrent enables bump the epoch once.
+        let row = sqlx::query(
+            "UPDATE service_configs c SET \
+             reachability_epoch = c.reachability_epoch \
+                 + CASE WHEN $1 AND NOT c.reachability_enabled THEN 1 ELSE 0 END, \
+             reachability_enabled = COALESCE($1, c.reachability_enabled), \
+             default_conversation_creator_role_sid = \
+                 COALESCE($2, c.default_conversation_creator_role_sid), \
+             default_conversation_role_sid = COALESCE($3, c.default_conversation_role_sid), \
+             default_chat_service_role_sid = COALESCE($4, c.default_chat_service_role_sid) \
+             WHERE c.service_sid = $5 \
+             RETURNING c.service_sid, c.reachability_enabled, c.reachability_epoch, \
+             c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
+             c.default_chat_service_role_sid",
+        )
+        .bind(update.reachability_enabled)
+        .bind(&update.default_conversation_creator_role_sid)
+        .bind(&update.default_conversation_role_sid)
+        .bind(&update.default_chat_service_role_sid)
+        .bind(service_sid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        config_row(&row).map_err(db)
+    }
+
+    async fn list_configs(&self) -> Result<Vec<ServiceConfig>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CONFIG_COLS} FROM service_configs c \
+             JOIN services s ON s.sid = c.service_sid ORDER BY s.seq"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(config_row)
+            .collect::<sqlx::Result<_>>()
+            .map_err(db)
+    }
+
+    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
+        let now = now_unix();
+        let sid = new_sid("US");
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (sid, service_sid, account_sid, identity, friendly_name, \
+             attributes, role_sid, date_created, date_updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&sid)
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(&user.identity)
+        .bind(&user.friendly_name)
+        .bind(&user.attributes)
+        .bind(&user.role_sid)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e))
+                if e.is_unique_violation() && e.constraint() == Some(USERS_IDENTITY_KEY) =>
+            {
+                return Err(StoreError::UserExists(user.identity.clone()));
+            }
+            Err(e) => return Err(db_fk(e)),
+        }
+        let record = fetch_user(&mut *tx, &service.sid, &sid, Lock::None).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn get_or_create_user(&self, service: &Service, identity: &str) -> Result<UserRecord> {
+        // The common case, an existing user, needs no write.
+        match fetch_user(&self.pool, &service.sid, identity, Lock::None).await {
+            Err(StoreError::NotFound) => {}
+            found => return found,
+        }
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        // A concurrent insert of the same identity makes this one wait for it to commit, and
+        // then do nothing; the next statement's snapshot sees the winner's row.
+        sqlx::query(
+            "INSERT INTO users (sid, service_sid, account_sid, identity, date_created, \
+             date_updated) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (service_sid, identity) DO NOTHING",
+        )
+        .bind(new_sid("US"))
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(identity)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_fk)?;
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2"
+        ))
+        .bind(&service.sid)
+        .bind(identity)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = user_row(&row).map_err(db)?.1;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+        fetch_user(&self.pool, service_sid, sid_or_identity, Lock::None).await
+    }
+
+    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>> {
+        let (after, offset, limit) = window(page);
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.seq > $2 \
+             ORDER BY u.seq LIMIT $3 OFFSET $4"
+        ))
+        .bind(service_sid)
+        .bind(after)
+        .bind(limit + 1)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let rows = rows.iter().map(user_row).collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn update_user(
+        &self,
+        service_sid: &str,
+        sid_or_identity: &str,
+        update: &UserUpdate,
+    ) -> Result<UserRecord> {
+        let mut tx = self.begin().await?;
+        let user = fetch_user(&mut *tx, service_sid, sid_or_identity, Lock::ForUpdate).await?;
+        sqlx::query(
+            "UPDATE users SET friendly_name = COALESCE($1, friendly_name), \
+             attributes = COALESCE($2, attributes), role_sid = COALESCE($3, role_sid), \
+             revision = revision + 1, date_updated = $4 WHERE sid = $5",
+        )
+        .bind(&update.friendly_name)
+        .bind(&update.attributes)
+        .bind(&update.role_sid)
+        .bind(now_unix())
+        .bind(&user.sid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let record = fetch_user(&mut *tx, service_sid, &user.sid, Lock::None).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(record)
+    }
+
+    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+        let mut tx = self.begin().await?;
+        // Locked, so no binding is added or removed between this read and the deletes: the
+        // returned record's binding_count is what was deleted.
+        let user = fetch_user(&mut *tx, service_sid, sid_or_identity, Lock::ForUpdate).await?;
+        sqlx::query("DELETE FROM bindings WHERE service_sid = $1 AND identity = $2")
+            .bind(service_sid)
+            .bind(&user.identity)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("DELETE FROM users WHERE sid = $1")
+            .bind(&user.sid)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(user)
+    }
+
+    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()> {
+        // Only writes when the epoch actually advances.
+        let done = sqlx::query(
+            "UPDATE users SET online_epoch = $1 \
+             WHERE service_sid = $2 AND identity = $3 AND online_epoch < $1",
+        )
+        .bind(epoch)
+        .bind(service_sid)
+        .bind(identity)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM users WHERE service_sid = $1 AND identity = $2")
+                .bind(service_sid)
+                .bind(identity)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        exists.map(|_| ()).ok_or(StoreError::NotFound)
+    }
+
+    async fn upsert_binding(
+        &self,
+        service: &Service,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+        credential_sid: Option<&str>,
+    ) -> Result<Binding> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        // Also the user's row lock (see `lock_user`).
+        let marked = sqlx::query(
+            "UPDATE users SET ever_had_binding = TRUE, revision = revision + 1 \
+             WHERE service_sid = $1 AND identity = $2",
+        )
+        .bind(&service.sid)
+        .bind(identity)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if marked.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "INSERT INTO bindings (sid, service_sid, account_sid, identity, binding_type, \
+             address, credential_sid, date_created, date_updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
+        )
+        .bind(new_sid("BS"))
+        .bind(&service.sid)
+        .bind(&service.account_sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .bind(credential_sid)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_fk)?;
+        let row = sqlx::query(&format!(
+            "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = $1 AND identity = $2 \
+             AND binding_type = $3 AND address = $4"
+        ))
+        .bind(&service.sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let binding = binding_row(&row).map_err(db)?.1;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn delete_binding_by_address(
+        &self,
+        service_sid: &str,
+        identity: &str,
+        binding_type: &str,
+        address: &str,
+    ) -> Result<Binding> {
+        let mut tx = self.begin().await?;
+        // No user, no bindings (they reference it).
+        if !lock_user(&mut tx, service_sid, identity).await? {
+            return Err(StoreError::NotFound);
+        }
+        let row = sqlx::query(&format!(
+            "DELETE FROM bindings WHERE service_sid = $1 AND identity = $2 \
+             AND binding_type = $3 AND address = $4 RETURNING {BINDING_COLS}"
+        ))
+        .bind(service_sid)
+        .bind(identity)
+        .bind(binding_type)
+        .bind(address)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        .ok_or(StoreError::NotFound)?;
+        let binding = binding_row(&row).map_err(db)?.1;
+        bump_revision(&mut tx, &binding).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+        fetch_binding(&self.pool, service_sid, binding_sid).await
+    }
+
+    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+        let mut tx = self.begin().await?;
+        // The user's row first, then the binding: the order every writer of a user follows.
+        let found = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
+        if !lock_user(&mut tx, service_sid, &found.identity).await? {
+            return Err(StoreError::NotFound);
+        }
+        let binding = delete_binding_row(&mut tx, &found.sid).await?;
+        bump_revision(&mut tx, &binding).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(binding)
+    }
+
+    async fn list_bindings(
+        &self,
+        service_sid: &str,
+        filter: &BindingFilter,
+        page: PageRequest,
+    ) -> Result<Page<Binding>> {
+        let (after, offset, limit) = window(page);
+        let mut sql = format!("SELECT {BINDING_COLS} FROM bindings WHERE service_sid = $1");
+        let mut n = 1;
+        if !filter.binding_types.is_empty() {
+            n += 1;
+            sql += &format!(" AND binding_type = ANY(${n})");
+        }
+        if !filter.identities.is_empty() {
+            n += 1;
+            sql += &format!(" AND identity = ANY(${n})");
+        }
+        sql += &format!(
+            " AND seq > ${} ORDER BY seq LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2,
+            n + 3
+        );
+        let mut query = sqlx::query(&sql).bind(service_sid);
+        if !filter.binding_types.is_empty() {
+            query = query.bind(&filter.binding_types);
+        }
+        if !filter.identities.is_empty() {
+            query = query.bind(&filter.identities);
+        }
+        let rows = query
+            .bind(after)
+            .bind(limit + 1)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let rows = rows
+            .iter()
+            .map(binding_row)
+            .collect::<sqlx::Result<Vec<_>>>();
+        Ok(into_page(rows.map_err(db)?, limit))
+    }
+
+    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE service_sid = $1 AND identity = $2")
+            .bind(service_sid)
+            .bind(identity)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_versions_follow_the_list() {
+        assert_eq!(SCHEMA_VERSION, 1);
+        assert_eq!(MIGRATIONS.len() as i64, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn secrets_are_found_in_user_info_and_query() {
+        assert_eq!(
+            url_secrets("postgres://reach:s3cr%40t@db:5432/reach"),
+            vec!["s3cr%40t".to_owned(), "s3cr@t".to_owned()]
+        );
+        assert_eq!(
+            url_secrets("postgres://db/reach?sslmode=require&password=hunter2"),
+            vec!["hunter2".to_owned()]
+        );
+        assert!(url_secrets("postgres://reach@db/reach").is_empty());
+        assert!(url_secrets("postgres://db/reach?user=a:b@c").is_empty());
+        assert_eq!(
+            redact(
+                "x s3cr@t y s3cr%40t",
+                &url_secrets("postgres://u:s3cr%40t@h/d")
+            ),
+            "x *** y ***"
+        );
+    }
+
+    #[test]
+    fn connect_can_be_spawned() {
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&PgStore::connect("postgres://localhost/reach"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_names_the_step_and_hides_the_password() {
+        let url = "postgres://reach:pa55word@127.0.0.1:notaport/reach";
+        let Err(StoreError::Backend(message)) = PgStore::connect(url).await else {
+            panic!("expected a backend error");
+        };
+        assert!(message.contains("invalid database URL"), "{message}");
+        assert!(!message.contains("pa55word"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_the_server_but_not_the_password() {
+        // Port 1 on the loopback interface: nothing listens there, the refusal is immediate.
+        let url = "postgres://reach:pa55word@127.0.0.1:1/reachdb";
+        let Err(StoreError::Backend(message)) = PgStore::connect(url).await else {
+            panic!("expected a backend error");
+        };
+        assert!(
+            message.contains("cannot connect to reach@127.0.0.1:1/reachdb"),
+            "{message}"
+        );
+        assert!(!message.contains("pa55word"), "{message}");
+    }
+}

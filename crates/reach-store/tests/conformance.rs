@@ -1,0 +1,737 @@
+//! The behaviour every [`Store`] backend shares, run against each of them: every case is a
+//! function of a [`Fixture`], and `conformance!` makes one test per (case, backend), named
+//! `<case>::sqlite` and `<case>::postgres`.
+//!
+//! The PostgreSQL tests need `REACH_TEST_POSTGRES_URL` (see `common/mod.rs`); without it they
+//! say `skipped: ...` on stderr and pass.
+
+mod common;
+
+use common::{AC, Fixture, OTHER_AC, first, new_user};
+use reach_store::{
+    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, ServiceConfig, StoreError,
+    UserRecord, UserUpdate, looks_like_sid,
+};
+
+/// One module per case, with a test per backend.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let fx = crate::common::Fixture::sqlite().await;
+                super::$case(&fx).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let test = concat!(stringify!($case), "::postgres");
+                if let Some(fx) = crate::common::Fixture::postgres(test).await {
+                    super::$case(&fx).await;
+                }
+            }
+        }
+    )*};
+}
+
+conformance!(
+    services_are_scoped_by_account,
+    deleting_a_service_deletes_its_users_and_bindings,
+    config_epoch_bumps_only_when_enabling,
+    users_lifecycle,
+    identity_shaped_like_a_sid_is_still_found,
+    get_or_create_returns_the_same_user,
+    paging_by_cursor_and_by_offset,
+    bindings_upsert_delete_and_filter,
+    concurrent_enables_bump_the_epoch_once,
+    concurrent_updates_of_a_user_keep_every_revision,
+    concurrent_upserts_of_one_binding_agree,
+    concurrent_deletes_of_a_user_and_its_bindings_never_fail,
+);
+
+async fn services_are_scoped_by_account(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "first").await.unwrap();
+    assert!(looks_like_sid(&svc.sid) && svc.sid.starts_with("IS"));
+    assert_eq!(svc.account_sid, AC);
+    assert_eq!(svc.friendly_name, "first");
+
+    assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+    assert_eq!(store.find_service(&svc.sid).await.unwrap(), svc);
+    assert!(matches!(
+        store.get_service(OTHER_AC, &svc.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .find_service("IS00000000000000000000000000000000")
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    let second = store.create_service(AC, "second").await.unwrap();
+    let other = store.create_service(OTHER_AC, "theirs").await.unwrap();
+    let page = store.list_services(AC, first(50)).await.unwrap();
+    assert_eq!(page.items, vec![svc.clone(), second.clone()]);
+    assert_eq!(page.next_cursor, None);
+    let page = store.list_services(OTHER_AC, first(50)).await.unwrap();
+    assert_eq!(page.items, vec![other.clone()]);
+
+    // Another account cannot delete it.
+    assert!(matches!(
+        store.delete_service(OTHER_AC, &svc.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    store.delete_service(AC, &svc.sid).await.unwrap();
+    assert!(matches!(
+        store.get_service(AC, &svc.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.get_config(&svc.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_service(AC, &svc.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    let page = store.list_services(AC, first(50)).await.unwrap();
+    assert_eq!(page.items, vec![second]);
+}
+
+async fn deleting_a_service_deletes_its_users_and_bindings(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    store.create_user(&svc, &new_user("alice")).await.unwrap();
+    store
+        .upsert_binding(&svc, "alice", "fcm", "token", None)
+        .await
+        .unwrap();
+    store.delete_service(AC, &svc.sid).await.unwrap();
+    let users = fx.count("SELECT COUNT(*) FROM users").await;
+    let bindings = fx.count("SELECT COUNT(*) FROM bindings").await;
+    assert_eq!((users, bindings), (0, 0));
+}
+
+async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let config = store.get_config(&svc.sid).await.unwrap();
+    assert_eq!(
+        config,
+        ServiceConfig {
+            service_sid: svc.sid.clone(),
+            reachability_enabled: false,
+            reachability_epoch: 0,
+            default_conversation_creator_role_sid: None,
+            default_conversation_role_sid: None,
+            default_chat_service_role_sid: None,
+        }
+    );
+
+    let enable = ConfigUpdate {
+        reachability_enabled: Some(true),
+        ..ConfigUpdate::default()
+    };
+    let disable = ConfigUpdate {
+        reachability_enabled: Some(false),
+        ..ConfigUpdate::default()
+    };
+    let c = store.update_config(&svc.sid, &enable).await.unwrap();
+    assert!(c.reachability_enabled);
+    assert_eq!(c.reachability_epoch, 1);
+    // true -> true: no bump.
+    let c = store.update_config(&svc.sid, &enable).await.unwrap();
+    assert_eq!(c.reachability_epoch, 1);
+    // true -> false: no bump.
+    let c = store.update_config(&svc.sid, &disable).await.unwrap();
+    assert!(!c.reachability_enabled);
+    assert_eq!(c.reachability_epoch, 1);
+    // false -> false: no bump.
+    let c = store.update_config(&svc.sid, &disable).await.unwrap();
+    assert_eq!(c.reachability_epoch, 1);
+    // false -> true: bump.
+    let c = store.update_config(&svc.sid, &enable).await.unwrap();
+    assert_eq!(c.reachability_epoch, 2);
+
+    // Role updates leave reachability alone.
+    let roles = ConfigUpdate {
+        default_chat_service_role_sid: Some("RL00000000000000000000000000000001".into()),
+        ..ConfigUpdate::default()
+    };
+    let c = store.update_config(&svc.sid, &roles).await.unwrap();
+    assert!(c.reachability_enabled);
+    assert_eq!(c.reachability_epoch, 2);
+    assert_eq!(
+        c.default_chat_service_role_sid.as_deref(),
+        Some("RL00000000000000000000000000000001")
+    );
+    assert_eq!(c.default_conversation_role_sid, None);
+    assert_eq!(store.get_config(&svc.sid).await.unwrap(), c);
+
+    let other = store.create_service(OTHER_AC, "t").await.unwrap();
+    let all = store.list_configs().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], c);
+    assert_eq!(all[1].service_sid, other.sid);
+
+    assert!(matches!(
+        store
+            .update_config("IS00000000000000000000000000000000", &enable)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn users_lifecycle(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
+    assert!(looks_like_sid(&alice.sid) && alice.sid.starts_with("US"));
+    assert_eq!(alice.identity, "alice");
+    assert_eq!(alice.service_sid, svc.sid);
+    assert_eq!(alice.account_sid, AC);
+    assert_eq!(alice.attributes, "{}");
+    assert_eq!(alice.friendly_name, None);
+    assert_eq!(alice.revision, 0);
+    assert_eq!(alice.online_epoch, 0);
+    assert!(!alice.ever_had_binding);
+    assert_eq!(alice.binding_count, 0);
+
+    match store.create_user(&svc, &new_user("alice")).await {
+        Err(StoreError::UserExists(identity)) => assert_eq!(identity, "alice"),
+        other => panic!("expected UserExists, got {other:?}"),
+    }
+    // The same identity in another service is fine.
+    let svc2 = store.create_service(AC, "s2").await.unwrap();
+    store.create_user(&svc2, &new_user("alice")).await.unwrap();
+
+    assert_eq!(store.get_user(&svc.sid, &alice.sid).await.unwrap(), alice);
+    assert_eq!(store.get_user(&svc.sid, "alice").await.unwrap(), alice);
+    assert!(matches!(
+        store.get_user(&svc.sid, "bob").await,
+        Err(StoreError::NotFound)
+    ));
+    // Scoped by service.
+    assert!(matches!(
+        store.get_user(&svc2.sid, &alice.sid).await,
+        Err(StoreError::NotFound)
+    ));
+
+    let bob = store
+        .create_user(
+            &svc,
+            &NewUser {
+                identity: "bob".into(),
+                friendly_name: Some("Bob".into()),
+                attributes: Some(r#"{"a":1}"#.into()),
+                role_sid: Some("RL00000000000000000000000000000001".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(bob.friendly_name.as_deref(), Some("Bob"));
+    assert_eq!(bob.attributes, r#"{"a":1}"#);
+
+    let updated = store
+        .update_user(
+            &svc.sid,
+            &bob.sid,
+            &UserUpdate {
+                friendly_name: Some("Robert".into()),
+                ..UserUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.revision, bob.revision + 1);
+    assert_eq!(updated.friendly_name.as_deref(), Some("Robert"));
+    assert_eq!(updated.attributes, bob.attributes, "unchanged");
+    assert_eq!(updated.role_sid, bob.role_sid, "unchanged");
+    assert!(updated.date_updated >= bob.date_updated);
+    let updated = store
+        .update_user(
+            &svc.sid,
+            "bob",
+            &UserUpdate {
+                attributes: Some("{}".into()),
+                ..UserUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.revision, bob.revision + 2);
+    assert_eq!(updated.friendly_name.as_deref(), Some("Robert"));
+    assert!(matches!(
+        store
+            .update_user(&svc.sid, "nobody", &UserUpdate::default())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    store.mark_online(&svc.sid, "bob", 3).await.unwrap();
+    store.mark_online(&svc.sid, "bob", 2).await.unwrap();
+    assert_eq!(
+        store.get_user(&svc.sid, "bob").await.unwrap().online_epoch,
+        3
+    );
+    store.mark_online(&svc.sid, "bob", 3).await.unwrap();
+    store.mark_online(&svc.sid, "bob", 4).await.unwrap();
+    assert_eq!(
+        store.get_user(&svc.sid, "bob").await.unwrap().online_epoch,
+        4
+    );
+    assert!(matches!(
+        store.mark_online(&svc.sid, "nobody", 1).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Deleting removes the bindings too.
+    store
+        .upsert_binding(&svc, "bob", "apn", "t1", None)
+        .await
+        .unwrap();
+    store
+        .upsert_binding(&svc, "bob", "fcm", "t2", None)
+        .await
+        .unwrap();
+    let deleted = store.delete_user(&svc.sid, "bob").await.unwrap();
+    assert_eq!(deleted.sid, bob.sid);
+    assert_eq!(deleted.binding_count, 2);
+    assert_eq!(store.count_bindings(&svc.sid, "bob").await.unwrap(), 0);
+    let left = fx
+        .count("SELECT COUNT(*) FROM bindings WHERE identity = 'bob'")
+        .await;
+    assert_eq!(left, 0);
+    assert!(matches!(
+        store.get_user(&svc.sid, &bob.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_user(&svc.sid, &bob.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    // Delete by SID works too.
+    store.delete_user(&svc.sid, &alice.sid).await.unwrap();
+    assert!(matches!(
+        store.get_user(&svc.sid, "alice").await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn identity_shaped_like_a_sid_is_still_found(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let odd = "US0123456789abcdef0123456789abcdef";
+    let user = store.create_user(&svc, &new_user(odd)).await.unwrap();
+    assert_eq!(store.get_user(&svc.sid, odd).await.unwrap(), user);
+    assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
+}
+
+async fn get_or_create_returns_the_same_user(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let a = store.get_or_create_user(&svc, "carol").await.unwrap();
+    let b = store.get_or_create_user(&svc, "carol").await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.attributes, "{}");
+    assert_eq!(a.revision, 0);
+
+    // Concurrent callers agree on one row.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            store.get_or_create_user(&svc, "dave").await.unwrap().sid
+        }));
+    }
+    let mut sids = Vec::new();
+    for t in tasks {
+        sids.push(t.await.unwrap());
+    }
+    sids.sort();
+    sids.dedup();
+    assert_eq!(sids.len(), 1, "{sids:?}");
+
+    // A service that no longer exists.
+    store.delete_service(AC, &svc.sid).await.unwrap();
+    assert!(matches!(
+        store.get_or_create_user(&svc, "erin").await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.create_user(&svc, &new_user("erin")).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let mut identities = Vec::new();
+    for i in 0..7 {
+        let identity = format!("user{i}");
+        store.create_user(&svc, &new_user(&identity)).await.unwrap();
+        identities.push(identity);
+    }
+    let names = |page: &Page<UserRecord>| {
+        page.items
+            .iter()
+            .map(|u| u.identity.clone())
+            .collect::<Vec<_>>()
+    };
+
+    // Keyset: 3 + 3 + 1.
+    let p1 = store.list_users(&svc.sid, first(3)).await.unwrap();
+    assert_eq!(names(&p1), identities[0..3]);
+    assert!(p1.next_cursor.is_some());
+    let p2 = store
+        .list_users(
+            &svc.sid,
+            PageRequest {
+                after: p1.next_cursor,
+                offset: 0,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p2), identities[3..6]);
+    assert!(p2.next_cursor.is_some());
+    // The offset is ignored when a cursor is given.
+    let p3 = store
+        .list_users(
+            &svc.sid,
+            PageRequest {
+                after: p2.next_cursor,
+                offset: 100,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p3), identities[6..7]);
+    assert_eq!(p3.next_cursor, None);
+
+    // Offset: 3 + 3 + 1.
+    let mut seen = Vec::new();
+    for (i, offset) in [0, 3, 6].into_iter().enumerate() {
+        let page = store
+            .list_users(
+                &svc.sid,
+                PageRequest {
+                    after: None,
+                    offset,
+                    limit: 3,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.next_cursor.is_some(), i < 2, "page {i}");
+        seen.extend(names(&page));
+    }
+    assert_eq!(seen, identities);
+
+    // Deleting a row already listed does not shift a keyset page.
+    store.delete_user(&svc.sid, "user0").await.unwrap();
+    let p2_again = store
+        .list_users(
+            &svc.sid,
+            PageRequest {
+                after: p1.next_cursor,
+                offset: 0,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p2_again), identities[3..6]);
+
+    // Exactly `limit` rows left: no next page.
+    let all = store.list_users(&svc.sid, first(6)).await.unwrap();
+    assert_eq!(all.items.len(), 6);
+    assert_eq!(all.next_cursor, None);
+
+    // Services page the same way.
+    for i in 0..4 {
+        store.create_service(AC, &format!("more{i}")).await.unwrap();
+    }
+    let p = store.list_services(AC, first(2)).await.unwrap();
+    assert_eq!(p.items.len(), 2);
+    let p = store
+        .list_services(
+            AC,
+            PageRequest {
+                after: p.next_cursor,
+                offset: 0,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.items.len(), 2);
+    let p = store
+        .list_services(
+            AC,
+            PageRequest {
+                after: p.next_cursor,
+                offset: 0,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.items.len(), 1);
+    assert_eq!(p.next_cursor, None);
+}
+
+async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    store.create_user(&svc, &new_user("alice")).await.unwrap();
+    store.create_user(&svc, &new_user("bob")).await.unwrap();
+
+    // The user must exist.
+    assert!(matches!(
+        store.upsert_binding(&svc, "nobody", "fcm", "x", None).await,
+        Err(StoreError::NotFound)
+    ));
+
+    let b1 = store
+        .upsert_binding(
+            &svc,
+            "alice",
+            "fcm",
+            "tok-a",
+            Some("CR00000000000000000000000000000001"),
+        )
+        .await
+        .unwrap();
+    assert!(looks_like_sid(&b1.sid) && b1.sid.starts_with("BS"));
+    assert_eq!(b1.account_sid, AC);
+    assert_eq!(
+        b1.credential_sid.as_deref(),
+        Some("CR00000000000000000000000000000001")
+    );
+    // Idempotent.
+    let again = store
+        .upsert_binding(&svc, "alice", "fcm", "tok-a", None)
+        .await
+        .unwrap();
+    assert_eq!(again, b1);
+    assert_eq!(store.count_bindings(&svc.sid, "alice").await.unwrap(), 1);
+
+    let b2 = store
+        .upsert_binding(&svc, "alice", "apn", "tok-b", None)
+        .await
+        .unwrap();
+    let b3 = store
+        .upsert_binding(&svc, "bob", "apn", "tok-c", None)
+        .await
+        .unwrap();
+    let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+    assert!(alice.ever_had_binding);
+    assert_eq!(alice.binding_count, 2);
+    assert_eq!(store.get_binding(&svc.sid, &b2.sid).await.unwrap(), b2);
+
+    let list = |types: &[&str], identities: &[&str]| BindingFilter {
+        binding_types: types.iter().map(|s| s.to_string()).collect(),
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+    };
+    let sids = |page: Page<Binding>| page.items.into_iter().map(|b| b.sid).collect::<Vec<_>>();
+    let all = store
+        .list_bindings(&svc.sid, &list(&[], &[]), first(50))
+        .await
+        .unwrap();
+    assert_eq!(
+        sids(all),
+        vec![b1.sid.clone(), b2.sid.clone(), b3.sid.clone()]
+    );
+    let apn = store
+        .list_bindings(&svc.sid, &list(&["apn"], &[]), first(50))
+        .await
+        .unwrap();
+    assert_eq!(sids(apn), vec![b2.sid.clone(), b3.sid.clone()]);
+    let alice_any = store
+        .list_bindings(&svc.sid, &list(&["apn", "fcm"], &["alice"]), first(50))
+        .await
+        .unwrap();
+    assert_eq!(sids(alice_any), vec![b1.sid.clone(), b2.sid.clone()]);
+    let both = store
+        .list_bindings(&svc.sid, &list(&["apn"], &["alice", "bob"]), first(1))
+        .await
+        .unwrap();
+    assert_eq!(both.items, vec![b2.clone()]);
+    let rest = store
+        .list_bindings(
+            &svc.sid,
+            &list(&["apn"], &["alice", "bob"]),
+            PageRequest {
+                after: both.next_cursor,
+                offset: 0,
+                limit: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.items, vec![b3.clone()]);
+    assert_eq!(rest.next_cursor, None);
+    let none = store
+        .list_bindings(&svc.sid, &list(&["gcm"], &[]), first(50))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+
+    // Deletes.
+    let gone = store
+        .delete_binding_by_address(&svc.sid, "alice", "fcm", "tok-a")
+        .await
+        .unwrap();
+    assert_eq!(gone, b1);
+    assert!(matches!(
+        store
+            .delete_binding_by_address(&svc.sid, "alice", "fcm", "tok-a")
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.delete_binding(&svc.sid, &b2.sid).await.unwrap(), b2);
+    assert!(matches!(
+        store.delete_binding(&svc.sid, &b2.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.get_binding(&svc.sid, &b2.sid).await,
+        Err(StoreError::NotFound)
+    ));
+    let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+    assert!(alice.ever_had_binding, "stays true");
+    assert_eq!(alice.binding_count, 0);
+    assert_eq!(store.count_bindings(&svc.sid, "alice").await.unwrap(), 0);
+
+    // A new binding after the delete gets a new SID.
+    let b4 = store
+        .upsert_binding(&svc, "alice", "fcm", "tok-a", None)
+        .await
+        .unwrap();
+    assert_ne!(b4.sid, b1.sid);
+}
+
+async fn concurrent_enables_bump_the_epoch_once(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let enable = ConfigUpdate {
+        reachability_enabled: Some(true),
+        ..ConfigUpdate::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, sid, enable) = (store.clone(), svc.sid.clone(), enable.clone());
+        tasks.push(tokio::spawn(async move {
+            store.update_config(&sid, &enable).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        let config = t.await.unwrap();
+        assert!(config.reachability_enabled);
+        assert_eq!(config.reachability_epoch, 1);
+    }
+    assert_eq!(
+        store.get_config(&svc.sid).await.unwrap().reachability_epoch,
+        1
+    );
+}
+
+async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (store, sid) = (store.clone(), svc.sid.clone());
+        tasks.push(tokio::spawn(async move {
+            let update = UserUpdate {
+                friendly_name: Some(format!("Alice {i}")),
+                ..UserUpdate::default()
+            };
+            store.update_user(&sid, "alice", &update).await.unwrap()
+        }));
+    }
+    let mut revisions = Vec::new();
+    for t in tasks {
+        revisions.push(t.await.unwrap().revision);
+    }
+    revisions.sort();
+    assert_eq!(revisions, (1..=8).collect::<Vec<i64>>(), "one bump each");
+    let alice_now = store.get_user(&svc.sid, &alice.sid).await.unwrap();
+    assert_eq!(alice_now.revision, alice.revision + 8);
+}
+
+async fn concurrent_upserts_of_one_binding_agree(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    store.create_user(&svc, &new_user("alice")).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, svc) = (store.clone(), svc.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .upsert_binding(&svc, "alice", "fcm", "tok", None)
+                .await
+                .unwrap()
+                .sid
+        }));
+    }
+    let mut sids = Vec::new();
+    for t in tasks {
+        sids.push(t.await.unwrap());
+    }
+    sids.sort();
+    sids.dedup();
+    assert_eq!(sids.len(), 1, "{sids:?}");
+    assert_eq!(store.count_bindings(&svc.sid, "alice").await.unwrap(), 1);
+}
+
+/// A user deleted while its bindings are deleted one by one: every call either does its work
+/// or finds the row gone (`NotFound`), none fails (e.g. on a lock-order deadlock), and
+/// nothing is left behind.
+async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(AC, "s").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let identity = format!("user{i}");
+        store.create_user(&svc, &new_user(&identity)).await.unwrap();
+        let b1 = store
+            .upsert_binding(&svc, &identity, "fcm", "t1", None)
+            .await
+            .unwrap();
+        store
+            .upsert_binding(&svc, &identity, "apn", "t2", None)
+            .await
+            .unwrap();
+        let (s, sid, id) = (store.clone(), svc.sid.clone(), identity.clone());
+        tasks.push(tokio::spawn(async move {
+            s.delete_binding(&sid, &b1.sid).await.map(drop)
+        }));
+        let (s, sid, id2) = (store.clone(), svc.sid.clone(), identity.clone());
+        tasks.push(tokio::spawn(async move {
+            s.delete_binding_by_address(&sid, &id2, "apn", "t2")
+                .await
+                .map(drop)
+        }));
+        let (s, sid) = (store.clone(), svc.sid.clone());
+        tasks.push(tokio::spawn(async move {
+            s.delete_user(&sid, &id).await.map(drop)
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let users = fx.count("SELECT COUNT(*) FROM users").await;
+    let bindings = fx.count("SELECT COUNT(*) FROM bindings").await;
+    assert_eq!((users, bindings), (0, 0));
+}
