@@ -18,6 +18,16 @@
 //!   `is_notifiable` null for a user that never had a push binding.
 //!
 //! Entries with no connection, no subscriber and no grace pending are removed.
+//!
+//! Cluster mode (an engine built with [`Engine::new_clustered`]): a user is online while any
+//! node *holds* it (has a connection, or is inside its grace). The entry's `online` is this
+//! node's hold; `remote` is whether another node holds it, learned from the backplane. What
+//! subscribers see is `online || remote.held`. The engine reports, through a channel of
+//! [`ClusterEvent`]s sent under the user's shard lock (so per user they are in order), when
+//! this node starts or stops holding a user and when a user gains its first or loses its last
+//! watcher here; the backplane answers with [`Engine::apply_remote`]. A `subscribed` reply for
+//! a user whose remote state is not known yet waits (its outbox slot is held back) until the
+//! backplane's answer arrives, so the first state a watcher sees is the cluster's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +79,14 @@ impl UserKey {
     pub fn identity(&self) -> &str {
         self.0.split_once('/').map_or("", |(_, i)| i)
     }
+    /// `<service SID>/<identity>`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The inverse of [`UserKey::as_str`].
+    pub fn parse(s: &str) -> Option<UserKey> {
+        s.split_once('/').map(|(svc, id)| UserKey::new(svc, id))
+    }
 }
 
 /// What the store knows of a user, as the engine needs it.
@@ -102,6 +120,27 @@ pub enum PersistEvent {
     },
 }
 
+/// What the engine tells the cluster backplane (cluster mode only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// This node started holding the user (first connection, not inside a grace).
+    Held(UserKey),
+    /// This node stopped holding the user (grace over, or `bye`).
+    Released(UserKey),
+    /// The first connection of this node watching the user (other than its own).
+    Watch(UserKey),
+    /// The last watcher of the user on this node went away.
+    Unwatch(UserKey),
+}
+
+/// Whether other nodes hold a user, as the backplane last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Remote {
+    /// Orders the backplane's reports: a report applies only if newer than the last one.
+    version: u64,
+    held: bool,
+}
+
 /// One live connection as the engine sees it.
 #[derive(Debug)]
 pub struct Conn {
@@ -115,8 +154,15 @@ pub struct Conn {
 struct Entry {
     /// Connections of this user attached on this node.
     conns: u32,
-    /// The published presence: true while `conns > 0` or inside the offline grace.
+    /// This node holds the user: true while `conns > 0` or inside the offline grace. Without a
+    /// cluster, this is the published presence.
     online: bool,
+    /// Cluster mode: subscribers that are not the user's own connections.
+    watchers: u32,
+    /// Cluster mode: whether another node holds the user; `None` until the backplane answered.
+    remote: Option<Remote>,
+    /// Cluster mode: `subscribed` slots waiting for `remote`.
+    waiting: Vec<(Arc<Conn>, SlotId)>,
     /// Non-zero while an offline grace timer is pending; a timer acts only if it still matches.
     grace_gen: u64,
     /// Highest epoch seen online (from the store, raised when the user comes online).
@@ -133,6 +179,9 @@ impl Entry {
         Entry {
             conns: 0,
             online: false,
+            watchers: 0,
+            remote: None,
+            waiting: Vec::new(),
             grace_gen: 0,
             online_epoch: 0,
             profile: None,
@@ -144,8 +193,13 @@ impl Entry {
         self.conns == 0 && !self.online && self.subscribers.is_empty()
     }
 
+    /// The presence subscribers see: held here or by another node.
+    fn visible(&self) -> bool {
+        self.online || self.remote.is_some_and(|r| r.held)
+    }
+
     fn is_online(&self, svc: ServiceState) -> Option<bool> {
-        is_online_flag(svc, self.online, self.online_epoch)
+        is_online_flag(svc, self.visible(), self.online_epoch)
     }
 
     fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
@@ -209,6 +263,7 @@ pub struct Engine {
     next_conn: AtomicU64,
     next_grace: AtomicU64,
     persist: Option<mpsc::UnboundedSender<PersistEvent>>,
+    cluster: Option<mpsc::UnboundedSender<ClusterEvent>>,
     metrics: EngineMetrics,
 }
 
@@ -227,6 +282,26 @@ impl Engine {
         metrics: EngineMetrics,
         persist: Option<mpsc::UnboundedSender<PersistEvent>>,
     ) -> Arc<Engine> {
+        Self::build(config, metrics, persist, None)
+    }
+
+    /// An engine of a cluster node: it reports holds and watches on `cluster` and expects
+    /// [`Engine::apply_remote`] calls for every `Watch` (see the module doc).
+    pub fn new_clustered(
+        config: EngineConfig,
+        metrics: EngineMetrics,
+        persist: Option<mpsc::UnboundedSender<PersistEvent>>,
+        cluster: mpsc::UnboundedSender<ClusterEvent>,
+    ) -> Arc<Engine> {
+        Self::build(config, metrics, persist, Some(cluster))
+    }
+
+    fn build(
+        config: EngineConfig,
+        metrics: EngineMetrics,
+        persist: Option<mpsc::UnboundedSender<PersistEvent>>,
+        cluster: Option<mpsc::UnboundedSender<ClusterEvent>>,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             config,
             users: DashMap::new(),
@@ -235,8 +310,15 @@ impl Engine {
             next_conn: AtomicU64::new(1),
             next_grace: AtomicU64::new(1),
             persist,
+            cluster,
             metrics,
         })
+    }
+
+    fn tell_cluster(&self, event: impl FnOnce() -> ClusterEvent) {
+        if let Some(tx) = &self.cluster {
+            let _ = tx.send(event());
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -292,18 +374,22 @@ impl Engine {
         if entry.conns == 1 {
             entry.grace_gen = 0;
             if !entry.online {
+                let was_visible = entry.visible();
                 entry.online = true;
                 self.metrics.online_users.inc();
+                self.tell_cluster(|| ClusterEvent::Held(conn.key.clone()));
                 if svc.enabled && entry.online_epoch < svc.epoch {
                     entry.online_epoch = svc.epoch;
                     new_epoch = Some(svc.epoch);
                 }
-                self.publish(
-                    &conn.key,
-                    &entry,
-                    svc,
-                    Reasons::of(UpdateReason::ReachabilityOnline),
-                );
+                if !was_visible {
+                    self.publish(
+                        &conn.key,
+                        &entry,
+                        svc,
+                        Reasons::of(UpdateReason::ReachabilityOnline),
+                    );
+                }
             }
         }
         if entry
@@ -320,28 +406,56 @@ impl Engine {
     }
 
     /// Subscribes `conn` to a user and fills `slot` with its state.
+    ///
+    /// In cluster mode, a user whose remote state is not known yet is filled in later by
+    /// [`Engine::apply_remote`]; the slot is held back until then (this still returns
+    /// `Filled`).
     pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
         let key = UserKey::new(&conn.service, identity);
         let svc = self.service(&conn.service);
-        let mut entry = self.users.entry(key).or_insert_with(Entry::new);
+        let watcher = key != conn.key;
+        let mut entry = self.users.entry(key.clone()).or_insert_with(Entry::new);
         if entry
             .subscribers
             .insert(conn.id, Arc::clone(conn))
             .is_none()
         {
             self.metrics.subscriptions.inc();
+            if watcher {
+                entry.watchers += 1;
+                if entry.watchers == 1 {
+                    self.tell_cluster(|| ClusterEvent::Watch(key));
+                }
+            }
         }
-        self.fill_locked(&entry, identity, conn, slot, svc)
+        self.fill_or_wait(&mut entry, identity, conn, slot, svc)
     }
 
     /// Fills `slot` with the user's current state once its profile is loaded.
     pub fn fill(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
         let key = UserKey::new(&conn.service, identity);
         let svc = self.service(&conn.service);
-        match self.users.get(&key) {
-            Some(entry) => self.fill_locked(&entry, identity, conn, slot, svc),
+        match self.users.get_mut(&key) {
+            Some(mut entry) => self.fill_or_wait(&mut entry, identity, conn, slot, svc),
             None => Attach::NeedsProfile,
         }
+    }
+
+    fn fill_or_wait(
+        &self,
+        entry: &mut Entry,
+        identity: &str,
+        conn: &Arc<Conn>,
+        slot: SlotId,
+        svc: ServiceState,
+    ) -> Attach {
+        let own = identity == &*conn.identity;
+        if self.cluster.is_some() && !own && entry.remote.is_none() && entry.profile.is_some() {
+            conn.outbox.expect(slot);
+            entry.waiting.push((Arc::clone(conn), slot));
+            return Attach::Filled;
+        }
+        self.fill_locked(entry, identity, conn, slot, svc)
     }
 
     fn fill_locked(
@@ -372,9 +486,23 @@ impl Engine {
 
     fn remove_subscriber(&self, key: &UserKey, conn_id: ConnId) {
         if let Some(mut entry) = self.users.get_mut(key)
-            && entry.subscribers.remove(&conn_id).is_some()
+            && let Some(conn) = entry.subscribers.remove(&conn_id)
         {
             self.metrics.subscriptions.dec();
+            if conn.key != *key {
+                entry.waiting.retain(|(c, slot)| {
+                    let keep = c.id != conn_id;
+                    if !keep {
+                        c.outbox.release(*slot);
+                    }
+                    keep
+                });
+                entry.watchers -= 1;
+                if entry.watchers == 0 {
+                    entry.remote = None;
+                    self.tell_cluster(|| ClusterEvent::Unwatch(key.clone()));
+                }
+            }
         }
         self.users.remove_if(key, |_, e| e.is_idle());
     }
@@ -434,12 +562,75 @@ impl Engine {
         entry.grace_gen = 0;
         entry.online = false;
         self.metrics.online_users.dec();
-        self.publish(
-            key,
-            entry,
-            svc,
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
+        self.tell_cluster(|| ClusterEvent::Released(key.clone()));
+        if !entry.visible() {
+            self.publish(
+                key,
+                entry,
+                svc,
+                Reasons::of(UpdateReason::ReachabilityOnline),
+            );
+        }
+    }
+
+    /// Cluster mode: the backplane's report of whether other nodes hold a watched user.
+    /// Applies only if `version` is newer than the last report (any version when none is
+    /// known yet); publishes when the visible presence changes, and completes `subscribed`
+    /// replies waiting for it.
+    pub fn apply_remote(&self, key: &UserKey, version: u64, held: bool) {
+        let Some(mut entry) = self.users.get_mut(key) else {
+            return;
+        };
+        if entry.watchers == 0 || entry.remote.is_some_and(|r| r.version >= version) {
+            return;
+        }
+        let svc = self.service(key.service());
+        let before = entry.visible();
+        entry.remote = Some(Remote { version, held });
+        let after = entry.visible();
+        if after && svc.enabled {
+            // Recorded in the store by the holding node; kept here so `false` is not read
+            // as null when the user goes offline again.
+            entry.online_epoch = entry.online_epoch.max(svc.epoch);
+        }
+        let waiting = std::mem::take(&mut entry.waiting);
+        for (conn, slot) in &waiting {
+            self.fill_locked(&entry, key.identity(), conn, *slot, svc);
+            conn.outbox.release(*slot);
+        }
+        if before != after {
+            self.publish_except(
+                key,
+                &entry,
+                svc,
+                Reasons::of(UpdateReason::ReachabilityOnline),
+                &waiting,
+            );
+        }
+    }
+
+    /// Cluster mode: users this node holds (for the backplane's resynchronisation).
+    pub fn held_users(&self) -> Vec<UserKey> {
+        self.users
+            .iter()
+            .filter(|e| e.online)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// Cluster mode: users watched by connections of this node, besides their own.
+    pub fn watched_users(&self) -> Vec<UserKey> {
+        self.users
+            .iter()
+            .filter(|e| e.watchers > 0)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// Whether the user is in memory here (connected, in grace or watched).
+    pub fn knows(&self, service_sid: &str, identity: &str) -> bool {
+        self.users
+            .contains_key(&UserKey::new(service_sid, identity))
     }
 
     fn note_online(&self, key: &UserKey, entry: &mut Entry, svc: ServiceState) {
@@ -462,6 +653,19 @@ impl Engine {
     /// Fans a diff out to the user's subscribers. Nothing is published while reachability is
     /// disabled for presence reasons, or before the profile is loaded (nobody has seen it yet).
     fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
+        self.publish_except(key, entry, svc, reasons, &[]);
+    }
+
+    /// [`Engine::publish`], skipping the connections in `skip` (they were just given the state
+    /// in a reply).
+    fn publish_except(
+        &self,
+        key: &UserKey,
+        entry: &Entry,
+        svc: ServiceState,
+        reasons: Reasons,
+        skip: &[(Arc<Conn>, SlotId)],
+    ) {
         let presence_only = !reasons.contains(UpdateReason::FriendlyName)
             && !reasons.contains(UpdateReason::Attributes);
         if (presence_only && !svc.enabled) || entry.subscribers.is_empty() {
@@ -476,6 +680,9 @@ impl Engine {
         let identity: Arc<str> = Arc::from(key.identity());
         let (mut queued, mut coalesced) = (0u64, 0u64);
         for conn in entry.subscribers.values() {
+            if !skip.is_empty() && skip.iter().any(|(c, _)| c.id == conn.id) {
+                continue;
+            }
             match conn.outbox.push_update(&identity, &update) {
                 PushOutcome::Queued => queued += 1,
                 PushOutcome::Coalesced => coalesced += 1,
@@ -539,11 +746,13 @@ impl Engine {
         }
     }
 
-    /// Presence of a user as REST reports it: `(online, online_epoch)`, if in memory.
+    /// Presence of a user as REST reports it: `(online, online_epoch)`, if in memory. In
+    /// cluster mode `online` is what this node knows: held here, or by another node as last
+    /// reported for a watched user.
     pub fn presence(&self, service_sid: &str, identity: &str) -> Option<(bool, i64)> {
         self.users
             .get(&UserKey::new(service_sid, identity))
-            .map(|e| (e.online, e.online_epoch))
+            .map(|e| (e.visible(), e.online_epoch))
     }
 
     /// Sets a service's switch (at start, on create, on a configuration update). A change
@@ -582,6 +791,9 @@ impl Engine {
             let mut reasons = Reasons::EMPTY;
             if entry.online {
                 self.note_online(&key, entry, state);
+                reasons = reasons.with(UpdateReason::ReachabilityOnline);
+            } else if entry.visible() {
+                entry.online_epoch = entry.online_epoch.max(state.epoch);
                 reasons = reasons.with(UpdateReason::ReachabilityOnline);
             }
             if entry.is_notifiable(state).is_some() {

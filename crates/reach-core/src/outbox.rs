@@ -131,6 +131,9 @@ enum Item {
     Slot {
         frame: Option<SlotFrame>,
         sealed: bool,
+        /// Fills still expected from elsewhere (cluster mode: a watched user's state from the
+        /// backplane); the slot is sent once it is sealed and this is 0.
+        awaiting: u32,
     },
 }
 
@@ -281,6 +284,7 @@ impl Outbox {
         let item = Item::Slot {
             frame: Some(frame),
             sealed: false,
+            awaiting: 0,
         };
         self.lock().push(item, 256, self.max_bytes).map(SlotId)
     }
@@ -314,6 +318,24 @@ impl Outbox {
         }
     }
 
+    /// Announces a fill that will come later from elsewhere: the slot is held back, even once
+    /// sealed, until [`Outbox::release`] is called as often as this.
+    pub fn expect(&self, slot: SlotId) {
+        let mut inner = self.lock();
+        if let Some(Item::Slot { awaiting, .. }) = inner.slot_mut(slot) {
+            *awaiting += 1;
+        }
+    }
+
+    /// Ends one expected fill (after [`Outbox::fill`], or without it when the wait was given up).
+    pub fn release(&self, slot: SlotId) {
+        let mut inner = self.lock();
+        if let Some(Item::Slot { awaiting, .. }) = inner.slot_mut(slot) {
+            *awaiting = awaiting.saturating_sub(1);
+        }
+        inner.wake();
+    }
+
     /// Marks a slot complete: the writer may send it.
     pub fn seal(&self, slot: SlotId) {
         let mut inner = self.lock();
@@ -344,7 +366,9 @@ impl Outbox {
     pub fn pop(&self, waker: &Waker) -> Option<Outgoing> {
         let mut inner = self.lock();
         let ready = match inner.items.front() {
-            Some(Item::Slot { sealed, .. }) => *sealed,
+            Some(Item::Slot {
+                sealed, awaiting, ..
+            }) => *sealed && *awaiting == 0,
             Some(_) => true,
             None => false,
         };

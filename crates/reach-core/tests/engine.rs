@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use reach_core::{
-    Attach, Conn, Engine, EngineConfig, EngineMetrics, Outgoing, Profile, ServiceState, SlotFrame,
+    Attach, ClusterEvent, Conn, Engine, EngineConfig, EngineMetrics, Outgoing, Profile,
+    ServiceState, SlotFrame, UserKey,
 };
 use reach_proto::{Encoding, ServerFrame, UpdateReason, decode_server};
 
@@ -291,6 +292,116 @@ async fn slow_subscriber_holds_one_pending_update_with_the_latest_state() {
         vec![("alice".into(), Some(true))]
     );
     e.detach(&a, &[], true);
+}
+
+fn clustered() -> (
+    Arc<Engine>,
+    tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let e = Engine::new_clustered(
+        EngineConfig {
+            offline_grace: GRACE,
+            max_outbox_bytes: 1 << 20,
+        },
+        EngineMetrics::unregistered(),
+        None,
+        tx,
+    );
+    e.set_service(
+        SVC,
+        ServiceState {
+            enabled: true,
+            epoch: 1,
+        },
+    );
+    (e, rx)
+}
+
+fn events(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>) -> Vec<ClusterEvent> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+fn key(identity: &str) -> UserKey {
+    UserKey::new(SVC, identity)
+}
+
+#[tokio::test(start_paused = true)]
+async fn cluster_events_report_holds_and_watches_in_order() {
+    let (e, mut rx) = clustered();
+    let w = connect(&e, "w");
+    let a = connect(&e, "alice");
+    subscribe(&e, &w, &["alice"]);
+    e.detach(&a, &[], false);
+    advance(GRACE + Duration::from_millis(1)).await;
+    e.unsubscribe(&w, "alice");
+    assert_eq!(
+        events(&mut rx),
+        vec![
+            ClusterEvent::Held(key("w")),
+            ClusterEvent::Held(key("alice")),
+            ClusterEvent::Watch(key("alice")),
+            ClusterEvent::Released(key("alice")),
+            ClusterEvent::Unwatch(key("alice")),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscribed_reply_waits_for_the_cluster_state() {
+    let (e, _rx) = clustered();
+    let w = connect(&e, "w");
+    drain(&w);
+    e.load_profile(SVC, "alice", profile(1));
+    subscribe(&e, &w, &["alice"]);
+    assert!(
+        drain(&w).is_empty(),
+        "held back until the backplane answers"
+    );
+    e.apply_remote(&key("alice"), 10, true);
+    let frames = drain(&w);
+    match &frames[..] {
+        [ServerFrame::Subscribed { users, .. }] => {
+            assert_eq!(users[0].identity, "alice");
+            assert_eq!(users[0].is_online, Some(true), "held by another node");
+        }
+        other => panic!("{other:?}"),
+    }
+    // An older report changes nothing; a newer one publishes offline.
+    e.apply_remote(&key("alice"), 9, false);
+    assert!(drain(&w).is_empty());
+    e.apply_remote(&key("alice"), 11, false);
+    assert_eq!(
+        presence_updates(&drain(&w)),
+        vec![("alice".into(), Some(false))],
+        "false, not null: she was online in this epoch"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_held_elsewhere_does_not_flap_when_it_leaves_here() {
+    let (e, _rx) = clustered();
+    let w = connect(&e, "w");
+    let a = connect(&e, "alice");
+    subscribe(&e, &w, &["alice"]);
+    e.apply_remote(&key("alice"), 1, true);
+    drain(&w);
+    // Leaves this node (bye): still held by another node, so nothing is published.
+    e.detach(&a, &[], true);
+    assert!(drain(&w).is_empty());
+    assert_eq!(e.presence(SVC, "alice").map(|p| p.0), Some(true));
+    // The other node releases: offline.
+    e.apply_remote(&key("alice"), 2, false);
+    assert_eq!(
+        presence_updates(&drain(&w)),
+        vec![("alice".into(), Some(false))]
+    );
+    // Comes back here while not held elsewhere: online at once, without the backplane.
+    let _a = connect(&e, "alice");
+    assert_eq!(
+        presence_updates(&drain(&w)),
+        vec![("alice".into(), Some(true))]
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -15,8 +15,9 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use reach_core::{Engine, EngineConfig, PersistEvent, Profile, ServiceState};
-use reach_store::{ServiceConfig, Store, UserRecord};
+use reach_cluster::{Cluster, ClusterConfig, Control};
+use reach_core::{Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
+use reach_store::{ServiceConfig, Store, StoreError, UserRecord};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,8 @@ pub struct App {
     pub creds: Credentials,
     pub store: Arc<dyn Store>,
     pub engine: Arc<Engine>,
+    /// The backplane, when this node is part of a cluster (`cluster.redis_url`).
+    pub cluster: Option<Cluster>,
     pub metrics: Metrics,
     /// One permit per open socket (`limits.max_connections`).
     pub conn_permits: Arc<Semaphore>,
@@ -76,14 +79,35 @@ impl App {
     ) -> Result<Arc<App>, StartError> {
         let metrics = Metrics::new()?;
         let (persist_tx, persist_rx) = mpsc::unbounded_channel();
-        let engine = Engine::new(
-            EngineConfig {
-                offline_grace: config.offline_grace(),
-                max_outbox_bytes: config.limits.max_outbox_bytes,
-            },
-            metrics.engine.clone(),
-            Some(persist_tx),
-        );
+        let engine_config = EngineConfig {
+            offline_grace: config.offline_grace(),
+            max_outbox_bytes: config.limits.max_outbox_bytes,
+        };
+        let (engine, cluster, control) = if config.clustered() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let engine =
+                Engine::new_clustered(engine_config, metrics.engine.clone(), Some(persist_tx), tx);
+            let node_id = match config.cluster.node_id.as_str() {
+                "" => reach_cluster::random_node_id(),
+                id => id.to_owned(),
+            };
+            tracing::info!(node_id = %node_id, "joining the cluster");
+            let (cluster, control) = Cluster::start(
+                ClusterConfig {
+                    redis_url: config.cluster.redis_url.clone(),
+                    node_id,
+                    node_ttl: Duration::from_millis(config.cluster.node_ttl_ms),
+                    offline_grace: config.offline_grace(),
+                },
+                Arc::clone(&engine),
+                rx,
+                &metrics.registry,
+            )?;
+            (engine, Some(cluster), Some(control))
+        } else {
+            let engine = Engine::new(engine_config, metrics.engine.clone(), Some(persist_tx));
+            (engine, None, None)
+        };
         for cfg in store.list_configs().await? {
             engine.set_service(&cfg.service_sid, service_state(&cfg));
         }
@@ -94,12 +118,16 @@ impl App {
             creds,
             store,
             engine,
+            cluster,
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
             services: dashmap::DashMap::new(),
             ready: AtomicBool::new(true),
         });
+        if let Some(control) = control {
+            tokio::spawn(apply_control(Arc::downgrade(&app), control));
+        }
         Ok(app)
     }
 
@@ -116,27 +144,88 @@ impl App {
             .ok_or(reach_store::StoreError::NotFound)
     }
 
-    /// Forgets a deleted service: its connections are closed and its tokens refused.
-    pub fn service_deleted(&self, sid: &str) {
+    /// Forgets a deleted service: its connections are closed and its tokens refused. Other
+    /// nodes are told.
+    pub async fn service_deleted(&self, sid: &str) {
+        self.forget_service(sid);
+        self.announce(Control::ServiceDeleted {
+            service_sid: sid.to_owned(),
+        })
+        .await;
+    }
+
+    fn forget_service(&self, sid: &str) {
         self.services.insert(sid.to_owned(), None);
         self.engine.remove_service(sid);
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+    /// A service was created or its configuration changed: the engine applies the switch
+    /// (pushing `service_updated` on a change), and other nodes are told.
+    pub async fn service_changed(&self, cfg: &ServiceConfig) {
+        self.engine
+            .set_service(&cfg.service_sid, service_state(cfg));
+        self.announce(Control::ServiceChanged {
+            service_sid: cfg.service_sid.clone(),
+        })
+        .await;
     }
 
-    /// `(is_online, is_notifiable)` of a user as REST and the socket report it.
-    pub fn user_flags(
+    /// A user's record changed (profile or bindings): watchers here and on other nodes are
+    /// notified of what changed.
+    pub async fn user_changed(&self, rec: &UserRecord) {
+        self.engine
+            .update_profile(&rec.service_sid, &rec.identity, profile_of(rec));
+        self.announce(Control::UserChanged {
+            service_sid: rec.service_sid.clone(),
+            identity: rec.identity.clone(),
+        })
+        .await;
+    }
+
+    /// A user was deleted: its sockets here and on other nodes close with 4003.
+    pub async fn user_deleted(&self, service_sid: &str, identity: &str) {
+        self.engine.remove_user(service_sid, identity);
+        self.announce(Control::UserDeleted {
+            service_sid: service_sid.to_owned(),
+            identity: identity.to_owned(),
+        })
+        .await;
+    }
+
+    async fn announce(&self, change: Control) {
+        if let Some(cluster) = &self.cluster {
+            cluster.announce(change).await;
+        }
+    }
+
+    /// Ready for traffic: not draining and, in a cluster, connected to Redis.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+            && !self.shutdown.is_cancelled()
+            && self.cluster.as_ref().is_none_or(|c| c.is_up())
+    }
+
+    /// `(is_online, is_notifiable)` of a user as REST and the socket report it. In a cluster,
+    /// online means held by any node (asked of Redis; what this node knows while Redis is
+    /// away).
+    pub async fn user_flags(
         &self,
         cfg: &ServiceConfig,
         rec: &UserRecord,
     ) -> (Option<bool>, Option<bool>) {
         let svc = service_state(cfg);
-        let (online, epoch) = self
+        let (mut online, epoch) = self
             .engine
             .presence(&cfg.service_sid, &rec.identity)
             .unwrap_or((false, rec.online_epoch));
+        if let Some(cluster) = &self.cluster
+            && svc.enabled
+            && let Some(anywhere) = cluster
+                .held_anywhere(&UserKey::new(&cfg.service_sid, &rec.identity))
+                .await
+        {
+            online = anywhere;
+        }
         let is_online = reach_core::is_online_flag(svc, online, epoch.max(rec.online_epoch));
         let is_notifiable =
             reach_core::is_notifiable_flag(svc, rec.ever_had_binding, rec.binding_count);
@@ -168,11 +257,64 @@ async fn persist_online(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<P
     }
 }
 
+/// Applies record changes announced by other nodes: re-reads them from the shared store and
+/// lets the engine notify this node's sockets.
+async fn apply_control(app: std::sync::Weak<App>, mut rx: mpsc::UnboundedReceiver<Control>) {
+    while let Some(change) = rx.recv().await {
+        let Some(app) = app.upgrade() else { return };
+        match change {
+            Control::ServiceChanged { service_sid } => {
+                match app.store.get_config(&service_sid).await {
+                    Ok(cfg) => app.engine.set_service(&service_sid, service_state(&cfg)),
+                    Err(StoreError::NotFound) => {}
+                    Err(e) => {
+                        tracing::warn!(%service_sid, error = %e, "could not re-read a service configuration")
+                    }
+                }
+            }
+            Control::ServiceDeleted { service_sid } => app.forget_service(&service_sid),
+            Control::UserChanged {
+                service_sid,
+                identity,
+            } => {
+                if !app.engine.knows(&service_sid, &identity) {
+                    continue;
+                }
+                match app.store.get_user(&service_sid, &identity).await {
+                    Ok(rec) if rec.identity == identity => {
+                        app.engine
+                            .update_profile(&service_sid, &identity, profile_of(&rec));
+                    }
+                    Ok(_) | Err(StoreError::NotFound) => {}
+                    Err(e) => {
+                        tracing::warn!(%service_sid, %identity, error = %e, "could not re-read a user")
+                    }
+                }
+            }
+            Control::UserDeleted {
+                service_sid,
+                identity,
+            } => app.engine.remove_user(&service_sid, &identity),
+            Control::Resynchronised => match app.store.list_configs().await {
+                Ok(configs) => {
+                    for cfg in configs {
+                        app.engine
+                            .set_service(&cfg.service_sid, service_state(&cfg));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not re-read service configurations"),
+            },
+        }
+    }
+}
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] reach_cluster::ClusterError),
     #[error("storage: {0}")]
     Store(#[from] reach_store::StoreError),
 }
@@ -266,6 +408,9 @@ pub async fn run(
             left = app.sockets.len(),
             "drain grace over; closing the remaining sockets"
         );
+    }
+    if let Some(cluster) = &app.cluster {
+        cluster.leave().await;
     }
     admin_stop.cancel();
     let _ = admin_task.await;

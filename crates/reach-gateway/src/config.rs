@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub cluster: ClusterConfig,
     pub presence: PresenceConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
@@ -64,12 +65,40 @@ impl Default for ServerConfig {
 pub struct StorageConfig {
     /// The SQLite file; its folder also keeps generated credentials.
     pub sqlite_path: PathBuf,
+    /// `postgres://user:password@host:port/database`: keep the records in PostgreSQL instead
+    /// of SQLite (required in a cluster). Empty: SQLite.
+    pub postgres_url: String,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             sqlite_path: PathBuf::from("data/reach.db"),
+            postgres_url: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`: join the cluster whose nodes share this Redis. Empty: a single
+    /// node.
+    pub redis_url: String,
+    /// This node's id, unique in the cluster (letters, digits, `-`, `_`, `.`). Empty: a
+    /// random one at each start.
+    pub node_id: String,
+    /// A node that stops renewing its liveness for this long counts as dead; its users go
+    /// offline after the offline grace unless they reconnect elsewhere.
+    pub node_ttl_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: String::new(),
+            node_id: String::new(),
+            node_ttl_ms: 3_000,
         }
     }
 }
@@ -238,6 +267,7 @@ impl Config {
                 self.limits.read_buffer_bytes as u64,
             ),
             ("server.backlog", u64::from(self.server.backlog)),
+            ("cluster.node_ttl_ms", self.cluster.node_ttl_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -265,6 +295,43 @@ impl Config {
         }
         if self.storage.sqlite_path.as_os_str().is_empty() {
             return Err(invalid("storage.sqlite_path", "must not be empty"));
+        }
+        let pg = &self.storage.postgres_url;
+        if !(pg.is_empty() || pg.starts_with("postgres://") || pg.starts_with("postgresql://")) {
+            return Err(invalid(
+                "storage.postgres_url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let c = &self.cluster;
+        if !c.redis_url.is_empty() {
+            if !(c.redis_url.starts_with("redis://") || c.redis_url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "cluster.redis_url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            if pg.is_empty() {
+                return Err(invalid(
+                    "storage.postgres_url",
+                    "must be set when cluster.redis_url is: the nodes of a cluster share their records in PostgreSQL",
+                ));
+            }
+            if self.accounts.is_empty() || self.api_keys.is_empty() {
+                return Err(invalid(
+                    "accounts",
+                    "a cluster needs [[accounts]] and [[api_keys]] in its configuration, the same on every node (generated credentials are per node)",
+                ));
+            }
+            if c.node_ttl_ms < 300 {
+                return Err(invalid("cluster.node_ttl_ms", "must be at least 300"));
+            }
+        }
+        if !(c.node_id.is_empty() || reach_cluster::valid_node_id(&c.node_id)) {
+            return Err(invalid(
+                "cluster.node_id",
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
         }
         for (i, a) in self.accounts.iter().enumerate() {
             if !is_sid(&a.sid, "AC") {
@@ -318,6 +385,9 @@ impl Config {
     pub fn offline_grace(&self) -> Duration {
         Duration::from_millis(self.presence.offline_grace_ms)
     }
+    pub fn clustered(&self) -> bool {
+        !self.cluster.redis_url.is_empty()
+    }
 
     /// The folder that holds the database and generated credentials.
     pub fn data_dir(&self) -> PathBuf {
@@ -359,6 +429,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_cluster_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/cluster.toml");
+        let figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(&path));
+        let c: Config = figment.extract().expect("config/cluster.toml parses");
+        c.validate().unwrap();
+        assert!(c.clustered());
+        assert!(c.storage.postgres_url.starts_with("postgres://"));
+    }
+
+    #[test]
     fn a_bad_value_names_its_key() {
         let mut c = Config::default();
         c.presence.heartbeat_timeout_ms = 100;
@@ -372,5 +453,33 @@ mod tests {
         });
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("api_keys[0].account_sid"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_needs_postgres_and_a_valid_node_id() {
+        let mut c = Config::default();
+        c.cluster.redis_url = "redis://127.0.0.1:6379".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("storage.postgres_url"), "{e}");
+        c.storage.postgres_url = "postgres://reach@127.0.0.1/reach".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("[[accounts]]"), "{e}");
+        c.accounts.push(AccountConfig {
+            sid: "AC00000000000000000000000000000000".into(),
+            auth_token: "0123456789abcdef".into(),
+        });
+        c.api_keys.push(ApiKeyConfig {
+            sid: "SK00000000000000000000000000000000".into(),
+            secret: "0123456789abcdef".into(),
+            account_sid: "AC00000000000000000000000000000000".into(),
+        });
+        c.validate().unwrap();
+        c.cluster.node_id = "node 1".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.node_id"), "{e}");
+        c.cluster.node_id = "node-1".into();
+        c.cluster.redis_url = "http://x".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.redis_url"), "{e}");
     }
 }

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use reach_gateway::auth::{Credentials, GeneratedCredentials, mint_token};
 use reach_gateway::config::{Config, LogFormat};
 use reach_gateway::{App, app};
+use reach_store::Store;
+use reach_store::postgres::PgStore;
 use reach_store::sqlite::SqliteStore;
 
 #[derive(Parser, Debug)]
@@ -199,9 +201,21 @@ fn run(config: Config) -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    let store = SqliteStore::open(&config.storage.sqlite_path)
-        .await
-        .map_err(|e| format!("cannot open {}: {e}", config.storage.sqlite_path.display()))?;
+    let store: Arc<dyn Store> = if config.storage.postgres_url.is_empty() {
+        Arc::new(
+            SqliteStore::open(&config.storage.sqlite_path)
+                .await
+                .map_err(|e| {
+                    format!("cannot open {}: {e}", config.storage.sqlite_path.display())
+                })?,
+        )
+    } else {
+        Arc::new(
+            PgStore::connect(&config.storage.postgres_url)
+                .await
+                .map_err(|e| format!("storage.postgres_url: {e}"))?,
+        )
+    };
     let creds = Credentials::new(&config.accounts, &config.api_keys);
     let public = app::bind(config.server.listen, config.server.backlog).map_err(|e| {
         format!(
@@ -215,7 +229,7 @@ async fn serve(config: Config) -> Result<(), String> {
             config.server.admin_listen
         )
     })?;
-    let app = App::new(config, creds, Arc::new(store))
+    let app = App::new(config, creds, store)
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(

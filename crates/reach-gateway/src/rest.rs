@@ -10,12 +10,16 @@
 //! service's account (a service of another account is a 404), and then tells the engine about
 //! every change that subscribed sockets must see:
 //!
-//! - service created or configuration updated: `Engine::set_service` (pushes
-//!   `service_updated`; enabling publishes the users already online);
-//! - service deleted: `Engine::remove_service`; user deleted: `Engine::remove_user`;
-//! - user updated, binding deleted: `Engine::update_profile` with the re-read record (the store
-//!   bumps the user's revision on both, so `friendlyName`, `attributes` and
-//!   `reachabilityNotifiable` changes are published).
+//! - service created or configuration updated: `App::service_changed` -> `Engine::set_service`
+//!   (pushes `service_updated`; enabling publishes the users already online);
+//! - service deleted: `App::service_deleted` -> `Engine::remove_service`; user deleted:
+//!   `App::user_deleted` -> `Engine::remove_user`;
+//! - user updated, binding deleted: `App::user_changed` -> `Engine::update_profile` with the
+//!   re-read record (the store bumps the user's revision on both, so `friendlyName`,
+//!   `attributes` and `reachabilityNotifiable` changes are published).
+//!
+//! In a cluster each `App` method also announces the change on the backplane, and the other
+//! nodes re-read the record and do the same for their sockets.
 //!
 //! Configuration writes and service deletes take one lock, so the engine sees the switch
 //! flips of a service in the order the store committed them.
@@ -40,7 +44,7 @@ use reach_store::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::app::{self, App};
+use crate::app::App;
 
 /// Rows per page when `PageSize` is not given.
 const DEFAULT_PAGE_SIZE: i64 = 50;
@@ -911,8 +915,7 @@ async fn create_service(ctx: Ctx, FormParams(params): FormParams) -> ApiResult {
         .await
         .map_err(ctx.store_err())?;
     let cfg = ctx.config(&service.sid).await?;
-    app.engine
-        .set_service(&service.sid, app::service_state(&cfg));
+    app.service_changed(&cfg).await;
     Ok((
         StatusCode::CREATED,
         Json(service_json(&ctx.urls(), service)),
@@ -959,7 +962,7 @@ async fn delete_service(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
         .delete_service(&ctx.account, &sid)
         .await
         .map_err(ctx.store_err())?;
-    ctx.app().service_deleted(&sid);
+    ctx.app().service_deleted(&sid).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -995,8 +998,7 @@ async fn update_config(
             .update_config(&service.sid, &update)
             .await
             .map_err(ctx.store_err())?;
-        app.engine
-            .set_service(&service.sid, app::service_state(&cfg));
+        app.service_changed(&cfg).await;
         cfg
     };
     Ok(Json(config_json(&ctx.urls(), cfg)).into_response())
@@ -1031,7 +1033,7 @@ async fn create_user(
         .await
         .map_err(ctx.store_err())?;
     let cfg = ctx.config(&service.sid).await?;
-    let flags = app.user_flags(&cfg, &rec);
+    let flags = app.user_flags(&cfg, &rec).await;
     Ok((
         StatusCode::CREATED,
         Json(user_json(&ctx.urls(), rec, flags)),
@@ -1080,7 +1082,7 @@ async fn fetch_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) -
         .await
         .map_err(ctx.store_err())?;
     let cfg = ctx.config(&service.sid).await?;
-    let flags = app.user_flags(&cfg, &rec);
+    let flags = app.user_flags(&cfg, &rec).await;
     Ok(Json(user_json(&ctx.urls(), rec, flags)).into_response())
 }
 
@@ -1101,10 +1103,9 @@ async fn update_user(
         .update_user(&service.sid, &user, &update)
         .await
         .map_err(ctx.store_err())?;
-    app.engine
-        .update_profile(&service.sid, &rec.identity, app::profile_of(&rec));
+    app.user_changed(&rec).await;
     let cfg = ctx.config(&service.sid).await?;
-    let flags = app.user_flags(&cfg, &rec);
+    let flags = app.user_flags(&cfg, &rec).await;
     Ok(Json(user_json(&ctx.urls(), rec, flags)).into_response())
 }
 
@@ -1116,7 +1117,7 @@ async fn delete_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) 
         .delete_user(&service.sid, &user)
         .await
         .map_err(ctx.store_err())?;
-    app.engine.remove_user(&service.sid, &rec.identity);
+    app.user_deleted(&service.sid, &rec.identity).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1200,9 +1201,7 @@ async fn delete_binding(ctx: Ctx, ApiPath((sid, binding)): ApiPath<(String, Stri
         .map_err(ctx.store_err())?;
     // The delete bumped the user's revision; publish the new notifiable state.
     match app.store.get_user(&service.sid, &b.identity).await {
-        Ok(rec) => app
-            .engine
-            .update_profile(&service.sid, &rec.identity, app::profile_of(&rec)),
+        Ok(rec) => app.user_changed(&rec).await,
         // Deleted meanwhile: its sockets were closed by that delete.
         Err(StoreError::NotFound) => {}
         Err(e) => tracing::warn!(

@@ -896,9 +896,7 @@ impl Session {
             .await
             && rec.identity == self.grant.identity
         {
-            self.app
-                .engine
-                .update_profile(&self.service.sid, &rec.identity, profile_of(&rec));
+            self.app.user_changed(&rec).await;
         }
     }
 

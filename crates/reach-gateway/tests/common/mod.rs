@@ -166,6 +166,19 @@ impl Reachd {
         Self::spawn(self.dir.clone(), tmp, self.extra.clone(), self.env.clone())
     }
 
+    /// SIGKILL; [`Stopped::restart`] starts it again on the same data folder and settings.
+    pub fn kill9(mut self) -> Stopped {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        Stopped {
+            dir: self.dir.clone(),
+            tmp: self._tmp.take(),
+            extra: self.extra.clone(),
+            env: self.env.clone(),
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -210,6 +223,20 @@ impl Reachd {
     /// A token for `identity` in `service`, signed with the fixture key of the first account.
     pub fn token(&self, service: &str, identity: &str) -> String {
         mint(KEY_SID, KEY_SECRET, ACCOUNT_SID, service, identity, 3600)
+    }
+}
+
+/// A reachd killed by [`Reachd::kill9`].
+pub struct Stopped {
+    dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    extra: String,
+    env: Vec<(String, String)>,
+}
+
+impl Stopped {
+    pub fn restart(self) -> Reachd {
+        Reachd::spawn(self.dir, self.tmp, self.extra, self.env)
     }
 }
 

@@ -1,0 +1,353 @@
+//! The cluster backplane: several reachd nodes, one presence view, through Redis.
+//!
+//! Each node's engine ([`reach_core::Engine::new_clustered`]) reports when this node starts or
+//! stops *holding* a user (its first connection; the end of its offline grace, or `bye`) and
+//! when a user gains its first or loses its last watcher here. The backplane writes the holds
+//! to Redis, subscribes to the users its sockets watch, and feeds what other nodes hold back
+//! into the engine ([`reach_core::Engine::apply_remote`]). A user is online while any node
+//! holds it, so a user moving between nodes inside the grace never flaps.
+//!
+//! # Why redis-rs
+//!
+//! `redis` (redis-rs) is the most used Redis client for Rust and is maintained with the Redis
+//! project's involvement; it has what the backplane needs and nothing it has to work around: a
+//! multiplexed async connection with response timeouts (pipelines of many commands in one
+//! round trip), a pub/sub connection that splits into a subscribe sink and a message stream,
+//! and Lua scripts (`EVALSHA`). fred would also do, with more built-in machinery (reconnection
+//! policies, pools) that the backplane replaces anyway: on any failure it rebuilds its whole
+//! state in Redis from the engine (see "Failures"), so its reconnection is a plain loop.
+//!
+//! # Keys and channels
+//!
+//! Every per-user key and channel carries the service SID as a hash tag (`{IS...}`), so the
+//! layout works on Redis Cluster (each script touches one key; pub/sub messages are
+//! broadcast cluster-wide, or can move to sharded pub/sub per tag).
+//!
+//! | name | type | content |
+//! |---|---|---|
+//! | `reach:{<service>}:holders:<identity>` | hash | field per holding node: `<node id>` -> its incarnation; field `~v` -> the last version |
+//! | `reach:{<service>}:presence:<identity>` | channel | every change of the holder set |
+//! | `reach:nodes` | hash | `<node id>` -> incarnation (rewritten at every heartbeat) |
+//! | `reach:node:<node id>` | string, expires after `node_ttl_ms` | incarnation: the node's liveness |
+//! | `reach:node:<node id>:<incarnation>:users` | set | `<service>/<identity>` of every user the node holds |
+//! | `reach:reap:<node id>` | string, expires | the node cleaning up after a dead one |
+//! | `reach:control` | channel | record changes made at one node (below) |
+//!
+//! An *incarnation* is a random token a node picks at each (re)connection to Redis. Holds are
+//! written with it, and a node cleaning up after a dead one removes only holds with the dead
+//! incarnation, so a node that comes back and re-asserts its holds is never undone by a late
+//! cleanup.
+//!
+//! # Messages
+//!
+//! Presence (channel `reach:{<service>}:presence:<identity>`): MessagePack `[version,
+//! [node id, ...]]`, the complete holder set after the change. Written by a Lua script in the
+//! same step as the hash, so the messages of one user are in the order of its changes.
+//! `version` is `max(last + 1, Redis TIME in microseconds + 1)`: it increases with every change
+//! and also across a Redis restart that lost the data. A node applies a message (or the answer
+//! to its own read of the hash) only if its version is newer than the one it has, so a late
+//! reply to a read can never undo a newer message; as each message carries the whole set, no
+//! message depends on an earlier one. A user is held elsewhere when the set names another node.
+//!
+//! Control (channel `reach:control`): MessagePack `[origin node id, change]`, change one of
+//! [`Control`]. Records live in the shared PostgreSQL database; the message only tells other
+//! nodes to re-read them (a switch flip, a profile or binding change, a deletion) and to
+//! notify their sockets.
+//!
+//! # Order of operations
+//!
+//! - Hold: `SADD` to the node's user set, then the hold script (`HSET`, publish if the node was
+//!   not holding). Release: the release script (`HDEL` if the incarnation matches, publish,
+//!   let the hash expire once empty), then `SREM`. So the set always covers the holds.
+//! - Watch: `SUBSCRIBE` first, then read the hash, so no change falls between the two.
+//! - Events of one user come from the engine in order and go to Redis in order (one task, one
+//!   multiplexed connection, batches sent as pipelines).
+//!
+//! # Failures
+//!
+//! - Liveness: every `node_ttl_ms / 3` a node rewrites its liveness key (`SET ... PX ttl GET`)
+//!   and its `reach:nodes` entry. Every second each node looks for entries of `reach:nodes`
+//!   whose liveness key is gone; the first to take `reach:reap:<node>` waits the offline grace
+//!   (a user of the dead node may reconnect elsewhere meanwhile), checks the node is still
+//!   gone, then releases each of its holds (of that incarnation) and deletes its set. Users of a
+//!   `kill -9`ed node go offline within `node_ttl_ms + 1 s + offline_grace`.
+//! - If a heartbeat finds its liveness key gone (expired, or Redis restarted), or any command
+//!   fails, the node starts over: new connections, new incarnation, every hold of the engine
+//!   written again, holds of the old incarnation that the engine no longer has released, every
+//!   watched user subscribed and read again. While Redis is unreachable the node keeps serving
+//!   its own presence (and the last known state of other nodes' users), retries every 250 ms,
+//!   and reports down (`/readyz` answers 503). Watches made meanwhile are answered with local
+//!   presence only and corrected at the resynchronisation.
+//! - A node leaving in an orderly way (drain) deletes its liveness key, so the others clean up
+//!   after the grace without waiting for the TTL.
+
+mod scripts;
+mod session;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use reach_core::{ClusterEvent, Engine, UserKey};
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Settings of a cluster node.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`.
+    pub redis_url: String,
+    /// Unique among the nodes; letters, digits, `-`, `_`, `.`.
+    pub node_id: String,
+    /// How long a node counts as alive after its last heartbeat.
+    pub node_ttl: Duration,
+    /// The engine's offline grace (a dead node's users stay online this long after detection).
+    pub offline_grace: Duration,
+}
+
+/// A change of records made at one node, for the others to re-read and publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// The service's configuration (the reachability switch) changed, or it was created.
+    ServiceChanged { service_sid: String },
+    /// The service was deleted.
+    ServiceDeleted { service_sid: String },
+    /// A user's profile or push bindings changed.
+    UserChanged {
+        service_sid: String,
+        identity: String,
+    },
+    /// A user was deleted.
+    UserDeleted {
+        service_sid: String,
+        identity: String,
+    },
+    /// Not sent over Redis: delivered locally after the backplane reconnected, when control
+    /// messages may have been missed; the node re-reads every service's configuration.
+    Resynchronised,
+}
+
+/// Why the backplane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("invalid redis_url: {0}")]
+    Url(redis::RedisError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The backplane's Prometheus metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMetrics {
+    pub up: IntGauge,
+    pub commands: IntCounter,
+    pub messages: IntCounterVec,
+    pub resyncs: IntCounter,
+    pub reaped: IntCounter,
+    pub nodes: IntGauge,
+}
+
+impl ClusterMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = ClusterMetrics {
+            up: IntGauge::new(
+                "reach_cluster_redis_up",
+                "1 while the backplane is connected to Redis and in sync",
+            )?,
+            commands: IntCounter::new(
+                "reach_cluster_redis_commands_total",
+                "Redis commands sent by the backplane (each command of a pipeline counts)",
+            )?,
+            messages: IntCounterVec::new(
+                Opts::new(
+                    "reach_cluster_messages_total",
+                    "Pub/sub messages received, by kind (presence, control)",
+                ),
+                &["kind"],
+            )?,
+            resyncs: IntCounter::new(
+                "reach_cluster_resyncs_total",
+                "Times the node rebuilt its state in Redis (start, reconnection, lost liveness)",
+            )?,
+            reaped: IntCounter::new(
+                "reach_cluster_reaped_nodes_total",
+                "Dead nodes whose holds this node released",
+            )?,
+            nodes: IntGauge::new(
+                "reach_cluster_nodes",
+                "Live nodes seen at the last liveness scan, this one included",
+            )?,
+        };
+        registry.register(Box::new(m.up.clone()))?;
+        registry.register(Box::new(m.commands.clone()))?;
+        registry.register(Box::new(m.messages.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.reaped.clone()))?;
+        registry.register(Box::new(m.nodes.clone()))?;
+        Ok(m)
+    }
+}
+
+pub(crate) struct Shared {
+    pub config: ClusterConfig,
+    pub client: redis::Client,
+    pub up: AtomicBool,
+    /// The current session's command connection (for REST reads and control messages).
+    pub conn: Mutex<Option<MultiplexedConnection>>,
+    pub metrics: ClusterMetrics,
+    pub engine: Arc<Engine>,
+    pub control: mpsc::UnboundedSender<Control>,
+    pub leaving: AtomicBool,
+}
+
+/// Handle of the backplane. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.shared.config.node_id)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+/// A random node id, `node-` and 12 hex digits.
+pub fn random_node_id() -> String {
+    format!("node-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Whether `id` is a valid node id.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Cluster {
+    /// Starts the backplane task. `events` is the receiving end of the channel given to
+    /// [`Engine::new_clustered`]. Returns at once (Redis may be down); the second value
+    /// receives the record changes other nodes announce.
+    pub fn start(
+        config: ClusterConfig,
+        engine: Arc<Engine>,
+        events: mpsc::UnboundedReceiver<ClusterEvent>,
+        registry: &Registry,
+    ) -> Result<(Cluster, mpsc::UnboundedReceiver<Control>), ClusterError> {
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(ClusterError::Url)?;
+        let metrics = ClusterMetrics::new(registry)?;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            up: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            metrics,
+            engine,
+            control: control_tx,
+            leaving: AtomicBool::new(false),
+        });
+        tokio::spawn(session::run(Arc::clone(&shared), events));
+        Ok((Cluster { shared }, control_rx))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.config.node_id
+    }
+
+    /// True while connected to Redis and in sync.
+    pub fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::Relaxed)
+    }
+
+    fn connection(&self) -> Option<MultiplexedConnection> {
+        if !self.is_up() {
+            return None;
+        }
+        self.shared.conn.lock().ok()?.clone()
+    }
+
+    /// Tells the other nodes about a record change (best effort: a node that misses it while
+    /// Redis is down re-reads configurations when it reconnects).
+    pub async fn announce(&self, change: Control) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let payload = match rmp_serde::to_vec(&(&self.shared.config.node_id, &change)) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        self.shared.metrics.commands.inc();
+        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+            .arg(session::CONTROL_CHANNEL)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "could not announce a record change");
+        }
+    }
+
+    /// Whether any node holds the user, from Redis; `None` while Redis is unreachable.
+    pub async fn held_anywhere(&self, key: &UserKey) -> Option<bool> {
+        let mut conn = self.connection()?;
+        self.shared.metrics.commands.inc();
+        let reply: Vec<u8> = scripts::peek()
+            .script
+            .key(session::holders_key(key))
+            .invoke_async(&mut conn)
+            .await
+            .ok()?;
+        let (_, nodes): (u64, Vec<String>) = rmp_serde::from_slice(&reply).ok()?;
+        Some(!nodes.is_empty())
+    }
+
+    /// Orderly exit (end of a drain): deletes this node's liveness key, so the other nodes
+    /// release its users after the grace without waiting for the TTL.
+    pub async fn leave(&self) {
+        self.shared.leaving.store(true, Ordering::Relaxed);
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let _: redis::RedisResult<i64> = redis::cmd("DEL")
+            .arg(session::liveness_key(&self.shared.config.node_id))
+            .query_async(&mut conn)
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert!(valid_node_id("node-1"));
+        assert!(valid_node_id("a.b_c-9"));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id("a b"));
+        assert!(!valid_node_id("a:b"));
+        assert!(!valid_node_id(&"x".repeat(65)));
+        let id = random_node_id();
+        assert!(valid_node_id(&id) && id.starts_with("node-"), "{id}");
+    }
+
+    #[test]
+    fn control_round_trips_as_messagepack() {
+        let c = Control::UserChanged {
+            service_sid: "IS1".into(),
+            identity: "alice".into(),
+        };
+        let bytes = rmp_serde::to_vec(&("n1", &c)).unwrap();
+        let (from, back): (String, Control) = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!((from.as_str(), back), ("n1", c));
+    }
+}

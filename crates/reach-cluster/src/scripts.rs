@@ -1,0 +1,96 @@
+//! The Lua scripts run in Redis. Each touches one key (a user's holder hash) and publishes on
+//! that user's channel in the same step, so state and messages never disagree.
+
+use std::sync::OnceLock;
+
+use redis::Script;
+
+/// Bumps the version, publishes `[version, [nodes...]]` and returns the version.
+/// KEYS[1] = holder hash; `channel` = the user's presence channel.
+const PUBLISH_STATE: &str = r#"
+local function publish_state(key, channel)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local v = tonumber(redis.call('HGET', key, '~v') or '0')
+  if v < now + 1 then v = now + 1 else v = v + 1 end
+  redis.call('HSET', key, '~v', string.format('%.0f', v))
+  local nodes = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if f ~= '~v' then nodes[#nodes + 1] = f end
+  end
+  redis.call('PUBLISH', channel, cmsgpack.pack({v, nodes}))
+  return v
+end
+"#;
+
+/// Hold: ARGV = node, incarnation, channel. Returns the new version, or 0 if the node
+/// already held the user (its incarnation is updated; nothing is published).
+const HOLD: &str = r#"
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PERSIST', KEYS[1])
+if prev then return 0 end
+return publish_state(KEYS[1], ARGV[3])
+"#;
+
+/// Release: ARGV = node, incarnation ('' = any), channel, ttl of an empty hash in ms.
+/// Returns the new version, or 0 if there was nothing to release.
+const RELEASE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if ARGV[2] ~= '' and cur ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local v = publish_state(KEYS[1], ARGV[3])
+if redis.call('HLEN', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return v
+"#;
+
+/// Peek: returns MessagePack `[version, [nodes...]]`. A missing hash reads as no holder at
+/// the current Redis time, which every later change's version exceeds.
+const PEEK: &str = r#"
+local h = redis.call('HGETALL', KEYS[1])
+local v = nil
+local nodes = {}
+for i = 1, #h, 2 do
+  if h[i] == '~v' then v = tonumber(h[i + 1]) else nodes[#nodes + 1] = h[i] end
+end
+if not v then
+  local t = redis.call('TIME')
+  v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+return cmsgpack.pack({v, nodes})
+"#;
+
+/// A script: its source (for `SCRIPT LOAD`) and the redis-rs handle (its SHA1 for `EVALSHA`,
+/// and `invoke_async`, which loads it when Redis does not know it).
+pub struct Lua {
+    pub source: String,
+    pub script: Script,
+}
+
+impl Lua {
+    fn new(parts: &[&str]) -> Lua {
+        let source = parts.concat();
+        let script = Script::new(&source);
+        Lua { source, script }
+    }
+
+    pub fn sha(&self) -> &str {
+        self.script.get_hash()
+    }
+}
+
+pub fn hold() -> &'static Lua {
+    static S: OnceLock<Lua> = OnceLock::new();
+    S.get_or_init(|| Lua::new(&[PUBLISH_STATE, HOLD]))
+}
+
+pub fn release() -> &'static Lua {
+    static S: OnceLock<Lua> = OnceLock::new();
+    S.get_or_init(|| Lua::new(&[PUBLISH_STATE, RELEASE]))
+}
+
+pub fn peek() -> &'static Lua {
+    static S: OnceLock<Lua> = OnceLock::new();
+    S.get_or_init(|| Lua::new(&[PEEK]))
+}

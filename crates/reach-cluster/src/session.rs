@@ -1,0 +1,575 @@
+//! The backplane task: one session per Redis connection; on any failure, start over.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reach_core::{ClusterEvent, UserKey};
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
+
+use crate::{Control, Shared, scripts};
+
+pub const CONTROL_CHANNEL: &str = "reach:control";
+const NODES_KEY: &str = "reach:nodes";
+/// How long a holder hash with no holder left keeps its version.
+const EMPTY_HASH_TTL_MS: u64 = 3_600_000;
+const RETRY: Duration = Duration::from_millis(250);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Engine events handled in one pipeline at most.
+const BATCH: usize = 1024;
+const DEAD_SCAN: Duration = Duration::from_secs(1);
+
+pub fn holders_key(key: &UserKey) -> String {
+    format!("reach:{{{}}}:holders:{}", key.service(), key.identity())
+}
+
+pub fn presence_channel(key: &UserKey) -> String {
+    format!("reach:{{{}}}:presence:{}", key.service(), key.identity())
+}
+
+fn user_of_channel(channel: &str) -> Option<UserKey> {
+    let rest = channel.strip_prefix("reach:{")?;
+    let (service, rest) = rest.split_once('}')?;
+    let identity = rest.strip_prefix(":presence:")?;
+    Some(UserKey::new(service, identity))
+}
+
+pub fn liveness_key(node: &str) -> String {
+    format!("reach:node:{node}")
+}
+
+fn users_key(node: &str, incarnation: &str) -> String {
+    format!("reach:node:{node}:{incarnation}:users")
+}
+
+fn reap_key(node: &str) -> String {
+    format!("reach:reap:{node}")
+}
+
+fn ttl_ms(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+/// Holds of an old incarnation of this node, to release once `due` (those the engine does
+/// not hold again by then).
+struct Cleanup {
+    incarnation: String,
+    due: Instant,
+}
+
+/// Runs the backplane until the engine's event channel closes.
+pub async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<ClusterEvent>) {
+    let mut first = true;
+    let mut was_up = false;
+    let mut cleanups: Vec<Cleanup> = Vec::new();
+    loop {
+        let outcome = match Session::open(&shared).await {
+            Ok(mut session) => {
+                let result = session
+                    .run(&shared, &mut events, first, &mut cleanups)
+                    .await;
+                first = false;
+                result
+            }
+            Err(e) => Err(e),
+        };
+        let up = shared.up.swap(false, Ordering::Relaxed);
+        shared.metrics.up.set(0);
+        if let Ok(mut conn) = shared.conn.lock() {
+            *conn = None;
+        }
+        match outcome {
+            Ok(()) => return,
+            Err(e) if up || !was_up => {
+                tracing::warn!(error = %e, "cluster backplane: Redis unavailable; serving local presence, retrying");
+            }
+            Err(_) => {}
+        }
+        was_up = was_up || up;
+        // Nobody waits on Redis while it is away: watches get local presence at once.
+        for key in shared.engine.watched_users() {
+            shared.engine.apply_remote(&key, 0, false);
+        }
+        let deadline = Instant::now() + RETRY;
+        loop {
+            tokio::select! {
+                _ = sleep_until(deadline) => break,
+                event = events.recv() => match event {
+                    None => return,
+                    Some(ClusterEvent::Watch(key)) => shared.engine.apply_remote(&key, 0, false),
+                    // Redone from the engine's state at the resynchronisation.
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+}
+
+struct Session {
+    conn: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: PubSubStream,
+    incarnation: String,
+    subscribed: HashSet<UserKey>,
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+async fn within<T>(f: impl Future<Output = RedisResult<T>>) -> RedisResult<T> {
+    timeout(IO_TIMEOUT, f).await.map_err(|_| timed_out())?
+}
+
+impl Session {
+    async fn open(shared: &Shared) -> RedisResult<Session> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(IO_TIMEOUT))
+            .set_response_timeout(Some(IO_TIMEOUT));
+        let conn = shared
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let pubsub = within(shared.client.get_async_pubsub()).await?;
+        let (sink, stream) = pubsub.split();
+        Ok(Session {
+            conn,
+            sink,
+            stream,
+            incarnation: format!("{:016x}", rand::random::<u64>()),
+            subscribed: HashSet::new(),
+        })
+    }
+
+    async fn run(
+        &mut self,
+        shared: &Shared,
+        events: &mut mpsc::UnboundedReceiver<ClusterEvent>,
+        first: bool,
+        cleanups: &mut Vec<Cleanup>,
+    ) -> RedisResult<()> {
+        self.resync(shared, first, cleanups).await?;
+        let mut heartbeat = tokio::time::interval(shared.config.node_ttl / 3);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut dead_scan = tokio::time::interval(DEAD_SCAN);
+        dead_scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let next_cleanup = cleanups.iter().map(|c| c.due).min();
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { return Ok(()) };
+                    let mut batch = vec![event];
+                    while batch.len() < BATCH {
+                        match events.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply(shared, batch).await?;
+                }
+                msg = self.stream.next() => {
+                    let Some(msg) = msg else {
+                        return Err(RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "pub/sub connection closed",
+                        )));
+                    };
+                    self.on_message(shared, &msg);
+                }
+                _ = heartbeat.tick() => self.heartbeat(shared).await?,
+                _ = dead_scan.tick() => self.scan_dead(shared).await?,
+                _ = sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
+                    self.run_cleanups(shared, cleanups).await?;
+                }
+            }
+        }
+    }
+
+    /// Rebuilds this node's part of the cluster state from the engine.
+    async fn resync(
+        &mut self,
+        shared: &Shared,
+        first: bool,
+        cleanups: &mut Vec<Cleanup>,
+    ) -> RedisResult<()> {
+        let node = shared.config.node_id.as_str();
+        let m = &shared.metrics;
+        let mut load = redis::pipe();
+        for lua in [scripts::hold(), scripts::release(), scripts::peek()] {
+            load.cmd("SCRIPT").arg("LOAD").arg(&lua.source).ignore();
+        }
+        load.cmd("HGET").arg(NODES_KEY).arg(node);
+        let (previous,): (Option<String>,) = load.query_async(&mut self.conn).await?;
+        m.commands.inc_by(4);
+
+        let ttl = ttl_ms(shared.config.node_ttl);
+        let mut register = redis::pipe();
+        register
+            .cmd("SET")
+            .arg(liveness_key(node))
+            .arg(&self.incarnation)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("HSET")
+            .arg(NODES_KEY)
+            .arg(node)
+            .arg(&self.incarnation)
+            .ignore();
+        register.query_async::<()>(&mut self.conn).await?;
+        m.commands.inc_by(2);
+
+        within(self.sink.subscribe(CONTROL_CHANNEL)).await?;
+        let held = shared.engine.held_users();
+        let events: Vec<ClusterEvent> = held.iter().cloned().map(ClusterEvent::Held).collect();
+        self.apply(shared, events).await?;
+
+        if let Some(old) = previous.filter(|old| *old != self.incarnation) {
+            let due = if first {
+                // A restart with the same node id: its users may come back within the grace.
+                Instant::now() + shared.config.offline_grace
+            } else {
+                Instant::now()
+            };
+            cleanups.push(Cleanup {
+                incarnation: old,
+                due,
+            });
+        }
+
+        self.subscribed.clear();
+        let watched: Vec<ClusterEvent> = shared
+            .engine
+            .watched_users()
+            .into_iter()
+            .map(ClusterEvent::Watch)
+            .collect();
+        self.apply(shared, watched).await?;
+
+        if let Ok(mut conn) = shared.conn.lock() {
+            *conn = Some(self.conn.clone());
+        }
+        shared.up.store(true, Ordering::Relaxed);
+        m.up.set(1);
+        m.resyncs.inc();
+        if !first {
+            let _ = shared.control.send(Control::Resynchronised);
+        }
+        tracing::info!(node, incarnation = %self.incarnation, held = held.len(), "cluster backplane in sync");
+        Ok(())
+    }
+
+    /// Sends a batch of engine events as one pipeline (plus the pub/sub changes).
+    async fn apply(&mut self, shared: &Shared, batch: Vec<ClusterEvent>) -> RedisResult<()> {
+        let node = shared.config.node_id.as_str();
+        let users = users_key(node, &self.incarnation);
+        let mut pipe = redis::pipe();
+        let mut commands = 0u64;
+        let mut watch: HashMap<UserKey, bool> = HashMap::new();
+        for event in batch {
+            match event {
+                ClusterEvent::Held(key) => {
+                    pipe.cmd("SADD").arg(&users).arg(key.as_str()).ignore();
+                    pipe.cmd("EVALSHA")
+                        .arg(scripts::hold().sha())
+                        .arg(1)
+                        .arg(holders_key(&key))
+                        .arg(node)
+                        .arg(&self.incarnation)
+                        .arg(presence_channel(&key))
+                        .ignore();
+                    commands += 2;
+                }
+                ClusterEvent::Released(key) => {
+                    pipe.cmd("EVALSHA")
+                        .arg(scripts::release().sha())
+                        .arg(1)
+                        .arg(holders_key(&key))
+                        .arg(node)
+                        .arg("")
+                        .arg(presence_channel(&key))
+                        .arg(EMPTY_HASH_TTL_MS)
+                        .ignore();
+                    pipe.cmd("SREM").arg(&users).arg(key.as_str()).ignore();
+                    commands += 2;
+                }
+                ClusterEvent::Watch(key) => {
+                    watch.insert(key, true);
+                }
+                ClusterEvent::Unwatch(key) => {
+                    watch.insert(key, false);
+                }
+            }
+        }
+        let mut to_read = Vec::new();
+        let mut to_unsubscribe = Vec::new();
+        for (key, watched) in watch {
+            if watched {
+                to_read.push(key);
+            } else if self.subscribed.remove(&key) {
+                to_unsubscribe.push(presence_channel(&key));
+            }
+        }
+        let to_subscribe: Vec<String> = to_read
+            .iter()
+            .filter(|k| !self.subscribed.contains(*k))
+            .map(presence_channel)
+            .collect();
+        if !to_subscribe.is_empty() {
+            // Subscribe before reading, so no change falls between the read and the messages.
+            within(self.sink.subscribe(&to_subscribe)).await?;
+            commands += 1;
+            self.subscribed.extend(to_read.iter().cloned());
+        }
+        for key in &to_read {
+            pipe.cmd("EVALSHA")
+                .arg(scripts::peek().sha())
+                .arg(1)
+                .arg(holders_key(key));
+            commands += 1;
+        }
+        if commands > 0 {
+            let states: Vec<Vec<u8>> = pipe.query_async(&mut self.conn).await?;
+            for (key, state) in to_read.iter().zip(states) {
+                self.apply_state(shared, key, &state);
+            }
+        }
+        if !to_unsubscribe.is_empty() {
+            within(self.sink.unsubscribe(&to_unsubscribe)).await?;
+            commands += 1;
+        }
+        shared.metrics.commands.inc_by(commands);
+        Ok(())
+    }
+
+    /// Applies a holder set (`[version, [nodes]]`) to the engine.
+    fn apply_state(&self, shared: &Shared, key: &UserKey, state: &[u8]) {
+        match rmp_serde::from_slice::<(u64, Vec<String>)>(state) {
+            Ok((version, nodes)) => {
+                let elsewhere = nodes.iter().any(|n| *n != shared.config.node_id);
+                shared.engine.apply_remote(key, version, elsewhere);
+            }
+            Err(e) => tracing::warn!(user = key.as_str(), error = %e, "unreadable presence state"),
+        }
+    }
+
+    fn on_message(&self, shared: &Shared, msg: &redis::Msg) {
+        let Ok(channel) = msg.get_channel::<String>() else {
+            return;
+        };
+        if channel == CONTROL_CHANNEL {
+            shared
+                .metrics
+                .messages
+                .with_label_values(&["control"])
+                .inc();
+            match rmp_serde::from_slice::<(String, Control)>(msg.get_payload_bytes()) {
+                Ok((from, change)) if from != shared.config.node_id => {
+                    let _ = shared.control.send(change);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "unreadable control message"),
+            }
+        } else if let Some(key) = user_of_channel(&channel) {
+            shared
+                .metrics
+                .messages
+                .with_label_values(&["presence"])
+                .inc();
+            self.apply_state(shared, &key, msg.get_payload_bytes());
+        }
+    }
+
+    /// Renews the liveness key; if it was gone (expired, Redis restarted), starts over.
+    async fn heartbeat(&mut self, shared: &Shared) -> RedisResult<()> {
+        let node = shared.config.node_id.as_str();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(liveness_key(node))
+            .arg(&self.incarnation)
+            .arg("PX")
+            .arg(ttl_ms(shared.config.node_ttl))
+            .arg("GET")
+            .cmd("HSET")
+            .arg(NODES_KEY)
+            .arg(node)
+            .arg(&self.incarnation)
+            .ignore();
+        let (previous,): (Option<String>,) = pipe.query_async(&mut self.conn).await?;
+        shared.metrics.commands.inc_by(2);
+        if previous.as_deref() != Some(self.incarnation.as_str()) {
+            return Err(RedisError::from(std::io::Error::other(
+                "this node's liveness key was lost (expired or Redis restarted)",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Looks for nodes whose liveness key is gone and cleans up after one of them.
+    async fn scan_dead(&mut self, shared: &Shared) -> RedisResult<()> {
+        if shared.leaving.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let node = shared.config.node_id.as_str();
+        let nodes: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(NODES_KEY)
+            .query_async(&mut self.conn)
+            .await?;
+        let others: Vec<(&String, &String)> = nodes.iter().filter(|(n, _)| *n != node).collect();
+        let mut pipe = redis::pipe();
+        for (other, _) in &others {
+            pipe.cmd("EXISTS").arg(liveness_key(other));
+        }
+        let alive: Vec<bool> = if others.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn).await?
+        };
+        shared.metrics.commands.inc_by(1 + others.len() as u64);
+        shared
+            .metrics
+            .nodes
+            .set(1 + alive.iter().filter(|a| **a).count() as i64);
+        for ((other, incarnation), alive) in others.into_iter().zip(alive) {
+            if alive {
+                continue;
+            }
+            let claim_ms = ttl_ms(shared.config.offline_grace) + 60_000;
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(reap_key(other))
+                .arg(node)
+                .arg("NX")
+                .arg("PX")
+                .arg(claim_ms)
+                .query_async(&mut self.conn)
+                .await?;
+            shared.metrics.commands.inc();
+            if claimed.is_some() {
+                tracing::info!(dead = %other, "cluster: node stopped; its users go offline after the grace unless they reconnect");
+                tokio::spawn(reap(
+                    self.conn.clone(),
+                    shared.config.offline_grace,
+                    other.clone(),
+                    incarnation.clone(),
+                    shared.metrics.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_cleanups(
+        &mut self,
+        shared: &Shared,
+        cleanups: &mut Vec<Cleanup>,
+    ) -> RedisResult<()> {
+        let now = Instant::now();
+        let node = shared.config.node_id.clone();
+        while let Some(i) = cleanups.iter().position(|c| c.due <= now) {
+            let incarnation = cleanups[i].incarnation.clone();
+            release_all(&mut self.conn, &node, &incarnation, &shared.metrics).await?;
+            cleanups.swap_remove(i);
+        }
+        Ok(())
+    }
+}
+
+/// Releases every hold of `node` written by `incarnation` (holds re-written since by a newer
+/// incarnation stay), then forgets that incarnation's user set.
+async fn release_all(
+    conn: &mut MultiplexedConnection,
+    node: &str,
+    incarnation: &str,
+    metrics: &crate::ClusterMetrics,
+) -> RedisResult<usize> {
+    let users = users_key(node, incarnation);
+    let members: Vec<String> = redis::cmd("SMEMBERS").arg(&users).query_async(conn).await?;
+    let mut pipe = redis::pipe();
+    let mut released = 0;
+    for member in &members {
+        let Some(key) = UserKey::parse(member) else {
+            continue;
+        };
+        pipe.cmd("EVALSHA")
+            .arg(scripts::release().sha())
+            .arg(1)
+            .arg(holders_key(&key))
+            .arg(node)
+            .arg(incarnation)
+            .arg(presence_channel(&key))
+            .arg(EMPTY_HASH_TTL_MS)
+            .ignore();
+        released += 1;
+    }
+    pipe.cmd("DEL").arg(&users).ignore();
+    pipe.query_async::<()>(conn).await?;
+    metrics.commands.inc_by(2 + released as u64);
+    Ok(released)
+}
+
+/// Cleans up after a dead node once the grace is over, unless it came back meanwhile.
+async fn reap(
+    mut conn: MultiplexedConnection,
+    grace: Duration,
+    node: String,
+    incarnation: String,
+    metrics: crate::ClusterMetrics,
+) {
+    tokio::time::sleep(grace).await;
+    let result: RedisResult<()> = async {
+        let (alive, current): (bool, Option<String>) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(liveness_key(&node))
+            .cmd("HGET")
+            .arg(NODES_KEY)
+            .arg(&node)
+            .query_async(&mut conn)
+            .await?;
+        metrics.commands.inc_by(2);
+        if alive {
+            tracing::info!(node = %node, "cluster: node came back; nothing to clean up");
+            return Ok(());
+        }
+        let released = release_all(&mut conn, &node, &incarnation, &metrics).await?;
+        if current.as_deref() == Some(incarnation.as_str()) {
+            // Only if it did not come back with a new incarnation meanwhile.
+            redis::cmd("HDEL")
+                .arg(NODES_KEY)
+                .arg(&node)
+                .query_async::<()>(&mut conn)
+                .await?;
+            metrics.commands.inc();
+        }
+        metrics.reaped.inc();
+        tracing::info!(node = %node, released, "cluster: released the users of a stopped node");
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        // The claim expires; another node (or this one) tries again.
+        tracing::warn!(node = %node, error = %e, "cluster: could not clean up after a stopped node");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_service_as_hash_tag() {
+        let key = UserKey::new("IS0123", "alice/x:y");
+        assert_eq!(holders_key(&key), "reach:{IS0123}:holders:alice/x:y");
+        let channel = presence_channel(&key);
+        assert_eq!(channel, "reach:{IS0123}:presence:alice/x:y");
+        assert_eq!(user_of_channel(&channel), Some(key));
+        assert_eq!(user_of_channel("reach:control"), None);
+    }
+}

@@ -1,0 +1,543 @@
+//! Cluster mode against real Redis and PostgreSQL, with 2-3 real reachd processes.
+//!
+//! Needs `REACH_TEST_REDIS_URL` (e.g. `redis://127.0.0.1:6379`) and `REACH_TEST_POSTGRES_URL`
+//! (e.g. `postgres://postgres@127.0.0.1:5432/postgres`); without them each test says
+//! `skipped: ...` on stderr and passes. Each test gets a PostgreSQL database of its own; the
+//! nodes of a test share the given Redis (their keys are scoped by the test's fresh service),
+//! except the Redis-restart test, which starts a private `redis-server` it can stop.
+
+mod common;
+mod ws_client;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use reach_proto::{ClientFrame, ServerFrame, UpdateReason};
+use sqlx::{Connection, Executor, PgConnection};
+use ws_client::*;
+
+/// Short grace and node TTL so failures are observed quickly.
+const FAST: &str = r#"
+[presence]
+offline_grace_ms = 1000
+"#;
+const TTL_MS: &str = "1000";
+const GRACE: Duration = Duration::from_millis(1000);
+
+/// The servers named by the environment, or `None` after saying the test is skipped.
+fn servers(test: &str) -> Option<(String, String)> {
+    match (
+        std::env::var("REACH_TEST_REDIS_URL"),
+        std::env::var("REACH_TEST_POSTGRES_URL"),
+    ) {
+        (Ok(r), Ok(p)) if !r.is_empty() && !p.is_empty() => Some((r, p)),
+        _ => {
+            // Straight to stderr: the test harness would hide an eprintln! of a passing test.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: cluster test {test}: REACH_TEST_REDIS_URL and REACH_TEST_POSTGRES_URL are not both set"
+            );
+            None
+        }
+    }
+}
+
+/// A PostgreSQL database of the test's own, dropped at the end.
+struct TestDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create(admin_url: &str) -> TestDb {
+        let name = format!("reach_cluster_test_{:016x}", rand_u64());
+        let mut conn = PgConnection::connect(admin_url)
+            .await
+            .expect("connect to REACH_TEST_POSTGRES_URL");
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
+        TestDb {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = PgConnection::connect(&url).await {
+                    let _ = c
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// Starts a node of the cluster on `redis` and `db`.
+fn node(redis: &str, db: &TestDb, id: &str) -> Reachd {
+    Reachd::start_with_env(
+        FAST,
+        &[
+            ("REACH_STORAGE__POSTGRES_URL", &db.url),
+            ("REACH_CLUSTER__REDIS_URL", redis),
+            ("REACH_CLUSTER__NODE_ID", id),
+            ("REACH_CLUSTER__NODE_TTL_MS", TTL_MS),
+        ],
+    )
+}
+
+fn node_id(test: &str, n: u32) -> String {
+    format!("{test}-{:08x}-{n}", rand_u64() as u32)
+}
+
+async fn enabled_service(d: &Reachd) -> String {
+    let rest = d.client();
+    let svc = rest.create_service("cluster tests").await;
+    rest.set_reachability(&svc, true).await;
+    svc
+}
+
+async fn create_user(d: &Reachd, svc: &str, identity: &str) {
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Users"),
+            &[("Identity", identity)],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+async fn subscribe(ws: &mut Ws, identities: &[&str]) -> ServerFrame {
+    ws.request(ClientFrame::Subscribe {
+        id: 1,
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+    })
+    .await
+}
+
+fn online_in(f: &ServerFrame, identity: &str) -> Option<bool> {
+    match f {
+        ServerFrame::Subscribed { users, .. } => users
+            .iter()
+            .find(|u| u.identity == identity)
+            .and_then(|u| u.is_online),
+        ServerFrame::UserUpdated { user, .. } if user.identity == identity => user.is_online,
+        other => panic!("no state of {identity} in {other:?}"),
+    }
+}
+
+async fn rest_online(d: &Reachd, svc: &str, identity: &str) -> Option<bool> {
+    let r = d
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/{identity}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["is_online"].as_bool()
+}
+
+/// Polls until `f` holds, for up to `wait`.
+async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + wait;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {wait:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz(d: &Reachd) -> u16 {
+    match reqwest::get(format!("http://{}/readyz", d.admin)).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Asserts that no `user_updated` of `identity` arrives within `wait`.
+async fn no_update_of(ws: &mut Ws, identity: &str, wait: Duration) {
+    let got = tokio::time::timeout(wait, ws.update_of(identity)).await;
+    assert!(got.is_err(), "unexpected update: {got:?}");
+}
+
+#[tokio::test]
+async fn presence_crosses_nodes_and_rest_reads_at_any_node() {
+    let Some((redis, pg)) = servers("presence_crosses_nodes") else {
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("cross", 1));
+    let b = node(&redis, &db, &node_id("cross", 2));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "alice").await;
+
+    // bob at B watches alice, created at A (records are shared).
+    let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    let sub = subscribe(&mut bob, &["alice"]).await;
+    assert_eq!(online_in(&sub, "alice"), None, "never online yet: null");
+
+    // alice connects at A: bob at B is told.
+    let started = Instant::now();
+    let (mut alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    let on = bob.update_of("alice").await;
+    assert_eq!(online_in(&on, "alice"), Some(true));
+    eprintln!("cross-node online after {:?}", started.elapsed());
+    // REST at B reads what A holds.
+    assert_eq!(rest_online(&b, &svc, "alice").await, Some(true));
+    // A later subscriber at B gets the cluster's state in its reply.
+    let (mut carol, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "carol"), None).await;
+    let sub = subscribe(&mut carol, &["alice"]).await;
+    assert_eq!(online_in(&sub, "alice"), Some(true));
+
+    // bye at A: offline at B at once (no grace).
+    alice.send(&ClientFrame::Bye).await;
+    let off = bob.update_of("alice").await;
+    assert_eq!(online_in(&off, "alice"), Some(false));
+    assert_eq!(
+        online_in(&carol.update_of("alice").await, "alice"),
+        Some(false)
+    );
+    assert_eq!(rest_online(&b, &svc, "alice").await, Some(false));
+    assert_eq!(rest_online(&a, &svc, "alice").await, Some(false));
+}
+
+#[tokio::test]
+async fn one_user_on_two_nodes_stays_online_until_both_leave() {
+    let Some((redis, pg)) = servers("one_user_on_two_nodes") else {
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("two", 1));
+    let b = node(&redis, &db, &node_id("two", 2));
+    let c = node(&redis, &db, &node_id("two", 3));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "alice").await;
+    let (mut bob, _) = Ws::hello(&c.ws_url(), &c.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, &["alice"]).await;
+
+    let (mut alice_a, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    assert_eq!(
+        online_in(&bob.update_of("alice").await, "alice"),
+        Some(true)
+    );
+    let (mut alice_b, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
+    // Leaving A (even with bye) changes nothing while B holds her.
+    alice_a.send(&ClientFrame::Bye).await;
+    assert_eq!(alice_a.closed().await.code, Some(1000));
+    no_update_of(&mut bob, "alice", GRACE * 2).await;
+    assert_eq!(rest_online(&c, &svc, "alice").await, Some(true));
+    // An abrupt close at B: offline after the grace.
+    let left = Instant::now();
+    alice_b.send(&ClientFrame::Ping { id: 1 }).await;
+    alice_b.abort();
+    let off = bob.update_of("alice").await;
+    assert_eq!(online_in(&off, "alice"), Some(false));
+    let took = left.elapsed();
+    assert!(took >= GRACE - Duration::from_millis(50), "{took:?}");
+}
+
+#[tokio::test]
+async fn switch_and_profile_changes_at_one_node_reach_sockets_on_others() {
+    let Some((redis, pg)) = servers("switch_and_profile_changes") else {
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("ctl", 1));
+    let b = node(&redis, &db, &node_id("ctl", 2));
+    let rest = a.client();
+    let svc = rest.create_service("cluster control").await;
+    create_user(&a, &svc, "alice").await;
+    let (mut bob, welcome) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    assert!(matches!(
+        welcome,
+        ServerFrame::Welcome {
+            reachability_enabled: false,
+            ..
+        }
+    ));
+    subscribe(&mut bob, &["alice"]).await;
+    let (_alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+
+    // Enabling at A: bob's socket at B hears it, then alice's presence.
+    rest.set_reachability(&svc, true).await;
+    let f = bob
+        .recv_until(|f| matches!(f, ServerFrame::ServiceUpdated { .. }))
+        .await;
+    assert!(matches!(
+        f,
+        ServerFrame::ServiceUpdated {
+            reachability_enabled: true
+        }
+    ));
+    let on = bob.update_of("alice").await;
+    assert_eq!(online_in(&on, "alice"), Some(true));
+
+    // A profile update at A is published at B with its reason, and read back at B.
+    let r = rest
+        .post(
+            &format!("/v1/Services/{svc}/Users/alice"),
+            &[("FriendlyName", "Alice A.")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let upd = bob.update_of("alice").await;
+    match &upd {
+        ServerFrame::UserUpdated { user, reasons } => {
+            assert_eq!(user.friendly_name.as_deref(), Some("Alice A."));
+            assert!(reasons.contains(&UpdateReason::FriendlyName), "{reasons:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = b
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.body["friendly_name"], "Alice A.");
+
+    // Deleting alice at A closes her socket... and bob's view of the service stays.
+    // Disabling at A: bob hears it at B.
+    rest.set_reachability(&svc, false).await;
+    let f = bob
+        .recv_until(|f| matches!(f, ServerFrame::ServiceUpdated { .. }))
+        .await;
+    assert!(matches!(
+        f,
+        ServerFrame::ServiceUpdated {
+            reachability_enabled: false
+        }
+    ));
+}
+
+#[tokio::test]
+async fn deleting_a_user_at_one_node_closes_its_sockets_on_others() {
+    let Some((redis, pg)) = servers("deleting_a_user") else {
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("del", 1));
+    let b = node(&redis, &db, &node_id("del", 2));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "alice").await;
+    let (alice, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
+    let r = a
+        .client()
+        .delete(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(alice.closed().await.code, Some(4003));
+}
+
+#[tokio::test]
+async fn a_killed_node_s_users_go_offline_and_a_restarted_node_leaves_no_ghost() {
+    let Some((redis, pg)) = servers("a_killed_node") else {
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("kill", 1));
+    let b = node(&redis, &db, &node_id("kill", 2));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "alice").await;
+    create_user(&a, &svc, "dave").await;
+    let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, &["alice", "dave"]).await;
+    let (alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    assert_eq!(
+        online_in(&bob.update_of("alice").await, "alice"),
+        Some(true)
+    );
+
+    // kill -9 of A: alice goes offline at B after the grace, within 5 s more.
+    let killed = Instant::now();
+    let a = a.kill9();
+    drop(alice);
+    let off = bob.update_of("alice").await;
+    assert_eq!(online_in(&off, "alice"), Some(false));
+    let took = killed.elapsed();
+    eprintln!("offline after kill -9: {took:?}");
+    assert!(took >= GRACE, "not before the grace: {took:?}");
+    assert!(took <= GRACE + Duration::from_secs(5), "{took:?}");
+
+    // A comes back with the same node id; dave connects there: online at B, then offline.
+    let a = a.restart();
+    let (dave, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "dave"), None).await;
+    assert_eq!(online_in(&bob.update_of("dave").await, "dave"), Some(true));
+    assert_eq!(
+        rest_online(&b, &svc, "alice").await,
+        Some(false),
+        "no ghost"
+    );
+
+    // kill -9 and an immediate restart with the same id: dave, gone with the old process,
+    // must not stay online (the restarted node releases its old holds after the grace).
+    let a = a.kill9_and_restart();
+    let _ = &a;
+    dave.abort();
+    let off = bob.update_of("dave").await;
+    assert_eq!(online_in(&off, "dave"), Some(false));
+    eventually(
+        Duration::from_secs(5),
+        "REST reads dave offline",
+        || async { rest_online(&b, &svc, "dave").await == Some(false) },
+    )
+    .await;
+}
+
+/// A private redis-server this test can stop and start again on the same port.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Option<PrivateRedis> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut r = PrivateRedis { port, child: None };
+        r.resume().ok()?;
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn resume(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("redis-server did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn redis_down_keeps_local_presence_and_the_view_reconverges() {
+    let Some((_, pg)) = servers("redis_down") else {
+        return;
+    };
+    let Some(mut redis) = PrivateRedis::start() else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: cluster test redis_down: no redis-server binary on PATH"
+        );
+        return;
+    };
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis.url(), &db, &node_id("redis", 1));
+    let b = node(&redis.url(), &db, &node_id("redis", 2));
+    let svc = enabled_service(&a).await;
+    for u in ["alice", "erin", "carol"] {
+        create_user(&a, &svc, u).await;
+    }
+    let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, &["alice", "erin"]).await;
+    let (mut alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    assert_eq!(
+        online_in(&bob.update_of("alice").await, "alice"),
+        Some(true)
+    );
+    assert_eq!(readyz(&a).await, 200);
+
+    redis.stop();
+    eventually(Duration::from_secs(10), "both nodes not ready", || async {
+        readyz(&a).await == 503 && readyz(&b).await == 503
+    })
+    .await;
+
+    // Local presence still works at A: carol watches alice there and sees her online.
+    let (mut carol, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "carol"), None).await;
+    let sub = subscribe(&mut carol, &["alice"]).await;
+    assert_eq!(online_in(&sub, "alice"), Some(true));
+    // While Redis is away: alice leaves A and erin connects at A.
+    alice.send(&ClientFrame::Bye).await;
+    assert_eq!(
+        online_in(&carol.update_of("alice").await, "alice"),
+        Some(false)
+    );
+    let (_erin, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "erin"), None).await;
+
+    // Redis returns (empty): within 5 s both nodes are ready and bob's view is the truth.
+    redis.resume().unwrap();
+    let back = Instant::now();
+    let (mut alice_seen, mut erin_seen) = (None, None);
+    while alice_seen != Some(false) || erin_seen != Some(true) {
+        let left = Duration::from_secs(5).saturating_sub(back.elapsed());
+        let f = tokio::time::timeout(
+            left,
+            bob.recv_until(|f| matches!(f, ServerFrame::UserUpdated { .. })),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("not reconverged in 5 s: alice {alice_seen:?}, erin {erin_seen:?}")
+        });
+        if let ServerFrame::UserUpdated { user, .. } = f {
+            match user.identity.as_str() {
+                "alice" => alice_seen = user.is_online,
+                "erin" => erin_seen = user.is_online,
+                _ => {}
+            }
+        }
+    }
+    eprintln!("reconverged {:?} after Redis returned", back.elapsed());
+    eventually(Duration::from_secs(5), "both nodes ready again", || async {
+        readyz(&a).await == 200 && readyz(&b).await == 200
+    })
+    .await;
+    assert_eq!(rest_online(&b, &svc, "alice").await, Some(false));
+    assert_eq!(rest_online(&b, &svc, "erin").await, Some(true));
+}
