@@ -1,5 +1,7 @@
 //! The coordinator: prepares the server, starts the workers, walks them through the phases
 //! (see [`crate::ipc`]), samples the server's `/proc` every second, and writes the results.
+//! Against a peer server (`--target pusher|mqtt`) there is no reachd to start, no service to
+//! create and no `/metrics` to read: deliveries are what the workers received.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -14,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::RunArgs;
 use crate::ipc::{EventKind, FromWorker, Phase, Plan, ToWorker, WorkerResult};
+use crate::peer::{self, Target};
 use crate::report::{self, Correctness, Point, Results, ServerFigures};
 use crate::scenario::{Kind, Scenario};
 use crate::stats::{ProcSample, decode_hist, find_pid, new_hist, now_ns, proc_sample, summarize};
@@ -126,8 +129,25 @@ async fn spawn_reachd(args: &RunArgs, bin: &Path, out: &Path) -> Result<Server, 
     }
 }
 
-async fn create_service(args: &RunArgs, name: &str) -> Result<String, String> {
-    let base = http_base(&args.url)?;
+/// The server's URL: `--url`, or the target's default; for Pusher, with the app's path.
+fn target_url(args: &RunArgs) -> String {
+    let url = args.url.clone().unwrap_or_else(|| {
+        match args.target {
+            Target::Reach => "ws://127.0.0.1:18080/v1/ws",
+            Target::Pusher => "ws://127.0.0.1:6001",
+            Target::Mqtt => "mqtt://127.0.0.1:18830",
+        }
+        .to_string()
+    });
+    if args.target == Target::Pusher && !url.contains("/app/") {
+        peer::pusher_url(&url, &args.pusher_key)
+    } else {
+        url
+    }
+}
+
+async fn create_service(args: &RunArgs, url: &str, name: &str) -> Result<String, String> {
+    let base = http_base(url)?;
     let client = reqwest::Client::new();
     let auth = format!(
         "Basic {}",
@@ -162,11 +182,14 @@ async fn create_service(args: &RunArgs, name: &str) -> Result<String, String> {
     Ok(sid)
 }
 
-/// Sums the named counters from the server's /metrics (0 when unavailable).
-async fn scrape(admin: &str, names: &[&str]) -> Vec<f64> {
-    let text = match reqwest::get(format!("{admin}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
+/// Sums the named counters from the server's /metrics (0 when unavailable; none for peers).
+async fn scrape(admin: Option<&str>, names: &[&str]) -> Vec<f64> {
+    let text = match admin {
+        Some(admin) => match reqwest::get(format!("{admin}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        },
+        None => String::new(),
     };
     names
         .iter()
@@ -272,7 +295,16 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         PathBuf::from(format!("loadtest/results/{}-{started_unix}", scenario.name))
     });
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let reach = args.target == Target::Reach;
+    let url = target_url(&args);
+    let admin = reach.then_some(args.admin.as_str());
     let server = match &args.spawn_reachd {
+        Some(_) if !reach => {
+            return Err(format!(
+                "--spawn-reachd with --target {}: start the peer with loadtest/peers/start.sh",
+                args.target.name()
+            ));
+        }
         Some(bin) => Some(spawn_reachd(&args, bin, &out).await?),
         None => None,
     };
@@ -283,10 +315,19 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                 .as_ref()
                 .and_then(|s| s.child.as_ref().and_then(Child::id))
         })
-        .or_else(|| find_pid("reachd"))
+        .or_else(|| find_pid(args.target.process_name()))
         .map(|p| p.to_string());
+    if server_pid.is_none() {
+        eprintln!(
+            "reach-loadtest: no server PID (give --server-pid): no server memory or CPU figures"
+        );
+    }
     let sample = || server_pid.as_deref().and_then(proc_sample);
-    let service_sid = create_service(&args, &format!("loadtest-{}", scenario.name)).await?;
+    let service_sid = if reach {
+        create_service(&args, &url, &format!("loadtest-{}", scenario.name)).await?
+    } else {
+        String::new()
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = sample();
 
@@ -308,7 +349,10 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         let plan = Plan {
             scenario: scenario.clone(),
             worker: i as u32,
-            url: args.url.clone(),
+            target: args.target,
+            url: url.clone(),
+            app_key: args.pusher_key.clone(),
+            app_secret: args.pusher_secret.clone(),
             service_sid: service_sid.clone(),
             account_sid: args.account_sid.clone(),
             key_sid: args.key_sid.clone(),
@@ -332,6 +376,9 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
     let mut finished = vec![false; n];
     let mut last_sample = sample();
     let mut loaded: Option<ProcSample> = None;
+    // RSS 5 s after every socket was subscribed (a garbage-collected server settles later).
+    let mut subscribed_at: Option<Instant> = None;
+    let mut after_5s: Option<ProcSample> = None;
     let mut run_start: Option<(ProcSample, Vec<f64>, Instant, u64)> = None;
     let mut run_end: Option<(ProcSample, Vec<f64>, Instant)> = None;
     let mut total_notifications = 0u64;
@@ -391,14 +438,15 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                                 marks.push(("subscribed".into(), at));
                                 tokio::time::sleep(Duration::from_millis(500)).await;
                                 loaded = sample();
-                                let m = scrape(&args.admin, &METRICS).await;
+                                subscribed_at = Some(Instant::now());
+                                let m = scrape(admin, &METRICS).await;
                                 run_start = Some((loaded.unwrap_or_default(), m, Instant::now(), now_ns()));
                                 phase = Phase::Ran;
                                 tell_all(&mut workers, &ToWorker::Go { phase: Phase::Run }).await?;
                             }
                             Phase::Ran => {
                                 marks.push(("ran".into(), at));
-                                let m = scrape(&args.admin, &METRICS).await;
+                                let m = scrape(admin, &METRICS).await;
                                 run_end = Some((sample().unwrap_or_default(), m, Instant::now()));
                                 phase = Phase::Settle;
                                 tell_all(&mut workers, &ToWorker::Go { phase: Phase::Settle }).await?;
@@ -430,6 +478,9 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
             }
             _ = iv.tick() => {
                 let now = sample();
+                if after_5s.is_none() && subscribed_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    after_5s = now;
+                }
                 let t = t_start.elapsed().as_secs_f64();
                 let (cpu_pct, rss) = match (now, last_sample) {
                     (Some(a), Some(b)) => ((a.cpu_s - b.cpu_s) * 100.0, a.rss_bytes),
@@ -454,7 +505,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                     server_rss_mib: rss as f64 / 1048576.0,
                 };
                 pb.set_message(format!(
-                    "{} | ready {} / {} | conn/s {} | deliveries/s {} | p99 {:.2} ms | reachd {:.0} MiB, {:.0}% CPU | errors {}",
+                    "{} | ready {} / {} | conn/s {} | deliveries/s {} | p99 {:.2} ms | server {:.0} MiB, {:.0}% CPU | errors {}",
                     p.phase, p.sockets_in, scenario.sockets, p.connects_per_s, p.deliveries_per_s,
                     p.p99_ms, p.server_rss_mib, p.server_cpu_pct, s.errors
                 ));
@@ -483,6 +534,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
     let mut error_samples = Vec::new();
     let mut converged_ns: Option<u64> = None;
     let mut harness_rss = 0u64;
+    let mut run_notifications = 0u64;
     for r in &results {
         for (k, s) in r.latency.iter().enumerate() {
             if let Some(h) = decode_hist(s) {
@@ -503,6 +555,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         unexpected += r.unexpected_closes;
         harness_cpu += r.cpu_s;
         harness_rss += r.rss_bytes;
+        run_notifications += r.run_notifications;
         c.notifications += r.notifications;
         c.events += r.events;
         c.matched += r.matched;
@@ -539,26 +592,43 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         peak_rss_bytes: Some(peak_rss),
         ..ServerFigures::default()
     };
+    let per_socket = |b: ProcSample, l: ProcSample| {
+        (l.rss_bytes as f64 - b.rss_bytes as f64) / f64::from(scenario.sockets)
+    };
     if let (Some(b), Some(l)) = (baseline, loaded) {
-        server_fig.bytes_per_socket =
-            Some((l.rss_bytes as f64 - b.rss_bytes as f64) / f64::from(scenario.sockets));
+        server_fig.bytes_per_socket = Some(per_socket(b, l));
+    }
+    if let (Some(b), Some(l)) = (baseline, after_5s) {
+        server_fig.rss_5s_bytes = Some(l.rss_bytes);
+        server_fig.bytes_per_socket_5s = Some(per_socket(b, l));
     }
     if let (Some((s0, m0, i0, wall0)), Some((s1, m1, i1))) = (&run_start, &run_end) {
         let secs = (*i1 - *i0).as_secs_f64();
         let cpu = s1.cpu_s - s0.cpu_s;
-        let deliveries = m1[0] - m0[0];
         server_fig.run_s = Some(secs);
         server_fig.run_cpu_s = Some(cpu);
         server_fig.run_cpu_pct = Some(100.0 * cpu / secs.max(1e-9));
-        server_fig.run_deliveries = Some(deliveries);
-        server_fig.run_frames_sent = Some(m1[1] - m0[1]);
-        server_fig.run_diffs = Some(m1[2] - m0[2]);
-        c.server_coalesced = Some(m1[3] - m0[3]);
-        server_fig.deliveries_per_s = Some(deliveries / secs.max(1e-9));
-        if deliveries > 0.0 {
-            server_fig.cpu_us_per_delivery = Some(cpu * 1e6 / deliveries);
+        if reach {
+            let deliveries = m1[0] - m0[0];
+            server_fig.run_deliveries = Some(deliveries);
+            server_fig.run_frames_sent = Some(m1[1] - m0[1]);
+            server_fig.run_diffs = Some(m1[2] - m0[2]);
+            c.server_coalesced = Some(m1[3] - m0[3]);
+            server_fig.deliveries_per_s = Some(deliveries / secs.max(1e-9));
+            if deliveries > 0.0 {
+                server_fig.cpu_us_per_delivery = Some(cpu * 1e6 / deliveries);
+            }
+        }
+        let received = run_notifications as f64;
+        server_fig.run_received = Some(received);
+        server_fig.received_per_s = Some(received / secs.max(1e-9));
+        if received > 0.0 {
+            server_fig.cpu_us_per_received = Some(cpu * 1e6 / received);
         }
         server_fig.end_rss_bytes = Some(s1.rss_bytes);
+        if let Some(b) = baseline {
+            server_fig.bytes_per_socket_end = Some(per_socket(b, *s1));
+        }
         if let Some(t) = converged_ns {
             server_fig.storm_convergence_ms = Some((t.saturating_sub(*wall0)) as f64 / 1e6);
         }
@@ -566,7 +636,8 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
     let peak_deliveries = series.iter().map(|p| p.deliveries_per_s).max().unwrap_or(0);
     let results = Results {
         scenario: scenario.clone(),
-        url: args.url.clone(),
+        target: args.target,
+        url: url.clone(),
         reachd_config: args
             .spawn_reachd
             .as_ref()

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::peer::Target;
 use crate::scenario::Scenario;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +29,13 @@ pub enum Phase {
 pub struct Plan {
     pub scenario: Scenario,
     pub worker: u32,
-    /// `ws://HOST:PORT/v1/ws`
+    pub target: Target,
+    /// `ws://HOST:PORT/v1/ws` (reach), `ws://HOST:PORT/app/<key>?...` (pusher),
+    /// `mqtt://HOST:PORT` (mqtt).
     pub url: String,
+    /// Pusher: the app's key and secret (subscriptions to presence channels are signed).
+    pub app_key: String,
+    pub app_secret: String,
     pub service_sid: String,
     pub account_sid: String,
     pub key_sid: String,
@@ -114,6 +120,8 @@ pub struct WorkerResult {
     pub subscribe_hist: String,
     pub connects: u64,
     pub notifications: u64,
+    /// Notifications received during the active phase.
+    pub run_notifications: u64,
     /// Visible events this worker caused (each should reach every watcher).
     pub events: u64,
     /// Notifications whose latency was resolved against an event.

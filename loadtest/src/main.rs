@@ -10,10 +10,13 @@
 //!   progress and writes the results;
 //! - [`worker`]: a worker process holding up to 19,000 sockets on a single-threaded runtime;
 //! - [`ipc`]: the JSON lines between them;
+//! - [`peer`]: the peer servers it can drive instead of reachd (Soketi's Pusher protocol,
+//!   Mosquitto's MQTT), and how reach's presence maps onto each;
 //! - [`stats`], [`report`]: histograms, `/proc` readings, and the JSON / Markdown / SVG output.
 
 mod coord;
 mod ipc;
+mod peer;
 mod report;
 mod scenario;
 mod stats;
@@ -24,6 +27,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::peer::Target;
 use crate::scenario::{Kind, Scenario};
 
 #[derive(Parser, Debug)]
@@ -65,8 +69,9 @@ pub struct Overrides {
     flaps_per_s: Option<f64>,
     #[arg(long)]
     churn_per_s: Option<f64>,
-    /// Weights of the ways to leave in `rooms`: BYE,ABRUPT,SILENT (e.g. 0.8,0.2,0).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    /// Weights of the ways to leave in `rooms`: BYE,ABRUPT,SILENT (e.g. 0.8,0.2,0; missing
+    /// weights are 0).
+    #[arg(long, value_delimiter = ',', value_name = "BYE,ABRUPT,SILENT")]
     mix: Option<Vec<f64>>,
     #[arg(long)]
     rejoin_ms: Option<u64>,
@@ -120,9 +125,10 @@ impl Overrides {
             heartbeat_timeout_ms
         );
         if let Some(m) = self.mix {
-            s.mix.bye = m[0];
-            s.mix.abrupt = m[1];
-            s.mix.silent = m[2];
+            let weight = |i: usize| m.get(i).copied().unwrap_or(0.0);
+            s.mix.bye = weight(0);
+            s.mix.abrupt = weight(1);
+            s.mix.silent = weight(2);
         }
     }
 }
@@ -134,9 +140,15 @@ pub struct RunArgs {
     scenario: Option<PathBuf>,
     #[command(flatten)]
     overrides: Overrides,
-    /// The gateway's WebSocket URL (an IPv4 address, not a name).
-    #[arg(long, default_value = "ws://127.0.0.1:18080/v1/ws")]
-    pub url: String,
+    /// The server to drive: reachd, or a peer server (pusher: Soketi, mqtt: Mosquitto; start
+    /// them with loadtest/peers/start.sh).
+    #[arg(long, alias = "peer", value_enum, default_value_t = Target::Reach)]
+    pub target: Target,
+    /// The server's URL (an IPv4 address, not a name). Default: reach
+    /// ws://127.0.0.1:18080/v1/ws, pusher ws://127.0.0.1:6001 (the app path is added),
+    /// mqtt mqtt://127.0.0.1:18830.
+    #[arg(long)]
+    pub url: Option<String>,
     /// The gateway's admin listener (for /readyz and /metrics).
     #[arg(long, default_value = "http://127.0.0.1:19090")]
     pub admin: String,
@@ -155,7 +167,9 @@ pub struct RunArgs {
     /// CPUs for the workers (taskset -c), e.g. 1.
     #[arg(long)]
     pub worker_cpus: Option<String>,
-    /// PID of a reachd started elsewhere (default: the spawned one, or the only `reachd`).
+    /// PID of a server started elsewhere (default: the spawned reachd, or the only process
+    /// named `reachd` / `soketi-server` / `mosquitto`; loadtest/peers/start.sh writes the
+    /// peers' PIDs to loadtest/peers/run/<peer>.pid).
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Account, auth token and API key configured in reachd (defaults: the test fixtures of
@@ -168,6 +182,11 @@ pub struct RunArgs {
     pub key_sid: String,
     #[arg(long, default_value = "loadtest-fixture-key-secret")]
     pub key_secret: String,
+    /// Pusher app key and secret (defaults: the test fixtures of loadtest/peers/start.sh).
+    #[arg(long, default_value = "loadtest-fixture-key")]
+    pub pusher_key: String,
+    #[arg(long, default_value = "loadtest-fixture-secret")]
+    pub pusher_secret: String,
     /// Folder for result.json, summary.md and chart.svg (default:
     /// loadtest/results/<name>-<unix time>).
     #[arg(long)]
@@ -197,7 +216,10 @@ fn main() -> ExitCode {
                 None => Scenario::default(),
             };
             std::mem::take(&mut args.overrides).apply(&mut scenario);
-            if let Err(e) = scenario.validate() {
+            if let Err(e) = scenario
+                .validate()
+                .and_then(|()| args.target.check(&scenario))
+            {
                 eprintln!("reach-loadtest: invalid scenario: {e}");
                 return ExitCode::from(2);
             }

@@ -7,6 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::peer::Target;
 use crate::scenario::Scenario;
 use crate::stats::Summary;
 
@@ -70,6 +71,11 @@ pub struct ServerFigures {
     pub peak_rss_bytes: Option<u64>,
     /// (loaded - baseline) / sockets.
     pub bytes_per_socket: Option<f64>,
+    /// RSS 5 s after every socket was subscribed, and (that - baseline) / sockets.
+    pub rss_5s_bytes: Option<u64>,
+    pub bytes_per_socket_5s: Option<f64>,
+    /// (RSS at the end of the active phase - baseline) / sockets: settled, for an idle run.
+    pub bytes_per_socket_end: Option<f64>,
     /// The active phase: wall time, server CPU seconds and percent of one core.
     pub run_s: Option<f64>,
     pub run_cpu_s: Option<f64>,
@@ -80,6 +86,11 @@ pub struct ServerFigures {
     pub run_diffs: Option<f64>,
     pub deliveries_per_s: Option<f64>,
     pub cpu_us_per_delivery: Option<f64>,
+    /// Notifications the harness received during the active phase, per second, and the
+    /// server's CPU per received notification: the same measure for every target.
+    pub run_received: Option<f64>,
+    pub received_per_s: Option<f64>,
+    pub cpu_us_per_received: Option<f64>,
     /// Storm: from the drop order to the last socket subscribed again.
     pub storm_convergence_ms: Option<f64>,
 }
@@ -87,6 +98,7 @@ pub struct ServerFigures {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub scenario: Scenario,
+    pub target: Target,
     pub url: String,
     pub reachd_config: Option<String>,
     pub reachd_env: Vec<String>,
@@ -126,7 +138,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub fn markdown(r: &Results) -> String {
     let s = &r.scenario;
     let mut m = String::new();
-    let _ = writeln!(m, "# reach-loadtest: {} ({:?})\n", s.name, s.kind);
+    let _ = writeln!(
+        m,
+        "# reach-loadtest: {} ({:?}) against {}\n",
+        s.name,
+        s.kind,
+        r.target.name()
+    );
     let _ = writeln!(
         m,
         "{} sockets, {} workers, {} source addresses each, encoding {}, hold {} s. Phases (s): {}.\n",
@@ -163,7 +181,8 @@ pub fn markdown(r: &Results) -> String {
     let mib = |b: Option<u64>| opt(b.map(|b| b as f64 / 1048576.0), 1);
     let _ = writeln!(
         m,
-        "\n## Server (reachd, pid {})\n",
+        "\n## Server ({}, pid {})\n",
+        r.target.process_name(),
         sv.pid.as_deref().unwrap_or("?")
     );
     let _ = writeln!(m, "| figure | value |\n|---|---|");
@@ -179,6 +198,12 @@ pub fn markdown(r: &Results) -> String {
         m,
         "| bytes per socket ((loaded - baseline) / sockets) | {} |",
         opt(sv.bytes_per_socket, 0)
+    );
+    let _ = writeln!(
+        m,
+        "| bytes per socket 5 s after subscribed / at the end of the active phase | {} / {} |",
+        opt(sv.bytes_per_socket_5s, 0),
+        opt(sv.bytes_per_socket_end, 0)
     );
     let _ = writeln!(
         m,
@@ -203,6 +228,13 @@ pub fn markdown(r: &Results) -> String {
         m,
         "| server CPU per delivery (us) | {} |",
         opt(sv.cpu_us_per_delivery, 2)
+    );
+    let _ = writeln!(
+        m,
+        "| notifications received in the active phase / per s / server CPU per one (us) | {} / {} / {} |",
+        opt(sv.run_received, 0),
+        opt(sv.received_per_s, 0),
+        opt(sv.cpu_us_per_received, 2)
     );
     if sv.storm_convergence_ms.is_some() {
         let _ = writeln!(

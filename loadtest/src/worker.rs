@@ -10,20 +10,31 @@
 //!
 //! Lean on purpose: no SDK state per socket, a 2 KiB read buffer, and the watched users' states
 //! kept as a small vector, so one worker can hold 19,000 sockets in little memory and CPU.
+//!
+//! The same user tasks drive a peer server instead of reachd ([`crate::peer`]): a [`Conn`] is a
+//! reach WebSocket, a Pusher WebSocket or an MQTT connection, and each kind knows how to
+//! connect, subscribe, read a notification and leave. Everything else (events, latencies,
+//! views, the final comparison with the truth) is shared.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::Rng;
 use reach_proto::{ClientFrame, Encoding, ServerFrame, decode_server, encode};
-use tokio::io::AsyncBufReadExt;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnectReturnCode, LastWill, Packet, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
@@ -32,10 +43,90 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::ipc::{Event, EventKind, FromWorker, Phase, Plan, Tick, ToWorker, WorkerResult};
+use crate::peer::{self, PusherIn, Target};
 use crate::scenario::{Kind, Scenario, identity, user_of};
 use crate::stats::{encode_hist, new_hist, now_ns, proc_sample, record_ns};
 
 type Ws = WebSocketStream<TcpStream>;
+
+/// One user's connection to the server under test.
+enum Conn {
+    Reach(Ws),
+    Pusher(PusherConn),
+    Mqtt(MqttConn),
+}
+
+struct PusherConn {
+    ws: Ws,
+    /// From `pusher:connection_established`; signed into every subscription.
+    socket_id: String,
+}
+
+struct MqttConn {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed into packets.
+    buf: BytesMut,
+    /// When the next PINGREQ is due (every keepalive / 2).
+    ping: Pin<Box<tokio::time::Sleep>>,
+    ping_every: Duration,
+}
+
+impl MqttConn {
+    /// Reads more bytes into `buf`, sending PINGREQs while it waits. Cancel-safe.
+    async fn fill(&mut self) -> Result<(), String> {
+        if self.buf.capacity() - self.buf.len() < 256 {
+            self.buf.reserve(1024);
+        }
+        loop {
+            tokio::select! {
+                r = self.stream.read_buf(&mut self.buf) => {
+                    return match r {
+                        Ok(0) => Err("server closed the socket".into()),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(format!("read: {e}")),
+                    };
+                }
+                () = &mut self.ping => {
+                    // Two bytes into an idle socket's send buffer: never blocks in practice,
+                    // and a PINGREQ lost to a full buffer is harmless (the data keeps it alive).
+                    let _ = self.stream.try_write(&[0xC0, 0x00]);
+                    let next = self.ping.deadline() + self.ping_every;
+                    self.ping.as_mut().reset(next);
+                }
+            }
+        }
+    }
+
+    /// Reads until `want` accepts a packet; other packets go to `other`.
+    async fn until<T>(
+        &mut self,
+        mut want: impl FnMut(&Packet) -> Option<Result<T, String>>,
+        mut other: impl FnMut(Packet),
+    ) -> Result<T, String> {
+        loop {
+            while let Some(p) = peer::mqtt_read(&mut self.buf)? {
+                match want(&p) {
+                    Some(r) => return r,
+                    None => other(p),
+                }
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+impl Conn {
+    /// Resets the TCP connection (linger 0): the server sees an abrupt close.
+    fn reset(self) {
+        match self {
+            Conn::Reach(ws) => reset(ws),
+            Conn::Pusher(p) => reset(p.ws),
+            Conn::Mqtt(m) => {
+                let _ = socket2::SockRef::from(&m.stream).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+}
 
 /// How long to wait for one reply (`welcome`, `subscribed`) before counting an error.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,6 +177,8 @@ struct Slot {
 struct Counters {
     connects: u64,
     notifications: u64,
+    /// Notifications received during the active phase (between `Go(Run)` and `Ran`).
+    run_notifications: u64,
     events: u64,
     matched: u64,
     errors: u64,
@@ -125,6 +218,13 @@ struct Worker {
     converged: Cell<Option<u64>>,
     ws_config: WebSocketConfig,
     next_req: Cell<i64>,
+    /// The active phase has started: notifications count from now on. Before it, a peer's
+    /// notifications of the ramp (members joining a presence channel) only update views.
+    started: Cell<bool>,
+    /// Inside the active phase (counts `run_notifications`).
+    active: Cell<bool>,
+    /// Makes MQTT client ids unique per connection, so a rejoin never takes over a session.
+    next_client: Cell<u64>,
 }
 
 fn send(msg: &FromWorker) {
@@ -163,7 +263,8 @@ pub fn main() -> ExitCode {
 fn server_addr(url: &str) -> Result<SocketAddr, String> {
     let rest = url
         .strip_prefix("ws://")
-        .ok_or_else(|| format!("url must start with ws://: {url}"))?;
+        .or_else(|| url.strip_prefix("mqtt://"))
+        .ok_or_else(|| format!("url must start with ws:// or mqtt://: {url}"))?;
     let host = rest.split('/').next().unwrap_or_default();
     host.parse()
         .map_err(|e| format!("url host must be IP:PORT ({host}): {e}"))
@@ -215,6 +316,9 @@ async fn run() -> Result<(), String> {
         converged: Cell::new(None),
         ws_config: WebSocketConfig::default().read_buffer_size(2048),
         next_req: Cell::new(1),
+        started: Cell::new(false),
+        active: Cell::new(false),
+        next_client: Cell::new(0),
         sc,
         plan,
     });
@@ -241,6 +345,8 @@ async fn run() -> Result<(), String> {
                     });
                 }
                 Phase::Run => {
+                    w.started.set(true);
+                    w.active.set(true);
                     tokio::task::spawn_local(run_phase(Rc::clone(&w)));
                 }
                 Phase::Settle => {
@@ -393,6 +499,7 @@ async fn run_phase(w: Rc<Worker>) {
     )
     .await;
     w.converged.set(converged);
+    w.active.set(false);
     send(&FromWorker::Reached { phase: Phase::Ran });
 }
 
@@ -524,8 +631,8 @@ impl Worker {
         Ipv4Addr::new(127, 0, third, fourth)
     }
 
-    async fn upgrade(&self, user: u32) -> Result<Ws, String> {
-        let started = now_ns();
+    /// A TCP connection to the server from one of this worker's source addresses.
+    async fn tcp(&self, user: u32) -> Result<TcpStream, String> {
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         sock.bind(SocketAddr::new(self.source_ip(user).into(), 0))
             .map_err(|e| format!("bind {}: {e}", self.source_ip(user)))?;
@@ -534,16 +641,24 @@ impl Worker {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn upgrade(&self, user: u32) -> Result<Ws, String> {
+        let started = now_ns();
+        let stream = self.tcp(user).await?;
         let mut req = self
             .plan
             .url
             .as_str()
             .into_client_request()
             .map_err(|e| format!("url: {e}"))?;
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            self.enc.subprotocol().parse().expect("valid header value"),
-        );
+        if self.plan.target == Target::Reach {
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                self.enc.subprotocol().parse().expect("valid header value"),
+            );
+        }
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(req, stream, Some(self.ws_config))
                 .await
@@ -552,21 +667,38 @@ impl Worker {
         Ok(ws)
     }
 
-    /// Connects and authenticates `user`; a visible connect is recorded as an event.
-    async fn establish(&self, user: u32, visible: bool) -> Result<Ws, String> {
-        let mut attempt = 0;
-        let mut ws = loop {
-            attempt += 1;
-            match self.upgrade(user).await {
-                Ok(ws) => break ws,
-                Err(e) if attempt < CONNECT_ATTEMPTS => {
+    /// Runs `attempt` until it succeeds, up to [`CONNECT_ATTEMPTS`] times with a backoff.
+    async fn retrying<T, F: Future<Output = Result<T, String>>>(
+        &self,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, String> {
+        let mut n = 0;
+        loop {
+            n += 1;
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) if n < CONNECT_ATTEMPTS => {
                     self.error(e);
-                    let backoff = 50 * u64::from(attempt) + rand::random_range(0..100);
+                    let backoff = 50 * u64::from(n) + rand::random_range(0..100);
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                 }
                 Err(e) => return Err(e),
             }
-        };
+        }
+    }
+
+    /// Connects and authenticates `user`; a visible connect is recorded as an event (on
+    /// Pusher, where a user is present only once subscribed, by [`Worker::subscribe`]).
+    async fn establish(&self, user: u32, visible: bool) -> Result<Conn, String> {
+        match self.plan.target {
+            Target::Reach => self.establish_reach(user, visible).await.map(Conn::Reach),
+            Target::Pusher => self.establish_pusher(user).await.map(Conn::Pusher),
+            Target::Mqtt => self.establish_mqtt(user, visible).await.map(Conn::Mqtt),
+        }
+    }
+
+    async fn establish_reach(&self, user: u32, visible: bool) -> Result<Ws, String> {
+        let mut ws = self.retrying(|| self.upgrade(user)).await?;
         let token = self.token(user);
         if visible {
             self.event(user, true, EventKind::Connect);
@@ -601,6 +733,86 @@ impl Worker {
         Ok(ws)
     }
 
+    /// Upgrade, then `pusher:connection_established` (timed as `hello`).
+    async fn establish_pusher(&self, user: u32) -> Result<PusherConn, String> {
+        let mut ws = self.retrying(|| self.upgrade(user)).await?;
+        let sent = now_ns();
+        let socket_id = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                match self.pusher_next(&mut ws).await? {
+                    PusherIn::Established { socket_id } => return Ok(socket_id),
+                    PusherIn::Error(e) => return Err(format!("connection refused: {e}")),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no pusher:connection_established in time".to_string())??;
+        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
+        self.c.borrow_mut().connects += 1;
+        Ok(PusherConn { ws, socket_id })
+    }
+
+    /// TCP connect, then CONNECT (with the last will `0`) and the retained `1`, pipelined;
+    /// CONNECT -> CONNACK is timed as `hello`.
+    async fn establish_mqtt(&self, user: u32, visible: bool) -> Result<MqttConn, String> {
+        let started = now_ns();
+        let stream = self.retrying(|| self.tcp(user)).await?;
+        record_ns(&mut self.h.borrow_mut().upgrade, now_ns() - started);
+        let sc = &self.sc;
+        let watched = peer::is_watched(sc, user);
+        let topic = peer::mqtt_topic(sc, user);
+        let n = self.next_client.get();
+        self.next_client.set(n + 1);
+        let keepalive = peer::mqtt_keepalive_s(sc);
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(format!(
+            "{}-{}-{n}",
+            identity(user),
+            self.plan.worker
+        ));
+        connect.keep_alive = keepalive;
+        connect.clean_session = true;
+        if watched {
+            connect.last_will = Some(LastWill::new(&topic, "0", QoS::AtMostOnce, true));
+        }
+        let mut out = BytesMut::with_capacity(128);
+        peer::mqtt_write(&Packet::Connect(connect), &mut out)?;
+        if watched {
+            peer::mqtt_write(&Packet::Publish(retained(&topic, true)), &mut out)?;
+        }
+        let ping_every = Duration::from_millis(u64::from(keepalive) * 500);
+        let mut m = MqttConn {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+            ping: Box::pin(tokio::time::sleep(ping_every)),
+            ping_every,
+        };
+        if visible {
+            self.event(user, true, EventKind::Connect);
+        }
+        let sent = now_ns();
+        m.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("send connect: {e}"))?;
+        tokio::time::timeout(
+            REPLY_TIMEOUT,
+            m.until(
+                |p| match p {
+                    Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Some(Ok(())),
+                    Packet::ConnAck(a) => Some(Err(format!("connect refused: {:?}", a.code))),
+                    _ => None,
+                },
+                |p| self.on_mqtt(user, p),
+            ),
+        )
+        .await
+        .map_err(|_| "no CONNACK in time".to_string())??;
+        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
+        self.c.borrow_mut().connects += 1;
+        Ok(m)
+    }
+
     /// Decodes a data message; `None` for control frames.
     fn frame(&self, m: &Message) -> Result<Option<ServerFrame>, String> {
         let payload: &[u8] = match m {
@@ -614,30 +826,66 @@ impl Worker {
             .map_err(|e| format!("undecodable frame: {e}"))
     }
 
+    /// The next Pusher message (control frames are skipped; tungstenite answers pings).
+    async fn pusher_next(&self, ws: &mut Ws) -> Result<PusherIn, String> {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return peer::parse_pusher(t.as_str()),
+                Some(Ok(Message::Close(c))) => return Err(format!("server closed: {c:?}")),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("read: {e}")),
+                None => return Err("server closed the socket".into()),
+            }
+        }
+    }
+
+    /// Reads the next message of `conn` and handles it. Cancel-safe as far as reading goes
+    /// (a `pusher:pong` being sent may be cut short; the next write flushes it).
+    async fn recv(&self, user: u32, conn: &mut Conn) -> Result<(), String> {
+        match conn {
+            Conn::Reach(ws) => {
+                let frame = match ws.next().await {
+                    Some(Ok(m)) => self.frame(&m)?,
+                    Some(Err(e)) => return Err(format!("read: {e}")),
+                    None => return Err("server closed the socket".into()),
+                };
+                if let Some(f) = frame {
+                    self.on_frame(user, f);
+                }
+            }
+            Conn::Pusher(p) => match self.pusher_next(&mut p.ws).await? {
+                PusherIn::Ping => {
+                    let pong = r#"{"event":"pusher:pong","data":{}}"#;
+                    p.ws.send(Message::text(pong))
+                        .await
+                        .map_err(|e| format!("send pong: {e}"))?;
+                }
+                m => self.on_pusher(user, m),
+            },
+            Conn::Mqtt(m) => loop {
+                // Packets read together with an earlier reply (the retained states right
+                // after a SUBACK) are handled before waiting for more bytes.
+                let mut handled = false;
+                while let Some(p) = peer::mqtt_read(&mut m.buf)? {
+                    self.on_mqtt(user, p);
+                    handled = true;
+                }
+                if handled {
+                    break;
+                }
+                m.fill().await?;
+            },
+        }
+        Ok(())
+    }
+
     /// Handles a frame read outside a request/reply exchange.
     fn on_frame(&self, user: u32, frame: ServerFrame) {
         match frame {
-            ServerFrame::UserUpdated { user: u, .. } => {
-                let t1 = now_ns();
-                let Some(x) = user_of(&u.identity) else {
-                    self.error(format!("update of unknown identity {}", u.identity));
-                    return;
-                };
-                if x == user {
-                    return;
-                }
-                let online = u.is_online == Some(true);
-                let mut c = self.c.borrow_mut();
-                c.notifications += 1;
-                let slot = self.slot(user);
-                let mut view = slot.view.borrow_mut();
-                match view.iter_mut().find(|(w, _)| *w == x) {
-                    Some((_, v)) if *v == u.is_online => c.spurious_repeat += 1,
-                    Some((_, v)) => *v = u.is_online,
-                    None => view.push((x, u.is_online)),
-                }
-                self.pending.borrow_mut().push((x, online, t1));
-            }
+            ServerFrame::UserUpdated { user: u, .. } => match user_of(&u.identity) {
+                Some(x) => self.notify(user, x, u.is_online),
+                None => self.error(format!("update of unknown identity {}", u.identity)),
+            },
             ServerFrame::Error { code, message, .. } => {
                 self.error(format!("error frame: {code} {message}"));
             }
@@ -645,8 +893,176 @@ impl Worker {
         }
     }
 
+    /// Handles a Pusher message read outside a request/reply exchange.
+    fn on_pusher(&self, user: u32, m: PusherIn) {
+        match m {
+            PusherIn::Member { user_id, online } => match user_of(&user_id) {
+                Some(x) => self.notify(user, x, Some(online)),
+                None if user_id == peer::SHARED_WATCHER => {}
+                None => self.error(format!("member event of unknown user {user_id}")),
+            },
+            PusherIn::Error(e) => self.error(e),
+            _ => {}
+        }
+    }
+
+    /// Handles an MQTT packet read outside a request/reply exchange: a retained message is
+    /// part of a subscription's snapshot, a live one a notification.
+    fn on_mqtt(&self, user: u32, p: Packet) {
+        match p {
+            Packet::Publish(p) => {
+                let Some(x) = p.topic.rsplit('/').next().and_then(user_of) else {
+                    self.error(format!("publish on unknown topic {}", p.topic));
+                    return;
+                };
+                let online = Some(p.payload.as_ref() == b"1");
+                if p.retain {
+                    self.set_view(user, x, online);
+                } else {
+                    self.notify(user, x, online);
+                }
+            }
+            Packet::PingResp | Packet::SubAck(_) | Packet::UnsubAck(_) => {}
+            other => self.error(format!("unexpected MQTT packet {other:?}")),
+        }
+    }
+
+    /// Sets what `user` knows of `x`, without counting a notification.
+    fn set_view(&self, user: u32, x: u32, is_online: Option<bool>) {
+        if x == user {
+            return;
+        }
+        let mut view = self.slot(user).view.borrow_mut();
+        match view.iter_mut().find(|(w, _)| *w == x) {
+            Some((_, v)) => *v = is_online,
+            None => view.push((x, is_online)),
+        }
+    }
+
+    /// A notification to `user` that `x` is now `is_online`.
+    fn notify(&self, user: u32, x: u32, is_online: Option<bool>) {
+        let t1 = now_ns();
+        if x == user {
+            return;
+        }
+        if !self.started.get() && self.plan.target != Target::Reach {
+            // A member joining during the ramp: it sets the view, it measures nothing.
+            self.set_view(user, x, is_online);
+            return;
+        }
+        let online = is_online == Some(true);
+        let mut c = self.c.borrow_mut();
+        c.notifications += 1;
+        if self.active.get() {
+            c.run_notifications += 1;
+        }
+        let slot = self.slot(user);
+        let mut view = slot.view.borrow_mut();
+        match view.iter_mut().find(|(w, _)| *w == x) {
+            Some((_, v)) if *v == is_online => c.spurious_repeat += 1,
+            Some((_, v)) => *v = is_online,
+            None => view.push((x, is_online)),
+        }
+        self.pending.borrow_mut().push((x, online, t1));
+    }
+
+    /// Subscribes `user` to the users it watches and waits for the reply; on Pusher this is
+    /// also when the user becomes present, recorded as an event when `visible`.
+    async fn subscribe(&self, user: u32, conn: &mut Conn, visible: bool) -> Result<(), String> {
+        match conn {
+            Conn::Reach(ws) => self.subscribe_reach(user, ws).await,
+            Conn::Pusher(p) => self.subscribe_pusher(user, p, visible).await,
+            Conn::Mqtt(m) => self.subscribe_mqtt(user, m).await,
+        }
+    }
+
+    async fn subscribe_pusher(
+        &self,
+        user: u32,
+        p: &mut PusherConn,
+        visible: bool,
+    ) -> Result<(), String> {
+        let sc = &self.sc;
+        let channel = peer::pusher_channel(sc, user);
+        let data = serde_json::json!({ "user_id": peer::pusher_user_id(sc, user) }).to_string();
+        let auth = peer::pusher_auth(
+            &self.plan.app_key,
+            &self.plan.app_secret,
+            &p.socket_id,
+            &channel,
+            &data,
+        );
+        let msg = peer::pusher_subscribe(&channel, &auth, &data);
+        if visible {
+            self.event(user, true, EventKind::Connect);
+        }
+        let sent = now_ns();
+        p.ws.send(Message::text(msg))
+            .await
+            .map_err(|e| format!("send subscribe: {e}"))?;
+        let ids = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                match self.pusher_next(&mut p.ws).await? {
+                    PusherIn::Subscribed { channel: c, ids } if c == channel => return Ok(ids),
+                    PusherIn::Error(e) => return Err(format!("subscribe {channel}: {e}")),
+                    other => self.on_pusher(user, other),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no subscription_succeeded in time".to_string())??;
+        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
+        let present: Vec<u32> = ids.iter().filter_map(|i| user_of(i)).collect();
+        *self.slot(user).view.borrow_mut() = sc
+            .watches(user)
+            .into_iter()
+            .map(|x| (x, Some(present.contains(&x))))
+            .collect();
+        Ok(())
+    }
+
+    /// SUBSCRIBE -> SUBACK; the retained states that follow fill the view.
+    async fn subscribe_mqtt(&self, user: u32, m: &mut MqttConn) -> Result<(), String> {
+        let watched = self.sc.watches(user);
+        *self.slot(user).view.borrow_mut() = watched.iter().map(|&x| (x, None)).collect();
+        if watched.is_empty() {
+            return Ok(());
+        }
+        let filters = peer::mqtt_filters(&self.sc, user)
+            .into_iter()
+            .map(|f| SubscribeFilter::new(f, QoS::AtMostOnce))
+            .collect();
+        let mut out = BytesMut::with_capacity(64);
+        peer::mqtt_write(&Packet::Subscribe(Subscribe { pkid: 1, filters }), &mut out)?;
+        let sent = now_ns();
+        m.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("send subscribe: {e}"))?;
+        tokio::time::timeout(
+            REPLY_TIMEOUT,
+            m.until(
+                |p| match p {
+                    Packet::SubAck(a) if a.pkid == 1 => {
+                        Some(if a.return_codes.contains(&SubscribeReasonCode::Failure) {
+                            Err("subscription refused".into())
+                        } else {
+                            Ok(())
+                        })
+                    }
+                    _ => None,
+                },
+                |p| self.on_mqtt(user, p),
+            ),
+        )
+        .await
+        .map_err(|_| "no SUBACK in time".to_string())??;
+        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
+        Ok(())
+    }
+
     /// Subscribes `user` to the users it watches and waits for `subscribed`.
-    async fn subscribe(&self, user: u32, ws: &mut Ws) -> Result<(), String> {
+    async fn subscribe_reach(&self, user: u32, ws: &mut Ws) -> Result<(), String> {
         let watched = self.sc.watches(user);
         if watched.is_empty() {
             *self.slot(user).view.borrow_mut() = Vec::new();
@@ -782,6 +1198,7 @@ impl Worker {
             subscribe_hist: encode_hist(&h.subscribe),
             connects: c.connects,
             notifications: c.notifications,
+            run_notifications: c.run_notifications,
             events: c.events,
             matched: c.matched,
             errors: c.errors,
@@ -806,6 +1223,67 @@ fn reset(ws: Ws) {
     drop(ws);
 }
 
+/// A retained presence state (`1` online, `0` offline) for an MQTT topic.
+fn retained(topic: &str, online: bool) -> Publish {
+    let mut p = Publish::new(topic, QoS::AtMostOnce, if online { "1" } else { "0" });
+    p.retain = true;
+    p
+}
+
+impl Worker {
+    /// Leaves cleanly: `bye` on reach, unsubscribe + close on Pusher, the retained `0` +
+    /// DISCONNECT on MQTT; then reads to the server's close (at most 3 s), so the close
+    /// handshake completes.
+    async fn bye(&self, user: u32, conn: Conn) {
+        let drain = Duration::from_secs(3);
+        match conn {
+            Conn::Reach(mut ws) => {
+                let _ = ws.send(self.message(&ClientFrame::Bye)).await;
+                let _ = tokio::time::timeout(drain, async {
+                    while let Some(Ok(m)) = ws.next().await {
+                        if let Ok(Some(f)) = self.frame(&m) {
+                            self.on_frame(user, f);
+                        }
+                    }
+                })
+                .await;
+            }
+            Conn::Pusher(mut p) => {
+                let channel = peer::pusher_channel(&self.sc, user);
+                let _ =
+                    p.ws.send(Message::text(peer::pusher_unsubscribe(&channel)))
+                        .await;
+                let _ = p.ws.close(None).await;
+                let _ = tokio::time::timeout(drain, async {
+                    while let Ok(m) = self.pusher_next(&mut p.ws).await {
+                        self.on_pusher(user, m);
+                    }
+                })
+                .await;
+            }
+            Conn::Mqtt(mut m) => {
+                let mut out = BytesMut::with_capacity(64);
+                if peer::is_watched(&self.sc, user) {
+                    let topic = peer::mqtt_topic(&self.sc, user);
+                    let _ = peer::mqtt_write(&Packet::Publish(retained(&topic, false)), &mut out);
+                }
+                let _ = peer::mqtt_write(&Packet::Disconnect, &mut out);
+                if m.stream.write_all(&out).await.is_ok() {
+                    let _ = m.stream.shutdown().await;
+                    let _ = tokio::time::timeout(drain, async {
+                        while m.fill().await.is_ok() {
+                            while let Ok(Some(p)) = peer::mqtt_read(&mut m.buf) {
+                                self.on_mqtt(user, p);
+                            }
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+}
+
 /// One user's life: sessions separated by leaves, until the worker ends.
 async fn user_task(
     w: Rc<Worker>,
@@ -818,8 +1296,8 @@ async fn user_task(
     let mut visible = false;
     loop {
         slot.st.set(St::Connecting);
-        let mut ws = match w.establish(user, visible).await {
-            Ok(ws) => ws,
+        let mut conn = match w.establish(user, visible).await {
+            Ok(c) => c,
             Err(e) => {
                 w.error(e);
                 slot.st.set(St::Failed);
@@ -828,7 +1306,7 @@ async fn user_task(
         };
         drop(permit.take());
         if subscribe_now {
-            if let Err(e) = w.subscribe(user, &mut ws).await {
+            if let Err(e) = w.subscribe(user, &mut conn, visible).await {
                 w.error(e);
                 slot.st.set(St::Failed);
                 return;
@@ -841,7 +1319,7 @@ async fn user_task(
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Subscribe) => match w.subscribe(user, &mut ws).await {
+                    Some(Cmd::Subscribe) => match w.subscribe(user, &mut conn, false).await {
                         Ok(()) => slot.st.set(St::Ready),
                         Err(e) => {
                             w.error(e);
@@ -851,21 +1329,12 @@ async fn user_task(
                     },
                     Some(Cmd::Leave(l)) => break l,
                 },
-                m = ws.next() => {
-                    let frame = match m {
-                        Some(Ok(m)) => w.frame(&m),
-                        Some(Err(e)) => Err(format!("read: {e}")),
-                        None => Err("server closed the socket".into()),
-                    };
-                    match frame {
-                        Ok(Some(f)) => w.on_frame(user, f),
-                        Ok(None) => {}
-                        Err(e) => {
-                            w.c.borrow_mut().unexpected_closes += 1;
-                            w.error(e);
-                            slot.st.set(St::Failed);
-                            return;
-                        }
+                r = w.recv(user, &mut conn) => {
+                    if let Err(e) = r {
+                        w.c.borrow_mut().unexpected_closes += 1;
+                        w.error(e);
+                        slot.st.set(St::Failed);
+                        return;
                     }
                 }
             }
@@ -875,26 +1344,17 @@ async fn user_task(
         match leave {
             Leave::Bye => {
                 w.event(user, false, EventKind::Bye);
-                let _ = ws.send(w.message(&ClientFrame::Bye)).await;
-                // Read to the server's close, so the close handshake completes.
-                let _ = tokio::time::timeout(Duration::from_secs(3), async {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if let Ok(Some(f)) = w.frame(&m) {
-                            w.on_frame(user, f);
-                        }
-                    }
-                })
-                .await;
-                drop(ws);
+                w.bye(user, conn).await;
                 tokio::time::sleep(Duration::from_millis(sc.rejoin_ms)).await;
                 visible = true;
             }
             Leave::Abrupt => {
-                let shown = sc.abrupt_visible();
+                // Peers have no offline grace: they show every abrupt close.
+                let shown = !w.plan.target.has_grace() || sc.abrupt_visible();
                 if shown {
                     w.event(user, false, EventKind::Abrupt);
                 }
-                reset(ws);
+                conn.reset();
                 tokio::time::sleep(Duration::from_millis(sc.abrupt_rejoin_ms)).await;
                 visible = shown;
             }
@@ -903,11 +1363,11 @@ async fn user_task(
                 // Hold the socket without reading it: no pongs, no frames.
                 let hold = sc.heartbeat_timeout_ms + sc.offline_grace_ms + 1500;
                 tokio::time::sleep(Duration::from_millis(hold)).await;
-                reset(ws);
+                conn.reset();
                 visible = true;
             }
             Leave::Storm => {
-                reset(ws);
+                conn.reset();
                 visible = false;
             }
         }
