@@ -70,7 +70,9 @@
 //!   whose liveness key is gone; the first to take `reach:reap:<node>` waits the offline grace
 //!   (a user of the dead node may reconnect elsewhere meanwhile), checks the node is still
 //!   gone, then releases each of its holds (of that incarnation) and deletes its set. Users of a
-//!   `kill -9`ed node go offline within `node_ttl_ms + 1 s + offline_grace`.
+//!   `kill -9`ed node go offline within `node_ttl_ms + 1 s + offline_grace`. The claim expires
+//!   after `offline_grace + node_ttl_ms + 1 s`, so if the cleaning node dies too, another
+//!   takes over.
 //! - If a heartbeat finds its liveness key gone (expired, or Redis restarted), or any command
 //!   fails, the node starts over: new connections, new incarnation, every hold of the engine
 //!   written again, holds of the old incarnation that the engine no longer has released, every

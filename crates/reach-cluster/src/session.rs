@@ -390,6 +390,10 @@ impl Session {
 
     /// Renews the liveness key; if it was gone (expired, Redis restarted), starts over.
     async fn heartbeat(&mut self, shared: &Shared) -> RedisResult<()> {
+        if shared.leaving.load(Ordering::Relaxed) {
+            // Left on purpose (`Cluster::leave`): the others clean up after the grace.
+            return Ok(());
+        }
         let node = shared.config.node_id.as_str();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -442,7 +446,10 @@ impl Session {
             if alive {
                 continue;
             }
-            let claim_ms = ttl_ms(shared.config.offline_grace) + 60_000;
+            // Long enough for the grace and the clean-up; short, so that if this node dies
+            // while cleaning up, another one takes over soon.
+            let claim_ms =
+                ttl_ms(shared.config.offline_grace) + ttl_ms(shared.config.node_ttl) + 1_000;
             let claimed: Option<String> = redis::cmd("SET")
                 .arg(reap_key(other))
                 .arg(node)
@@ -515,6 +522,18 @@ async fn release_all(
     Ok(released)
 }
 
+async fn release_claim(
+    conn: &mut MultiplexedConnection,
+    node: &str,
+    metrics: &crate::ClusterMetrics,
+) -> RedisResult<()> {
+    metrics.commands.inc();
+    redis::cmd("DEL")
+        .arg(reap_key(node))
+        .query_async(conn)
+        .await
+}
+
 /// Cleans up after a dead node once the grace is over, unless it came back meanwhile.
 async fn reap(
     mut conn: MultiplexedConnection,
@@ -536,7 +555,7 @@ async fn reap(
         metrics.commands.inc_by(2);
         if alive {
             tracing::info!(node = %node, "cluster: node came back; nothing to clean up");
-            return Ok(());
+            return release_claim(&mut conn, &node, &metrics).await;
         }
         let released = release_all(&mut conn, &node, &incarnation, &metrics).await?;
         if current.as_deref() == Some(incarnation.as_str()) {
@@ -550,7 +569,8 @@ async fn reap(
         }
         metrics.reaped.inc();
         tracing::info!(node = %node, released, "cluster: released the users of a stopped node");
-        Ok(())
+        // So the same node id, if it comes back and dies again, is cleaned up again at once.
+        release_claim(&mut conn, &node, &metrics).await
     }
     .await;
     if let Err(e) = result {

@@ -2,9 +2,9 @@
 //!
 //! Needs `REACH_TEST_REDIS_URL` (e.g. `redis://127.0.0.1:6379`) and `REACH_TEST_POSTGRES_URL`
 //! (e.g. `postgres://postgres@127.0.0.1:5432/postgres`); without them each test says
-//! `skipped: ...` on stderr and passes. Each test gets a PostgreSQL database of its own; the
-//! nodes of a test share the given Redis (their keys are scoped by the test's fresh service),
-//! except the Redis-restart test, which starts a private `redis-server` it can stop.
+//! `skipped: ...` on stderr and passes. Each test gets a PostgreSQL database of its own and a
+//! Redis database number of its own (1-5) on the given server, except the Redis-restart test,
+//! which starts a private `redis-server` it can stop.
 
 mod common;
 mod ws_client;
@@ -95,6 +95,19 @@ impl Drop for TestDb {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// `url` with its database number replaced by `db`: each test keeps its node registry in a
+/// Redis database of its own, so nodes of tests running at the same time never clean up after
+/// each other.
+fn redis_db(url: &str, db: u32) -> String {
+    let base = match url.rsplit_once('/') {
+        Some((base, last)) if !base.ends_with('/') && last.chars().all(|c| c.is_ascii_digit()) => {
+            base
+        }
+        _ => url.trim_end_matches('/'),
+    };
+    format!("{base}/{db}")
 }
 
 /// Starts a node of the cluster on `redis` and `db`.
@@ -194,6 +207,7 @@ async fn presence_crosses_nodes_and_rest_reads_at_any_node() {
     let Some((redis, pg)) = servers("presence_crosses_nodes") else {
         return;
     };
+    let redis = redis_db(&redis, 1);
     let db = TestDb::create(&pg).await;
     let a = node(&redis, &db, &node_id("cross", 1));
     let b = node(&redis, &db, &node_id("cross", 2));
@@ -235,6 +249,7 @@ async fn one_user_on_two_nodes_stays_online_until_both_leave() {
     let Some((redis, pg)) = servers("one_user_on_two_nodes") else {
         return;
     };
+    let redis = redis_db(&redis, 2);
     let db = TestDb::create(&pg).await;
     let a = node(&redis, &db, &node_id("two", 1));
     let b = node(&redis, &db, &node_id("two", 2));
@@ -270,6 +285,7 @@ async fn switch_and_profile_changes_at_one_node_reach_sockets_on_others() {
     let Some((redis, pg)) = servers("switch_and_profile_changes") else {
         return;
     };
+    let redis = redis_db(&redis, 3);
     let db = TestDb::create(&pg).await;
     let a = node(&redis, &db, &node_id("ctl", 1));
     let b = node(&redis, &db, &node_id("ctl", 2));
@@ -342,6 +358,7 @@ async fn deleting_a_user_at_one_node_closes_its_sockets_on_others() {
     let Some((redis, pg)) = servers("deleting_a_user") else {
         return;
     };
+    let redis = redis_db(&redis, 4);
     let db = TestDb::create(&pg).await;
     let a = node(&redis, &db, &node_id("del", 1));
     let b = node(&redis, &db, &node_id("del", 2));
@@ -361,6 +378,7 @@ async fn a_killed_node_s_users_go_offline_and_a_restarted_node_leaves_no_ghost()
     let Some((redis, pg)) = servers("a_killed_node") else {
         return;
     };
+    let redis = redis_db(&redis, 5);
     let db = TestDb::create(&pg).await;
     let a = node(&redis, &db, &node_id("kill", 1));
     let b = node(&redis, &db, &node_id("kill", 2));
@@ -399,7 +417,6 @@ async fn a_killed_node_s_users_go_offline_and_a_restarted_node_leaves_no_ghost()
     // kill -9 and an immediate restart with the same id: dave, gone with the old process,
     // must not stay online (the restarted node releases its old holds after the grace).
     let a = a.kill9_and_restart();
-    let _ = &a;
     dave.abort();
     let off = bob.update_of("dave").await;
     assert_eq!(online_in(&off, "dave"), Some(false));
@@ -409,6 +426,21 @@ async fn a_killed_node_s_users_go_offline_and_a_restarted_node_leaves_no_ghost()
         || async { rest_online(&b, &svc, "dave").await == Some(false) },
     )
     .await;
+    // The same node id dies again: cleaned up again (not blocked by the first clean-up).
+    create_user(&b, &svc, "erin").await;
+    bob.request(ClientFrame::Subscribe {
+        id: 2,
+        identities: vec!["erin".into()],
+    })
+    .await;
+    let (erin, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "erin"), None).await;
+    assert_eq!(online_in(&bob.update_of("erin").await, "erin"), Some(true));
+    let killed = Instant::now();
+    let _stopped = a.kill9();
+    drop(erin);
+    assert_eq!(online_in(&bob.update_of("erin").await, "erin"), Some(false));
+    let took = killed.elapsed();
+    assert!(took <= GRACE + Duration::from_secs(5), "{took:?}");
 }
 
 /// A private redis-server this test can stop and start again on the same port.
