@@ -61,6 +61,8 @@ impl Drop for Server {
 }
 
 fn http_base(url: &str) -> Result<String, String> {
+    // With several nodes (`--url a,b`), REST goes to the first: records are shared.
+    let url = url.split(',').next().unwrap_or_default();
     let rest = url
         .strip_prefix("ws://")
         .ok_or("url must start with ws://")?;

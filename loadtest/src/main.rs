@@ -146,7 +146,8 @@ pub struct RunArgs {
     pub target: Target,
     /// The server's URL (an IPv4 address, not a name). Default: reach
     /// ws://127.0.0.1:18080/v1/ws, pusher ws://127.0.0.1:6001 (the app path is added),
-    /// mqtt mqtt://127.0.0.1:18830.
+    /// mqtt mqtt://127.0.0.1:18830. Several nodes of a reachd cluster: comma-separated; user
+    /// `u` connects to node `u % n` (so rooms span the nodes) and REST goes to the first.
     #[arg(long)]
     pub url: Option<String>,
     /// The gateway's admin listener (for /readyz and /metrics).

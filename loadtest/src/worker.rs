@@ -204,7 +204,9 @@ struct Worker {
     sc: Scenario,
     plan: Plan,
     enc: Encoding,
-    server: SocketAddr,
+    /// The server, or the nodes of a cluster (`--url a,b`): user `u` goes to node
+    /// `u % servers.len()`, so every room has members on every node.
+    servers: Vec<(SocketAddr, String)>,
     start: u32,
     slots: Vec<Slot>,
     c: RefCell<Counters>,
@@ -291,7 +293,11 @@ async fn run() -> Result<(), String> {
         Encoding::MsgPack
     };
     let w = Rc::new(Worker {
-        server: server_addr(&plan.url)?,
+        servers: plan
+            .url
+            .split(',')
+            .map(|u| server_addr(u).map(|a| (a, u.to_owned())))
+            .collect::<Result<_, _>>()?,
         enc,
         start: owned.start,
         slots: owned
@@ -632,12 +638,16 @@ impl Worker {
     }
 
     /// A TCP connection to the server from one of this worker's source addresses.
+    fn server(&self, user: u32) -> &(SocketAddr, String) {
+        &self.servers[user as usize % self.servers.len()]
+    }
+
     async fn tcp(&self, user: u32) -> Result<TcpStream, String> {
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         sock.bind(SocketAddr::new(self.source_ip(user).into(), 0))
             .map_err(|e| format!("bind {}: {e}", self.source_ip(user)))?;
         let stream = sock
-            .connect(self.server)
+            .connect(self.server(user).0)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
@@ -648,8 +658,8 @@ impl Worker {
         let started = now_ns();
         let stream = self.tcp(user).await?;
         let mut req = self
-            .plan
-            .url
+            .server(user)
+            .1
             .as_str()
             .into_client_request()
             .map_err(|e| format!("url: {e}"))?;
