@@ -41,17 +41,6 @@ async fn enabled_service(d: &Reachd) -> String {
     svc
 }
 
-async fn create_user(d: &Reachd, svc: &str, identity: &str) {
-    let r = d
-        .client()
-        .post(
-            &format!("/v1/Services/{svc}/Users"),
-            &[("Identity", identity)],
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text);
-}
-
 async fn update_user(d: &Reachd, svc: &str, identity: &str, form: &[(&str, &str)]) {
     let r = d
         .client()

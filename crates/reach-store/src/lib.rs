@@ -15,6 +15,7 @@
 //! Times are unix seconds. SIDs are two letters and 32 lowercase hex digits ([`new_sid`]).
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;

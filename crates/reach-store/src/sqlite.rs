@@ -26,10 +26,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use crate::{
     Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
@@ -179,110 +178,7 @@ impl SqliteStore {
 }
 
 /// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
-fn db(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::RowNotFound => StoreError::NotFound,
-        e => StoreError::Backend(e.to_string()),
-    }
-}
-
-/// Like [`db`], but a foreign-key violation (the parent service or user is gone) is `NotFound`.
-fn db_fk(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound,
-        _ => db(e),
-    }
-}
-
-/// A page request made safe: `(after, offset, limit)`.
-fn window(page: PageRequest) -> (i64, i64, i64) {
-    let limit = page.limit.clamp(1, 1000);
-    match page.after {
-        Some(after) => (after, 0, limit),
-        // seq starts at 1.
-        None => (0, page.offset.max(0), limit),
-    }
-}
-
-/// Builds a page from up to `limit + 1` rows tagged with their `seq`.
-fn into_page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
-    let limit = usize::try_from(limit).unwrap_or(0);
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor = if more {
-        rows.last().map(|(seq, _)| *seq)
-    } else {
-        None
-    };
-    Page {
-        items: rows.into_iter().map(|(_, item)| item).collect(),
-        next_cursor,
-    }
-}
-
-fn service_row(row: &SqliteRow) -> sqlx::Result<(i64, Service)> {
-    Ok((
-        row.try_get("seq")?,
-        Service {
-            sid: row.try_get("sid")?,
-            account_sid: row.try_get("account_sid")?,
-            friendly_name: row.try_get("friendly_name")?,
-            date_created: row.try_get("date_created")?,
-            date_updated: row.try_get("date_updated")?,
-        },
-    ))
-}
-
-fn config_row(row: &SqliteRow) -> sqlx::Result<ServiceConfig> {
-    Ok(ServiceConfig {
-        service_sid: row.try_get("service_sid")?,
-        reachability_enabled: row.try_get("reachability_enabled")?,
-        reachability_epoch: row.try_get("reachability_epoch")?,
-        default_conversation_creator_role_sid: row
-            .try_get("default_conversation_creator_role_sid")?,
-        default_conversation_role_sid: row.try_get("default_conversation_role_sid")?,
-        default_chat_service_role_sid: row.try_get("default_chat_service_role_sid")?,
-    })
-}
-
-fn user_row(row: &SqliteRow) -> sqlx::Result<(i64, UserRecord)> {
-    let attributes: Option<String> = row.try_get("attributes")?;
-    Ok((
-        row.try_get("seq")?,
-        UserRecord {
-            sid: row.try_get("sid")?,
-            account_sid: row.try_get("account_sid")?,
-            service_sid: row.try_get("service_sid")?,
-            identity: row.try_get("identity")?,
-            friendly_name: row.try_get("friendly_name")?,
-            attributes: attributes.unwrap_or_else(|| "{}".to_owned()),
-            role_sid: row.try_get("role_sid")?,
-            date_created: row.try_get("date_created")?,
-            date_updated: row.try_get("date_updated")?,
-            revision: row.try_get("revision")?,
-            online_epoch: row.try_get("online_epoch")?,
-            ever_had_binding: row.try_get("ever_had_binding")?,
-            binding_count: row.try_get("binding_count")?,
-        },
-    ))
-}
-
-fn binding_row(row: &SqliteRow) -> sqlx::Result<(i64, Binding)> {
-    Ok((
-        row.try_get("seq")?,
-        Binding {
-            sid: row.try_get("sid")?,
-            account_sid: row.try_get("account_sid")?,
-            service_sid: row.try_get("service_sid")?,
-            credential_sid: row.try_get("credential_sid")?,
-            identity: row.try_get("identity")?,
-            binding_type: row.try_get("binding_type")?,
-            address: row.try_get("address")?,
-            date_created: row.try_get("date_created")?,
-            date_updated: row.try_get("date_updated")?,
-        },
-    ))
-}
+use crate::rows::{binding_row, config_row, db, db_fk, into_page, service_row, user_row, window};
 
 /// Reads one user by SID or identity; `NotFound` when there is none.
 ///

@@ -249,6 +249,18 @@ impl Drop for Reachd {
     }
 }
 
+/// Creates user `identity` in `svc` over REST (as the first fixture account).
+pub async fn create_user(d: &Reachd, svc: &str, identity: &str) {
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Users"),
+            &[("Identity", identity)],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
