@@ -30,6 +30,7 @@
 //! | `reach:nodes` | hash | `<node id>` -> incarnation (rewritten at every heartbeat) |
 //! | `reach:node:<node id>` | string, expires after `node_ttl_ms` | incarnation: the node's liveness |
 //! | `reach:node:<node id>:<incarnation>:users` | set | `<service>/<identity>` of every user the node holds |
+//! | `reach:node:<node id>:incarnations` | set | the node's incarnations whose holds are not cleaned up yet |
 //! | `reach:reap:<node id>` | string, expires | the node cleaning up after a dead one |
 //! | `reach:control` | channel | record changes made at one node (below) |
 //!

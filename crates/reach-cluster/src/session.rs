@@ -47,6 +47,11 @@ fn users_key(node: &str, incarnation: &str) -> String {
     format!("reach:node:{node}:{incarnation}:users")
 }
 
+/// Every incarnation of a node whose holds may still be in Redis.
+fn incarnations_key(node: &str) -> String {
+    format!("reach:node:{node}:incarnations")
+}
+
 fn reap_key(node: &str) -> String {
     format!("reach:reap:{node}")
 }
@@ -206,8 +211,8 @@ impl Session {
         for lua in [scripts::hold(), scripts::release(), scripts::peek()] {
             load.cmd("SCRIPT").arg("LOAD").arg(&lua.source).ignore();
         }
-        load.cmd("HGET").arg(NODES_KEY).arg(node);
-        let (previous,): (Option<String>,) = load.query_async(&mut self.conn).await?;
+        load.cmd("SMEMBERS").arg(incarnations_key(node));
+        let (previous,): (Vec<String>,) = load.query_async(&mut self.conn).await?;
         m.commands.inc_by(4);
 
         let ttl = ttl_ms(shared.config.node_ttl);
@@ -223,16 +228,25 @@ impl Session {
             .arg(NODES_KEY)
             .arg(node)
             .arg(&self.incarnation)
+            .ignore()
+            .cmd("SADD")
+            .arg(incarnations_key(node))
+            .arg(&self.incarnation)
             .ignore();
         register.query_async::<()>(&mut self.conn).await?;
-        m.commands.inc_by(2);
+        m.commands.inc_by(3);
 
         within(self.sink.subscribe(CONTROL_CHANNEL)).await?;
         let held = shared.engine.held_users();
         let events: Vec<ClusterEvent> = held.iter().cloned().map(ClusterEvent::Held).collect();
         self.apply(shared, events).await?;
 
-        if let Some(old) = previous.filter(|old| *old != self.incarnation) {
+        // Every earlier incarnation still listed (a restart, or several in a row that each
+        // stopped before cleaning up): release what the engine does not hold again.
+        for old in previous {
+            if old == self.incarnation || cleanups.iter().any(|c| c.incarnation == old) {
+                continue;
+            }
             let due = if first {
                 // A restart with the same node id: its users may come back within the grace.
                 Instant::now() + shared.config.offline_grace
@@ -517,8 +531,12 @@ async fn release_all(
         released += 1;
     }
     pipe.cmd("DEL").arg(&users).ignore();
+    pipe.cmd("SREM")
+        .arg(incarnations_key(node))
+        .arg(incarnation)
+        .ignore();
     pipe.query_async::<()>(conn).await?;
-    metrics.commands.inc_by(2 + released as u64);
+    metrics.commands.inc_by(3 + released as u64);
     Ok(released)
 }
 
@@ -557,7 +575,18 @@ async fn reap(
             tracing::info!(node = %node, "cluster: node came back; nothing to clean up");
             return release_claim(&mut conn, &node, &metrics).await;
         }
-        let released = release_all(&mut conn, &node, &incarnation, &metrics).await?;
+        let mut incarnations: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(incarnations_key(&node))
+            .query_async(&mut conn)
+            .await?;
+        metrics.commands.inc();
+        if !incarnations.contains(&incarnation) {
+            incarnations.push(incarnation.clone());
+        }
+        let mut released = 0;
+        for inc in &incarnations {
+            released += release_all(&mut conn, &node, inc, &metrics).await?;
+        }
         if current.as_deref() == Some(incarnation.as_str()) {
             // Only if it did not come back with a new incarnation meanwhile.
             redis::cmd("HDEL")

@@ -652,8 +652,10 @@ impl Engine {
 
     /// Fans a diff out to the user's subscribers. Nothing is published while reachability is
     /// disabled for presence reasons, or before the profile is loaded (nobody has seen it yet).
+    /// Connections whose `subscribed` reply still waits for the cluster state are skipped:
+    /// the reply, filled later, carries the state as it is then.
     fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
-        self.publish_except(key, entry, svc, reasons, &[]);
+        self.publish_except(key, entry, svc, reasons, &entry.waiting);
     }
 
     /// [`Engine::publish`], skipping the connections in `skip` (they were just given the state

@@ -379,6 +379,23 @@ async fn a_subscribed_reply_waits_for_the_cluster_state() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_reply_gets_the_latest_state_and_no_repeat() {
+    let (e, _rx) = clustered();
+    let w = connect(&e, "w");
+    drain(&w);
+    subscribe(&e, &w, &["alice"]);
+    // alice connects here while w's reply waits for the cluster state.
+    let _a = connect(&e, "alice");
+    assert!(drain(&w).is_empty());
+    e.apply_remote(&key("alice"), 5, false);
+    let frames = drain(&w);
+    match &frames[..] {
+        [ServerFrame::Subscribed { users, .. }] => assert_eq!(users[0].is_online, Some(true)),
+        other => panic!("one reply with the latest state, no repeated update: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_user_held_elsewhere_does_not_flap_when_it_leaves_here() {
     let (e, _rx) = clustered();
     let w = connect(&e, "w");

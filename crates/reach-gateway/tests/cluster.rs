@@ -562,3 +562,33 @@ async fn redis_down_keeps_local_presence_and_the_view_reconverges() {
     assert_eq!(rest_online(&b, &svc, "alice").await, Some(false));
     assert_eq!(rest_online(&b, &svc, "erin").await, Some(true));
 }
+
+#[tokio::test]
+async fn restarts_in_a_row_leave_no_user_stuck_online() {
+    let Some((redis, pg)) = servers("restarts_in_a_row") else {
+        return;
+    };
+    let redis = redis_db(&redis, 6);
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("again", 1));
+    let b = node(&redis, &db, &node_id("again", 2));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "carol").await;
+    let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, &["carol"]).await;
+    let (carol, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "carol"), None).await;
+    assert_eq!(
+        online_in(&bob.update_of("carol").await, "carol"),
+        Some(true)
+    );
+    // Killed with carol connected, restarted, killed again before its clean-up (the grace),
+    // restarted again: carol, who never came back, must still go offline.
+    let a = a.kill9_and_restart();
+    drop(carol);
+    let a = a.kill9_and_restart();
+    let started = Instant::now();
+    let off = bob.update_of("carol").await;
+    assert_eq!(online_in(&off, "carol"), Some(false));
+    assert!(started.elapsed() <= GRACE + Duration::from_secs(5));
+    drop(a);
+}
