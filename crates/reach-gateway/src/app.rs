@@ -15,6 +15,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use reach_cluster::{Cluster, ClusterConfig, Control};
 use reach_core::{Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
 use reach_store::{ServiceConfig, Store, StoreError, UserRecord};
@@ -394,6 +395,14 @@ pub async fn run(
     let router =
         public_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
     let public_token = token.clone();
+    // TCP_NODELAY: presence frames are small and must leave at once; with Nagle a frame
+    // written while the previous one is unacknowledged waits for the peer's delayed ACK
+    // (~40 ms).
+    let public = public.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(public, router)
         .with_graceful_shutdown(async move { public_token.cancelled().await })
         .await?;
