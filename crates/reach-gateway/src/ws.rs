@@ -154,7 +154,11 @@ async fn upgrade(
             )
             .await;
             let _permit = permit.as_ref();
-            serve_socket(task_app, ws, encoding, permit.is_some()).await;
+            // Split here, not inside serve_socket: an async fn keeps room for its arguments for
+            // its whole life, and the stream itself (moved into the split's shared lock) would
+            // widen every socket's task by its size.
+            let (sink, stream) = ws.split();
+            serve_socket(task_app, sink, stream, encoding, permit.is_some()).await;
         }
         .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
     );
@@ -337,35 +341,42 @@ async fn close_direct(
     .await;
 }
 
-async fn serve_socket(app: Arc<App>, ws: Socket, encoding: Encoding, admitted: bool) {
+async fn serve_socket(
+    app: Arc<App>,
+    mut sink: Sink,
+    mut stream: Stream,
+    encoding: Encoding,
+    admitted: bool,
+) {
     let m = &app.metrics;
     m.connections.inc();
     m.connections_opened.inc();
-    let (mut sink, mut stream) = ws.split();
     let end = if !admitted {
         let f = error_frame(None, ErrorCode::TooMany, "too many connections");
-        close_direct(
+        Box::pin(close_direct(
             &mut sink,
             &mut stream,
             encoding,
             Some(f),
             4029,
             "too many connections",
-        )
+        ))
         .await;
         End::Close(CloseCode::RateLimited)
     } else {
-        match await_hello(&app, &mut sink, &mut stream, encoding).await {
+        // The hello phase and the start are boxed, like the end below: what an idle socket's
+        // task keeps is the session loop alone (see docs/benchmarks.md, memory).
+        match Box::pin(await_hello(&app, &mut sink, &mut stream, encoding)).await {
             Ok((grant, service)) => {
-                let mut session = Session::start(&app, grant, service, encoding).await;
+                let mut session = Box::pin(Session::start(&app, grant, service, encoding)).await;
                 let end = match &mut session {
                     Ok(s) => s.run(&mut sink, &mut stream).await,
                     Err(()) => End::Internal,
                 };
                 if let Ok(s) = session {
-                    s.finish(&mut sink, &mut stream, end).await;
+                    Box::pin(s.finish(&mut sink, &mut stream, end)).await;
                 } else {
-                    close_direct(
+                    Box::pin(close_direct(
                         &mut sink,
                         &mut stream,
                         encoding,
@@ -376,7 +387,7 @@ async fn serve_socket(app: Arc<App>, ws: Socket, encoding: Encoding, admitted: b
                         )),
                         1011,
                         "internal error",
-                    )
+                    ))
                     .await;
                 }
                 end
@@ -648,7 +659,9 @@ impl Session {
                         Read::Nothing => {}
                         Read::Gone(label) => return End::Gone(label),
                         Read::Fail(code, msg, close) => self.fail(code, msg, close),
-                        Read::Frame(frame) => self.handle(frame).await,
+                        // Boxed: a frame's handling (store calls) lives on the heap only while
+                        // it runs, instead of widening every idle socket's task.
+                        Read::Frame(frame) => Box::pin(self.handle(frame)).await,
                     }
                 }
                 _ = &mut timer => {
