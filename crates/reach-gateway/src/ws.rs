@@ -351,58 +351,60 @@ async fn serve_socket(
     let m = &app.metrics;
     m.connections.inc();
     m.connections_opened.inc();
-    let end = if !admitted {
-        let f = error_frame(None, ErrorCode::TooMany, "too many connections");
-        Box::pin(close_direct(
-            &mut sink,
-            &mut stream,
-            encoding,
-            Some(f),
-            4029,
-            "too many connections",
-        ))
-        .await;
-        End::Close(CloseCode::RateLimited)
-    } else {
-        // The hello phase and the start are boxed, like the end below: what an idle socket's
-        // task keeps is the session loop alone (see docs/benchmarks.md, memory).
-        match Box::pin(await_hello(&app, &mut sink, &mut stream, encoding)).await {
-            Ok((grant, service)) => {
-                let mut session = Box::pin(Session::start(&app, grant, service, encoding)).await;
-                let end = match &mut session {
-                    Ok(s) => s.run(&mut sink, &mut stream).await,
-                    Err(()) => End::Internal,
-                };
-                if let Ok(s) = session {
-                    Box::pin(s.finish(&mut sink, &mut stream, end)).await;
-                } else {
-                    Box::pin(close_direct(
-                        &mut sink,
-                        &mut stream,
-                        encoding,
-                        Some(error_frame(
-                            None,
-                            ErrorCode::Internal,
-                            "internal error; retry later",
-                        )),
-                        1011,
-                        "internal error",
-                    ))
-                    .await;
-                }
-                end
-            }
-            Err(end) => end,
+    // Everything but the session loop runs in boxed futures that are gone once they finish:
+    // an idle socket's task then holds only the session and its loop (an async fn's layout
+    // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
+    let prepared = Box::pin(prepare(&app, &mut sink, &mut stream, encoding, admitted)).await;
+    let end = match prepared {
+        Ok(mut session) => {
+            let end = session.run(&mut sink, &mut stream).await;
+            Box::pin(session.finish(&mut sink, &mut stream, end)).await;
+            end
         }
+        Err(end) => end,
     };
     if let End::Gone("client_closed") = end {
         // tungstenite queued the reply to the client's close frame: send it, completing the
         // closing handshake (else the client sees 1006).
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.flush()).await;
+        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, sink.flush())).await;
     }
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
     tracing::debug!(reason = end.label(), "socket closed");
+}
+
+/// Admission, `hello` and the session's start; on failure the socket is closed here and the
+/// end is returned.
+async fn prepare(
+    app: &Arc<App>,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    encoding: Encoding,
+    admitted: bool,
+) -> Result<Box<Session>, End> {
+    if !admitted {
+        let f = error_frame(None, ErrorCode::TooMany, "too many connections");
+        close_direct(
+            sink,
+            stream,
+            encoding,
+            Some(f),
+            4029,
+            "too many connections",
+        )
+        .await;
+        return Err(End::Close(CloseCode::RateLimited));
+    }
+    let (grant, service) = await_hello(app, sink, stream, encoding).await?;
+    match Session::start(app, grant, service, encoding).await {
+        // Boxed, so the task does not keep both this result and the session.
+        Ok(session) => Ok(Box::new(session)),
+        Err(()) => {
+            let f = error_frame(None, ErrorCode::Internal, "internal error; retry later");
+            close_direct(sink, stream, encoding, Some(f), 1011, "internal error").await;
+            Err(End::Internal)
+        }
+    }
 }
 
 /// Waits for `hello`, verifies its token and service. On failure the socket is closed here.
