@@ -410,11 +410,15 @@ impl Engine {
     /// In cluster mode, a user whose remote state is not known yet is filled in later by
     /// [`Engine::apply_remote`]; the slot is held back until then (this still returns
     /// `Filled`).
-    pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
+    ///
+    /// Also returns the user's key as the engine stores it (sharing its allocation), for the
+    /// caller's list of what the connection watches.
+    pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> (Attach, UserKey) {
         let key = UserKey::new(&conn.service, identity);
         let svc = self.service(&conn.service);
         let watcher = key != conn.key;
-        let mut entry = self.users.entry(key.clone()).or_insert_with(Entry::new);
+        let mut entry = self.users.entry(key).or_insert_with(Entry::new);
+        let key = entry.key().clone();
         if entry
             .subscribers
             .insert(conn.id, Arc::clone(conn))
@@ -424,11 +428,14 @@ impl Engine {
             if watcher {
                 entry.watchers += 1;
                 if entry.watchers == 1 {
-                    self.tell_cluster(|| ClusterEvent::Watch(key));
+                    self.tell_cluster(|| ClusterEvent::Watch(key.clone()));
                 }
             }
         }
-        self.fill_or_wait(&mut entry, identity, conn, slot, svc)
+        (
+            self.fill_or_wait(&mut entry, identity, conn, slot, svc),
+            key,
+        )
     }
 
     /// Fills `slot` with the user's current state once its profile is loaded.
@@ -510,11 +517,11 @@ impl Engine {
     /// Ends a connection: drops its subscriptions (`watched` lists the identities it subscribed
     /// to besides its own) and its connection count. The last connection
     /// of a user starts the offline grace, or, after `bye`, publishes offline at once.
-    pub fn detach(self: &Arc<Self>, conn: &Conn, watched: &[String], bye: bool) {
+    pub fn detach(self: &Arc<Self>, conn: &Conn, watched: &[UserKey], bye: bool) {
         self.conns.remove(&conn.id);
-        for identity in watched {
-            if identity.as_str() != &*conn.identity {
-                self.remove_subscriber(&UserKey::new(&conn.service, identity), conn.id);
+        for key in watched {
+            if *key != conn.key {
+                self.remove_subscriber(key, conn.id);
             }
         }
         let svc = self.service(&conn.service);

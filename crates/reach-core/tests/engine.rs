@@ -77,7 +77,7 @@ fn subscribe(e: &Arc<Engine>, conn: &Arc<Conn>, identities: &[&str]) {
         })
         .unwrap();
     for id in identities {
-        if e.subscribe(conn, id, slot) == Attach::NeedsProfile {
+        if e.subscribe(conn, id, slot).0 == Attach::NeedsProfile {
             e.load_profile(SVC, id, profile(1));
             assert_eq!(e.fill(conn, id, slot), Attach::Filled);
         }
@@ -553,6 +553,8 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Op::Drop(i) | Op::Bye(i) if !live.is_empty() => {
                     let bye = matches!(op, Op::Bye(_));
                     let (u, conn, watched) = live.remove(i % live.len());
+                    let watched: Vec<UserKey> =
+                        watched.iter().map(|w| UserKey::new(SVC, w)).collect();
                     e.detach(&conn, &watched, bye);
                     let name = USERS[u];
                     let mu = model.users.get_mut(name).unwrap();

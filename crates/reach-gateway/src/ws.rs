@@ -25,7 +25,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use reach_core::{Attach, Conn, Outgoing, SlotFrame};
+use reach_core::{Attach, Conn, Outgoing, SlotFrame, UserKey};
 use reach_proto::{
     ClientFrame, CloseCode, DecodeError, Encoding, ErrorCode, IdentityError, ServerFrame,
     decode_client, encode,
@@ -509,6 +509,31 @@ struct WriteState {
     ping_due: bool,
 }
 
+/// A user a connection watches: the engine's key (sharing the presence map's allocation),
+/// hashed and compared by identity alone (a connection watches users of its own service), so
+/// the set is searched by identity without building a key.
+struct Watched(UserKey);
+
+impl PartialEq for Watched {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.identity() == other.0.identity()
+    }
+}
+
+impl Eq for Watched {}
+
+impl std::hash::Hash for Watched {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.identity().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Watched {
+    fn borrow(&self) -> &str {
+        self.0.identity()
+    }
+}
+
 /// An authenticated connection.
 struct Session {
     app: Arc<App>,
@@ -516,7 +541,8 @@ struct Session {
     service: Service,
     grant: TokenGrant,
     /// Identities subscribed to besides the connection's own.
-    watched: HashSet<String>,
+    /// (The engine's keys: their text is shared with the presence map.)
+    watched: HashSet<Watched>,
     last_heard: Instant,
     next_ping: Instant,
     expires_at: Instant,
@@ -741,7 +767,7 @@ impl Session {
             ClientFrame::Subscribe { id, identities } => self.subscribe(id, identities).await,
             ClientFrame::Unsubscribe { id, identities } => {
                 for identity in identities {
-                    if self.watched.remove(&identity) {
+                    if self.watched.remove(identity.as_str()) {
                         self.app.engine.unsubscribe(&self.conn, &identity);
                     }
                 }
@@ -803,7 +829,7 @@ impl Session {
                 continue;
             }
             let own = identity == *self.conn.identity;
-            if !own && !self.watched.contains(&identity) && self.watched.len() >= limit {
+            if !own && !self.watched.contains(identity.as_str()) && self.watched.len() >= limit {
                 outbox.add_error(
                     slot,
                     err(
@@ -814,10 +840,11 @@ impl Session {
                 );
                 continue;
             }
+            let (attach, key) = engine.subscribe(&self.conn, &identity, slot);
             if !own {
-                self.watched.insert(identity.clone());
+                self.watched.insert(Watched(key));
             }
-            if engine.subscribe(&self.conn, &identity, slot) == Attach::NeedsProfile {
+            if attach == Attach::NeedsProfile {
                 cold.push(identity);
             }
         }
@@ -828,14 +855,14 @@ impl Session {
                     engine.fill(&self.conn, &identity, slot);
                 }
                 Ok(_) | Err(StoreError::NotFound) => {
-                    self.watched.remove(&identity);
+                    self.watched.remove(identity.as_str());
                     engine.unsubscribe(&self.conn, &identity);
                     let msg = format!("User {identity} not found in service {}", self.service.sid);
                     outbox.add_error(slot, err(&identity, ErrorCode::NotFound, &msg));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "store failure during subscribe");
-                    self.watched.remove(&identity);
+                    self.watched.remove(identity.as_str());
                     engine.unsubscribe(&self.conn, &identity);
                     outbox.add_error(
                         slot,
@@ -995,8 +1022,8 @@ impl Session {
     }
 
     /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
-    async fn finish(self, sink: &mut Sink, stream: &mut Stream, end: End) {
-        let watched: Vec<String> = self.watched.iter().cloned().collect();
+    async fn finish(mut self, sink: &mut Sink, stream: &mut Stream, end: End) {
+        let watched: Vec<UserKey> = self.watched.drain().map(|w| w.0).collect();
         self.app.engine.detach(&self.conn, &watched, self.bye);
         if let End::Close(code) = end {
             let reason = match code {
