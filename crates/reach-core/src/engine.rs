@@ -145,10 +145,18 @@ struct Remote {
 #[derive(Debug)]
 pub struct Conn {
     pub id: ConnId,
-    pub service: Arc<str>,
-    pub identity: Arc<str>,
+    /// Its user (service and identity are read from it: one allocation per connection).
     pub key: UserKey,
     pub outbox: Outbox,
+}
+
+impl Conn {
+    pub fn service(&self) -> &str {
+        self.key.service()
+    }
+    pub fn identity(&self) -> &str {
+        self.key.identity()
+    }
 }
 
 struct Entry {
@@ -347,8 +355,6 @@ impl Engine {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
-            service: Arc::from(service_sid),
-            identity: Arc::from(identity),
             key: UserKey::new(service_sid, identity),
             outbox: Outbox::new(encoding, self.config.max_outbox_bytes),
         });
@@ -364,7 +370,7 @@ impl Engine {
     /// for the first time: the caller records it in the store (`Store::mark_online`) before
     /// acknowledging the connection, so `is_online` reads `false`, not `null`, after a crash.
     pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> (Attach, Option<i64>) {
-        let svc = self.service(&conn.service);
+        let svc = self.service(conn.service());
         let mut entry = self
             .users
             .entry(conn.key.clone())
@@ -400,7 +406,7 @@ impl Engine {
             self.metrics.subscriptions.inc();
         }
         (
-            self.fill_locked(&entry, &conn.identity, conn, slot, svc),
+            self.fill_locked(&entry, conn.identity(), conn, slot, svc),
             new_epoch,
         )
     }
@@ -414,8 +420,8 @@ impl Engine {
     /// Also returns the user's key as the engine stores it (sharing its allocation), for the
     /// caller's list of what the connection watches.
     pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> (Attach, UserKey) {
-        let key = UserKey::new(&conn.service, identity);
-        let svc = self.service(&conn.service);
+        let key = UserKey::new(conn.service(), identity);
+        let svc = self.service(conn.service());
         let watcher = key != conn.key;
         let mut entry = self.users.entry(key).or_insert_with(Entry::new);
         let key = entry.key().clone();
@@ -440,8 +446,8 @@ impl Engine {
 
     /// Fills `slot` with the user's current state once its profile is loaded.
     pub fn fill(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> Attach {
-        let key = UserKey::new(&conn.service, identity);
-        let svc = self.service(&conn.service);
+        let key = UserKey::new(conn.service(), identity);
+        let svc = self.service(conn.service());
         match self.users.get_mut(&key) {
             Some(mut entry) => self.fill_or_wait(&mut entry, identity, conn, slot, svc),
             None => Attach::NeedsProfile,
@@ -456,7 +462,7 @@ impl Engine {
         slot: SlotId,
         svc: ServiceState,
     ) -> Attach {
-        let own = identity == &*conn.identity;
+        let own = identity == conn.identity();
         if self.cluster.is_some() && !own && entry.remote.is_none() && entry.profile.is_some() {
             conn.outbox.expect(slot);
             entry.waiting.push((Arc::clone(conn), slot));
@@ -484,10 +490,10 @@ impl Engine {
 
     /// Removes `conn`'s subscription to a user. Its own user cannot be unsubscribed.
     pub fn unsubscribe(&self, conn: &Conn, identity: &str) {
-        if identity == &*conn.identity {
+        if identity == conn.identity() {
             return;
         }
-        let key = UserKey::new(&conn.service, identity);
+        let key = UserKey::new(conn.service(), identity);
         self.remove_subscriber(&key, conn.id);
     }
 
@@ -524,7 +530,7 @@ impl Engine {
                 self.remove_subscriber(key, conn.id);
             }
         }
-        let svc = self.service(&conn.service);
+        let svc = self.service(conn.service());
         let mut start_grace = None;
         if let Some(mut entry) = self.users.get_mut(&conn.key) {
             if entry.subscribers.remove(&conn.id).is_some() {
@@ -782,7 +788,7 @@ impl Engine {
             )
         });
         for conn in self.conns.iter() {
-            if &*conn.service == service_sid {
+            if conn.service() == service_sid {
                 let enc = conn.outbox.encoding();
                 conn.outbox.push_bytes(frames[enc.index()].clone());
             }
@@ -818,7 +824,7 @@ impl Engine {
     pub fn remove_service(&self, service_sid: &str) {
         self.services.remove(service_sid);
         for conn in self.conns.iter() {
-            if &*conn.service == service_sid {
+            if conn.service() == service_sid {
                 conn.outbox.close(CloseCode::Forbidden);
             }
         }
@@ -827,7 +833,7 @@ impl Engine {
     /// Closes the connections of a deleted user with 4003.
     pub fn remove_user(&self, service_sid: &str, identity: &str) {
         for conn in self.conns.iter() {
-            if &*conn.service == service_sid && &*conn.identity == identity {
+            if conn.service() == service_sid && conn.identity() == identity {
                 conn.outbox.close(CloseCode::Forbidden);
             }
         }

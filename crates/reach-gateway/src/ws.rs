@@ -828,7 +828,7 @@ impl Session {
                 );
                 continue;
             }
-            let own = identity == *self.conn.identity;
+            let own = identity == self.conn.identity();
             if !own && !self.watched.contains(identity.as_str()) && self.watched.len() >= limit {
                 outbox.add_error(
                     slot,
