@@ -73,6 +73,17 @@ fn http_base(url: &str) -> Result<String, String> {
 }
 
 async fn spawn_reachd(args: &RunArgs, bin: &Path, out: &Path) -> Result<Server, String> {
+    let ready = format!("{}/readyz", args.admin);
+    let client = reqwest::Client::new();
+    // Another server on the same admin address would answer for the spawned one (which then
+    // fails to bind and exits): refuse to start rather than measure the wrong server.
+    if client.get(&ready).send().await.is_ok() {
+        return Err(format!(
+            "something already answers at {ready}: stop it, or give the spawned reachd other \
+             ports (--reachd-env REACH_SERVER__LISTEN=.. REACH_SERVER__ADMIN_LISTEN=.. with \
+             --url and --admin)"
+        ));
+    }
     let data = out.join("reachd-data");
     std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     let log = std::fs::File::create(out.join("reachd.log")).map_err(|e| e.to_string())?;
@@ -102,8 +113,6 @@ async fn spawn_reachd(args: &RunArgs, bin: &Path, out: &Path) -> Result<Server, 
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
     let mut server = Server { child: Some(child) };
-    let ready = format!("{}/readyz", args.admin);
-    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // A reachd that exited (say, its port was taken) must not be mistaken for another
@@ -520,8 +529,11 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         }
     }
     pb.finish_and_clear();
-    for w in &mut workers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), w.child.wait()).await;
+    // Every worker has compared its views: closing their stdin lets them all close their
+    // sockets and exit.
+    let mut children: Vec<Child> = workers.into_iter().map(|w| w.child).collect();
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
     }
     if let Some(mut c) = server.and_then(|mut s| s.child.take()) {
         // Kill and wait, so the next run finds the ports free.

@@ -93,6 +93,8 @@ pub struct Overrides {
     #[arg(long)]
     encoding: Option<String>,
     #[arg(long)]
+    reply_timeout_s: Option<f64>,
+    #[arg(long)]
     offline_grace_ms: Option<u64>,
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
@@ -121,6 +123,7 @@ impl Overrides {
             workers,
             source_ips,
             encoding,
+            reply_timeout_s,
             offline_grace_ms,
             heartbeat_timeout_ms
         );

@@ -151,7 +151,11 @@ pub fn markdown(r: &Results) -> String {
         s.sockets,
         s.workers,
         s.source_ips,
-        s.encoding,
+        match r.target {
+            Target::Reach => s.encoding.as_str(),
+            Target::Pusher => "json (Pusher)",
+            Target::Mqtt => "MQTT 3.1.1",
+        },
         s.hold_s,
         r.marks
             .iter()

@@ -99,6 +99,9 @@ pub struct Scenario {
     pub source_ips: u32,
     /// `msgpack` or `json`.
     pub encoding: String,
+    /// How long a socket waits for one reply (`welcome`, `subscribed`, a peer's
+    /// `subscription_succeeded` or SUBACK) before counting an error.
+    pub reply_timeout_s: f64,
     /// Presence settings the harness assumes (must match reachd's config).
     pub offline_grace_ms: u64,
     pub heartbeat_timeout_ms: u64,
@@ -126,6 +129,7 @@ impl Default for Scenario {
             workers: 1,
             source_ips: 8,
             encoding: "msgpack".into(),
+            reply_timeout_s: 30.0,
             offline_grace_ms: 5000,
             heartbeat_timeout_ms: 30_000,
         }
@@ -180,6 +184,9 @@ impl Scenario {
                     "abrupt_rejoin_ms ({r}) is too close to offline_grace_ms ({g}): keep 500 ms away"
                 ));
             }
+        }
+        if self.reply_timeout_s.is_nan() || self.reply_timeout_s <= 0.0 {
+            return Err("reply_timeout_s must be positive".into());
         }
         if !matches!(self.encoding.as_str(), "msgpack" | "json") {
             return Err("encoding must be msgpack or json".into());

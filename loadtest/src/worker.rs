@@ -128,8 +128,6 @@ impl Conn {
     }
 }
 
-/// How long to wait for one reply (`welcome`, `subscribed`) before counting an error.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connection attempts before a user is given up.
 const CONNECT_ATTEMPTS: u32 = 20;
 /// A notification is matched to its event after this long, so that events relayed from other
@@ -375,6 +373,10 @@ async fn run() -> Result<(), String> {
             ToWorker::Truth { online } => {
                 w.resolve(true);
                 send(&FromWorker::Done(Box::new(w.finish(&online))));
+                // Hold every socket until the coordinator closes stdin: a socket closed now
+                // would show its user offline (at once on a peer) to watchers in a worker that
+                // has not compared its views yet.
+                while lines.next_line().await.is_ok_and(|l| l.is_some()) {}
                 return Ok(());
             }
         }
@@ -533,6 +535,11 @@ async fn churn(
 }
 
 impl Worker {
+    /// How long to wait for one reply (`welcome`, `subscribed`, ...) before counting an error.
+    fn reply_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.sc.reply_timeout_s)
+    }
+
     fn owns(&self, user: u32) -> bool {
         user >= self.start && ((user - self.start) as usize) < self.slots.len()
     }
@@ -720,7 +727,7 @@ impl Worker {
         }))
         .await
         .map_err(|e| format!("send hello: {e}"))?;
-        let welcome = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let welcome = tokio::time::timeout(self.reply_timeout(), async {
             loop {
                 match ws.next().await {
                     Some(Ok(m)) => match self.frame(&m)? {
@@ -747,7 +754,7 @@ impl Worker {
     async fn establish_pusher(&self, user: u32) -> Result<PusherConn, String> {
         let mut ws = self.retrying(|| self.upgrade(user)).await?;
         let sent = now_ns();
-        let socket_id = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let socket_id = tokio::time::timeout(self.reply_timeout(), async {
             loop {
                 match self.pusher_next(&mut ws).await? {
                     PusherIn::Established { socket_id } => return Ok(socket_id),
@@ -806,7 +813,7 @@ impl Worker {
             .await
             .map_err(|e| format!("send connect: {e}"))?;
         tokio::time::timeout(
-            REPLY_TIMEOUT,
+            self.reply_timeout(),
             m.until(
                 |p| match p {
                     Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Some(Ok(())),
@@ -1010,7 +1017,7 @@ impl Worker {
         p.ws.send(Message::text(msg))
             .await
             .map_err(|e| format!("send subscribe: {e}"))?;
-        let ids = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let ids = tokio::time::timeout(self.reply_timeout(), async {
             loop {
                 match self.pusher_next(&mut p.ws).await? {
                     PusherIn::Subscribed { channel: c, ids } if c == channel => return Ok(ids),
@@ -1050,7 +1057,7 @@ impl Worker {
             .await
             .map_err(|e| format!("send subscribe: {e}"))?;
         tokio::time::timeout(
-            REPLY_TIMEOUT,
+            self.reply_timeout(),
             m.until(
                 |p| match p {
                     Packet::SubAck(a) if a.pkid == 1 => {
@@ -1087,7 +1094,7 @@ impl Worker {
         }))
         .await
         .map_err(|e| format!("send subscribe: {e}"))?;
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let reply = tokio::time::timeout(self.reply_timeout(), async {
             loop {
                 match ws.next().await {
                     Some(Ok(m)) => match self.frame(&m)? {
