@@ -644,11 +644,12 @@ impl Worker {
         Ipv4Addr::new(127, 0, third, fourth)
     }
 
-    /// A TCP connection to the server from one of this worker's source addresses.
+    /// The server (node) `user` connects to, and its URL.
     fn server(&self, user: u32) -> &(SocketAddr, String) {
         &self.servers[user as usize % self.servers.len()]
     }
 
+    /// A TCP connection to the server from one of this worker's source addresses.
     async fn tcp(&self, user: u32) -> Result<TcpStream, String> {
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         sock.bind(SocketAddr::new(self.source_ip(user).into(), 0))
