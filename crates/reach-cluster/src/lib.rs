@@ -262,10 +262,6 @@ impl Cluster {
         Ok((Cluster { shared }, control_rx))
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.shared.config.node_id
-    }
-
     /// True while connected to Redis and in sync.
     pub fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
@@ -309,7 +305,7 @@ impl Cluster {
             .invoke_async(&mut conn)
             .await
             .ok()?;
-        let (_, nodes): (u64, Vec<String>) = rmp_serde::from_slice(&reply).ok()?;
+        let (_, nodes) = scripts::decode_state(&reply).ok()?;
         Some(!nodes.is_empty())
     }
 

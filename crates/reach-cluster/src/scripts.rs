@@ -5,6 +5,12 @@ use std::sync::OnceLock;
 
 use redis::Script;
 
+/// A user's holder set as the scripts publish and return it: MessagePack
+/// `[version, [node id, ...]]`.
+pub fn decode_state(bytes: &[u8]) -> Result<(u64, Vec<String>), rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}
+
 /// Bumps the version, publishes `[version, [nodes...]]` and returns the version.
 /// KEYS[1] = holder hash; `channel` = the user's presence channel.
 const PUBLISH_STATE: &str = r#"

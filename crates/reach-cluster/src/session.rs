@@ -366,7 +366,7 @@ impl Session {
 
     /// Applies a holder set (`[version, [nodes]]`) to the engine.
     fn apply_state(&self, shared: &Shared, key: &UserKey, state: &[u8]) {
-        match rmp_serde::from_slice::<(u64, Vec<String>)>(state) {
+        match scripts::decode_state(state) {
             Ok((version, nodes)) => {
                 let elsewhere = nodes.iter().any(|n| *n != shared.config.node_id);
                 shared.engine.apply_remote(key, version, elsewhere);

@@ -225,7 +225,8 @@ impl App {
                 .held_anywhere(&UserKey::new(&cfg.service_sid, &rec.identity))
                 .await
         {
-            online = anywhere;
+            // This node's own hold may not have reached Redis yet.
+            online = online || anywhere;
         }
         let is_online = reach_core::is_online_flag(svc, online, epoch.max(rec.online_epoch));
         let is_notifiable =

@@ -353,7 +353,7 @@ fn redact(message: &str, secrets: &[String]) -> String {
 }
 
 /// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
-use crate::rows::{binding_row, config_row, db, db_fk, into_page, service_row, user_row, window};
+use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
 
 /// Whether a read also locks the rows it returns until the transaction ends.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -548,11 +548,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        let rows = rows
-            .iter()
-            .map(service_row)
-            .collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, service_row, limit)
     }
 
     async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
@@ -709,8 +705,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        let rows = rows.iter().map(user_row).collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, user_row, limit)
     }
 
     async fn update_user(
@@ -925,11 +920,7 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
-        let rows = rows
-            .iter()
-            .map(binding_row)
-            .collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, binding_row, limit)
     }
 
     async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {

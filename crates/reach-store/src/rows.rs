@@ -32,20 +32,30 @@ pub(crate) fn window(page: PageRequest) -> (i64, i64, i64) {
     }
 }
 
-/// Builds a page from up to `limit + 1` rows tagged with their `seq`.
-pub(crate) fn into_page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
+/// Maps up to `limit + 1` rows (each tagged with its `seq`) into a page: the extra row only
+/// says there is a next page, whose cursor is the last kept row's `seq`.
+pub(crate) fn page_of<R, T>(
+    rows: &[R],
+    map: fn(&R) -> sqlx::Result<(i64, T)>,
+    limit: i64,
+) -> crate::Result<Page<T>> {
     let limit = usize::try_from(limit).unwrap_or(0);
     let more = rows.len() > limit;
-    rows.truncate(limit);
+    let items = rows
+        .iter()
+        .take(limit)
+        .map(map)
+        .collect::<sqlx::Result<Vec<_>>>()
+        .map_err(db)?;
     let next_cursor = if more {
-        rows.last().map(|(seq, _)| *seq)
+        items.last().map(|(seq, _)| *seq)
     } else {
         None
     };
-    Page {
-        items: rows.into_iter().map(|(_, item)| item).collect(),
+    Ok(Page {
+        items: items.into_iter().map(|(_, item)| item).collect(),
         next_cursor,
-    }
+    })
 }
 
 /// Typed column reads of a row of either backend.

@@ -178,7 +178,7 @@ impl SqliteStore {
 }
 
 /// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
-use crate::rows::{binding_row, config_row, db, db_fk, into_page, service_row, user_row, window};
+use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
 
 /// Reads one user by SID or identity; `NotFound` when there is none.
 ///
@@ -312,11 +312,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        let rows = rows
-            .iter()
-            .map(service_row)
-            .collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, service_row, limit)
     }
 
     async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
@@ -476,8 +472,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        let rows = rows.iter().map(user_row).collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, user_row, limit)
     }
 
     async fn update_user(
@@ -690,11 +685,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
-        let rows = rows
-            .iter()
-            .map(binding_row)
-            .collect::<sqlx::Result<Vec<_>>>();
-        Ok(into_page(rows.map_err(db)?, limit))
+        page_of(&rows, binding_row, limit)
     }
 
     async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {
