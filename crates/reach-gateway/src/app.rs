@@ -46,7 +46,7 @@ pub struct App {
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
-    services: dashmap::DashMap<String, Option<reach_store::Service>>,
+    services: dashmap::DashMap<String, Option<Arc<reach_store::Service>>>,
     ready: AtomicBool,
 }
 
@@ -133,14 +133,14 @@ impl App {
     }
 
     /// The service with this SID (any account), from memory when it was seen before.
-    pub async fn find_service(&self, sid: &str) -> reach_store::Result<reach_store::Service> {
+    pub async fn find_service(&self, sid: &str) -> reach_store::Result<Arc<reach_store::Service>> {
         if let Some(s) = self.services.get(sid) {
             return s.clone().ok_or(reach_store::StoreError::NotFound);
         }
         let service = self.store.find_service(sid).await?;
         self.services
             .entry(sid.to_owned())
-            .or_insert(Some(service))
+            .or_insert(Some(Arc::new(service)))
             .clone()
             .ok_or(reach_store::StoreError::NotFound)
     }
@@ -377,9 +377,14 @@ pub async fn run(
     let token = app.shutdown.clone();
     tokio::spawn({
         let token = token.clone();
+        let app = Arc::clone(&app);
         async move {
             shutdown.await;
             token.cancel();
+            // Sockets that have not said hello yet see the token; the others are told here.
+            for conn in app.engine.connections() {
+                crate::ws::goodbye(&app, &conn);
+            }
         }
     });
     // The admin listener outlives the drain, so /readyz answers 503 while sockets close.

@@ -2,9 +2,11 @@
 //!
 //! One task per socket. Before `hello` the task writes to the socket directly; after it, the
 //! connection has an [`Outbox`](reach_core::Outbox) in the engine and the task runs one
-//! `select!` loop over: the socket's reads (requests), the outbox (replies and pushes, written
-//! in batches and flushed once per batch), a timer (server pings, heartbeat timeout, token
-//! warning and expiry, write stall) and the drain signal.
+//! `select!` loop over: the socket (the outbox's replies and pushes, written in batches and
+//! flushed once per batch, then the socket's reads: one unsplit stream, see [`socket_io`]) and
+//! a timer (server pings, heartbeat timeout, token warning and expiry, write stall). The drain
+//! reaches sessions through their outboxes ([`goodbye`]), so an idle socket waits on nothing
+//! else.
 //!
 //! Writes are pulled from the outbox only when the socket is ready to take them, so a branch
 //! that wins the `select!` never loses a frame. A socket whose writes make no progress for
@@ -42,8 +44,6 @@ use crate::app::{App, profile_of};
 use crate::auth::{MAX_IDENTITY_LEN, TokenError, TokenGrant, verify_token};
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-type Sink = futures_util::stream::SplitSink<Socket, Message>;
-type Stream = futures_util::stream::SplitStream<Socket>;
 
 /// Push binding types a client may register.
 pub const BINDING_TYPES: [&str; 3] = ["apn", "gcm", "fcm"];
@@ -154,11 +154,8 @@ async fn upgrade(
             )
             .await;
             let _permit = permit.as_ref();
-            // Split here, not inside serve_socket: an async fn keeps room for its arguments for
-            // its whole life, and the stream itself (moved into the split's shared lock) would
-            // widen every socket's task by its size.
-            let (sink, stream) = ws.split();
-            serve_socket(task_app, sink, stream, encoding, permit.is_some()).await;
+            // Boxed: the stream (~330 bytes) would otherwise widen every socket's task.
+            serve_socket(task_app, Box::new(ws), encoding, permit.is_some()).await;
         }
         .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
     );
@@ -313,8 +310,7 @@ fn classify(
 
 /// Sends `frame` (if any) and a close frame directly, then waits briefly for the peer's close.
 async fn close_direct(
-    sink: &mut Sink,
-    stream: &mut Stream,
+    ws: &mut Socket,
     encoding: Encoding,
     frame: Option<ServerFrame>,
     code: u16,
@@ -323,15 +319,15 @@ async fn close_direct(
     let reason = reason.chars().take(100).collect::<String>();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         if let Some(f) = frame {
-            sink.feed(message(encode(&f, encoding), encoding)).await?;
+            ws.feed(message(encode(&f, encoding), encoding)).await?;
         }
-        sink.send(Message::Close(Some(CloseFrame {
+        ws.send(Message::Close(Some(CloseFrame {
             code: code.into(),
             reason: reason.into(),
         })))
         .await?;
         // Wait for the peer's close so the TCP connection ends cleanly.
-        while let Some(Ok(m)) = stream.next().await {
+        while let Some(Ok(m)) = ws.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
@@ -341,24 +337,18 @@ async fn close_direct(
     .await;
 }
 
-async fn serve_socket(
-    app: Arc<App>,
-    mut sink: Sink,
-    mut stream: Stream,
-    encoding: Encoding,
-    admitted: bool,
-) {
+async fn serve_socket(app: Arc<App>, mut ws: Box<Socket>, encoding: Encoding, admitted: bool) {
     let m = &app.metrics;
     m.connections.inc();
     m.connections_opened.inc();
     // Everything but the session loop runs in boxed futures that are gone once they finish:
     // an idle socket's task then holds only the session and its loop (an async fn's layout
     // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
-    let prepared = Box::pin(prepare(&app, &mut sink, &mut stream, encoding, admitted)).await;
+    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted)).await;
     let end = match prepared {
         Ok(mut session) => {
-            let end = session.run(&mut sink, &mut stream).await;
-            Box::pin(session.finish(&mut sink, &mut stream, end)).await;
+            let end = session.run(&mut ws).await;
+            Box::pin(session.finish(&mut ws, end)).await;
             end
         }
         Err(end) => end,
@@ -366,7 +356,7 @@ async fn serve_socket(
     if let End::Gone("client_closed") = end {
         // tungstenite queued the reply to the client's close frame: send it, completing the
         // closing handshake (else the client sees 1006).
-        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, sink.flush())).await;
+        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, ws.flush())).await;
     }
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
@@ -377,31 +367,22 @@ async fn serve_socket(
 /// end is returned.
 async fn prepare(
     app: &Arc<App>,
-    sink: &mut Sink,
-    stream: &mut Stream,
+    ws: &mut Socket,
     encoding: Encoding,
     admitted: bool,
 ) -> Result<Box<Session>, End> {
     if !admitted {
         let f = error_frame(None, ErrorCode::TooMany, "too many connections");
-        close_direct(
-            sink,
-            stream,
-            encoding,
-            Some(f),
-            4029,
-            "too many connections",
-        )
-        .await;
+        close_direct(ws, encoding, Some(f), 4029, "too many connections").await;
         return Err(End::Close(CloseCode::RateLimited));
     }
-    let (grant, service) = await_hello(app, sink, stream, encoding).await?;
+    let (grant, service) = await_hello(app, ws, encoding).await?;
     match Session::start(app, grant, service, encoding).await {
         // Boxed, so the task does not keep both this result and the session.
         Ok(session) => Ok(Box::new(session)),
         Err(()) => {
             let f = error_frame(None, ErrorCode::Internal, "internal error; retry later");
-            close_direct(sink, stream, encoding, Some(f), 1011, "internal error").await;
+            close_direct(ws, encoding, Some(f), 1011, "internal error").await;
             Err(End::Internal)
         }
     }
@@ -410,22 +391,21 @@ async fn prepare(
 /// Waits for `hello`, verifies its token and service. On failure the socket is closed here.
 async fn await_hello(
     app: &Arc<App>,
-    sink: &mut Sink,
-    stream: &mut Stream,
+    ws: &mut Socket,
     encoding: Encoding,
-) -> Result<(TokenGrant, Service), End> {
+) -> Result<(TokenGrant, Arc<Service>), End> {
     let deadline = Instant::now() + app.config.auth_timeout();
     loop {
         let read = tokio::select! {
-            item = stream.next() => classify(item, encoding, app.config.limits.max_frame_bytes),
+            item = ws.next() => classify(item, encoding, app.config.limits.max_frame_bytes),
             _ = tokio::time::sleep_until(deadline) => {
                 let f = error_frame(None, ErrorCode::Timeout, "no hello within auth_timeout");
-                close_direct(sink, stream, encoding, Some(f), 4001, "no hello").await;
+                close_direct(ws, encoding, Some(f), 4001, "no hello").await;
                 app.metrics.auth_failures.with_label_values(&["auth_timeout"]).inc();
                 return Err(End::Close(CloseCode::Unauthorized));
             }
             _ = app.shutdown.cancelled() => {
-                close_direct(sink, stream, encoding, None, 1001, "draining").await;
+                close_direct(ws, encoding, None, 1001, "draining").await;
                 return Err(End::Close(CloseCode::GoingAway));
             }
         };
@@ -435,8 +415,7 @@ async fn await_hello(
             Read::Gone(label) => return Err(End::Gone(label)),
             Read::Fail(code, msg, close) => {
                 close_direct(
-                    sink,
-                    stream,
+                    ws,
                     encoding,
                     Some(error_frame(None, code, msg)),
                     close.as_u16(),
@@ -460,8 +439,7 @@ async fn await_hello(
                                 ErrorCode::Internal,
                                 "internal error; retry later",
                             );
-                            close_direct(sink, stream, encoding, Some(f), 1011, "internal error")
-                                .await;
+                            close_direct(ws, encoding, Some(f), 1011, "internal error").await;
                             return Err(End::Internal);
                         }
                     },
@@ -475,7 +453,7 @@ async fn await_hello(
                             .with_label_values(&[e.label()])
                             .inc();
                         let f = error_frame(None, e.code(), e.to_string());
-                        close_direct(sink, stream, encoding, Some(f), 4001, "unauthorized").await;
+                        close_direct(ws, encoding, Some(f), 4001, "unauthorized").await;
                         Err(End::Close(CloseCode::Unauthorized))
                     }
                 };
@@ -486,11 +464,23 @@ async fn await_hello(
                     ErrorCode::UnexpectedFrame,
                     "the first frame must be hello",
                 );
-                close_direct(sink, stream, encoding, Some(f), 4002, "hello expected").await;
+                close_direct(ws, encoding, Some(f), 4002, "hello expected").await;
                 return Err(End::Close(CloseCode::ProtocolError));
             }
         }
     }
+}
+
+/// Tells an authenticated connection that the gateway drains: `goodbye` with a random
+/// `retry_after_ms` (so clients do not all come back at once), then close 1001. Called for
+/// every connection when the drain starts; sockets hold no per-socket wait for it.
+pub(crate) fn goodbye(app: &App, conn: &Conn) {
+    let retry = rand::random_range(0..=app.config.server.drain_retry_max_ms);
+    conn.outbox.push_frame(&ServerFrame::Goodbye {
+        reason: "draining".into(),
+        retry_after_ms: retry,
+    });
+    conn.outbox.close(CloseCode::GoingAway);
 }
 
 /// Unix seconds -> a tokio instant (clamped to now for the past).
@@ -534,12 +524,16 @@ impl std::borrow::Borrow<str> for Watched {
     }
 }
 
-/// An authenticated connection.
+/// An authenticated connection. Kept small: every idle socket holds one (its identity and
+/// service are in `conn`'s key, the service record is shared).
 struct Session {
     app: Arc<App>,
     conn: Arc<Conn>,
-    service: Service,
-    grant: TokenGrant,
+    service: Arc<Service>,
+    /// The current token's push credential (for `register_push`).
+    push_credential_sid: Option<Box<str>>,
+    /// The current token's expiry (unix seconds).
+    token_expires_at: i64,
     /// Identities subscribed to besides the connection's own.
     /// (The engine's keys: their text is shared with the presence map.)
     watched: HashSet<Watched>,
@@ -547,7 +541,6 @@ struct Session {
     next_ping: Instant,
     expires_at: Instant,
     warn_at: Option<Instant>,
-    draining: bool,
     bye: bool,
 }
 
@@ -556,7 +549,7 @@ impl Session {
     async fn start(
         app: &Arc<App>,
         grant: TokenGrant,
-        service: Service,
+        service: Arc<Service>,
         encoding: Encoding,
     ) -> Result<Session, ()> {
         let started = std::time::Instant::now();
@@ -616,18 +609,23 @@ impl Session {
             next_ping: now + app.config.heartbeat_interval(),
             expires_at: now,
             warn_at: None,
-            draining: false,
             bye: false,
-            grant,
+            push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
+            token_expires_at: grant.expires_at,
         };
         s.set_expiry();
-        tracing::debug!(identity = %s.grant.identity, service = %s.service.sid, "authenticated");
+        if app.shutdown.is_cancelled() {
+            // The drain's sweep over the engine's connections may have run before this one
+            // attached; it is told here instead (a second goodbye is dropped by the outbox).
+            goodbye(app, &s.conn);
+        }
+        tracing::debug!(identity = %s.conn.identity(), service = %s.service.sid, "authenticated");
         Ok(s)
     }
 
     fn set_expiry(&mut self) {
-        self.expires_at = instant_at(self.grant.expires_at);
-        let warn = self.grant.expires_at - self.app.config.presence.token_warning_s as i64;
+        self.expires_at = instant_at(self.token_expires_at);
+        let warn = self.token_expires_at - self.app.config.presence.token_warning_s as i64;
         self.warn_at = Some(instant_at(warn));
     }
 
@@ -656,7 +654,7 @@ impl Session {
     }
 
     /// The main loop; returns how the connection ends.
-    async fn run(&mut self, sink: &mut Sink, stream: &mut Stream) -> End {
+    async fn run(&mut self, ws: &mut Socket) -> End {
         let mut w = WriteState::default();
         let encoding = self.conn.outbox.encoding();
         // One timer and one cancellation wait for the socket's life, not one per wake-up: the
@@ -664,9 +662,6 @@ impl Session {
         // (a later deadline, e.g. a heartbeat pushed back by a frame, waits for that).
         let timer = tokio::time::sleep_until(self.next_deadline(&w));
         tokio::pin!(timer);
-        let shutdown = self.app.shutdown.clone();
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
         loop {
             let deadline = self.next_deadline(&w);
             if deadline < timer.deadline() {
@@ -674,13 +669,12 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                res = write_some(sink, &self.conn, &mut w, &self.app) => {
-                    return match res {
-                        Ok(code) => End::Close(code),
-                        Err(_) => End::Gone("transport_error"),
+                io = socket_io(ws, &self.conn, &mut w, &self.app) => {
+                    let item = match io {
+                        Io::Closing(Ok(code)) => return End::Close(code),
+                        Io::Closing(Err(_)) => return End::Gone("transport_error"),
+                        Io::Read(item) => item,
                     };
-                }
-                item = stream.next() => {
                     self.last_heard = Instant::now();
                     self.app.metrics.frames_received.inc();
                     match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
@@ -697,12 +691,6 @@ impl Session {
                         return end;
                     }
                     timer.as_mut().reset(self.next_deadline(&w));
-                }
-                _ = &mut cancelled, if !self.draining => {
-                    self.draining = true;
-                    let retry = rand::random_range(0..=self.app.config.server.drain_retry_max_ms);
-                    self.push(&ServerFrame::Goodbye { reason: "draining".into(), retry_after_ms: retry });
-                    self.conn.outbox.close(CloseCode::GoingAway);
                 }
             }
         }
@@ -744,7 +732,7 @@ impl Session {
         if self.warn_at.is_some_and(|t| now >= t) {
             self.warn_at = None;
             self.push(&ServerFrame::TokenAboutToExpire {
-                expires_at: self.grant.expires_at,
+                expires_at: self.token_expires_at,
             });
         }
         if now >= self.next_ping {
@@ -880,9 +868,9 @@ impl Session {
 
     fn update_token(&mut self, id: i64, token: &str) {
         let grant = verify_token(&self.app.creds, token, reach_store::now_unix()).and_then(|g| {
-            if g.identity == self.grant.identity
-                && g.service_sid == self.grant.service_sid
-                && g.account_sid == self.grant.account_sid
+            if g.identity == self.conn.identity()
+                && g.service_sid == self.service.sid
+                && g.account_sid == self.service.account_sid
             {
                 Ok(g)
             } else {
@@ -891,11 +879,12 @@ impl Session {
         });
         match grant {
             Ok(grant) => {
-                self.grant = grant;
+                self.push_credential_sid = grant.push_credential_sid.map(String::into_boxed_str);
+                self.token_expires_at = grant.expires_at;
                 self.set_expiry();
                 self.push(&ServerFrame::TokenUpdated {
                     id,
-                    token_expires_at: self.grant.expires_at,
+                    token_expires_at: self.token_expires_at,
                 });
             }
             Err(e) => {
@@ -934,9 +923,9 @@ impl Session {
         if let Ok(rec) = self
             .app
             .store
-            .get_user(&self.service.sid, &self.grant.identity)
+            .get_user(&self.service.sid, self.conn.identity())
             .await
-            && rec.identity == self.grant.identity
+            && rec.identity == self.conn.identity()
         {
             self.app.user_changed(&rec).await;
         }
@@ -946,13 +935,13 @@ impl Session {
         if !self.check_binding(id, binding_type, address) {
             return;
         }
-        let credential = self.grant.push_credential_sid.as_deref();
+        let credential = self.push_credential_sid.as_deref();
         match self
             .app
             .store
             .upsert_binding(
                 &self.service,
-                &self.grant.identity,
+                self.conn.identity(),
                 binding_type,
                 address,
                 credential,
@@ -993,7 +982,7 @@ impl Session {
             .store
             .delete_binding_by_address(
                 &self.service.sid,
-                &self.grant.identity,
+                self.conn.identity(),
                 binding_type,
                 address,
             )
@@ -1022,7 +1011,7 @@ impl Session {
     }
 
     /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
-    async fn finish(mut self, sink: &mut Sink, stream: &mut Stream, end: End) {
+    async fn finish(mut self, ws: &mut Socket, end: End) {
         let watched: Vec<UserKey> = self.watched.drain().map(|w| w.0).collect();
         self.app.engine.detach(&self.conn, &watched, self.bye);
         if let End::Close(code) = end {
@@ -1032,23 +1021,44 @@ impl Session {
                 other => other.label(),
             };
             let encoding = self.conn.outbox.encoding();
-            close_direct(sink, stream, encoding, None, code.as_u16(), reason).await;
+            close_direct(ws, encoding, None, code.as_u16(), reason).await;
         }
     }
 }
 
+/// What one wake-up of a socket produced.
+enum Io {
+    /// The connection must close with this code, or the socket failed.
+    Closing(Result<CloseCode, tungstenite::Error>),
+    /// A read from the socket.
+    Read(Option<Result<Message, tungstenite::Error>>),
+}
+
+/// The socket's both directions in one future (one stream, no split lock): first writes what
+/// the outbox holds while the socket takes it (flushed once per batch), then reads.
+async fn socket_io(ws: &mut Socket, conn: &Conn, w: &mut WriteState, app: &App) -> Io {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = poll_write(ws, conn, w, app, cx) {
+            return Poll::Ready(Io::Closing(r));
+        }
+        ws.poll_next_unpin(cx).map(Io::Read)
+    })
+    .await
+}
+
 /// Writes what the outbox holds while the socket takes it; flushes once per batch.
-/// Resolves only when the connection must close (`Ok(code)`) or the socket failed.
-async fn write_some(
-    sink: &mut Sink,
+/// Ready only when the connection must close (`Ok(code)`) or the socket failed.
+fn poll_write(
+    ws: &mut Socket,
     conn: &Conn,
     w: &mut WriteState,
     app: &App,
-) -> Result<CloseCode, tungstenite::Error> {
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<CloseCode, tungstenite::Error>> {
     let encoding = conn.outbox.encoding();
-    std::future::poll_fn(|cx| {
+    {
         loop {
-            match sink.poll_ready_unpin(cx) {
+            match ws.poll_ready_unpin(cx) {
                 Poll::Pending => {
                     w.blocked_since.get_or_insert_with(Instant::now);
                     return Poll::Pending;
@@ -1058,21 +1068,21 @@ async fn write_some(
             }
             if w.ping_due {
                 w.ping_due = false;
-                sink.start_send_unpin(Message::Ping(Bytes::new()))?;
+                ws.start_send_unpin(Message::Ping(Bytes::new()))?;
                 w.dirty = true;
                 continue;
             }
             match conn.outbox.pop(cx.waker()) {
                 Some(Outgoing::Message(bytes)) => {
-                    sink.start_send_unpin(message(bytes, encoding))?;
+                    ws.start_send_unpin(message(bytes, encoding))?;
                     app.metrics.frames_sent.inc();
                     w.dirty = true;
                 }
                 Some(Outgoing::Close(code)) => {
-                    return flush_dirty(sink, w, cx).map_ok(|()| code);
+                    return flush_dirty(ws, w, cx).map_ok(|()| code);
                 }
                 None => {
-                    return match flush_dirty(sink, w, cx) {
+                    return match flush_dirty(ws, w, cx) {
                         Poll::Ready(Ok(())) => {
                             w.blocked_since = None;
                             Poll::Pending
@@ -1082,20 +1092,19 @@ async fn write_some(
                 }
             }
         }
-    })
-    .await
+    }
 }
 
 /// Flushes what was written since the last flush; notes when the socket blocks.
 fn flush_dirty(
-    sink: &mut Sink,
+    ws: &mut Socket,
     w: &mut WriteState,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<Result<(), tungstenite::Error>> {
     if !w.dirty {
         return Poll::Ready(Ok(()));
     }
-    match sink.poll_flush_unpin(cx) {
+    match ws.poll_flush_unpin(cx) {
         Poll::Pending => {
             w.blocked_since.get_or_insert_with(Instant::now);
             Poll::Pending
