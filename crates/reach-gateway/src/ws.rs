@@ -499,28 +499,39 @@ struct WriteState {
     ping_due: bool,
 }
 
-/// A user a connection watches: the engine's key (sharing the presence map's allocation),
-/// hashed and compared by identity alone (a connection watches users of its own service), so
-/// the set is searched by identity without building a key.
-struct Watched(UserKey);
+/// The users a connection watches: the engine's keys (sharing the presence map's
+/// allocations), sorted by identity (a connection watches users of its own service), 8 bytes
+/// each; searched by identity without building a key.
+#[derive(Default)]
+struct Watched(Vec<UserKey>);
 
-impl PartialEq for Watched {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.identity() == other.0.identity()
+impl Watched {
+    fn find(&self, identity: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|k| k.identity().cmp(identity))
     }
-}
 
-impl Eq for Watched {}
-
-impl std::hash::Hash for Watched {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.identity().hash(state);
+    fn contains(&self, identity: &str) -> bool {
+        self.find(identity).is_ok()
     }
-}
 
-impl std::borrow::Borrow<str> for Watched {
-    fn borrow(&self) -> &str {
-        self.0.identity()
+    fn insert(&mut self, key: UserKey) {
+        if let Err(at) = self.find(key.identity()) {
+            self.0.insert(at, key);
+        }
+    }
+
+    fn remove(&mut self, identity: &str) -> bool {
+        match self.find(identity) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -536,7 +547,7 @@ struct Session {
     token_expires_at: i64,
     /// Identities subscribed to besides the connection's own.
     /// (The engine's keys: their text is shared with the presence map.)
-    watched: HashSet<Watched>,
+    watched: Watched,
     last_heard: Instant,
     next_ping: Instant,
     expires_at: Instant,
@@ -604,7 +615,7 @@ impl Session {
             app: Arc::clone(app),
             conn,
             service,
-            watched: HashSet::new(),
+            watched: Watched::default(),
             last_heard: now,
             next_ping: now + app.config.heartbeat_interval(),
             expires_at: now,
@@ -830,7 +841,7 @@ impl Session {
             }
             let (attach, key) = engine.subscribe(&self.conn, &identity, slot);
             if !own {
-                self.watched.insert(Watched(key));
+                self.watched.insert(key);
             }
             if attach == Attach::NeedsProfile {
                 cold.push(identity);
@@ -1012,7 +1023,7 @@ impl Session {
 
     /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
     async fn finish(mut self, ws: &mut Socket, end: End) {
-        let watched: Vec<UserKey> = self.watched.drain().map(|w| w.0).collect();
+        let watched = std::mem::take(&mut self.watched.0);
         self.app.engine.detach(&self.conn, &watched, self.bye);
         if let End::Close(code) = end {
             let reason = match code {
