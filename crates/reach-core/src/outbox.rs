@@ -157,6 +157,8 @@ struct Inner {
     bytes: usize,
     waker: Option<Waker>,
     close: Option<CloseCode>,
+    /// A deadline of the connection's session has come (see [`Outbox::wake_timer`]).
+    timer_due: bool,
 }
 
 impl Inner {
@@ -353,6 +355,27 @@ impl Outbox {
             inner.close = Some(code);
         }
         inner.wake();
+    }
+
+    /// Tells the connection's session that a deadline it registered has come, waking its
+    /// task (the gateway's shared socket timers use this instead of a timer per socket).
+    pub fn wake_timer(&self) {
+        let mut inner = self.lock();
+        inner.timer_due = true;
+        inner.wake();
+    }
+
+    /// Whether [`Outbox::wake_timer`] was called since the last call; if not, `waker` is
+    /// woken by the next one (or by the next item or close, as with [`Outbox::pop`]).
+    pub fn take_timer(&self, waker: &Waker) -> bool {
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.timer_due) {
+            return true;
+        }
+        if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            inner.waker = Some(waker.clone());
+        }
+        false
     }
 
     /// The close requested so far, if any.

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::timers::Timers;
 
 /// State shared by REST handlers and socket tasks.
 pub struct App {
@@ -43,6 +44,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every socket task, so draining can wait for them.
     pub sockets: TaskTracker,
+    /// The sockets' deadlines, on one shared timer.
+    pub timers: Arc<Timers>,
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
@@ -123,9 +126,11 @@ impl App {
             metrics,
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            timers: Arc::new(Timers::default()),
             services: dashmap::DashMap::new(),
             ready: AtomicBool::new(true),
         });
+        tokio::spawn(Timers::drive(Arc::downgrade(&app.timers)));
         if let Some(control) = control {
             tokio::spawn(apply_control(Arc::downgrade(&app), control));
         }

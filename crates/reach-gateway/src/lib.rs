@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod rest;
+pub mod timers;
 pub mod ws;
 
 pub use app::{App, run};

@@ -1,15 +1,16 @@
 //! The WebSocket endpoint `/v1/ws` (protocol v1, `docs/protocol.md`).
 //!
 //! One task per socket. Before `hello` the task writes to the socket directly; after it, the
-//! connection has an [`Outbox`](reach_core::Outbox) in the engine and the task runs one
-//! `select!` loop over: the socket (the outbox's replies and pushes, written in batches and
-//! flushed once per batch, then the socket's reads: one unsplit stream, see [`socket_io`]) and
-//! a timer (server pings, heartbeat timeout, token warning and expiry, write stall). The drain
-//! reaches sessions through their outboxes ([`goodbye`]), so an idle socket waits on nothing
-//! else.
+//! connection has an [`Outbox`](reach_core::Outbox) in the engine and the task runs one loop
+//! over one future per wake-up (`Session::next_io`, one unsplit stream): the outbox's replies
+//! and pushes (written in batches, flushed once per batch), then the session's deadlines
+//! (server pings, heartbeat timeout, token warning and expiry, write stall: registered with
+//! the gateway's shared [`Timers`](crate::timers)), then the socket's reads. The drain
+//! reaches sessions through their outboxes ([`goodbye`]). So an idle socket's task waits on
+//! its socket and outbox only: no timer, no channel, no split lock of its own.
 //!
-//! Writes are pulled from the outbox only when the socket is ready to take them, so a branch
-//! that wins the `select!` never loses a frame. A socket whose writes make no progress for
+//! Writes are pulled from the outbox only when the socket is ready to take them, so a wake-up
+//! that ends in a read or a deadline never loses a frame. A socket whose writes make no progress for
 //! `write_stall_timeout_ms`, or whose outbox passes `max_outbox_bytes`, is closed with 4009.
 
 use std::collections::HashSet;
@@ -133,10 +134,6 @@ async fn upgrade(
     let encoding = chosen.unwrap_or(Encoding::Json);
     let permit = Arc::clone(&app.conn_permits).try_acquire_owned().ok();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(app.config.limits.read_buffer_bytes)
-        .max_message_size(Some(hard_frame_limit(app.config.limits.max_frame_bytes)))
-        .max_frame_size(Some(hard_frame_limit(app.config.limits.max_frame_bytes)));
     let task_app = Arc::clone(&app);
     app.sockets.spawn(
         async move {
@@ -150,7 +147,8 @@ async fn upgrade(
             let ws = WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Server,
-                Some(ws_config),
+                // Built here, not captured: a captured value stays in the task for its life.
+                Some(ws_config(&task_app)),
             )
             .await;
             let _permit = permit.as_ref();
@@ -176,6 +174,14 @@ async fn upgrade(
         );
     }
     resp
+}
+
+fn ws_config(app: &App) -> WebSocketConfig {
+    let limits = &app.config.limits;
+    WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer_bytes)
+        .max_message_size(Some(hard_frame_limit(limits.max_frame_bytes)))
+        .max_frame_size(Some(hard_frame_limit(limits.max_frame_bytes)))
 }
 
 /// How a socket ended, for the close-reason metric and the presence rules.
@@ -489,7 +495,7 @@ fn instant_at(unix: i64) -> Instant {
     Instant::now() + Duration::from_secs(delta.max(0) as u64)
 }
 
-/// Write-side bookkeeping that survives across `select!` iterations.
+/// Write-side bookkeeping that survives across wake-ups.
 #[derive(Default)]
 struct WriteState {
     /// Frames written to the sink but not flushed yet.
@@ -549,6 +555,8 @@ struct Session {
     /// (The engine's keys: their text is shared with the presence map.)
     watched: Watched,
     last_heard: Instant,
+    /// The tick this session is registered at with the shared timers, if still to come.
+    armed: Option<u64>,
     next_ping: Instant,
     expires_at: Instant,
     warn_at: Option<Instant>,
@@ -617,6 +625,7 @@ impl Session {
             service,
             watched: Watched::default(),
             last_heard: now,
+            armed: None,
             next_ping: now + app.config.heartbeat_interval(),
             expires_at: now,
             warn_at: None,
@@ -668,42 +677,63 @@ impl Session {
     async fn run(&mut self, ws: &mut Socket) -> End {
         let mut w = WriteState::default();
         let encoding = self.conn.outbox.encoding();
-        // One timer and one cancellation wait for the socket's life, not one per wake-up: the
-        // timer is moved earlier when a deadline comes closer, and re-armed after it fires
-        // (a later deadline, e.g. a heartbeat pushed back by a frame, waits for that).
-        let timer = tokio::time::sleep_until(self.next_deadline(&w));
-        tokio::pin!(timer);
         loop {
-            let deadline = self.next_deadline(&w);
-            if deadline < timer.deadline() {
-                timer.as_mut().reset(deadline);
-            }
-            tokio::select! {
-                biased;
-                io = socket_io(ws, &self.conn, &mut w, &self.app) => {
-                    let item = match io {
-                        Io::Closing(Ok(code)) => return End::Close(code),
-                        Io::Closing(Err(_)) => return End::Gone("transport_error"),
-                        Io::Read(item) => item,
-                    };
-                    self.last_heard = Instant::now();
-                    self.app.metrics.frames_received.inc();
-                    match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
-                        Read::Nothing => {}
-                        Read::Gone(label) => return End::Gone(label),
-                        Read::Fail(code, msg, close) => self.fail(code, msg, close),
-                        // Boxed: a frame's handling (store calls) lives on the heap only while
-                        // it runs, instead of widening every idle socket's task.
-                        Read::Frame(frame) => Box::pin(self.handle(frame)).await,
-                    }
-                }
-                _ = &mut timer => {
+            let item = match self.next_io(ws, &mut w).await {
+                Io::Closing(Ok(code)) => return End::Close(code),
+                Io::Closing(Err(_)) => return End::Gone("transport_error"),
+                Io::Timer => {
                     if let Some(end) = self.tick(&mut w) {
                         return end;
                     }
-                    timer.as_mut().reset(self.next_deadline(&w));
+                    continue;
                 }
+                Io::Read(item) => item,
+            };
+            self.last_heard = Instant::now();
+            self.app.metrics.frames_received.inc();
+            match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
+                Read::Nothing => {}
+                Read::Gone(label) => return End::Gone(label),
+                Read::Fail(code, msg, close) => self.fail(code, msg, close),
+                // Boxed: a frame's handling (store calls) lives on the heap only while it
+                // runs, instead of widening every idle socket's task.
+                Read::Frame(frame) => Box::pin(self.handle(frame)).await,
             }
+        }
+    }
+
+    /// The socket's next event, all in one future over one unsplit stream: first writes what
+    /// the outbox holds while the socket takes it (flushed once per batch), then arms the
+    /// shared timer for the next deadline and checks whether it fired, then reads.
+    fn next_io<'a>(
+        &'a mut self,
+        ws: &'a mut Socket,
+        w: &'a mut WriteState,
+    ) -> impl Future<Output = Io> + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(r) = poll_write(ws, &self.conn, w, &self.app, cx) {
+                return Poll::Ready(Io::Closing(r));
+            }
+            self.arm(w);
+            if self.conn.outbox.take_timer(cx.waker()) {
+                return Poll::Ready(Io::Timer);
+            }
+            ws.poll_next_unpin(cx).map(Io::Read)
+        })
+    }
+
+    /// Registers the session with the shared timers for its next deadline, unless an earlier
+    /// or equal registration is still to come (a later one left behind by a deadline that
+    /// moved earlier only causes a check that finds nothing due).
+    fn arm(&mut self, w: &WriteState) {
+        let timers = &self.app.timers;
+        if self.armed.is_some_and(|t| timers.passed(t)) {
+            self.armed = None;
+        }
+        let tick = timers.tick_of(self.next_deadline(w));
+        if self.armed.is_none_or(|t| tick < t) {
+            timers.arm(tick, &self.conn);
+            self.armed = Some(tick);
         }
     }
 
@@ -1041,20 +1071,10 @@ impl Session {
 enum Io {
     /// The connection must close with this code, or the socket failed.
     Closing(Result<CloseCode, tungstenite::Error>),
+    /// A deadline registered with the shared timers has come.
+    Timer,
     /// A read from the socket.
     Read(Option<Result<Message, tungstenite::Error>>),
-}
-
-/// The socket's both directions in one future (one stream, no split lock): first writes what
-/// the outbox holds while the socket takes it (flushed once per batch), then reads.
-async fn socket_io(ws: &mut Socket, conn: &Conn, w: &mut WriteState, app: &App) -> Io {
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = poll_write(ws, conn, w, app, cx) {
-            return Poll::Ready(Io::Closing(r));
-        }
-        ws.poll_next_unpin(cx).map(Io::Read)
-    })
-    .await
 }
 
 /// Writes what the outbox holds while the socket takes it; flushes once per batch.
