@@ -187,6 +187,9 @@ struct Entry {
 #[derive(Default)]
 struct Subscribers(Vec<Arc<Conn>>);
 
+/// Up to this length, subscriber lists grow exactly.
+const SMALL_LIST: usize = 32;
+
 impl Subscribers {
     fn find(&self, id: ConnId) -> Result<usize, usize> {
         self.0.binary_search_by_key(&id, |c| c.id)
@@ -197,6 +200,11 @@ impl Subscribers {
         match self.find(conn.id) {
             Ok(_) => false,
             Err(at) => {
+                // Small lists grow one slot at a time (a room of 10 keeps 10 slots, not 16);
+                // past that, the usual doubling.
+                if self.0.len() == self.0.capacity() && self.0.len() < SMALL_LIST {
+                    self.0.reserve_exact(1);
+                }
                 self.0.insert(at, Arc::clone(conn));
                 true
             }
@@ -908,5 +916,9 @@ mod tests {
         }
         assert!(subs.is_empty());
         assert_eq!(subs.0.capacity(), 0, "an emptied list frees its buffer");
+        for id in 0..10 {
+            subs.insert(&conn(id));
+        }
+        assert_eq!(subs.0.capacity(), 10, "a small list has no slack");
     }
 }

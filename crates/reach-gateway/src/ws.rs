@@ -877,6 +877,8 @@ impl Session {
                 cold.push(identity);
             }
         }
+        // Most connections subscribe once or twice: keep no slack.
+        self.watched.0.shrink_to_fit();
         for identity in cold {
             match self.app.store.get_user(&self.service.sid, &identity).await {
                 Ok(rec) if rec.identity == identity => {
