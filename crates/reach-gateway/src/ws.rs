@@ -439,7 +439,12 @@ async fn await_hello(
                         Ok(_) => Err(TokenError::WrongAccount),
                         Err(StoreError::NotFound) => Err(TokenError::UnknownService),
                         Err(e) => {
-                            tracing::warn!(error = %e, "store failure during hello");
+                            tracing::warn!(
+                                error = %e,
+                                service = %grant.service_sid,
+                                identity = %grant.identity,
+                                "store failure during hello"
+                            );
                             let f = error_frame(
                                 None,
                                 ErrorCode::Internal,
@@ -576,6 +581,11 @@ impl Session {
         let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
         let connection_id = reach_store::new_sid("CN");
         tracing::Span::current().record("conn", connection_id.as_str());
+        tracing::debug!(
+            identity = %grant.identity,
+            service = %service.sid,
+            "authenticated"
+        );
         let slot = conn.outbox.reserve(SlotFrame::Welcome {
             connection_id,
             identity: grant.identity.clone(),
@@ -599,7 +609,12 @@ impl Session {
                 }
                 other => {
                     if let Err(e) = other {
-                        tracing::warn!(error = %e, "cannot load the user at hello");
+                        tracing::warn!(
+                            error = %e,
+                            service = %service.sid,
+                            identity = %grant.identity,
+                            "cannot load the user at hello"
+                        );
                     }
                     engine.detach(&conn, &[], false);
                     return Err(());
@@ -612,7 +627,12 @@ impl Session {
                 .mark_online(&service.sid, &grant.identity, epoch)
                 .await
         {
-            tracing::warn!(error = %e, "cannot record the user online");
+            tracing::warn!(
+                error = %e,
+                service = %service.sid,
+                identity = %grant.identity,
+                "cannot record the user online"
+            );
         }
         conn.outbox.seal(slot);
         app.metrics
@@ -639,7 +659,6 @@ impl Session {
             // attached; it is told here instead (a second goodbye is dropped by the outbox).
             goodbye(app, &s.conn);
         }
-        tracing::debug!(identity = %s.conn.identity(), service = %s.service.sid, "authenticated");
         Ok(s)
     }
 
@@ -682,6 +701,10 @@ impl Session {
                 Io::Closing(Ok(code)) => return End::Close(code),
                 Io::Closing(Err(_)) => return End::Gone("transport_error"),
                 Io::Timer => {
+                    // The registration that fired is the armed one (or a later, stale one).
+                    if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
+                        self.armed = None;
+                    }
                     if let Some(end) = self.tick(&mut w) {
                         return end;
                     }
@@ -724,12 +747,10 @@ impl Session {
 
     /// Registers the session with the shared timers for its next deadline, unless an earlier
     /// or equal registration is still to come (a later one left behind by a deadline that
-    /// moved earlier only causes a check that finds nothing due).
+    /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
+    /// tick fires (`Io::Timer`), so this reads no clock: it runs on every wake-up.
     fn arm(&mut self, w: &WriteState) {
         let timers = &self.app.timers;
-        if self.armed.is_some_and(|t| timers.passed(t)) {
-            self.armed = None;
-        }
         let tick = timers.tick_of(self.next_deadline(w));
         if self.armed.is_none_or(|t| tick < t) {
             timers.arm(tick, &self.conn);
@@ -892,7 +913,12 @@ impl Session {
                     outbox.add_error(slot, err(&identity, ErrorCode::NotFound, &msg));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "store failure during subscribe");
+                    tracing::warn!(
+                        error = %e,
+                        service = %self.service.sid,
+                        identity = %self.conn.identity(),
+                        "store failure during subscribe"
+                    );
                     self.watched.remove(identity.as_str());
                     engine.unsubscribe(&self.conn, &identity);
                     outbox.add_error(
@@ -1006,7 +1032,12 @@ impl Session {
                 ));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "store failure during register_push");
+                tracing::warn!(
+                    error = %e,
+                    service = %self.service.sid,
+                    identity = %self.conn.identity(),
+                    "store failure during register_push"
+                );
                 self.push(&error_frame(
                     Some(id),
                     ErrorCode::Internal,
@@ -1043,7 +1074,12 @@ impl Session {
                 ));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "store failure during unregister_push");
+                tracing::warn!(
+                    error = %e,
+                    service = %self.service.sid,
+                    identity = %self.conn.identity(),
+                    "store failure during unregister_push"
+                );
                 self.push(&error_frame(
                     Some(id),
                     ErrorCode::Internal,
