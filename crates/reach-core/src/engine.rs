@@ -158,6 +158,15 @@ impl Conn {
     }
 }
 
+/// Cluster mode: a watched user's state from the backplane.
+#[derive(Default)]
+struct Backplane {
+    /// Whether another node holds the user; `None` until the backplane answered.
+    remote: Option<Remote>,
+    /// `subscribed` slots waiting for `remote`.
+    waiting: Vec<(Arc<Conn>, SlotId)>,
+}
+
 struct Entry {
     /// Connections of this user attached on this node.
     conns: u32,
@@ -166,10 +175,9 @@ struct Entry {
     online: bool,
     /// Cluster mode: subscribers that are not the user's own connections.
     watchers: u32,
-    /// Cluster mode: whether another node holds the user; `None` until the backplane answered.
-    remote: Option<Remote>,
-    /// Cluster mode: `subscribed` slots waiting for `remote`.
-    waiting: Vec<(Arc<Conn>, SlotId)>,
+    /// Cluster mode, while the user is watched here: what the backplane said. Boxed, so a
+    /// user's entry carries one pointer for it outside cluster mode.
+    backplane: Option<Box<Backplane>>,
     /// Non-zero while an offline grace timer is pending; a timer acts only if it still matches.
     grace_gen: u64,
     /// Highest epoch seen online (from the store, raised when the user comes online).
@@ -235,8 +243,7 @@ impl Entry {
             conns: 0,
             online: false,
             watchers: 0,
-            remote: None,
-            waiting: Vec::new(),
+            backplane: None,
             grace_gen: 0,
             online_epoch: 0,
             profile: None,
@@ -250,7 +257,17 @@ impl Entry {
 
     /// The presence subscribers see: held here or by another node.
     fn visible(&self) -> bool {
-        self.online || self.remote.is_some_and(|r| r.held)
+        self.online || self.remote().is_some_and(|r| r.held)
+    }
+
+    /// Whether another node holds the user; `None` until the backplane answered.
+    fn remote(&self) -> Option<Remote> {
+        self.backplane.as_ref().and_then(|b| b.remote)
+    }
+
+    /// `subscribed` slots waiting for the backplane's answer.
+    fn waiting(&self) -> &[(Arc<Conn>, SlotId)] {
+        self.backplane.as_ref().map_or(&[], |b| &b.waiting)
     }
 
     fn is_online(&self, svc: ServiceState) -> Option<bool> {
@@ -502,9 +519,10 @@ impl Engine {
         svc: ServiceState,
     ) -> Attach {
         let own = identity == conn.identity();
-        if self.cluster.is_some() && !own && entry.remote.is_none() && entry.profile.is_some() {
+        if self.cluster.is_some() && !own && entry.remote().is_none() && entry.profile.is_some() {
             conn.outbox.expect(slot);
-            entry.waiting.push((Arc::clone(conn), slot));
+            let backplane = entry.backplane.get_or_insert_with(Box::default);
+            backplane.waiting.push((Arc::clone(conn), slot));
             return Attach::Filled;
         }
         self.fill_locked(entry, identity, conn, slot, svc)
@@ -542,16 +560,19 @@ impl Engine {
         {
             self.metrics.subscriptions.dec();
             if conn.key != *key {
-                entry.waiting.retain(|(c, slot)| {
-                    let keep = c.id != conn_id;
-                    if !keep {
-                        c.outbox.release(*slot);
-                    }
-                    keep
-                });
+                if let Some(backplane) = entry.backplane.as_mut() {
+                    backplane.waiting.retain(|(c, slot)| {
+                        let keep = c.id != conn_id;
+                        if !keep {
+                            c.outbox.release(*slot);
+                        }
+                        keep
+                    });
+                }
                 entry.watchers -= 1;
                 if entry.watchers == 0 {
-                    entry.remote = None;
+                    // No watcher left, so no slot waits either.
+                    entry.backplane = None;
                     self.tell_cluster(|| ClusterEvent::Unwatch(key.clone()));
                 }
             }
@@ -633,19 +654,20 @@ impl Engine {
         let Some(mut entry) = self.users.get_mut(key) else {
             return;
         };
-        if entry.watchers == 0 || entry.remote.is_some_and(|r| r.version >= version) {
+        if entry.watchers == 0 || entry.remote().is_some_and(|r| r.version >= version) {
             return;
         }
         let svc = self.service(key.service());
         let before = entry.visible();
-        entry.remote = Some(Remote { version, held });
+        let backplane = entry.backplane.get_or_insert_with(Box::default);
+        backplane.remote = Some(Remote { version, held });
+        let waiting = std::mem::take(&mut backplane.waiting);
         let after = entry.visible();
         if after && svc.enabled {
             // Recorded in the store by the holding node; kept here so `false` is not read
             // as null when the user goes offline again.
             entry.online_epoch = entry.online_epoch.max(svc.epoch);
         }
-        let waiting = std::mem::take(&mut entry.waiting);
         for (conn, slot) in &waiting {
             self.fill_locked(&entry, key.identity(), conn, *slot, svc);
             conn.outbox.release(*slot);
@@ -707,7 +729,7 @@ impl Engine {
     /// Connections whose `subscribed` reply still waits for the cluster state are skipped:
     /// the reply, filled later, carries the state as it is then.
     fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
-        self.publish_except(key, entry, svc, reasons, &entry.waiting);
+        self.publish_except(key, entry, svc, reasons, entry.waiting());
     }
 
     /// [`Engine::publish`], skipping the connections in `skip` (they were just given the state

@@ -156,7 +156,7 @@ impl Default for LimitsConfig {
             max_frame_bytes: 65_536,
             max_outbox_bytes: 1 << 20,
             write_stall_timeout_ms: 10_000,
-            read_buffer_bytes: 256,
+            read_buffer_bytes: 128,
         }
     }
 }
