@@ -146,13 +146,44 @@ pub enum Outgoing {
     Close(CloseCode),
 }
 
+/// The outbox's coalescable updates by identity: allocated while it holds any, one pointer
+/// otherwise (an idle connection's outbox holds no map).
+// Boxed on purpose: `None` is 8 bytes in every connection, an empty `HashMap` 48.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+struct Pending(Option<Box<HashMap<Arc<str>, u64>>>);
+
+impl Pending {
+    fn get(&self, identity: &str) -> Option<u64> {
+        self.0.as_ref()?.get(identity).copied()
+    }
+
+    fn insert(&mut self, identity: Arc<str>, seq: u64) {
+        self.0
+            .get_or_insert_with(Box::default)
+            .insert(identity, seq);
+    }
+
+    /// Removes one identity; the map stays allocated until [`Pending::clear`] (the outbox
+    /// clears it once drained), so a busy outbox does not allocate per update.
+    fn remove(&mut self, identity: &str) {
+        if let Some(map) = self.0.as_mut() {
+            map.remove(identity);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     items: VecDeque<Item>,
     /// Absolute sequence number of `items[0]`.
     head_seq: u64,
     /// Identity -> absolute sequence of its queued, still coalescable update.
-    pending: HashMap<Arc<str>, u64>,
+    pending: Pending,
     /// Approximate bytes held by `items`.
     bytes: usize,
     waker: Option<Waker>,
@@ -185,7 +216,7 @@ impl Inner {
 
     fn overflow(&mut self) {
         self.items = VecDeque::new();
-        self.pending = HashMap::new();
+        self.pending.clear();
         self.bytes = 0;
         self.close = Some(CloseCode::SlowConsumer);
         self.wake();
@@ -256,7 +287,7 @@ impl Outbox {
         if inner.close.is_some() {
             return PushOutcome::Dropped;
         }
-        if let Some(&seq) = inner.pending.get(identity) {
+        if let Some(seq) = inner.pending.get(identity) {
             let idx = (seq - inner.head_seq) as usize;
             if let Some(Item::Update {
                 update: queued,
@@ -406,7 +437,7 @@ impl Outbox {
             }
             if inner.items.is_empty() && inner.items.capacity() > 0 {
                 inner.items = VecDeque::new();
-                inner.pending = HashMap::new();
+                inner.pending.clear();
             }
             return None;
         }
@@ -419,11 +450,7 @@ impl Outbox {
                 (b, n)
             }
             Item::Update { update, reasons } => {
-                if inner
-                    .pending
-                    .get(update.user.identity.as_str())
-                    .is_some_and(|s| *s == seq)
-                {
+                if inner.pending.get(update.user.identity.as_str()) == Some(seq) {
                     inner.pending.remove(update.user.identity.as_str());
                 }
                 let bytes = if reasons == update.reasons {
