@@ -147,6 +147,11 @@ pub struct LimitsConfig {
     pub write_stall_timeout_ms: u64,
     /// Read buffer of each socket (tungstenite's `read_buffer_size`).
     pub read_buffer_bytes: usize,
+    /// Messages longer than this go out as WebSocket fragments of this size, and a socket
+    /// writes whenever this much is buffered, so its write buffer (kept at its high-water mark
+    /// for the socket's life) stays near twice this. 0: whole messages, written once per
+    /// batch (fewer write calls, ~0.75 KB more per idle socket).
+    pub write_fragment_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -157,6 +162,7 @@ impl Default for LimitsConfig {
             max_outbox_bytes: 1 << 20,
             write_stall_timeout_ms: 10_000,
             read_buffer_bytes: 128,
+            write_fragment_bytes: 128,
         }
     }
 }
@@ -285,6 +291,12 @@ impl Config {
         }
         if self.limits.max_frame_bytes < 256 {
             return Err(invalid("limits.max_frame_bytes", "must be at least 256"));
+        }
+        if (1..64).contains(&self.limits.write_fragment_bytes) {
+            return Err(invalid(
+                "limits.write_fragment_bytes",
+                "must be 0 (no fragments) or at least 64",
+            ));
         }
         let url = &self.server.public_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
@@ -437,6 +449,21 @@ mod tests {
         c.validate().unwrap();
         assert!(c.clustered());
         assert!(c.storage.postgres_url.starts_with("postgres://"));
+    }
+
+    #[test]
+    fn write_fragments_are_off_or_at_least_64_bytes() {
+        let mut c = Config::default();
+        for (n, ok) in [(0, true), (1, false), (63, false), (64, true), (4096, true)] {
+            c.limits.write_fragment_bytes = n;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{n} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{n} refused: {e}");
+                    assert!(e.to_string().contains("limits.write_fragment_bytes"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -36,7 +36,8 @@ use reach_proto::{
 use reach_store::{Service, StoreError};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::Instrument;
@@ -178,10 +179,17 @@ async fn upgrade(
 
 fn ws_config(app: &App) -> WebSocketConfig {
     let limits = &app.config.limits;
-    WebSocketConfig::default()
+    let config = WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer_bytes)
         .max_message_size(Some(hard_frame_limit(limits.max_frame_bytes)))
-        .max_frame_size(Some(hard_frame_limit(limits.max_frame_bytes)))
+        .max_frame_size(Some(hard_frame_limit(limits.max_frame_bytes)));
+    match limits.write_fragment_bytes {
+        // Whole messages, written once per batch (tungstenite's default buffer target).
+        0 => config,
+        // Written as soon as a fragment's worth is buffered: the buffer's high-water mark
+        // stays near two fragments.
+        n => config.write_buffer_size(n),
+    }
 }
 
 /// How a socket ended, for the close-reason metric and the presence rules.
@@ -203,6 +211,31 @@ impl End {
             End::Gone(l) => l,
         }
     }
+}
+
+/// Queues one message, as WebSocket fragments of at most `fragment` bytes when it is longer
+/// (`limits.write_fragment_bytes`; 0: whole). Fragments of one message are queued back to
+/// back; RFC 6455 lets control frames (pings, pongs) come between them, nothing else.
+fn send_message(
+    ws: &mut Socket,
+    mut rest: Bytes,
+    encoding: Encoding,
+    fragment: usize,
+) -> Result<(), tungstenite::Error> {
+    if fragment == 0 || rest.len() <= fragment {
+        return ws.start_send_unpin(message(rest, encoding));
+    }
+    let mut op = OpCode::Data(match encoding {
+        Encoding::MsgPack => Data::Binary,
+        Encoding::Json => Data::Text,
+    });
+    while !rest.is_empty() {
+        let chunk = rest.split_to(fragment.min(rest.len()));
+        let fin = rest.is_empty();
+        ws.start_send_unpin(Message::Frame(Frame::message(chunk, op, fin)))?;
+        op = OpCode::Data(Data::Continue);
+    }
+    Ok(())
 }
 
 fn message(bytes: Bytes, encoding: Encoding) -> Message {
@@ -1143,7 +1176,7 @@ fn poll_write(
             }
             match conn.outbox.pop(cx.waker()) {
                 Some(Outgoing::Message(bytes)) => {
-                    ws.start_send_unpin(message(bytes, encoding))?;
+                    send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                     app.metrics.frames_sent.inc();
                     w.dirty = true;
                 }

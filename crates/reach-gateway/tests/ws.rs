@@ -1029,3 +1029,89 @@ async fn a_client_close_frame_is_answered() {
         "closing handshake completed: {next:?}"
     );
 }
+
+/// Server messages longer than `limits.write_fragment_bytes` go out as RFC 6455 fragments
+/// (this keeps the per-socket write buffer small), and reassemble into the same message; with
+/// 0 they go out whole. Read at the frame level, below any client library.
+#[tokio::test]
+async fn long_messages_are_fragmented_on_the_wire_and_reassemble() {
+    use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameSocket};
+
+    for (fragment, config) in [
+        (128usize, FAST.to_owned()),
+        (0, format!("{FAST}\n[limits]\nwrite_fragment_bytes = 0\n")),
+    ] {
+        let d = Reachd::start(&config);
+        let svc = enabled_service(&d).await;
+        let token = d.token(&svc, "a-user-with-a-long-enough-identity");
+        let addr = d.ws_url();
+        let addr = addr
+            .trim_start_matches("ws://")
+            .trim_end_matches("/v1/ws")
+            .to_owned();
+        let frames = tokio::task::spawn_blocking(move || {
+            let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                tcp,
+                "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+                 Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Protocol: reach.v1.json\r\n\r\n"
+            )
+            .unwrap();
+            // The response head, byte by byte (no frame comes before hello).
+            let mut head = Vec::new();
+            let mut byte = [0u8];
+            while !head.ends_with(b"\r\n\r\n") {
+                tcp.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            let mut socket = FrameSocket::new(tcp);
+            let hello = serde_json::json!({"type": "hello", "token": token}).to_string();
+            let mut frame = Frame::message(hello.into_bytes(), OpCode::Data(Data::Text), true);
+            frame.header_mut().mask = Some([7, 1, 3, 9]);
+            socket.send(frame).unwrap();
+            // Frames until one with FIN: the welcome.
+            let mut frames = Vec::new();
+            loop {
+                let f = socket.read(None).unwrap().expect("a frame");
+                let fin = f.header().is_final;
+                frames.push(f);
+                if fin {
+                    return frames;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let payload: Vec<u8> = frames.iter().flat_map(|f| f.payload().to_vec()).collect();
+        let welcome: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["identity"], "a-user-with-a-long-enough-identity");
+        assert!(
+            payload.len() > 128,
+            "the welcome is long: {} bytes",
+            payload.len()
+        );
+        assert_eq!(frames[0].header().opcode, OpCode::Data(Data::Text));
+        if fragment == 0 {
+            assert_eq!(frames.len(), 1, "whole message");
+        } else {
+            assert_eq!(frames.len(), payload.len().div_ceil(fragment));
+            for f in &frames[1..] {
+                assert_eq!(f.header().opcode, OpCode::Data(Data::Continue));
+            }
+            assert!(frames.iter().all(|f| f.payload().len() <= fragment));
+            assert!(
+                frames[..frames.len() - 1]
+                    .iter()
+                    .all(|f| !f.header().is_final)
+            );
+        }
+    }
+}
