@@ -426,6 +426,11 @@ impl Engine {
         conn
     }
 
+    /// Forgets a connection that never attached (its `hello` could not finish).
+    pub fn discard(&self, conn: &Conn) {
+        self.conns.remove(&conn.id);
+    }
+
     /// Attaches an authenticated connection to its own user: counts it (0 -> 1 publishes
     /// online, or cancels a pending offline grace), subscribes it to its own user and fills
     /// `slot` with the user's state.

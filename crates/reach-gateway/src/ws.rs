@@ -419,7 +419,17 @@ async fn prepare(
     match Session::start(app, grant, service, encoding).await {
         // Boxed, so the task does not keep both this result and the session.
         Ok(session) => Ok(Box::new(session)),
-        Err(()) => {
+        // The drain (or a delete) closed the connection before its welcome was queued.
+        Err(Some(CloseCode::GoingAway)) => {
+            let f = goodbye_frame(app);
+            close_direct(ws, encoding, Some(f), 1001, "draining").await;
+            Err(End::Close(CloseCode::GoingAway))
+        }
+        Err(Some(code)) => {
+            close_direct(ws, encoding, None, code.as_u16(), code.label()).await;
+            Err(End::Close(code))
+        }
+        Err(None) => {
             let f = error_frame(None, ErrorCode::Internal, "internal error; retry later");
             close_direct(ws, encoding, Some(f), 1011, "internal error").await;
             Err(End::Internal)
@@ -519,12 +529,15 @@ async fn await_hello(
 /// `retry_after_ms` (so clients do not all come back at once), then close 1001. Called for
 /// every connection when the drain starts; sockets hold no per-socket wait for it.
 pub(crate) fn goodbye(app: &App, conn: &Conn) {
-    let retry = rand::random_range(0..=app.config.server.drain_retry_max_ms);
-    conn.outbox.push_frame(&ServerFrame::Goodbye {
-        reason: "draining".into(),
-        retry_after_ms: retry,
-    });
+    conn.outbox.push_frame(&goodbye_frame(app));
     conn.outbox.close(CloseCode::GoingAway);
+}
+
+fn goodbye_frame(app: &App) -> ServerFrame {
+    ServerFrame::Goodbye {
+        reason: "draining".into(),
+        retry_after_ms: rand::random_range(0..=app.config.server.drain_retry_max_ms),
+    }
 }
 
 /// Unix seconds -> a tokio instant (clamped to now for the past).
@@ -608,7 +621,7 @@ impl Session {
         grant: TokenGrant,
         service: Arc<Service>,
         encoding: Encoding,
-    ) -> Result<Session, ()> {
+    ) -> Result<Session, Option<CloseCode>> {
         let started = std::time::Instant::now();
         let engine = &app.engine;
         let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
@@ -628,7 +641,12 @@ impl Session {
             token_expires_at: grant.expires_at,
             user: None,
         });
-        let Some(slot) = slot else { return Err(()) };
+        let Some(slot) = slot else {
+            // Only a close requested since `new_conn` refuses the slot: the drain's sweep or a
+            // delete reached the connection first. It never attached.
+            engine.discard(&conn);
+            return Err(conn.outbox.close_requested());
+        };
         let (fill, new_epoch) = engine.attach(&conn, slot);
         if fill == Attach::NeedsProfile {
             match app
@@ -650,7 +668,7 @@ impl Session {
                         );
                     }
                     engine.detach(&conn, &[], false);
-                    return Err(());
+                    return Err(None);
                 }
             }
         }
