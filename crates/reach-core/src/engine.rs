@@ -414,31 +414,26 @@ impl Engine {
         self.conns.len()
     }
 
-    /// Creates a connection handle and registers it (for service-wide pushes and closes).
+    /// Creates a connection handle; [`Engine::attach`] registers it.
     pub fn new_conn(&self, service_sid: &str, identity: &str, encoding: Encoding) -> Arc<Conn> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn {
+        Arc::new(Conn {
             id,
             key: UserKey::new(service_sid, identity),
             outbox: Outbox::new(encoding, self.config.max_outbox_bytes),
-        });
-        self.conns.insert(id, Arc::clone(&conn));
-        conn
+        })
     }
 
-    /// Forgets a connection that never attached (its `hello` could not finish).
-    pub fn discard(&self, conn: &Conn) {
-        self.conns.remove(&conn.id);
-    }
-
-    /// Attaches an authenticated connection to its own user: counts it (0 -> 1 publishes
-    /// online, or cancels a pending offline grace), subscribes it to its own user and fills
-    /// `slot` with the user's state.
+    /// Attaches an authenticated connection to its own user: registers it (for service-wide
+    /// pushes, closes and the drain; only now, so nothing closes it before its `welcome` slot
+    /// is reserved), counts it (0 -> 1 publishes online, or cancels a pending offline grace),
+    /// subscribes it to its own user and fills `slot` with the user's state.
     ///
     /// The second value is the reachability epoch in which this attach found the user online
     /// for the first time: the caller records it in the store (`Store::mark_online`) before
     /// acknowledging the connection, so `is_online` reads `false`, not `null`, after a crash.
     pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> (Attach, Option<i64>) {
+        self.conns.insert(conn.id, Arc::clone(conn));
         let svc = self.service(conn.service());
         let mut entry = self
             .users

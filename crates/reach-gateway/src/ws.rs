@@ -419,17 +419,7 @@ async fn prepare(
     match Session::start(app, grant, service, encoding).await {
         // Boxed, so the task does not keep both this result and the session.
         Ok(session) => Ok(Box::new(session)),
-        // The drain (or a delete) closed the connection before its welcome was queued.
-        Err(Some(CloseCode::GoingAway)) => {
-            let f = goodbye_frame(app);
-            close_direct(ws, encoding, Some(f), 1001, "draining").await;
-            Err(End::Close(CloseCode::GoingAway))
-        }
-        Err(Some(code)) => {
-            close_direct(ws, encoding, None, code.as_u16(), code.label()).await;
-            Err(End::Close(code))
-        }
-        Err(None) => {
+        Err(()) => {
             let f = error_frame(None, ErrorCode::Internal, "internal error; retry later");
             close_direct(ws, encoding, Some(f), 1011, "internal error").await;
             Err(End::Internal)
@@ -529,15 +519,11 @@ async fn await_hello(
 /// `retry_after_ms` (so clients do not all come back at once), then close 1001. Called for
 /// every connection when the drain starts; sockets hold no per-socket wait for it.
 pub(crate) fn goodbye(app: &App, conn: &Conn) {
-    conn.outbox.push_frame(&goodbye_frame(app));
-    conn.outbox.close(CloseCode::GoingAway);
-}
-
-fn goodbye_frame(app: &App) -> ServerFrame {
-    ServerFrame::Goodbye {
+    conn.outbox.push_frame(&ServerFrame::Goodbye {
         reason: "draining".into(),
         retry_after_ms: rand::random_range(0..=app.config.server.drain_retry_max_ms),
-    }
+    });
+    conn.outbox.close(CloseCode::GoingAway);
 }
 
 /// Unix seconds -> a tokio instant (clamped to now for the past).
@@ -557,7 +543,7 @@ struct WriteState {
 }
 
 /// The users a connection watches: the engine's keys (sharing the presence map's
-/// allocations), sorted by identity (a connection watches users of its own service), 8 bytes
+/// allocations), sorted by identity (a connection watches users of its own service), 16 bytes
 /// each; searched by identity without building a key.
 #[derive(Default)]
 struct Watched(Vec<UserKey>);
@@ -621,7 +607,7 @@ impl Session {
         grant: TokenGrant,
         service: Arc<Service>,
         encoding: Encoding,
-    ) -> Result<Session, Option<CloseCode>> {
+    ) -> Result<Session, ()> {
         let started = std::time::Instant::now();
         let engine = &app.engine;
         let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
@@ -641,12 +627,9 @@ impl Session {
             token_expires_at: grant.expires_at,
             user: None,
         });
-        let Some(slot) = slot else {
-            // Only a close requested since `new_conn` refuses the slot: the drain's sweep or a
-            // delete reached the connection first. It never attached.
-            engine.discard(&conn);
-            return Err(conn.outbox.close_requested());
-        };
+        // The connection is not registered yet (`attach` does that), so no drain or delete
+        // can have closed its outbox.
+        let Some(slot) = slot else { return Err(()) };
         let (fill, new_epoch) = engine.attach(&conn, slot);
         if fill == Attach::NeedsProfile {
             match app
@@ -668,7 +651,7 @@ impl Session {
                         );
                     }
                     engine.detach(&conn, &[], false);
-                    return Err(None);
+                    return Err(());
                 }
             }
         }
@@ -968,6 +951,7 @@ impl Session {
                         error = %e,
                         service = %self.service.sid,
                         identity = %self.conn.identity(),
+                        watched = %identity,
                         "store failure during subscribe"
                     );
                     self.watched.remove(identity.as_str());
@@ -1176,40 +1160,38 @@ fn poll_write(
     cx: &mut std::task::Context<'_>,
 ) -> Poll<Result<CloseCode, tungstenite::Error>> {
     let encoding = conn.outbox.encoding();
-    {
-        loop {
-            match ws.poll_ready_unpin(cx) {
-                Poll::Pending => {
-                    w.blocked_since.get_or_insert_with(Instant::now);
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => w.blocked_since = None,
+    loop {
+        match ws.poll_ready_unpin(cx) {
+            Poll::Pending => {
+                w.blocked_since.get_or_insert_with(Instant::now);
+                return Poll::Pending;
             }
-            if w.ping_due {
-                w.ping_due = false;
-                ws.start_send_unpin(Message::Ping(Bytes::new()))?;
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => w.blocked_since = None,
+        }
+        if w.ping_due {
+            w.ping_due = false;
+            ws.start_send_unpin(Message::Ping(Bytes::new()))?;
+            w.dirty = true;
+            continue;
+        }
+        match conn.outbox.pop(cx.waker()) {
+            Some(Outgoing::Message(bytes)) => {
+                send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
+                app.metrics.frames_sent.inc();
                 w.dirty = true;
-                continue;
             }
-            match conn.outbox.pop(cx.waker()) {
-                Some(Outgoing::Message(bytes)) => {
-                    send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
-                    app.metrics.frames_sent.inc();
-                    w.dirty = true;
-                }
-                Some(Outgoing::Close(code)) => {
-                    return flush_dirty(ws, w, cx).map_ok(|()| code);
-                }
-                None => {
-                    return match flush_dirty(ws, w, cx) {
-                        Poll::Ready(Ok(())) => {
-                            w.blocked_since = None;
-                            Poll::Pending
-                        }
-                        other => other.map_ok(|()| CloseCode::Normal),
-                    };
-                }
+            Some(Outgoing::Close(code)) => {
+                return flush_dirty(ws, w, cx).map_ok(|()| code);
+            }
+            None => {
+                return match flush_dirty(ws, w, cx) {
+                    Poll::Ready(Ok(())) => {
+                        w.blocked_since = None;
+                        Poll::Pending
+                    }
+                    other => other.map_ok(|()| CloseCode::Normal),
+                };
             }
         }
     }
