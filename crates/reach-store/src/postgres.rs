@@ -352,7 +352,6 @@ fn redact(message: &str, secrets: &[String]) -> String {
     })
 }
 
-/// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
 use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
 
 /// Whether a read also locks the rows it returns until the transaction ends.

@@ -7,6 +7,7 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::{Binding, Page, PageRequest, Service, ServiceConfig, StoreError, UserRecord};
 
+/// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::RowNotFound => StoreError::NotFound,

@@ -177,7 +177,6 @@ impl SqliteStore {
     }
 }
 
-/// Maps a sqlx error: a missing row is `NotFound`, anything else a backend failure.
 use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
 
 /// Reads one user by SID or identity; `NotFound` when there is none.
