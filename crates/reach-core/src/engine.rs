@@ -538,7 +538,7 @@ impl Engine {
     ) -> Attach {
         match entry.view(identity, svc) {
             Some(user) => {
-                conn.outbox.fill(slot, identity, user);
+                conn.outbox.fill(slot, user);
                 Attach::Filled
             }
             None => Attach::NeedsProfile,

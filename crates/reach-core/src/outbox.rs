@@ -5,8 +5,9 @@
 //! - [`Item::Frame`]: bytes already encoded (replies, `service_updated`, errors);
 //! - [`Item::Update`]: a `user_updated` whose bytes are shared with every subscriber of the
 //!   same diff. While an update for a user is still queued, a newer one for the same user
-//!   *replaces* it in place (latest state kept, reasons merged): a subscriber that falls behind
-//!   holds at most one pending update per user it watches, and never misses the final state;
+//!   *replaces* it in place (latest state kept, reasons merged) unless a frame or a slot was
+//!   queued after it: a subscriber that falls behind holds at most one pending update per user
+//!   it watches between two other items, and never misses the final state;
 //! - [`Item::Slot`]: a reply whose users are filled in under the presence map's lock
 //!   (`welcome`, `subscribed`), so no update for those users can overtake the state the reply
 //!   carries. The writer stops at a slot until it is sealed.
@@ -146,35 +147,23 @@ pub enum Outgoing {
     Close(CloseCode),
 }
 
-/// The outbox's coalescable updates by identity: allocated while it holds any, one pointer
-/// otherwise (an idle connection's outbox holds no map).
-// Boxed on purpose: `None` is 8 bytes in every connection, an empty `HashMap` 48.
-#[allow(clippy::box_collection)]
+/// Queued items up to this many after the start of the mergeable region are scanned for a
+/// user's update; a longer region gets an index by identity.
+const SCAN_LIMIT: usize = 16;
+
+/// Where a newer update of a user may still be merged into a queued one: the updates queued
+/// at or after `from`. Queuing a frame or a reply slot moves `from` past it (a client reads in
+/// order, so no update may move ahead of either). A short region is scanned, so the common
+/// case allocates nothing; past [`SCAN_LIMIT`] items an index by identity is built, so a long
+/// queue does not cost a scan per update.
 #[derive(Debug, Default)]
-struct Pending(Option<Box<HashMap<Arc<str>, u64>>>);
-
-impl Pending {
-    fn get(&self, identity: &str) -> Option<u64> {
-        self.0.as_ref()?.get(identity).copied()
-    }
-
-    fn insert(&mut self, identity: Arc<str>, seq: u64) {
-        self.0
-            .get_or_insert_with(Box::default)
-            .insert(identity, seq);
-    }
-
-    /// Removes one identity; the map stays allocated until [`Pending::clear`] (the outbox
-    /// clears it once drained), so a busy outbox does not allocate per update.
-    fn remove(&mut self, identity: &str) {
-        if let Some(map) = self.0.as_mut() {
-            map.remove(identity);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.0 = None;
-    }
+struct Mergeable {
+    /// Absolute sequence of the first item of the region.
+    from: u64,
+    /// Identity -> absolute sequence of its update in the region, once the region is long.
+    // Boxed on purpose: `None` is 8 bytes in every connection, an empty `HashMap` 48.
+    #[allow(clippy::box_collection)]
+    index: Option<Box<HashMap<Arc<str>, u64>>>,
 }
 
 #[derive(Debug, Default)]
@@ -182,8 +171,8 @@ struct Inner {
     items: VecDeque<Item>,
     /// Absolute sequence number of `items[0]`.
     head_seq: u64,
-    /// Identity -> absolute sequence of its queued, still coalescable update.
-    pending: Pending,
+    /// The queued updates a newer one of the same user may replace.
+    mergeable: Mergeable,
     /// Approximate bytes held by `items`.
     bytes: usize,
     waker: Option<Waker>,
@@ -214,9 +203,52 @@ impl Inner {
         Some(seq)
     }
 
+    /// Ends the mergeable region after the last queued item.
+    fn barrier(&mut self) {
+        self.mergeable.from = self.head_seq + self.items.len() as u64;
+        self.mergeable.index = None;
+    }
+
+    /// Position in `items` of the user's update that a newer one may replace.
+    fn mergeable_update(&self, identity: &str) -> Option<usize> {
+        if let Some(index) = &self.mergeable.index {
+            return index
+                .get(identity)
+                .map(|seq| (seq - self.head_seq) as usize);
+        }
+        let start = self.mergeable.from.saturating_sub(self.head_seq) as usize;
+        let found = self.items.range(start..).position(
+            |item| matches!(item, Item::Update { update, .. } if update.user.identity == identity),
+        );
+        found.map(|i| start + i)
+    }
+
+    /// Notes an update just queued at `seq` for the index, building the index once the region
+    /// has grown past [`SCAN_LIMIT`].
+    fn note_update(&mut self, identity: &Arc<str>, seq: u64) {
+        if let Some(index) = self.mergeable.index.as_mut() {
+            index.insert(Arc::clone(identity), seq);
+            return;
+        }
+        let start = self.mergeable.from.saturating_sub(self.head_seq) as usize;
+        if self.items.len().saturating_sub(start) <= SCAN_LIMIT {
+            return;
+        }
+        let index = (start..self.items.len())
+            .filter_map(|i| match &self.items[i] {
+                Item::Update { update, .. } => Some((
+                    Arc::from(update.user.identity.as_str()),
+                    self.head_seq + i as u64,
+                )),
+                _ => None,
+            })
+            .collect();
+        self.mergeable.index = Some(Box::new(index));
+    }
+
     fn overflow(&mut self) {
         self.items = VecDeque::new();
-        self.pending.clear();
+        self.barrier();
         self.bytes = 0;
         self.close = Some(CloseCode::SlowConsumer);
         self.wake();
@@ -269,11 +301,12 @@ impl Outbox {
     pub fn push_bytes(&self, bytes: Bytes) -> PushOutcome {
         let size = bytes.len() + 32;
         let mut inner = self.lock();
-        inner.pending.clear();
-        match inner.push(Item::Frame(bytes), size, self.max_bytes) {
+        let outcome = match inner.push(Item::Frame(bytes), size, self.max_bytes) {
             Some(_) => PushOutcome::Queued,
             None => PushOutcome::Dropped,
-        }
+        };
+        inner.barrier();
+        outcome
     }
 
     /// Encodes and queues a frame.
@@ -287,17 +320,15 @@ impl Outbox {
         if inner.close.is_some() {
             return PushOutcome::Dropped;
         }
-        if let Some(seq) = inner.pending.get(identity) {
-            let idx = (seq - inner.head_seq) as usize;
-            if let Some(Item::Update {
+        if let Some(idx) = inner.mergeable_update(identity)
+            && let Some(Item::Update {
                 update: queued,
                 reasons,
             }) = inner.items.get_mut(idx)
-            {
-                *reasons = reasons.union(update.reasons);
-                *queued = Arc::clone(update);
-                return PushOutcome::Coalesced;
-            }
+        {
+            *reasons = reasons.union(update.reasons);
+            *queued = Arc::clone(update);
+            return PushOutcome::Coalesced;
         }
         let item = Item::Update {
             update: Arc::clone(update),
@@ -305,7 +336,7 @@ impl Outbox {
         };
         match inner.push(item, update.approx_size(), self.max_bytes) {
             Some(seq) => {
-                inner.pending.insert(Arc::clone(identity), seq);
+                inner.note_update(identity, seq);
                 PushOutcome::Queued
             }
             None => PushOutcome::Dropped,
@@ -319,14 +350,17 @@ impl Outbox {
             sealed: false,
             awaiting: 0,
         };
-        self.lock().push(item, 256, self.max_bytes).map(SlotId)
+        let mut inner = self.lock();
+        let slot = inner.push(item, 256, self.max_bytes).map(SlotId);
+        inner.barrier();
+        slot
     }
 
     /// Puts a user into a reserved slot. Called under the presence map's lock for that user;
-    /// later updates of the user are queued behind the slot, never merged into an earlier one.
-    pub fn fill(&self, slot: SlotId, identity: &str, user: User) {
+    /// later updates of the user are queued behind the slot, never merged into an earlier one
+    /// (the slot ends the mergeable region when reserved).
+    pub fn fill(&self, slot: SlotId, user: User) {
         let mut inner = self.lock();
-        inner.pending.remove(identity);
         inner.bytes += user.attributes.len() + 64;
         if let Some(Item::Slot {
             frame: Some(frame), ..
@@ -437,7 +471,7 @@ impl Outbox {
             }
             if inner.items.is_empty() && inner.items.capacity() > 0 {
                 inner.items = VecDeque::new();
-                inner.pending.clear();
+                inner.barrier();
             }
             return None;
         }
@@ -450,8 +484,11 @@ impl Outbox {
                 (b, n)
             }
             Item::Update { update, reasons } => {
-                if inner.pending.get(update.user.identity.as_str()) == Some(seq) {
-                    inner.pending.remove(update.user.identity.as_str());
+                let identity = update.user.identity.as_str();
+                if let Some(index) = inner.mergeable.index.as_mut()
+                    && index.get(identity) == Some(&seq)
+                {
+                    index.remove(identity);
                 }
                 let bytes = if reasons == update.reasons {
                     update.bytes(self.encoding)
@@ -552,6 +589,75 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_queued_after_an_update_stops_it_from_being_replaced() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let bob: Arc<str> = Arc::from("bob");
+        let on = Update::new(
+            user("bob", true),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+        let off = Update::new(
+            user("bob", false),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        );
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        assert_eq!(outbox.push_update(&bob, &off), PushOutcome::Queued);
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
+        let frames = drain(&outbox);
+        assert_eq!(frames.len(), 3);
+        assert!(
+            matches!(&frames[0], ServerFrame::UserUpdated { user, .. } if user.is_online == Some(true))
+        );
+        assert!(matches!(&frames[1], ServerFrame::Pong { id: 1 }));
+        assert!(
+            matches!(&frames[2], ServerFrame::UserUpdated { user, .. } if user.is_online == Some(true))
+        );
+    }
+
+    #[test]
+    fn a_long_queue_still_merges_every_user_once_and_in_place() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let n = SCAN_LIMIT * 3;
+        let ids: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("u{i}"))).collect();
+        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
+        for id in &ids {
+            let u = Update::new(user(id, true), reason);
+            assert_eq!(outbox.push_update(id, &u), PushOutcome::Queued);
+        }
+        // Send a few, so the index's sequences must be read against a moved head.
+        for _ in 0..5 {
+            assert!(outbox.pop(Waker::noop()).is_some());
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let u = Update::new(user(id, false), reason);
+            let expected = if i < 5 {
+                PushOutcome::Queued
+            } else {
+                PushOutcome::Coalesced
+            };
+            assert_eq!(outbox.push_update(id, &u), expected, "{id}");
+        }
+        let frames = drain(&outbox);
+        assert_eq!(frames.len(), n);
+        let order: Vec<(String, Option<bool>)> = frames
+            .iter()
+            .map(|f| match f {
+                ServerFrame::UserUpdated { user, .. } => (user.identity.clone(), user.is_online),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        let expected: Vec<(String, Option<bool>)> = (5..n)
+            .chain(0..5)
+            .map(|i| (format!("u{i}"), Some(false)))
+            .collect();
+        assert_eq!(
+            order, expected,
+            "merged in place, the sent five queued anew"
+        );
+    }
+
+    #[test]
     fn writer_waits_for_an_unsealed_slot_and_updates_queue_behind_it() {
         let outbox = Outbox::new(Encoding::MsgPack, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
@@ -567,7 +673,7 @@ mod tests {
                 errors: vec![],
             })
             .unwrap();
-        outbox.fill(slot, "bob", user("bob", true));
+        outbox.fill(slot, user("bob", true));
         let newer = Update::new(user("bob", true), Reasons::of(UpdateReason::FriendlyName));
         assert_eq!(
             outbox.push_update(&bob, &newer),
