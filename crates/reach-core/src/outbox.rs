@@ -130,7 +130,8 @@ enum Item {
         reasons: Reasons,
     },
     Slot {
-        frame: Option<SlotFrame>,
+        /// Boxed: it is large and rare, and keeps every queued item small (40 B, not 184).
+        frame: Box<SlotFrame>,
         sealed: bool,
         /// Fills still expected from elsewhere (cluster mode: a watched user's state from the
         /// backplane); the slot is sent once it is sealed and this is 0.
@@ -198,6 +199,11 @@ impl Inner {
             return None;
         }
         let seq = self.head_seq + self.items.len() as u64;
+        if self.items.capacity() == 0 {
+            // Most wake-ups carry one item: a queue of one is a small allocation, and the
+            // first growth past it goes straight to four.
+            self.items.reserve_exact(1);
+        }
         self.items.push_back(item);
         self.wake();
         Some(seq)
@@ -346,7 +352,7 @@ impl Outbox {
     /// Reserves a place in the queue for a reply that is completed later.
     pub fn reserve(&self, frame: SlotFrame) -> Option<SlotId> {
         let item = Item::Slot {
-            frame: Some(frame),
+            frame: Box::new(frame),
             sealed: false,
             awaiting: 0,
         };
@@ -362,11 +368,8 @@ impl Outbox {
     pub fn fill(&self, slot: SlotId, user: User) {
         let mut inner = self.lock();
         inner.bytes += user.attributes.len() + 64;
-        if let Some(Item::Slot {
-            frame: Some(frame), ..
-        }) = inner.slot_mut(slot)
-        {
-            match frame {
+        if let Some(Item::Slot { frame, .. }) = inner.slot_mut(slot) {
+            match &mut **frame {
                 SlotFrame::Welcome { user: u, .. } => *u = Some(user),
                 SlotFrame::Subscribed { users, .. } => users.push(user),
             }
@@ -376,10 +379,8 @@ impl Outbox {
     /// Adds a per-identity error to a reserved `subscribed` slot.
     pub fn add_error(&self, slot: SlotId, error: IdentityError) {
         let mut inner = self.lock();
-        if let Some(Item::Slot {
-            frame: Some(SlotFrame::Subscribed { errors, .. }),
-            ..
-        }) = inner.slot_mut(slot)
+        if let Some(Item::Slot { frame, .. }) = inner.slot_mut(slot)
+            && let SlotFrame::Subscribed { errors, .. } = &mut **frame
         {
             errors.push(error);
         }
@@ -498,7 +499,7 @@ impl Outbox {
                 (bytes, update.approx_size())
             }
             Item::Slot { frame, .. } => {
-                let frame = frame.expect("slot holds its frame until sent").into_frame();
+                let frame = (*frame).into_frame();
                 (encode(&frame, self.encoding), 256)
             }
         };
