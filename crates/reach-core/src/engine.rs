@@ -149,6 +149,19 @@ pub struct Conn {
     pub outbox: Outbox,
 }
 
+/// A connection is the waker its socket's reads are polled with: a wake-up reaches the session
+/// through the outbox ([`Outbox::wake_read`]), which tells it to poll the read side again. A
+/// wake-up that only the queue caused then writes and leaves the read side alone.
+impl std::task::Wake for Conn {
+    fn wake(self: Arc<Self>) {
+        self.outbox.wake_read();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.outbox.wake_read();
+    }
+}
+
 impl Conn {
     pub fn service(&self) -> &str {
         self.key.service()

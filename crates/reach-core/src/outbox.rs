@@ -136,6 +136,8 @@ enum Item {
         /// Fills still expected from elsewhere (cluster mode: a watched user's state from the
         /// backplane); the slot is sent once it is sealed and this is 0.
         awaiting: u32,
+        /// What the slot counts in the queue's bytes (grows with each fill).
+        size: u32,
     },
 }
 
@@ -147,6 +149,9 @@ pub enum Outgoing {
     /// The connection must be closed with this code.
     Close(CloseCode),
 }
+
+/// What a reply slot counts in the queue's bytes before it is filled.
+const SLOT_SIZE: usize = 256;
 
 /// Queued items up to this many after the start of the mergeable region are scanned for a
 /// user's update; a longer region gets an index by identity.
@@ -161,7 +166,9 @@ const SCAN_LIMIT: usize = 16;
 struct Mergeable {
     /// Absolute sequence of the first item of the region.
     from: u64,
-    /// Identity -> absolute sequence of its update in the region, once the region is long.
+    /// Identity -> absolute sequence of its update in the region, built once the region grew
+    /// past [`SCAN_LIMIT`] and kept (entries removed as they are sent) until the next barrier
+    /// or until the queue drains.
     // Boxed on purpose: `None` is 8 bytes in every connection, an empty `HashMap` 48.
     #[allow(clippy::box_collection)]
     index: Option<Box<HashMap<Arc<str>, u64>>>,
@@ -180,6 +187,8 @@ struct Inner {
     close: Option<CloseCode>,
     /// A deadline of the connection's session has come (see [`Outbox::wake_timer`]).
     timer_due: bool,
+    /// The connection's socket may have something to read (see [`Outbox::wake_read`]).
+    read_due: bool,
 }
 
 impl Inner {
@@ -266,6 +275,15 @@ impl Inner {
     }
 }
 
+/// What woke a connection's session besides its queue (see [`Outbox::take_events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Events {
+    /// A deadline it registered with the shared timers has come.
+    pub timer: bool,
+    /// Its socket may have something to read.
+    pub read: bool,
+}
+
 /// Counts what the outbox did, for the engine's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -322,6 +340,7 @@ impl Outbox {
 
     /// Queues a user update, coalescing it with a still-queued update of the same user.
     pub fn push_update(&self, identity: &Arc<str>, update: &Arc<Update>) -> PushOutcome {
+        debug_assert_eq!(**identity, *update.user.identity, "the update's own user");
         let mut inner = self.lock();
         if inner.close.is_some() {
             return PushOutcome::Dropped;
@@ -355,9 +374,10 @@ impl Outbox {
             frame: Box::new(frame),
             sealed: false,
             awaiting: 0,
+            size: SLOT_SIZE as u32,
         };
         let mut inner = self.lock();
-        let slot = inner.push(item, 256, self.max_bytes).map(SlotId);
+        let slot = inner.push(item, SLOT_SIZE, self.max_bytes).map(SlotId);
         inner.barrier();
         slot
     }
@@ -367,12 +387,14 @@ impl Outbox {
     /// (the slot ends the mergeable region when reserved).
     pub fn fill(&self, slot: SlotId, user: User) {
         let mut inner = self.lock();
-        inner.bytes += user.attributes.len() + 64;
-        if let Some(Item::Slot { frame, .. }) = inner.slot_mut(slot) {
+        let added = user.attributes.len() + 64;
+        if let Some(Item::Slot { frame, size, .. }) = inner.slot_mut(slot) {
+            *size = size.saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
             match &mut **frame {
                 SlotFrame::Welcome { user: u, .. } => *u = Some(user),
                 SlotFrame::Subscribed { users, .. } => users.push(user),
             }
+            inner.bytes += added;
         }
     }
 
@@ -431,17 +453,27 @@ impl Outbox {
         inner.wake();
     }
 
-    /// Whether [`Outbox::wake_timer`] was called since the last call; if not, `waker` is
-    /// woken by the next one (or by the next item or close, as with [`Outbox::pop`]).
-    pub fn take_timer(&self, waker: &Waker) -> bool {
+    /// Tells the connection's session that its socket may have something to read, waking its
+    /// task. The session polls the socket's reads with the connection as waker (see `Conn`'s
+    /// `Wake`), so a wake-up that only the queue caused does not poll the read side.
+    pub fn wake_read(&self) {
         let mut inner = self.lock();
-        if std::mem::take(&mut inner.timer_due) {
-            return true;
-        }
+        inner.read_due = true;
+        inner.wake();
+    }
+
+    /// Takes what [`Outbox::wake_timer`] and [`Outbox::wake_read`] reported since the last
+    /// call, and registers `waker` to be woken by the next of those (or by the next item or
+    /// close, as with [`Outbox::pop`]).
+    pub fn take_events(&self, waker: &Waker) -> Events {
+        let mut inner = self.lock();
         if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             inner.waker = Some(waker.clone());
         }
-        false
+        Events {
+            timer: std::mem::take(&mut inner.timer_due),
+            read: std::mem::take(&mut inner.read_due),
+        }
     }
 
     /// The close requested so far, if any.
@@ -498,9 +530,9 @@ impl Outbox {
                 };
                 (bytes, update.approx_size())
             }
-            Item::Slot { frame, .. } => {
+            Item::Slot { frame, size, .. } => {
                 let frame = (*frame).into_frame();
-                (encode(&frame, self.encoding), 256)
+                (encode(&frame, self.encoding), size as usize)
             }
         };
         inner.bytes = inner.bytes.saturating_sub(size);
@@ -707,6 +739,140 @@ mod tests {
         assert_eq!(
             outbox.push_bytes(Bytes::from_static(b"x")),
             PushOutcome::Dropped
+        );
+    }
+
+    #[test]
+    fn read_and_timer_events_wake_the_task_and_are_taken_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(Arc::clone(&count));
+        assert_eq!(outbox.take_events(&waker), Events::default());
+        outbox.wake_read();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the registered task is woken"
+        );
+        outbox.wake_timer();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "a wake-up takes the waker: one per registration"
+        );
+        let events = outbox.take_events(&waker);
+        assert_eq!(
+            events,
+            Events {
+                timer: true,
+                read: true
+            }
+        );
+        assert_eq!(outbox.take_events(&waker), Events::default(), "taken once");
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "take_events registered it again"
+        );
+    }
+
+    #[test]
+    fn updates_after_a_reserved_slot_queue_behind_it_and_merge_there() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let bob: Arc<str> = Arc::from("bob");
+        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
+        let before = Update::new(user("bob", true), reason);
+        assert_eq!(outbox.push_update(&bob, &before), PushOutcome::Queued);
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 3,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        // Published between the reservation and the fill (bob's lock is taken by each).
+        let off = Update::new(user("bob", false), reason);
+        assert_eq!(outbox.push_update(&bob, &off), PushOutcome::Queued);
+        outbox.fill(slot, user("bob", false));
+        outbox.seal(slot);
+        let on = Update::new(user("bob", true), reason);
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
+        let frames = drain(&outbox);
+        assert_eq!(frames.len(), 3);
+        assert!(
+            matches!(&frames[0], ServerFrame::UserUpdated { user, .. } if user.is_online == Some(true))
+        );
+        assert!(
+            matches!(&frames[1], ServerFrame::Subscribed { id: 3, users, .. } if users[0].is_online == Some(false))
+        );
+        assert!(
+            matches!(&frames[2], ServerFrame::UserUpdated { user, .. } if user.is_online == Some(true)),
+            "the latest state comes last"
+        );
+    }
+
+    #[test]
+    fn a_frame_after_a_long_queue_ends_merging_into_it() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
+        let ids: Vec<Arc<str>> = (0..=SCAN_LIMIT + 1)
+            .map(|i| Arc::from(format!("u{i}")))
+            .collect();
+        for id in &ids {
+            outbox.push_update(id, &Update::new(user(id, true), reason));
+        }
+        assert!(
+            outbox.lock().mergeable.index.is_some(),
+            "past the scan limit"
+        );
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        assert!(
+            outbox.lock().mergeable.index.is_none(),
+            "the frame drops it"
+        );
+        for id in &ids {
+            let u = Update::new(user(id, false), reason);
+            assert_eq!(outbox.push_update(id, &u), PushOutcome::Queued, "{id}");
+        }
+        for id in &ids {
+            let u = Update::new(user(id, true), reason);
+            assert_eq!(outbox.push_update(id, &u), PushOutcome::Coalesced, "{id}");
+        }
+        assert_eq!(drain(&outbox).len(), 2 * ids.len() + 1);
+    }
+
+    #[test]
+    fn a_filled_slot_gives_back_the_bytes_it_was_counted_for() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 2,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        let mut big = user("bob", true);
+        big.attributes = format!("{{\"bio\":\"{}\"}}", "x".repeat(10_000));
+        outbox.fill(slot, big);
+        outbox.seal(slot);
+        outbox.push_frame(&ServerFrame::Pong { id: 3 });
+        let last = encode(&ServerFrame::Pong { id: 3 }, Encoding::Json).len() + 32;
+        assert!(outbox.pop(Waker::noop()).is_some());
+        assert!(outbox.pop(Waker::noop()).is_some());
+        assert_eq!(
+            outbox.lock().bytes,
+            last,
+            "only the last pong is still counted"
         );
     }
 

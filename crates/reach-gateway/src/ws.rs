@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Router;
@@ -598,6 +598,9 @@ struct Session {
     expires_at: Instant,
     warn_at: Option<Instant>,
     bye: bool,
+    /// The socket's read side must be polled: it has not returned `Pending` since it was last
+    /// woken (reads are polled with the connection as waker, see `next_io`).
+    must_read: bool,
 }
 
 impl Session {
@@ -684,6 +687,7 @@ impl Session {
             expires_at: now,
             warn_at: None,
             bye: false,
+            must_read: true,
             push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
             token_expires_at: grant.expires_at,
         };
@@ -761,7 +765,10 @@ impl Session {
 
     /// The socket's next event, all in one future over one unsplit stream: first writes what
     /// the outbox holds while the socket takes it (flushed once per batch), then arms the
-    /// shared timer for the next deadline and checks whether it fired, then reads.
+    /// shared timer for the next deadline and checks whether it fired, then reads. Reads are
+    /// polled with the connection as waker (`Conn` is `Wake`): their readiness reaches the
+    /// task through the outbox as a read event, so a wake-up for writes alone (every
+    /// delivery) does not poll the read side again.
     fn next_io<'a>(
         &'a mut self,
         ws: &'a mut Socket,
@@ -772,10 +779,22 @@ impl Session {
                 return Poll::Ready(Io::Closing(r));
             }
             self.arm(w);
-            if self.conn.outbox.take_timer(cx.waker()) {
+            let events = self.conn.outbox.take_events(cx.waker());
+            self.must_read |= events.read;
+            if events.timer {
                 return Poll::Ready(Io::Timer);
             }
-            ws.poll_next_unpin(cx).map(Io::Read)
+            if !self.must_read {
+                return Poll::Pending;
+            }
+            let waker = Waker::from(Arc::clone(&self.conn));
+            match ws.poll_next_unpin(&mut Context::from_waker(&waker)) {
+                Poll::Pending => {
+                    self.must_read = false;
+                    Poll::Pending
+                }
+                read => read.map(Io::Read),
+            }
         })
     }
 
