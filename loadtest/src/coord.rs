@@ -3,6 +3,7 @@
 //! Against a peer server (`--target pusher|mqtt`) there is no reachd to start, no service to
 //! create and no `/metrics` to read: deliveries are what the workers received.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -342,6 +343,8 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = sample();
 
+    // Not on a terminal (CI logs, `2> file`) the bar draws nothing: plain lines instead.
+    let plain_progress = !args.quiet && !std::io::stderr().is_terminal();
     let pb = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -515,11 +518,15 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
                     server_cpu_pct: cpu_pct,
                     server_rss_mib: rss as f64 / 1048576.0,
                 };
-                pb.set_message(format!(
+                let progress = format!(
                     "{} | ready {} / {} | conn/s {} | deliveries/s {} | p99 {:.2} ms | server {:.0} MiB, {:.0}% CPU | errors {}",
                     p.phase, p.sockets_in, scenario.sockets, p.connects_per_s, p.deliveries_per_s,
                     p.p99_ms, p.server_rss_mib, p.server_cpu_pct, s.errors
-                ));
+                );
+                if plain_progress && series.len().is_multiple_of(5) {
+                    eprintln!("[{t:.0} s] {progress}");
+                }
+                pb.set_message(progress);
                 pb.tick();
                 series.push(p);
                 if t_start.elapsed() > limit {

@@ -53,49 +53,70 @@ enum Command {
 /// Scenario fields that flags override.
 #[derive(Args, Debug, Default)]
 pub struct Overrides {
+    /// Scenario kind: idle, rooms, storm or fanout.
     #[arg(long)]
     kind: Option<Kind>,
+    /// Name in the results (and the default results folder).
     #[arg(long)]
     name: Option<String>,
+    /// Sockets (= users) in total, over all workers.
     #[arg(long)]
     sockets: Option<u32>,
+    /// Ring topology (idle, storm): subscriptions per socket.
     #[arg(long)]
     subs: Option<u32>,
+    /// Rooms topology: users per room (each watches the others).
     #[arg(long)]
     room_size: Option<u32>,
+    /// Fanout: users that flap, each watched by all the others.
     #[arg(long)]
     flappers: Option<u32>,
+    /// Fanout: flap cycles (bye, rejoin) per second, over all flappers.
     #[arg(long)]
     flaps_per_s: Option<f64>,
+    /// Rooms: leave+rejoin cycles per second, over all workers.
     #[arg(long)]
     churn_per_s: Option<f64>,
     /// Weights of the ways to leave in `rooms`: BYE,ABRUPT,SILENT (e.g. 0.8,0.2,0; missing
     /// weights are 0).
     #[arg(long, value_delimiter = ',', value_name = "BYE,ABRUPT,SILENT")]
     mix: Option<Vec<f64>>,
+    /// Time between a bye and the rejoin (ms).
     #[arg(long)]
     rejoin_ms: Option<u64>,
+    /// Time between an abrupt close and the rejoin (ms): under offline_grace - 500 the close
+    /// must stay invisible, over offline_grace + 500 it must be seen.
     #[arg(long)]
     abrupt_rejoin_ms: Option<u64>,
+    /// Length of the active phase (s).
     #[arg(long)]
     hold_s: Option<f64>,
+    /// Quiet time after the active phase before final views are checked (s).
     #[arg(long)]
     settle_s: Option<f64>,
+    /// New connections per second during the initial ramp (0: as fast as possible).
     #[arg(long)]
     connect_per_s: Option<f64>,
+    /// Connections in flight at once per worker during the ramp.
     #[arg(long)]
     connect_concurrency: Option<u32>,
+    /// Worker processes (each holds sockets / workers; keep that under 19,000).
     #[arg(long)]
     workers: Option<u32>,
+    /// Source addresses 127.0.<worker+1>.<1..=n> per worker.
     #[arg(long)]
     source_ips: Option<u32>,
     /// msgpack or json.
     #[arg(long)]
     encoding: Option<String>,
+    /// How long a socket waits for one reply (welcome, subscribed, ...) before counting an
+    /// error (s).
     #[arg(long)]
     reply_timeout_s: Option<f64>,
+    /// Offline grace the harness assumes (must match the server's).
     #[arg(long)]
     offline_grace_ms: Option<u64>,
+    /// Heartbeat timeout the harness assumes (must match the server's).
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
 }
@@ -195,10 +216,11 @@ pub struct RunArgs {
     /// loadtest/results/<name>-<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// No progress bar.
+    /// No progress bar (on a terminal) or progress lines every 5 s (otherwise).
     #[arg(long)]
     pub quiet: bool,
-    /// Exit non-zero unless errors, unexpected closes, missed and spurious notifications are 0.
+    /// Exit with code 3 unless errors, unexpected closes, missed and spurious notifications
+    /// are all 0.
     #[arg(long)]
     pub strict: bool,
 }
