@@ -1115,3 +1115,62 @@ async fn long_messages_are_fragmented_on_the_wire_and_reassemble() {
         }
     }
 }
+
+/// Frames a client sends behind `hello` in the same TCP write are all read and answered, and a
+/// socket that has only been written to for a while (deliveries) still reads what comes next:
+/// the server polls a socket's reads when it has something to read, not on every wake-up.
+#[tokio::test]
+async fn pipelined_frames_and_requests_after_deliveries_are_answered() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    create_user(&d, &svc, "alice").await;
+    create_user(&d, &svc, "carol").await;
+    let url = d.ws_url();
+    let mut bob = Ws::connect(&url, Some(Encoding::MsgPack)).await;
+    let pipelined = [
+        ClientFrame::Hello {
+            token: d.token(&svc, "bob"),
+            client: None,
+        },
+        ClientFrame::Subscribe {
+            id: 1,
+            identities: vec!["alice".into()],
+        },
+        ClientFrame::Ping { id: 2 },
+    ];
+    for f in &pipelined {
+        let msg = Message::Binary(reach_proto::encode(f, Encoding::MsgPack));
+        futures_util::SinkExt::feed(&mut bob.stream, msg)
+            .await
+            .unwrap();
+    }
+    futures_util::SinkExt::flush(&mut bob.stream).await.unwrap();
+    assert!(matches!(bob.recv().await, ServerFrame::Welcome { .. }));
+    match bob.recv().await {
+        ServerFrame::Subscribed { id: 1, users, .. } => {
+            assert_eq!(users.len(), 1);
+            assert_eq!(users[0].identity, "alice");
+        }
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 2 }));
+    // alice comes and goes: bob's socket is only written to meanwhile.
+    for _ in 0..3 {
+        let (mut alice, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+        assert_eq!(user_of(&bob.update_of("alice").await).is_online, Some(true));
+        alice.send(&ClientFrame::Bye).await;
+        assert_eq!(alice.closed().await.code, Some(1000));
+        assert_eq!(
+            user_of(&bob.update_of("alice").await).is_online,
+            Some(false)
+        );
+    }
+    assert!(matches!(
+        bob.request(ClientFrame::Ping { id: 3 }).await,
+        ServerFrame::Pong { id: 3 }
+    ));
+    assert!(matches!(
+        subscribe(&mut bob, 4, &["carol"]).await,
+        ServerFrame::Subscribed { id: 4, users, .. } if users.len() == 1
+    ));
+}
