@@ -576,6 +576,14 @@ mod tests {
         }
     }
 
+    /// A presence change of `identity` (reason `reachabilityOnline`).
+    fn presence(identity: &str, online: bool) -> Arc<Update> {
+        Update::new(
+            user(identity, online),
+            Reasons::of(UpdateReason::ReachabilityOnline),
+        )
+    }
+
     fn drain(outbox: &Outbox) -> Vec<ServerFrame> {
         let mut out = Vec::new();
         while let Some(Outgoing::Message(b)) = outbox.pop(Waker::noop()) {
@@ -589,14 +597,8 @@ mod tests {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
         let carol: Arc<str> = Arc::from("carol");
-        let u1 = Update::new(
-            user("bob", true),
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
-        let u2 = Update::new(
-            user("carol", true),
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
+        let u1 = presence("bob", true);
+        let u2 = presence("carol", true);
         let mut u3u = user("bob", false);
         u3u.friendly_name = Some("Bob".into());
         let u3 = Update::new(u3u, Reasons::of(UpdateReason::FriendlyName));
@@ -625,14 +627,8 @@ mod tests {
     fn a_frame_queued_after_an_update_stops_it_from_being_replaced() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
-        let on = Update::new(
-            user("bob", true),
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
-        let off = Update::new(
-            user("bob", false),
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
+        let on = presence("bob", true);
+        let off = presence("bob", false);
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
         outbox.push_frame(&ServerFrame::Pong { id: 1 });
         assert_eq!(outbox.push_update(&bob, &off), PushOutcome::Queued);
@@ -653,9 +649,8 @@ mod tests {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let n = SCAN_LIMIT * 3;
         let ids: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("u{i}"))).collect();
-        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
         for id in &ids {
-            let u = Update::new(user(id, true), reason);
+            let u = presence(id, true);
             assert_eq!(outbox.push_update(id, &u), PushOutcome::Queued);
         }
         // Send a few, so the index's sequences must be read against a moved head.
@@ -663,7 +658,7 @@ mod tests {
             assert!(outbox.pop(Waker::noop()).is_some());
         }
         for (i, id) in ids.iter().enumerate() {
-            let u = Update::new(user(id, false), reason);
+            let u = presence(id, false);
             let expected = if i < 5 {
                 PushOutcome::Queued
             } else {
@@ -694,10 +689,7 @@ mod tests {
     fn writer_waits_for_an_unsealed_slot_and_updates_queue_behind_it() {
         let outbox = Outbox::new(Encoding::MsgPack, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
-        let old = Update::new(
-            user("bob", false),
-            Reasons::of(UpdateReason::ReachabilityOnline),
-        );
+        let old = presence("bob", false);
         outbox.push_update(&bob, &old);
         let slot = outbox
             .reserve(SlotFrame::Subscribed {
@@ -789,8 +781,7 @@ mod tests {
     fn updates_after_a_reserved_slot_queue_behind_it_and_merge_there() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
-        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
-        let before = Update::new(user("bob", true), reason);
+        let before = presence("bob", true);
         assert_eq!(outbox.push_update(&bob, &before), PushOutcome::Queued);
         let slot = outbox
             .reserve(SlotFrame::Subscribed {
@@ -800,11 +791,11 @@ mod tests {
             })
             .unwrap();
         // Published between the reservation and the fill (bob's lock is taken by each).
-        let off = Update::new(user("bob", false), reason);
+        let off = presence("bob", false);
         assert_eq!(outbox.push_update(&bob, &off), PushOutcome::Queued);
         outbox.fill(slot, user("bob", false));
         outbox.seal(slot);
-        let on = Update::new(user("bob", true), reason);
+        let on = presence("bob", true);
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
         let frames = drain(&outbox);
         assert_eq!(frames.len(), 3);
@@ -823,12 +814,11 @@ mod tests {
     #[test]
     fn a_frame_after_a_long_queue_ends_merging_into_it() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
-        let reason = Reasons::of(UpdateReason::ReachabilityOnline);
         let ids: Vec<Arc<str>> = (0..=SCAN_LIMIT + 1)
             .map(|i| Arc::from(format!("u{i}")))
             .collect();
         for id in &ids {
-            outbox.push_update(id, &Update::new(user(id, true), reason));
+            outbox.push_update(id, &presence(id, true));
         }
         assert!(
             outbox.lock().mergeable.index.is_some(),
@@ -840,11 +830,11 @@ mod tests {
             "the frame drops it"
         );
         for id in &ids {
-            let u = Update::new(user(id, false), reason);
+            let u = presence(id, false);
             assert_eq!(outbox.push_update(id, &u), PushOutcome::Queued, "{id}");
         }
         for id in &ids {
-            let u = Update::new(user(id, true), reason);
+            let u = presence(id, true);
             assert_eq!(outbox.push_update(id, &u), PushOutcome::Coalesced, "{id}");
         }
         assert_eq!(drain(&outbox).len(), 2 * ids.len() + 1);

@@ -1176,7 +1176,7 @@ fn poll_write(
     conn: &Conn,
     w: &mut WriteState,
     app: &App,
-    cx: &mut std::task::Context<'_>,
+    cx: &mut Context<'_>,
 ) -> Poll<Result<CloseCode, tungstenite::Error>> {
     let encoding = conn.outbox.encoding();
     loop {
@@ -1220,7 +1220,7 @@ fn poll_write(
 fn flush_dirty(
     ws: &mut Socket,
     w: &mut WriteState,
-    cx: &mut std::task::Context<'_>,
+    cx: &mut Context<'_>,
 ) -> Poll<Result<(), tungstenite::Error>> {
     if !w.dirty {
         return Poll::Ready(Ok(()));
