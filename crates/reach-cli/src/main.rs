@@ -105,12 +105,16 @@ fn main() -> ExitCode {
                 identity: &identity,
                 ttl_s: ttl,
             };
-            if let Err(e) = spec.validate() {
-                eprintln!("reach: {e}");
-                return ExitCode::from(watch::EXIT_USAGE);
+            match spec.mint(now_unix()) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("reach: {e}");
+                    ExitCode::from(watch::EXIT_USAGE)
+                }
             }
-            println!("{}", spec.mint(now_unix()));
-            ExitCode::SUCCESS
         }
         Command::Watch {
             url,

@@ -1,14 +1,14 @@
 //! `reach token`: mints an access token the way the helper libraries' `AccessToken` +
-//! `ChatGrant` do (and `reachd token`, `reach_gateway::auth::mint_token`): a JWT signed HS256
-//! with the API key's secret, header `{"typ":"JWT","alg":"HS256","cty":"twilio-fpa;v=1"}`,
-//! claims `jti` = `<key SID>-<now>`, `iss`, `sub`, `exp`, `grants` = `{identity, chat}`.
+//! `ChatGrant` do (and `reachd token`): `reach_proto::token`, after checking every option.
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reach_proto::sid::SidError;
+use reach_proto::token::{AccessToken, MAX_LIFETIME_S};
+use reach_proto::{AccountSid, ApiKeySid, ServiceSid};
 
 /// Longest lifetime the gateway accepts.
-pub const MAX_TTL_S: i64 = 24 * 3600;
+pub const MAX_TTL_S: i64 = MAX_LIFETIME_S;
 
-/// What a token is minted from.
+/// What a token is minted from, as given on the command line.
 #[derive(Debug, Clone)]
 pub struct TokenSpec<'a> {
     pub account_sid: &'a str,
@@ -19,30 +19,15 @@ pub struct TokenSpec<'a> {
     pub ttl_s: i64,
 }
 
-/// True for two given uppercase letters followed by 32 lowercase hex digits.
-fn is_sid(s: &str, prefix: &str) -> bool {
-    s.len() == 34
-        && s.starts_with(prefix)
-        && s[2..]
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-}
-
 impl TokenSpec<'_> {
-    /// Checks every input, naming the option at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        let sid = |value: &str, option: &str, prefix: &str| {
-            if is_sid(value, prefix) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{option} must be {prefix} followed by 32 lowercase hex digits, got {value:?}"
-                ))
-            }
-        };
-        sid(self.account_sid, "--account", "AC")?;
-        sid(self.key_sid, "--key", "SK")?;
-        sid(self.service_sid, "--service", "IS")?;
+    /// Checks every input, naming the option at fault; the token to sign.
+    pub fn validate(&self) -> Result<AccessToken, String> {
+        fn named(option: &'static str) -> impl Fn(SidError) -> String {
+            move |e| format!("{option} {e}")
+        }
+        let account_sid = AccountSid::parse(self.account_sid).map_err(named("--account"))?;
+        let api_key_sid = ApiKeySid::parse(self.key_sid).map_err(named("--key"))?;
+        let service_sid = ServiceSid::parse(self.service_sid).map_err(named("--service"))?;
         if self.secret.is_empty() {
             return Err("--secret must not be empty".into());
         }
@@ -55,37 +40,25 @@ impl TokenSpec<'_> {
                 self.ttl_s
             ));
         }
-        Ok(())
+        Ok(AccessToken {
+            account_sid,
+            api_key_sid,
+            service_sid,
+            identity: self.identity.to_owned(),
+            ttl_s: self.ttl_s,
+        })
     }
 
     /// The signed token, valid from `now` (unix seconds) for `ttl_s` seconds.
-    pub fn mint(&self, now: i64) -> String {
-        let mut header = Header::new(Algorithm::HS256);
-        header.typ = Some("JWT".into());
-        header.cty = Some("twilio-fpa;v=1".into());
-        let claims = serde_json::json!({
-            "jti": format!("{}-{now}", self.key_sid),
-            "iss": self.key_sid,
-            "sub": self.account_sid,
-            "exp": now + self.ttl_s,
-            "grants": {
-                "identity": self.identity,
-                "chat": {"service_sid": self.service_sid},
-            },
-        });
-        jsonwebtoken::encode(
-            &header,
-            &claims,
-            &EncodingKey::from_secret(self.secret.as_bytes()),
-        )
-        .expect("HS256 encoding cannot fail")
+    pub fn mint(&self, now: i64) -> Result<String, String> {
+        Ok(self.validate()?.mint(self.secret, now))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{DecodingKey, Validation};
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
     const AC: &str = "AC0123456789abcdef0123456789abcdef";
     const SK: &str = "SK0123456789abcdef0123456789abcdef";
@@ -104,7 +77,7 @@ mod tests {
 
     #[test]
     fn minted_tokens_have_the_helper_library_shape() {
-        let token = spec().mint(1_700_000_000);
+        let token = spec().mint(1_700_000_000).unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
         assert_eq!(header.alg, Algorithm::HS256);
         assert_eq!(header.typ.as_deref(), Some("JWT"));

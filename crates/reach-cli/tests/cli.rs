@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reach_gateway::auth::Credentials;
-use reach_gateway::{App, Config, app};
+use reach_gateway::{Config, server};
 use reach_store::sqlite::SqliteStore;
 
 const ACCOUNT_SID: &str = "AC11111111111111111111111111111111";
@@ -76,11 +76,11 @@ account_sid = "{ACCOUNT_SID}"
                 .await
                 .unwrap();
             let creds = Credentials::new(&config.accounts, &config.api_keys);
-            let public = app::bind(config.server.listen, 128).unwrap();
-            let admin = app::bind(config.server.admin_listen, 128).unwrap();
+            let public = server::bind(config.server.listen, 128).unwrap();
+            let admin = server::bind(config.server.admin_listen, 128).unwrap();
             let addr = public.local_addr().unwrap();
-            let app = App::new(config, creds, Arc::new(store)).await.unwrap();
-            tokio::spawn(app::run(app, public, admin, std::future::pending()));
+            let app = server::start(config, creds, Arc::new(store)).await.unwrap();
+            tokio::spawn(server::run(app, public, admin, std::future::pending()));
             addr
         });
         Gateway {

@@ -22,4 +22,4 @@ pub use engine::{
     UserKey, is_notifiable_flag, is_online_flag,
 };
 pub use metrics::EngineMetrics;
-pub use outbox::{Events, Outbox, Outgoing, SlotFrame, SlotId, Update};
+pub use outbox::{Events, Outbox, Outgoing, SlotFrame, SlotGuard, SlotId, Update};

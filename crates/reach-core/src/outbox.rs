@@ -292,6 +292,27 @@ pub enum PushOutcome {
     Dropped,
 }
 
+/// A reserved slot that is sealed when the guard is dropped (from
+/// [`Outbox::reserve_guarded`]). The engine's calls take its [`SlotGuard::id`].
+#[derive(Debug)]
+#[must_use = "dropping the guard seals the slot at once"]
+pub struct SlotGuard<'a> {
+    outbox: &'a Outbox,
+    slot: SlotId,
+}
+
+impl SlotGuard<'_> {
+    pub fn id(&self) -> SlotId {
+        self.slot
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.outbox.seal(self.slot);
+    }
+}
+
 /// A connection's queue of outgoing frames. See the module doc.
 #[derive(Debug)]
 pub struct Outbox {
@@ -380,6 +401,14 @@ impl Outbox {
         let slot = inner.push(item, SLOT_SIZE, self.max_bytes).map(SlotId);
         inner.barrier();
         slot
+    }
+
+    /// Reserves a slot as [`Outbox::reserve`] does, held by a guard that seals it when
+    /// dropped: every way out of the code that fills it, early returns and errors included,
+    /// releases the writer waiting behind it.
+    pub fn reserve_guarded(&self, frame: SlotFrame) -> Option<SlotGuard<'_>> {
+        self.reserve(frame)
+            .map(|slot| SlotGuard { outbox: self, slot })
     }
 
     /// Puts a user into a reserved slot. Called under the presence map's lock for that user;
@@ -621,6 +650,37 @@ mod tests {
         }
         // After the first was sent, a new update is queued again, not merged.
         assert_eq!(outbox.push_update(&bob, &u1), PushOutcome::Queued);
+    }
+
+    #[test]
+    fn a_guarded_slot_is_sealed_on_every_way_out() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let fill = |fail: bool| -> Result<(), ()> {
+            let slot = outbox
+                .reserve_guarded(SlotFrame::Subscribed {
+                    id: 7,
+                    users: vec![],
+                    errors: vec![],
+                })
+                .unwrap();
+            if fail {
+                return Err(());
+            }
+            outbox.fill(slot.id(), user("bob", true));
+            Ok(())
+        };
+        assert!(fill(true).is_err());
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        assert!(fill(false).is_ok());
+        let frames = drain(&outbox);
+        assert!(
+            matches!(&frames[..], [
+                ServerFrame::Subscribed { id: 7, users: a, .. },
+                ServerFrame::Pong { id: 1 },
+                ServerFrame::Subscribed { id: 7, users: b, .. },
+            ] if a.is_empty() && b.len() == 1),
+            "{frames:?}"
+        );
     }
 
     #[test]

@@ -9,11 +9,11 @@ use reach_gateway::config::{AccountConfig, ApiKeyConfig};
 fn bench(c: &mut Criterion) {
     // Test fixtures, not secrets.
     let account = AccountConfig {
-        sid: "AC0123456789abcdef0123456789abcdef".into(),
+        sid: "AC0123456789abcdef0123456789abcdef".parse().unwrap(),
         auth_token: "bench-fixture-auth-token".into(),
     };
     let key = ApiKeyConfig {
-        sid: "SK0123456789abcdef0123456789abcdef".into(),
+        sid: "SK0123456789abcdef0123456789abcdef".parse().unwrap(),
         secret: "bench-fixture-key-secret".into(),
         account_sid: account.sid.clone(),
     };
@@ -21,7 +21,7 @@ fn bench(c: &mut Criterion) {
     let now = 1_800_000_000;
     let token = mint_token(
         &key,
-        "IS0123456789abcdef0123456789abcdef",
+        &"IS0123456789abcdef0123456789abcdef".parse().unwrap(),
         "alice",
         3600,
         now,

@@ -11,8 +11,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use reach_proto::ErrorCode;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use reach_proto::token::{AccessToken, Claims};
+use reach_proto::{AccountSid, ApiKeySid, ErrorCode, ServiceSid, sid::looks_like_sid};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AccountConfig, ApiKeyConfig, Config};
@@ -20,20 +21,17 @@ use crate::config::{AccountConfig, ApiKeyConfig, Config};
 /// Longest identity accepted in a token (and in `subscribe`).
 pub const MAX_IDENTITY_LEN: usize = 256;
 
-/// Longest lifetime accepted for an access token.
-pub const MAX_TOKEN_LIFETIME_S: i64 = 24 * 3600;
-
 /// The accounts and API keys this gateway knows.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
-    accounts: HashMap<String, String>,
+    accounts: HashMap<String, AccountConfig>,
     keys: HashMap<String, ApiKeyConfig>,
 }
 
 /// The principal a REST request authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    pub account_sid: String,
+    pub account_sid: AccountSid,
 }
 
 impl Credentials {
@@ -41,9 +39,12 @@ impl Credentials {
         Credentials {
             accounts: accounts
                 .iter()
-                .map(|a| (a.sid.clone(), a.auth_token.clone()))
+                .map(|a| (a.sid.to_string(), a.clone()))
                 .collect(),
-            keys: keys.iter().map(|k| (k.sid.clone(), k.clone())).collect(),
+            keys: keys
+                .iter()
+                .map(|k| (k.sid.to_string(), k.clone()))
+                .collect(),
         }
     }
 
@@ -57,9 +58,9 @@ impl Credentials {
             .ok()?;
         let decoded = String::from_utf8(decoded).ok()?;
         let (user, password) = decoded.split_once(':')?;
-        if let Some(token) = self.accounts.get(user) {
-            return constant_time_eq(token, password).then(|| Principal {
-                account_sid: user.to_owned(),
+        if let Some(account) = self.accounts.get(user) {
+            return constant_time_eq(&account.auth_token, password).then(|| Principal {
+                account_sid: account.sid.clone(),
             });
         }
         let key = self.keys.get(user)?;
@@ -143,37 +144,6 @@ impl TokenError {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct ChatGrant {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    service_sid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    endpoint_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    push_credential_sid: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Grants {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    identity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    chat: Option<ChatGrant>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ip_messaging: Option<ChatGrant>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Claims {
-    jti: String,
-    iss: String,
-    sub: String,
-    exp: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    nbf: Option<i64>,
-    grants: Grants,
-}
-
 #[derive(Debug, Deserialize)]
 struct IssuerOnly {
     iss: Option<String>,
@@ -182,10 +152,10 @@ struct IssuerOnly {
 /// What a verified token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenGrant {
-    pub api_key_sid: String,
-    pub account_sid: String,
+    pub api_key_sid: ApiKeySid,
+    pub account_sid: AccountSid,
     pub identity: String,
-    pub service_sid: String,
+    pub service_sid: ServiceSid,
     pub push_credential_sid: Option<String>,
     pub expires_at: i64,
 }
@@ -220,13 +190,13 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
     if claims.exp <= now {
         return Err(TokenError::Expired);
     }
-    if claims.exp > now + MAX_TOKEN_LIFETIME_S {
+    if claims.exp > now + reach_proto::token::MAX_LIFETIME_S {
         return Err(TokenError::TooLong);
     }
     if claims.nbf.is_some_and(|nbf| nbf > now) {
         return Err(TokenError::NotYetValid);
     }
-    if claims.sub != key.account_sid {
+    if key.account_sid != claims.sub {
         return Err(TokenError::WrongAccount);
     }
     let identity = claims
@@ -234,7 +204,7 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
         .identity
         .filter(|i| !i.is_empty())
         .ok_or(TokenError::Grant)?;
-    if reach_store::looks_like_sid(&identity) || identity.len() > MAX_IDENTITY_LEN {
+    if looks_like_sid(&identity) || identity.len() > MAX_IDENTITY_LEN {
         return Err(TokenError::BadIdentity);
     }
     let chat = claims
@@ -244,7 +214,7 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
         .ok_or(TokenError::Grant)?;
     let service_sid = chat
         .service_sid
-        .filter(|s| s.starts_with("IS") && reach_store::looks_like_sid(s))
+        .and_then(|s| ServiceSid::parse(&s).ok())
         .ok_or(TokenError::Grant)?;
     Ok(TokenGrant {
         api_key_sid: key.sid.clone(),
@@ -256,39 +226,22 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
     })
 }
 
-/// Mints a token as the helper libraries' `AccessToken` + `ChatGrant` do.
+/// Mints a token as the helper libraries' `AccessToken` + `ChatGrant` do, signed with `key`.
 pub fn mint_token(
     key: &ApiKeyConfig,
-    service_sid: &str,
+    service_sid: &ServiceSid,
     identity: &str,
     ttl_s: i64,
     now: i64,
 ) -> String {
-    let mut header = Header::new(Algorithm::HS256);
-    header.typ = Some("JWT".into());
-    header.cty = Some("twilio-fpa;v=1".into());
-    let claims = Claims {
-        jti: format!("{}-{now}", key.sid),
-        iss: key.sid.clone(),
-        sub: key.account_sid.clone(),
-        exp: now + ttl_s,
-        nbf: None,
-        grants: Grants {
-            identity: Some(identity.to_owned()),
-            chat: Some(ChatGrant {
-                service_sid: Some(service_sid.to_owned()),
-                endpoint_id: None,
-                push_credential_sid: None,
-            }),
-            ip_messaging: None,
-        },
-    };
-    jsonwebtoken::encode(
-        &header,
-        &claims,
-        &EncodingKey::from_secret(key.secret.as_bytes()),
-    )
-    .expect("HS256 encoding cannot fail")
+    AccessToken {
+        account_sid: key.account_sid.clone(),
+        api_key_sid: key.sid.clone(),
+        service_sid: service_sid.clone(),
+        identity: identity.to_owned(),
+        ttl_s,
+    }
+    .mint(&key.secret, now)
 }
 
 /// Account and API key generated on first start, kept in the data folder.
@@ -314,14 +267,14 @@ impl GeneratedCredentials {
 
     /// Generates a new account and API key and writes them (mode 0600) atomically.
     pub fn generate(path: &Path) -> std::io::Result<GeneratedCredentials> {
-        let account_sid = reach_store::new_sid("AC");
+        let account_sid = AccountSid::generate();
         let creds = GeneratedCredentials {
             account: AccountConfig {
                 sid: account_sid.clone(),
                 auth_token: random_secret(),
             },
             api_key: ApiKeyConfig {
-                sid: reach_store::new_sid("SK"),
+                sid: ApiKeySid::generate(),
                 secret: random_secret(),
                 account_sid,
             },
@@ -374,16 +327,17 @@ fn random_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
 
     const NOW: i64 = 1_800_000_000;
 
     fn creds() -> (Credentials, ApiKeyConfig) {
         let account = AccountConfig {
-            sid: "AC0123456789abcdef0123456789abcdef".into(),
+            sid: "AC0123456789abcdef0123456789abcdef".parse().unwrap(),
             auth_token: "test-fixture-auth-token".into(),
         };
         let key = ApiKeyConfig {
-            sid: "SK0123456789abcdef0123456789abcdef".into(),
+            sid: "SK0123456789abcdef0123456789abcdef".parse().unwrap(),
             secret: "test-fixture-secret".into(),
             account_sid: account.sid.clone(),
         };
@@ -419,7 +373,7 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let (c, key) = creds();
-        let t = mint_token(&key, SVC, "alice", 3600, NOW);
+        let t = mint_token(&key, &SVC.parse().unwrap(), "alice", 3600, NOW);
         let g = verify_token(&c, &t, NOW).unwrap();
         assert_eq!(
             (g.identity.as_str(), g.service_sid.as_str(), g.expires_at),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use reach_proto::{AccountSid, ApiKeySid};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
@@ -192,11 +193,12 @@ impl Default for LogConfig {
     }
 }
 
-/// An account and its auth token (HTTP Basic user and password).
+/// An account and its auth token (HTTP Basic user and password). A SID of the wrong shape is
+/// refused when the configuration is read.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
-    pub sid: String,
+    pub sid: AccountSid,
     pub auth_token: String,
 }
 
@@ -204,9 +206,9 @@ pub struct AccountConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
-    pub sid: String,
+    pub sid: ApiKeySid,
     pub secret: String,
-    pub account_sid: String,
+    pub account_sid: AccountSid,
 }
 
 /// A configuration that could not be loaded.
@@ -346,12 +348,6 @@ impl Config {
             ));
         }
         for (i, a) in self.accounts.iter().enumerate() {
-            if !is_sid(&a.sid, "AC") {
-                return Err(invalid(
-                    &format!("accounts[{i}].sid"),
-                    "must be AC followed by 32 lowercase hex digits",
-                ));
-            }
             if a.auth_token.len() < 16 {
                 return Err(invalid(
                     &format!("accounts[{i}].auth_token"),
@@ -360,12 +356,6 @@ impl Config {
             }
         }
         for (i, k) in self.api_keys.iter().enumerate() {
-            if !is_sid(&k.sid, "SK") {
-                return Err(invalid(
-                    &format!("api_keys[{i}].sid"),
-                    "must be SK followed by 32 lowercase hex digits",
-                ));
-            }
             if k.secret.len() < 16 {
                 return Err(invalid(
                     &format!("api_keys[{i}].secret"),
@@ -408,10 +398,6 @@ impl Config {
             _ => PathBuf::from("."),
         }
     }
-}
-
-fn is_sid(s: &str, prefix: &str) -> bool {
-    s.starts_with(prefix) && reach_store::looks_like_sid(s)
 }
 
 #[cfg(test)]
@@ -474,12 +460,29 @@ mod tests {
         assert!(e.contains("presence.heartbeat_timeout_ms"), "{e}");
         c = Config::default();
         c.api_keys.push(ApiKeyConfig {
-            sid: "SK00000000000000000000000000000000".into(),
+            sid: "SK00000000000000000000000000000000".parse().unwrap(),
             secret: "0123456789abcdef".into(),
-            account_sid: "AC00000000000000000000000000000000".into(),
+            account_sid: "AC00000000000000000000000000000000".parse().unwrap(),
         });
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("api_keys[0].account_sid"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_sid_in_the_file_is_refused_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reachd.toml");
+        std::fs::write(
+            &path,
+            "[[accounts]]\nsid = \"AC123\"\nauth_token = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("accounts.0.sid"), "{e}");
+        assert!(
+            e.contains("must be AC followed by 32 lowercase hex digits"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -492,13 +495,13 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("[[accounts]]"), "{e}");
         c.accounts.push(AccountConfig {
-            sid: "AC00000000000000000000000000000000".into(),
+            sid: "AC00000000000000000000000000000000".parse().unwrap(),
             auth_token: "0123456789abcdef".into(),
         });
         c.api_keys.push(ApiKeyConfig {
-            sid: "SK00000000000000000000000000000000".into(),
+            sid: "SK00000000000000000000000000000000".parse().unwrap(),
             secret: "0123456789abcdef".into(),
-            account_sid: "AC00000000000000000000000000000000".into(),
+            account_sid: "AC00000000000000000000000000000000".parse().unwrap(),
         });
         c.validate().unwrap();
         c.cluster.node_id = "node 1".into();

@@ -1,26 +1,41 @@
 //! `reachd`, the Reach gateway: one process that holds client WebSockets, serves the REST API
 //! and exposes operator endpoints.
 //!
-//! - [`config`]: layered configuration (defaults, file, `REACH_*` environment), validated.
-//! - [`auth`]: accounts, API keys, HTTP Basic, access tokens (verify and mint).
-//! - [`rest`]: the REST surface (Services, Configuration, Users, Bindings) over the store,
-//!   telling the engine about every change that subscribers must see.
-//! - [`ws`]: the WebSocket endpoint; one task per socket reads frames, runs requests against
-//!   the engine and the store, and writes what the connection's outbox holds.
-//! - [`app`]: shared state, listeners, draining. [`metrics`]: the Prometheus registry.
+//! # Layout
+//!
+//! - [`state`]: the state every handler shares ([`App`]): engine, store, backplane, metrics,
+//!   the service cache, the record-change fan-out and the REST/engine flag adapters.
+//! - Handlers, which depend on `state` and on nothing above it:
+//!   - [`ws`]: the WebSocket endpoint, one folder: upgrade, frames, hello, session, requests;
+//!   - [`rest`]: the REST API, one file per resource, with its error, extractors, JSON and
+//!     paging;
+//!   - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`sync`]: background tasks that keep the store and the other nodes in step (the online
+//!   record, record changes announced by other nodes).
+//! - [`server`]: assembles the app and its tasks, binds and routes the listeners, serves them
+//!   and drains. Only the server depends on the handlers; nothing depends back on it.
+//! - Parts below all of these: [`config`] (layered configuration, validated), [`auth`]
+//!   (accounts, API keys, HTTP Basic, access tokens), [`metrics`] (the Prometheus registry),
+//!   [`timers`] (the sockets' shared coarse timer).
+//! - [`commands`]: the `reachd credentials` and `reachd token` subcommands; `main.rs` reads the
+//!   configuration, sets up logs and runs the server until a signal.
 //!
 //! Path of one presence diff: a socket task authenticates `hello` ([`auth::verify_token`]),
 //! attaches the connection in the engine (`reach_core::Engine::attach`), which publishes the
 //! 0 -> 1 transition to the subscribers' outboxes; each subscriber's socket task pops its outbox
 //! and writes the shared bytes.
 
-pub mod app;
+pub mod admin;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod metrics;
 pub mod rest;
+pub mod server;
+pub mod state;
+pub mod sync;
 pub mod timers;
 pub mod ws;
 
-pub use app::{App, run};
 pub use config::Config;
+pub use state::App;

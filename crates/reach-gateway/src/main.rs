@@ -1,13 +1,15 @@
-//! `reachd`: read config, set up logs, build the app, serve until SIGTERM/SIGINT, drain.
+//! `reachd`: read config, set up logs, build the app, serve until SIGTERM/SIGINT, drain. The
+//! other subcommands are in `reach_gateway::commands`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use reach_gateway::auth::{Credentials, GeneratedCredentials, mint_token};
+use reach_gateway::auth::Credentials;
+use reach_gateway::commands::{self, fail};
 use reach_gateway::config::{Config, LogFormat};
-use reach_gateway::{App, app};
+use reach_gateway::server;
 use reach_store::Store;
 use reach_store::postgres::PgStore;
 use reach_store::sqlite::SqliteStore;
@@ -56,112 +58,14 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config),
-        Command::Credentials => credentials(&config),
+        Command::Credentials => commands::credentials(&config),
         Command::Token {
             identity,
             service,
             ttl,
             key,
-        } => token(&config, &identity, &service, ttl, key),
+        } => commands::token(&config, &identity, &service, ttl, key),
     }
-}
-
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("reachd: {msg}");
-    ExitCode::FAILURE
-}
-
-/// Accounts and keys from the config, or the generated ones (generated now if `generate`).
-fn load_credentials(config: &Config, generate: bool) -> Result<Config, String> {
-    let mut config = config.clone();
-    if !config.accounts.is_empty() {
-        return Ok(config);
-    }
-    let path = GeneratedCredentials::path(&config);
-    let creds = match GeneratedCredentials::read(&path) {
-        Ok(Some(c)) => c,
-        Ok(None) if generate => {
-            let c = GeneratedCredentials::generate(&path)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            println!(
-                "No [[accounts]] configured: generated credentials, kept in {}",
-                path.display()
-            );
-            print_credentials(&c);
-            println!("`reachd credentials` prints them again.\n");
-            c
-        }
-        Ok(None) => {
-            return Err(format!(
-                "no credentials: configure [[accounts]] and [[api_keys]], or start reachd once to generate them in {}",
-                path.display()
-            ));
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    config.accounts.push(creds.account);
-    config.api_keys.push(creds.api_key);
-    Ok(config)
-}
-
-fn print_credentials(c: &GeneratedCredentials) {
-    println!("  Account SID:    {}", c.account.sid);
-    println!("  Auth token:     {}", c.account.auth_token);
-    println!("  API key SID:    {}", c.api_key.sid);
-    println!("  API key secret: {}", c.api_key.secret);
-}
-
-fn credentials(config: &Config) -> ExitCode {
-    if !config.accounts.is_empty() {
-        return fail("accounts are configured in the config file; nothing was generated");
-    }
-    let path = GeneratedCredentials::path(config);
-    match GeneratedCredentials::read(&path) {
-        Ok(Some(c)) => {
-            println!("Credentials in {}:", path.display());
-            print_credentials(&c);
-            ExitCode::SUCCESS
-        }
-        Ok(None) => fail(format!(
-            "no generated credentials in {}: start reachd once",
-            path.display()
-        )),
-        Err(e) => fail(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-fn token(
-    config: &Config,
-    identity: &str,
-    service: &str,
-    ttl: i64,
-    key: Option<String>,
-) -> ExitCode {
-    let config = match load_credentials(config, false) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    if !(1..=reach_gateway::auth::MAX_TOKEN_LIFETIME_S).contains(&ttl) {
-        return fail("--ttl must be between 1 and 86400 seconds");
-    }
-    if !(service.starts_with("IS") && reach_store::looks_like_sid(service)) {
-        return fail("--service must be a service SID (IS followed by 32 lowercase hex digits)");
-    }
-    if identity.is_empty() {
-        return fail("--identity must not be empty");
-    }
-    let api_key = match &key {
-        Some(sid) => config.api_keys.iter().find(|k| &k.sid == sid),
-        None => config.api_keys.first(),
-    };
-    let Some(api_key) = api_key else {
-        return fail("no such API key: configure [[api_keys]]");
-    };
-    println!(
-        "{}",
-        mint_token(api_key, service, identity, ttl, reach_store::now_unix())
-    );
-    ExitCode::SUCCESS
 }
 
 fn init_logs(config: &Config) {
@@ -181,7 +85,7 @@ fn init_logs(config: &Config) {
 }
 
 fn run(config: Config) -> ExitCode {
-    let config = match load_credentials(&config, true) {
+    let config = match commands::with_credentials(&config, true) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -217,19 +121,19 @@ async fn serve(config: Config) -> Result<(), String> {
         )
     };
     let creds = Credentials::new(&config.accounts, &config.api_keys);
-    let public = app::bind(config.server.listen, config.server.backlog).map_err(|e| {
+    let public = server::bind(config.server.listen, config.server.backlog).map_err(|e| {
         format!(
             "cannot listen on {} (server.listen): {e}",
             config.server.listen
         )
     })?;
-    let admin = app::bind(config.server.admin_listen, 128).map_err(|e| {
+    let admin = server::bind(config.server.admin_listen, 128).map_err(|e| {
         format!(
             "cannot listen on {} (server.admin_listen): {e}",
             config.server.admin_listen
         )
     })?;
-    let app = App::new(config, creds, store)
+    let app = server::start(config, creds, store)
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(
@@ -237,7 +141,7 @@ async fn serve(config: Config) -> Result<(), String> {
         admin = %admin.local_addr().map_err(|e| e.to_string())?,
         "reachd ready"
     );
-    app::run(app, public, admin, shutdown_signal())
+    server::run(app, public, admin, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!("drained; bye");

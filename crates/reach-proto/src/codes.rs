@@ -12,6 +12,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1009: a frame exceeded `max_frame_bytes`.
     TooBig,
+    /// 1011: the gateway failed (a storage error at `hello`); the client may retry.
+    InternalError,
     /// 4001: bad, expired or foreign token; no `hello` in time.
     Unauthorized,
     /// 4002: malformed frame, unknown type, frame before `hello`.
@@ -27,11 +29,31 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every close code of protocol v1.
+    pub const ALL: [CloseCode; 10] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::TooBig,
+        CloseCode::InternalError,
+        CloseCode::Unauthorized,
+        CloseCode::ProtocolError,
+        CloseCode::Forbidden,
+        CloseCode::HeartbeatTimeout,
+        CloseCode::SlowConsumer,
+        CloseCode::RateLimited,
+    ];
+
+    /// The close code with this number, if protocol v1 has one.
+    pub fn from_u16(code: u16) -> Option<CloseCode> {
+        CloseCode::ALL.into_iter().find(|c| c.as_u16() == code)
+    }
+
     pub fn as_u16(self) -> u16 {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
             CloseCode::TooBig => 1009,
+            CloseCode::InternalError => 1011,
             CloseCode::Unauthorized => 4001,
             CloseCode::ProtocolError => 4002,
             CloseCode::Forbidden => 4003,
@@ -47,6 +69,7 @@ impl CloseCode {
             CloseCode::Normal => "normal",
             CloseCode::GoingAway => "drain",
             CloseCode::TooBig => "frame_too_big",
+            CloseCode::InternalError => "internal_error",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::ProtocolError => "protocol_error",
             CloseCode::Forbidden => "forbidden",
@@ -64,6 +87,8 @@ pub enum ErrorCode {
     InvalidParameter,
     /// 20003: authentication failed (REST 401).
     AuthenticationFailed,
+    /// 20004: the HTTP method is not allowed on this resource (REST 405).
+    MethodNotAllowed,
     /// 20101: the access token is invalid (not a JWT, bad header, bad claims).
     InvalidAccessToken,
     /// 20103: unknown API key, or a key/account/service that do not belong together.
@@ -109,6 +134,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidParameter => 20001,
             ErrorCode::AuthenticationFailed => 20003,
+            ErrorCode::MethodNotAllowed => 20004,
             ErrorCode::InvalidAccessToken => 20101,
             ErrorCode::InvalidIssuer => 20103,
             ErrorCode::TokenExpired => 20104,
@@ -143,6 +169,7 @@ impl ErrorCode {
             | ErrorCode::InvalidSignature => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::UserExists => 409,
             ErrorCode::FrameTooBig => 413,
             ErrorCode::TooMany => 429,
@@ -156,5 +183,27 @@ impl ErrorCode {
             | ErrorCode::IdentityMissing
             | ErrorCode::IdentityLooksLikeSid => 400,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_round_trip_and_have_distinct_labels() {
+        let mut labels = std::collections::HashSet::new();
+        for code in CloseCode::ALL {
+            assert_eq!(CloseCode::from_u16(code.as_u16()), Some(code));
+            assert!(labels.insert(code.label()), "{code:?}");
+        }
+        assert_eq!(CloseCode::from_u16(1011), Some(CloseCode::InternalError));
+        assert_eq!(CloseCode::from_u16(1006), None);
+    }
+
+    #[test]
+    fn method_not_allowed_is_20004_with_405() {
+        assert_eq!(ErrorCode::MethodNotAllowed.as_u32(), 20004);
+        assert_eq!(ErrorCode::MethodNotAllowed.http_status(), 405);
     }
 }

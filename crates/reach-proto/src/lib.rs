@@ -1,5 +1,11 @@
 //! Reach wire protocol, version 1: the frames that travel over a gateway WebSocket, their two
-//! encodings, and the close and error codes.
+//! encodings, and the vocabulary every Reach crate shares.
+//!
+//! - this file: [`ClientFrame`], [`ServerFrame`], the wire [`User`], [`Encoding`] and the codecs;
+//! - [`codes`]: the close codes ([`CloseCode`]) and the error codes ([`ErrorCode`]) of error
+//!   frames and REST error bodies;
+//! - [`sid`]: SIDs, the ids of every resource (generated and checked only there);
+//! - [`token`] (feature `token`): the access token a client presents in `hello`.
 //!
 //! Data flow: the gateway reads one WebSocket message, checks its size, then calls
 //! [`decode_client`] with the connection's [`Encoding`] to get a [`ClientFrame`] (or a
@@ -11,11 +17,15 @@
 //! object per text message, `reach.v1.msgpack` as one MessagePack map per binary message.
 
 pub mod codes;
+pub mod sid;
+#[cfg(feature = "token")]
+pub mod token;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use codes::{CloseCode, ErrorCode};
+pub use sid::{AccountSid, ApiKeySid, ServiceSid, SidKind};
 
 /// Subprotocol name for MessagePack binary frames.
 pub const SUBPROTOCOL_MSGPACK: &str = "reach.v1.msgpack";
@@ -53,10 +63,9 @@ impl Encoding {
 
     /// Picks the encoding from a `Sec-WebSocket-Protocol` offer (comma separated).
     ///
-    /// `Ok(None)` when nothing was offered (JSON, without echoing a subprotocol), `Err(())` when
+    /// `Ok(None)` when nothing was offered (JSON, without echoing a subprotocol), an error when
     /// only unknown protocols were offered. The first known protocol in the offer wins.
-    #[allow(clippy::result_unit_err)]
-    pub fn negotiate(offer: Option<&str>) -> Result<Option<Encoding>, ()> {
+    pub fn negotiate(offer: Option<&str>) -> Result<Option<Encoding>, UnsupportedSubprotocol> {
         let Some(offer) = offer else { return Ok(None) };
         let mut any = false;
         for p in offer.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -68,9 +77,72 @@ impl Encoding {
                 return Ok(Some(Encoding::Json));
             }
         }
-        if any { Err(()) } else { Ok(None) }
+        if any {
+            Err(UnsupportedSubprotocol)
+        } else {
+            Ok(None)
+        }
     }
 }
+
+/// A WebSocket upgrade offered only subprotocols this gateway does not speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported subprotocol: offer {SUBPROTOCOL_MSGPACK} or {SUBPROTOCOL_JSON}")]
+pub struct UnsupportedSubprotocol;
+
+/// The push service of a device registration (`register_push`, REST Bindings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BindingType {
+    /// Apple Push Notification service.
+    Apn,
+    /// Google Cloud Messaging (legacy).
+    Gcm,
+    /// Firebase Cloud Messaging.
+    Fcm,
+}
+
+impl BindingType {
+    /// Every binding type, in the order error messages list them.
+    pub const ALL: [BindingType; 3] = [BindingType::Apn, BindingType::Gcm, BindingType::Fcm];
+    /// The wire names, as error messages list them.
+    pub const NAMES: &'static str = "apn, gcm, fcm";
+
+    /// The wire name: `apn`, `gcm` or `fcm`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingType::Apn => "apn",
+            BindingType::Gcm => "gcm",
+            BindingType::Fcm => "fcm",
+        }
+    }
+}
+
+impl std::fmt::Display for BindingType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BindingType {
+    type Err = UnknownBindingType;
+
+    /// ```
+    /// use reach_proto::BindingType;
+    /// assert_eq!("fcm".parse::<BindingType>(), Ok(BindingType::Fcm));
+    /// assert!("sms".parse::<BindingType>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, UnknownBindingType> {
+        BindingType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownBindingType(s.to_owned()))
+    }
+}
+
+/// A binding type other than [`BindingType::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown binding type {0:?}: use apn, gcm or fcm")]
+pub struct UnknownBindingType(pub String);
 
 /// Why a user's state changed; wire names as in the hosted SDKs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -480,7 +552,10 @@ mod tests {
             Encoding::negotiate(Some("foo, reach.v1.json, reach.v1.msgpack")),
             Ok(Some(Encoding::Json))
         );
-        assert_eq!(Encoding::negotiate(Some("foo, bar")), Err(()));
+        assert_eq!(
+            Encoding::negotiate(Some("foo, bar")),
+            Err(UnsupportedSubprotocol)
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! migrates under an advisory lock at start). Both behave the same for every [`Store`] method;
 //! `tests/conformance.rs` runs one suite against each.
 //!
-//! Times are unix seconds. SIDs are two letters and 32 lowercase hex digits ([`new_sid`]).
+//! Times are unix seconds. SIDs are made by `reach_proto::sid` (two letters and 32 lowercase hex
+//! digits).
 
 pub mod postgres;
 mod rows;
@@ -224,41 +225,10 @@ pub trait Store: Send + Sync + 'static {
     async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64>;
 }
 
-/// A new SID: `prefix` (two letters) and 32 random lowercase hex digits.
-pub fn new_sid(prefix: &str) -> String {
-    use rand::Rng;
-    let n: u128 = rand::rng().random();
-    format!("{prefix}{n:032x}")
-}
-
-/// True when `s` has the shape of a SID: two uppercase letters and 32 lowercase hex digits.
-pub fn looks_like_sid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 34
-        && b[0].is_ascii_uppercase()
-        && b[1].is_ascii_uppercase()
-        && b[2..]
-            .iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-}
-
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sids_have_the_documented_shape() {
-        let s = new_sid("US");
-        assert!(looks_like_sid(&s), "{s}");
-        assert!(!looks_like_sid("alice"));
-        assert!(!looks_like_sid(&s.to_uppercase()));
-    }
 }

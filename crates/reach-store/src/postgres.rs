@@ -64,12 +64,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use reach_proto::SidKind;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Transaction};
 
 use crate::{
     Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, looks_like_sid, new_sid, now_unix,
+    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, now_unix,
 };
 
 /// The schema migrations, in order: version `n` is `MIGRATIONS[n - 1]`. Never edit an entry
@@ -324,25 +325,12 @@ fn url_secrets(url: &str) -> Vec<String> {
     secrets
 }
 
-/// `%XX` escapes decoded (invalid escapes and invalid UTF-8 are kept as they are).
+/// `%XX` escapes decoded (invalid escapes are kept as they are; text that does not decode to
+/// UTF-8 is kept whole).
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map_or_else(|_| s.to_owned(), |d| d.into_owned())
 }
 
 /// `message` with each secret replaced by `***`.
@@ -369,7 +357,7 @@ async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str, lock: Lock) ->
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
-    let mut sql = if looks_like_sid(key) && key.starts_with("US") {
+    let mut sql = if SidKind::User.is(key) {
         format!(
             "SELECT {USER_COLS} FROM users u \
              WHERE u.service_sid = $1 AND (u.sid = $2 OR u.identity = $2) \
@@ -478,7 +466,7 @@ impl Store for PgStore {
     async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
         let now = now_unix();
         let service = Service {
-            sid: new_sid("IS"),
+            sid: SidKind::Service.generate(),
             account_sid: account_sid.to_owned(),
             friendly_name: friendly_name.to_owned(),
             date_created: now,
@@ -618,7 +606,7 @@ impl Store for PgStore {
 
     async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
         let now = now_unix();
-        let sid = new_sid("US");
+        let sid = SidKind::User.generate();
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO users (sid, service_sid, account_sid, identity, friendly_name, \
@@ -665,7 +653,7 @@ impl Store for PgStore {
              date_updated) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (service_sid, identity) DO NOTHING",
         )
-        .bind(new_sid("US"))
+        .bind(SidKind::User.generate())
         .bind(&service.sid)
         .bind(&service.account_sid)
         .bind(identity)
@@ -807,7 +795,7 @@ impl Store for PgStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
         )
-        .bind(new_sid("BS"))
+        .bind(SidKind::Binding.generate())
         .bind(&service.sid)
         .bind(&service.account_sid)
         .bind(identity)

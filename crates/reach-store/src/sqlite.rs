@@ -25,6 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use reach_proto::SidKind;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -32,7 +33,7 @@ use sqlx::{Sqlite, Transaction};
 
 use crate::{
     Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, looks_like_sid, new_sid, now_unix,
+    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, now_unix,
 };
 
 /// The schema version this code writes and understands.
@@ -187,7 +188,7 @@ async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str) -> Result<User
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
-    let sql = if looks_like_sid(key) && key.starts_with("US") {
+    let sql = if SidKind::User.is(key) {
         format!(
             "SELECT {USER_COLS} FROM users u \
              WHERE u.service_sid = ?1 AND (u.sid = ?2 OR u.identity = ?2) \
@@ -242,7 +243,7 @@ impl Store for SqliteStore {
     async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
         let now = now_unix();
         let service = Service {
-            sid: new_sid("IS"),
+            sid: SidKind::Service.generate(),
             account_sid: account_sid.to_owned(),
             friendly_name: friendly_name.to_owned(),
             date_created: now,
@@ -389,7 +390,7 @@ impl Store for SqliteStore {
 
     async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
         let now = now_unix();
-        let sid = new_sid("US");
+        let sid = SidKind::User.generate();
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO users (sid, service_sid, account_sid, identity, friendly_name, \
@@ -432,7 +433,7 @@ impl Store for SqliteStore {
              date_updated) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (service_sid, identity) DO NOTHING",
         )
-        .bind(new_sid("US"))
+        .bind(SidKind::User.generate())
         .bind(&service.sid)
         .bind(&service.account_sid)
         .bind(identity)
@@ -572,7 +573,7 @@ impl Store for SqliteStore {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
         )
-        .bind(new_sid("BS"))
+        .bind(SidKind::Binding.generate())
         .bind(&service.sid)
         .bind(&service.account_sid)
         .bind(identity)

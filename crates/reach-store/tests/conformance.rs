@@ -8,9 +8,10 @@
 mod common;
 
 use common::{AC, Fixture, OTHER_AC, first, new_user};
+use reach_proto::sid::looks_like_sid;
 use reach_store::{
     Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, ServiceConfig, StoreError,
-    UserRecord, UserUpdate, looks_like_sid,
+    UserRecord, UserUpdate,
 };
 
 /// One module per case, with a test per backend.

@@ -1,0 +1,54 @@
+//! `/v1/Services/{sid}/Configuration`: fetch and update, with `ReachabilityEnabled`. Writes
+//! hold the switch lock across the store write and the engine call, so the engine applies a
+//! service's flips in commit order.
+
+use axum::Json;
+use axum::Router;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use reach_store::ConfigUpdate;
+
+use super::RestState;
+use super::error::ApiResult;
+use super::extract::{ApiPath, Ctx, FormParams};
+use super::json::config_json;
+
+pub(super) fn routes() -> Router<RestState> {
+    Router::new().route(
+        "/v1/Services/{sid}/Configuration",
+        get(fetch_config).post(update_config),
+    )
+}
+
+async fn fetch_config(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let cfg = ctx.config(&service.sid).await?;
+    Ok(Json(config_json(&ctx.urls(), cfg)).into_response())
+}
+
+async fn update_config(
+    ctx: Ctx,
+    ApiPath(sid): ApiPath<String>,
+    FormParams(params): FormParams,
+) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let update = ConfigUpdate {
+        reachability_enabled: params.boolean("ReachabilityEnabled")?,
+        default_conversation_creator_role_sid: params
+            .role_sid("DefaultConversationCreatorRoleSid")?,
+        default_conversation_role_sid: params.role_sid("DefaultConversationRoleSid")?,
+        default_chat_service_role_sid: params.role_sid("DefaultChatServiceRoleSid")?,
+    };
+    let app = ctx.app();
+    let cfg = {
+        let _order = ctx.state.switch_writes.lock().await;
+        let cfg = app
+            .store
+            .update_config(&service.sid, &update)
+            .await
+            .map_err(ctx.store_err())?;
+        app.service_changed(&cfg).await;
+        cfg
+    };
+    Ok(Json(config_json(&ctx.urls(), cfg)).into_response())
+}

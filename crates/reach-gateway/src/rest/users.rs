@@ -1,0 +1,144 @@
+//! `/v1/Services/{sid}/Users` and `/v1/Services/{sid}/Users/{user}` (by SID or identity):
+//! create, list, fetch, update and delete users. Fetches carry `is_online` and
+//! `is_notifiable` (lists do not, as in the hosted API); an update is published to the user's
+//! watchers, a delete closes the user's sockets with 4003.
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use reach_proto::sid::looks_like_sid;
+use reach_store::{NewUser, Page, UserUpdate};
+
+use super::RestState;
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiPath, Ctx, FormParams, QueryParams};
+use super::json::user_json;
+use super::paging::{Paging, list_response};
+
+pub(super) fn routes() -> Router<RestState> {
+    Router::new()
+        .route(
+            "/v1/Services/{sid}/Users",
+            post(create_user).get(list_users),
+        )
+        .route(
+            "/v1/Services/{sid}/Users/{user}",
+            get(fetch_user).post(update_user).delete(delete_user),
+        )
+}
+
+async fn create_user(
+    ctx: Ctx,
+    ApiPath(sid): ApiPath<String>,
+    FormParams(params): FormParams,
+) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let identity = params
+        .get("Identity")
+        .filter(|i| !i.is_empty())
+        .ok_or(ApiError::IdentityMissing)?;
+    if looks_like_sid(identity) {
+        return Err(ApiError::IdentityLooksLikeSid(identity.to_owned()));
+    }
+    let user = NewUser {
+        identity: identity.to_owned(),
+        friendly_name: params.get("FriendlyName").map(str::to_owned),
+        attributes: params.attributes()?,
+        role_sid: params.role_sid("RoleSid")?,
+    };
+    let app = ctx.app();
+    let rec = app
+        .store
+        .create_user(&service, &user)
+        .await
+        .map_err(ctx.store_err())?;
+    let cfg = ctx.config(&service.sid).await?;
+    let flags = app.user_flags(&cfg, &rec).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(user_json(&ctx.urls(), rec, flags)),
+    )
+        .into_response())
+}
+
+async fn list_users(
+    ctx: Ctx,
+    ApiPath(sid): ApiPath<String>,
+    QueryParams(params): QueryParams,
+) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let paging = Paging::parse(&params)?;
+    let page = ctx
+        .app()
+        .store
+        .list_users(&service.sid, paging.request())
+        .await
+        .map_err(ctx.store_err())?;
+    let urls = ctx.urls();
+    let page = Page {
+        // Lists never carry reachability flags.
+        items: page
+            .items
+            .into_iter()
+            .map(|u| user_json(&urls, u, (None, None)))
+            .collect(),
+        next_cursor: page.next_cursor,
+    };
+    Ok(list_response(
+        &paging,
+        "users",
+        page,
+        &urls.users(&service.sid),
+        &[],
+    ))
+}
+
+async fn fetch_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let app = ctx.app();
+    let rec = app
+        .store
+        .get_user(&service.sid, &user)
+        .await
+        .map_err(ctx.store_err())?;
+    let cfg = ctx.config(&service.sid).await?;
+    let flags = app.user_flags(&cfg, &rec).await;
+    Ok(Json(user_json(&ctx.urls(), rec, flags)).into_response())
+}
+
+async fn update_user(
+    ctx: Ctx,
+    ApiPath((sid, user)): ApiPath<(String, String)>,
+    FormParams(params): FormParams,
+) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let update = UserUpdate {
+        friendly_name: params.get("FriendlyName").map(str::to_owned),
+        attributes: params.attributes()?,
+        role_sid: params.role_sid("RoleSid")?,
+    };
+    let app = ctx.app();
+    let rec = app
+        .store
+        .update_user(&service.sid, &user, &update)
+        .await
+        .map_err(ctx.store_err())?;
+    app.user_changed(&rec).await;
+    let cfg = ctx.config(&service.sid).await?;
+    let flags = app.user_flags(&cfg, &rec).await;
+    Ok(Json(user_json(&ctx.urls(), rec, flags)).into_response())
+}
+
+async fn delete_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) -> ApiResult {
+    let service = ctx.service(&sid).await?;
+    let app = ctx.app();
+    let rec = app
+        .store
+        .delete_user(&service.sid, &user)
+        .await
+        .map_err(ctx.store_err())?;
+    app.user_deleted(&service.sid, &rec.identity).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

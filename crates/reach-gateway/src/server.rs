@@ -1,0 +1,125 @@
+//! The running gateway: it assembles the app and its background tasks ([`start`]), binds the
+//! listeners ([`bind`]), routes them ([`public_router`], [`crate::admin::router`]), serves them
+//! and drains ([`run`]).
+//!
+//! `run` takes bound listeners and a shutdown future, so tests bind port 0. The drain, when
+//! `shutdown` resolves:
+//!
+//! 1. `App::shutdown` is cancelled: the public listener stops accepting, `/readyz` turns 503,
+//!    new upgrades are refused with 503, and sockets still waiting for `hello` close with 1001.
+//! 2. One sweep over the engine's connections queues `goodbye` and close 1001 in every
+//!    authenticated connection's outbox ([`App::goodbye`]); a `hello` that attaches after the
+//!    sweep sees the token and says goodbye to itself.
+//! 3. `run` waits for the socket tasks (which axum's graceful shutdown does not track once
+//!    upgraded), at most `server.drain_grace_ms`, then leaves the cluster and stops the admin
+//!    listener, which stayed up throughout.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::serve::ListenerExt;
+use reach_store::Store;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Credentials;
+use crate::config::Config;
+use crate::state::{App, StartError};
+use crate::timers::Timers;
+
+/// Builds the gateway over an opened store and starts its background tasks: the driver of
+/// the shared socket timers and the store and cluster sync of [`crate::sync`].
+pub async fn start(
+    config: Config,
+    creds: Credentials,
+    store: Arc<dyn Store>,
+) -> Result<Arc<App>, StartError> {
+    let (app, feeds) = App::new(config, creds, store).await?;
+    tokio::spawn(Timers::drive(Arc::downgrade(&app.timers)));
+    crate::sync::spawn(&app, feeds);
+    Ok(app)
+}
+
+/// Binds a TCP listener with the given backlog.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The public router: REST and the WebSocket endpoint.
+pub fn public_router(app: Arc<App>) -> Router {
+    crate::rest::router(Arc::clone(&app)).merge(crate::ws::router(app))
+}
+
+/// Serves both listeners until `shutdown` resolves, then drains (see the module doc).
+pub async fn run(
+    app: Arc<App>,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let token = app.shutdown.clone();
+    tokio::spawn({
+        let token = token.clone();
+        let app = Arc::clone(&app);
+        async move {
+            shutdown.await;
+            token.cancel();
+            // Sockets that have not said hello yet see the token; the others are told here.
+            for conn in app.engine.connections() {
+                app.goodbye(&conn);
+            }
+        }
+    });
+    // The admin listener outlives the drain, so /readyz answers 503 while sockets close.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn({
+        let router = crate::admin::router(Arc::clone(&app));
+        let stop = admin_stop.clone();
+        async move {
+            let _ = axum::serve(admin, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        }
+    });
+    let router =
+        public_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
+    let public_token = token.clone();
+    // TCP_NODELAY: presence frames are small and must leave at once; with Nagle a frame
+    // written while the previous one is unacknowledged waits for the peer's delayed ACK.
+    let public = public.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(public, router)
+        .with_graceful_shutdown(async move { public_token.cancelled().await })
+        .await?;
+    // Draining: socket tasks saw the cancellation and are saying goodbye.
+    app.sockets.close();
+    let grace = Duration::from_millis(app.config.server.drain_grace_ms);
+    if tokio::time::timeout(grace, app.sockets.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = app.sockets.len(),
+            "drain grace over; closing the remaining sockets"
+        );
+    }
+    if let Some(cluster) = &app.cluster {
+        cluster.leave().await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Frames on one socket: the WebSocket settings (read buffer, message and frame limits,
+//! fragment size), reading and classifying what arrives ([`classify`]), and sending
+//! ([`send_message`] in the session, [`close_direct`] before and after it).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use reach_proto::{
+    ClientFrame, CloseCode, DecodeError, Encoding, ErrorCode, ServerFrame, decode_client, encode,
+};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+
+use crate::config::LimitsConfig;
+
+/// The upgraded connection of one client.
+pub(super) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The socket's tungstenite settings, from `[limits]`.
+pub(super) fn ws_config(limits: &LimitsConfig) -> WebSocketConfig {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer_bytes)
+        .max_message_size(Some(hard_frame_limit(limits.max_frame_bytes)))
+        .max_frame_size(Some(hard_frame_limit(limits.max_frame_bytes)));
+    match limits.write_fragment_bytes {
+        // Whole messages, written once per batch (tungstenite's default buffer target).
+        0 => config,
+        // Written as soon as a fragment's worth is buffered: the buffer's high-water mark
+        // stays near two fragments.
+        n => config.write_buffer_size(n),
+    }
+}
+
+/// Where tungstenite itself stops reading a message. Messages between `max_frame_bytes` and
+/// this are read whole and refused by [`classify`] (error 20413, close 1009), which leaves the
+/// socket clean so the client receives both; past this the connection is cut at the header.
+fn hard_frame_limit(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_mul(4).max(1 << 20)
+}
+
+/// Bad input on a socket: the error frame it gets, then the close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    pub close: CloseCode,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>, close: CloseCode) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+            close,
+        }
+    }
+}
+
+impl From<DecodeError> for Refusal {
+    fn from(e: DecodeError) -> Refusal {
+        Refusal::new(e.code(), e.to_string(), e.close_code())
+    }
+}
+
+/// What one read from the socket produced.
+pub(super) enum Read {
+    Frame(ClientFrame),
+    /// A control frame or something else that needs no action.
+    Nothing,
+    /// Bad input: send this error, then close.
+    Fail(Refusal),
+    /// The client closed (`client_closed`) or went away (`client_gone`, `transport_error`).
+    Gone(&'static str),
+}
+
+fn too_big(len: usize, max: usize) -> Read {
+    Read::Fail(Refusal::new(
+        ErrorCode::FrameTooBig,
+        format!("frame of {len} bytes exceeds max_frame_bytes ({max})"),
+        CloseCode::TooBig,
+    ))
+}
+
+/// Checks one read's kind and size, then decodes it.
+pub(super) fn classify(
+    item: Option<Result<Message, tungstenite::Error>>,
+    encoding: Encoding,
+    max_frame: usize,
+) -> Read {
+    if let Some(Ok(Message::Text(t))) = &item
+        && t.len() > max_frame
+    {
+        return too_big(t.len(), max_frame);
+    }
+    if let Some(Ok(Message::Binary(b))) = &item
+        && b.len() > max_frame
+    {
+        return too_big(b.len(), max_frame);
+    }
+    let payload = match item {
+        None => return Read::Gone("client_gone"),
+        Some(Ok(Message::Text(t))) => {
+            if encoding != Encoding::Json {
+                let e = DecodeError::WrongMessageKind("reach.v1.msgpack", "binary");
+                return Read::Fail(e.into());
+            }
+            Bytes::from(t)
+        }
+        Some(Ok(Message::Binary(b))) => {
+            if encoding != Encoding::MsgPack {
+                let e = DecodeError::WrongMessageKind("reach.v1.json", "text");
+                return Read::Fail(e.into());
+            }
+            b
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Read::Nothing,
+        Some(Ok(Message::Close(_))) => return Read::Gone("client_closed"),
+        Some(Err(tungstenite::Error::Capacity(e))) => {
+            return Read::Fail(Refusal::new(
+                ErrorCode::FrameTooBig,
+                format!("frame too big: {e}"),
+                CloseCode::TooBig,
+            ));
+        }
+        Some(Err(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ))) => return Read::Gone("client_gone"),
+        Some(Err(tungstenite::Error::Protocol(e))) => {
+            return Read::Fail(Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!("WebSocket protocol error: {e}"),
+                CloseCode::ProtocolError,
+            ));
+        }
+        Some(Err(tungstenite::Error::Utf8(e))) => {
+            return Read::Fail(Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!("text frame is not UTF-8: {e}"),
+                CloseCode::ProtocolError,
+            ));
+        }
+        Some(Err(_)) => return Read::Gone("transport_error"),
+    };
+    match decode_client(&payload, encoding) {
+        Ok(frame) => Read::Frame(frame),
+        Err(e) => Read::Fail(e.into()),
+    }
+}
+
+/// An `error` frame.
+pub(super) fn error_frame(
+    id: Option<i64>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code: code.as_u32(),
+        message: message.into(),
+    }
+}
+
+/// Queues one message, as WebSocket fragments of at most `fragment` bytes when it is longer
+/// (`limits.write_fragment_bytes`; 0: whole). Fragments of one message are queued back to
+/// back; RFC 6455 lets control frames (pings, pongs) come between them, nothing else.
+pub(super) fn send_message(
+    ws: &mut Socket,
+    mut rest: Bytes,
+    encoding: Encoding,
+    fragment: usize,
+) -> Result<(), tungstenite::Error> {
+    if fragment == 0 || rest.len() <= fragment {
+        return ws.start_send_unpin(message(rest, encoding));
+    }
+    let mut op = OpCode::Data(match encoding {
+        Encoding::MsgPack => Data::Binary,
+        Encoding::Json => Data::Text,
+    });
+    while !rest.is_empty() {
+        let chunk = rest.split_to(fragment.min(rest.len()));
+        let fin = rest.is_empty();
+        ws.start_send_unpin(Message::Frame(Frame::message(chunk, op, fin)))?;
+        op = OpCode::Data(Data::Continue);
+    }
+    Ok(())
+}
+
+fn message(bytes: Bytes, encoding: Encoding) -> Message {
+    match encoding {
+        Encoding::MsgPack => Message::Binary(bytes),
+        Encoding::Json => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Message::Text(text),
+            // JSON from serde_json is UTF-8; this arm is unreachable in practice.
+            Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
+        },
+    }
+}
+
+/// Sends `frame` (if any) and a close frame directly, then waits briefly for the peer's close.
+pub(super) async fn close_direct(
+    ws: &mut Socket,
+    encoding: Encoding,
+    frame: Option<ServerFrame>,
+    code: CloseCode,
+    reason: &str,
+) {
+    let reason = reason.chars().take(100).collect::<String>();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if let Some(f) = frame {
+            ws.feed(message(encode(&f, encoding), encoding)).await?;
+        }
+        ws.send(Message::Close(Some(CloseFrame {
+            code: code.as_u16().into(),
+            reason: reason.into(),
+        })))
+        .await?;
+        // Wait for the peer's close so the TCP connection ends cleanly.
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<(), tungstenite::Error>(())
+    })
+    .await;
+}
+
+/// Completes the closing handshake the client started: tungstenite queued the reply to its
+/// close frame; this sends it (else the client sees 1006).
+pub(super) async fn answer_close(ws: &mut Socket) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+}

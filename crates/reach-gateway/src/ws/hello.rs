@@ -1,0 +1,261 @@
+//! A socket's first moments: admission (the connection cap), `hello` (its token and service)
+//! and the session's start (the connection attached in the engine, `welcome` queued).
+//!
+//! Every way this stage can fail is a [`HelloError`], which knows its error frame, close code,
+//! close reason and metric; [`refuse`] is the one place that sends it. Before the session
+//! starts the task writes to the socket directly; the session then writes through its outbox.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use reach_core::{Attach, SlotFrame};
+use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame, SidKind};
+use reach_store::{Service, StoreError};
+use tokio::time::Instant;
+
+use super::frames::{Read, Refusal, Socket, classify, close_direct, error_frame};
+use super::session::{End, Session};
+use crate::auth::{TokenError, TokenGrant, verify_token};
+use crate::state::{App, profile_of};
+
+/// Why a socket did not get to its session.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HelloError {
+    /// Past `limits.max_connections` (the upgrade itself succeeded).
+    #[error("too many connections")]
+    TooManyConnections,
+    /// No `hello` within `presence.auth_timeout_ms`.
+    #[error("no hello within auth_timeout")]
+    Timeout,
+    /// The gateway began draining before `hello`.
+    #[error("draining")]
+    Draining,
+    /// The first message could not be read as a frame.
+    #[error("{}", .0.message)]
+    BadFrame(Refusal),
+    /// The first frame was another request.
+    #[error("the first frame must be hello")]
+    NotHello { id: Option<i64> },
+    /// The token, or its service, was refused.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A storage failure; the client may retry.
+    #[error("internal error; retry later")]
+    Internal,
+    /// The client closed or went away; nothing is sent.
+    #[error("{0}")]
+    Gone(&'static str),
+}
+
+impl HelloError {
+    /// The close code, or `None` when the client is already gone.
+    fn close_code(&self) -> Option<CloseCode> {
+        Some(match self {
+            HelloError::TooManyConnections => CloseCode::RateLimited,
+            HelloError::Timeout | HelloError::Token(_) => CloseCode::Unauthorized,
+            HelloError::Draining => CloseCode::GoingAway,
+            HelloError::BadFrame(r) => r.close,
+            HelloError::NotHello { .. } => CloseCode::ProtocolError,
+            HelloError::Internal => CloseCode::InternalError,
+            HelloError::Gone(_) => return None,
+        })
+    }
+
+    /// The `error` frame sent before the close, if any.
+    fn frame(&self) -> Option<ServerFrame> {
+        let (id, code) = match self {
+            HelloError::TooManyConnections => (None, ErrorCode::TooMany),
+            HelloError::Timeout => (None, ErrorCode::Timeout),
+            HelloError::BadFrame(r) => (None, r.code),
+            HelloError::NotHello { id } => (*id, ErrorCode::UnexpectedFrame),
+            HelloError::Token(e) => (None, e.code()),
+            HelloError::Internal => (None, ErrorCode::Internal),
+            HelloError::Draining | HelloError::Gone(_) => return None,
+        };
+        Some(error_frame(id, code, self.to_string()))
+    }
+
+    /// The close frame's reason.
+    fn reason(&self) -> &'static str {
+        match self {
+            HelloError::TooManyConnections => "too many connections",
+            HelloError::Timeout => "no hello",
+            HelloError::Draining => "draining",
+            HelloError::BadFrame(_) => "bad frame",
+            HelloError::NotHello { .. } => "hello expected",
+            HelloError::Token(_) => "unauthorized",
+            HelloError::Internal => "internal error",
+            HelloError::Gone(label) => label,
+        }
+    }
+
+    /// The label of `reach_auth_failures_total`, for refusals that count as one.
+    fn auth_failure(&self) -> Option<&'static str> {
+        match self {
+            HelloError::Timeout => Some("auth_timeout"),
+            HelloError::Token(e) => Some(e.label()),
+            _ => None,
+        }
+    }
+}
+
+/// Sends `err`'s frame and close on the socket; returns how the socket ended.
+async fn refuse(app: &App, ws: &mut Socket, encoding: Encoding, err: HelloError) -> End {
+    if let Some(label) = err.auth_failure() {
+        app.metrics.auth_failures.with_label_values(&[label]).inc();
+    }
+    let Some(code) = err.close_code() else {
+        return End::Gone(err.reason());
+    };
+    close_direct(ws, encoding, err.frame(), code, err.reason()).await;
+    End::Close(code)
+}
+
+/// Admission, `hello` and the session's start; on failure the socket is closed here and the
+/// end is returned.
+pub(super) async fn prepare(
+    app: &Arc<App>,
+    ws: &mut Socket,
+    encoding: Encoding,
+    admitted: bool,
+) -> Result<Box<Session>, End> {
+    let started = async {
+        if !admitted {
+            return Err(HelloError::TooManyConnections);
+        }
+        let (grant, service) = await_hello(app, ws, encoding).await?;
+        // Boxed, so the task does not keep both this result and the session.
+        start(app, grant, service, encoding).await.map(Box::new)
+    };
+    match started.await {
+        Ok(session) => Ok(session),
+        Err(err) => Err(refuse(app, ws, encoding, err).await),
+    }
+}
+
+/// Waits for `hello`, then verifies its token and service.
+async fn await_hello(
+    app: &Arc<App>,
+    ws: &mut Socket,
+    encoding: Encoding,
+) -> Result<(TokenGrant, Arc<Service>), HelloError> {
+    let deadline = Instant::now() + app.config.auth_timeout();
+    loop {
+        let read = tokio::select! {
+            item = ws.next() => classify(item, encoding, app.config.limits.max_frame_bytes),
+            _ = tokio::time::sleep_until(deadline) => return Err(HelloError::Timeout),
+            _ = app.shutdown.cancelled() => return Err(HelloError::Draining),
+        };
+        app.metrics.frames_received.inc();
+        return match read {
+            Read::Nothing => continue,
+            Read::Gone(label) => Err(HelloError::Gone(label)),
+            Read::Fail(refusal) => Err(HelloError::BadFrame(refusal)),
+            Read::Frame(ClientFrame::Hello { token, .. }) => authenticate(app, &token).await,
+            Read::Frame(other) => Err(HelloError::NotHello { id: other.id() }),
+        };
+    }
+}
+
+/// The token's grant and its service, which must exist and belong to the token's account.
+async fn authenticate(app: &App, token: &str) -> Result<(TokenGrant, Arc<Service>), HelloError> {
+    let grant = verify_token(&app.creds, token, reach_store::now_unix())?;
+    match app.find_service(&grant.service_sid).await {
+        Ok(service) if grant.account_sid == service.account_sid => Ok((grant, service)),
+        Ok(_) => Err(TokenError::WrongAccount.into()),
+        Err(StoreError::NotFound) => Err(TokenError::UnknownService.into()),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                service = %grant.service_sid,
+                identity = %grant.identity,
+                "store failure during hello"
+            );
+            Err(HelloError::Internal)
+        }
+    }
+}
+
+/// Registers the connection in the engine and queues `welcome`.
+async fn start(
+    app: &Arc<App>,
+    grant: TokenGrant,
+    service: Arc<Service>,
+    encoding: Encoding,
+) -> Result<Session, HelloError> {
+    let started = std::time::Instant::now();
+    let engine = &app.engine;
+    let conn = engine.new_conn(&service.sid, &grant.identity, encoding);
+    let connection_id = SidKind::Connection.generate();
+    tracing::Span::current().record("conn", connection_id.as_str());
+    tracing::debug!(
+        identity = %grant.identity,
+        service = %service.sid,
+        "authenticated"
+    );
+    {
+        let slot = conn.outbox.reserve_guarded(SlotFrame::Welcome {
+            connection_id,
+            identity: grant.identity.clone(),
+            service_sid: service.sid.clone(),
+            reachability_enabled: engine.service(&service.sid).enabled,
+            heartbeat_interval_ms: app.config.presence.heartbeat_interval_ms,
+            token_expires_at: grant.expires_at,
+            user: None,
+        });
+        // The connection is not registered yet (`attach` does that), so no drain or delete
+        // can have closed its outbox.
+        let Some(slot) = slot else {
+            return Err(HelloError::Internal);
+        };
+        let (fill, new_epoch) = engine.attach(&conn, slot.id());
+        if fill == Attach::NeedsProfile {
+            match app
+                .store
+                .get_or_create_user(&service, &grant.identity)
+                .await
+            {
+                Ok(rec) if rec.identity == grant.identity => {
+                    engine.load_profile(&service.sid, &grant.identity, profile_of(&rec));
+                    engine.fill(&conn, &grant.identity, slot.id());
+                }
+                other => {
+                    if let Err(e) = other {
+                        tracing::warn!(
+                            error = %e,
+                            service = %service.sid,
+                            identity = %grant.identity,
+                            "cannot load the user at hello"
+                        );
+                    }
+                    engine.detach(&conn, &[], false);
+                    return Err(HelloError::Internal);
+                }
+            }
+        }
+        if let Some(epoch) = new_epoch
+            && let Err(e) = app
+                .store
+                .mark_online(&service.sid, &grant.identity, epoch)
+                .await
+        {
+            tracing::warn!(
+                error = %e,
+                service = %service.sid,
+                identity = %grant.identity,
+                "cannot record the user online"
+            );
+        }
+        // `slot` is dropped here: the welcome is sealed.
+    }
+    app.metrics
+        .hello_duration
+        .observe(started.elapsed().as_secs_f64());
+    let session = Session::new(app, conn, service, grant);
+    if app.shutdown.is_cancelled() {
+        // The drain's sweep over the engine's connections may have run before this one
+        // attached; it is told here instead (a second goodbye is dropped by the outbox).
+        app.goodbye(&session.conn);
+    }
+    Ok(session)
+}

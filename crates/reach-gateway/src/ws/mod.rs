@@ -1,0 +1,26 @@
+//! The WebSocket endpoint `/v1/ws` (protocol v1, `docs/protocol.md`): one task per socket.
+//!
+//! - [`upgrade`]: the route, the checks of the upgrade request (refused with the REST error
+//!   body) and the spawn of the socket's task;
+//! - [`frames`]: the socket's WebSocket settings, reading and classifying messages, sending
+//!   frames and closes;
+//! - [`hello`]: admission, `hello` (token and service) and the session's start, with one error
+//!   type that knows its frame and close code;
+//! - [`session`]: the socket task and the session loop: writes from the connection's outbox,
+//!   deadlines on the shared timers, reads, the end;
+//! - [`requests`]: one function per request a session answers (`subscribe`, `unsubscribe`,
+//!   `update_token`, push registration, ...).
+//!
+//! Data flow: `upgrade` answers `101` and spawns `session::serve_socket`, which runs `hello`'s
+//! `prepare` (writing to the socket directly) and then the session, whose writes all come from
+//! the connection's [`Outbox`](reach_core::Outbox): replies from `requests`, pushes from the
+//! engine, `goodbye` from the drain. So an idle socket's task waits on its socket and outbox
+//! only: no timer, no channel, no split lock of its own.
+
+mod frames;
+mod hello;
+mod requests;
+mod session;
+mod upgrade;
+
+pub use upgrade::router;

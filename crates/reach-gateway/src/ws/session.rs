@@ -1,0 +1,446 @@
+//! An authenticated connection's life: the socket task ([`serve_socket`]), the session loop
+//! ([`Session::run`]) over one future per wake-up ([`Session::next_io`], one unsplit stream),
+//! its writes ([`poll_write`]), its deadlines (registered with the gateway's shared
+//! [`Timers`](crate::timers)) and its end ([`Session::finish`]).
+//!
+//! Each wake-up first writes what the outbox holds while the socket takes it (in batches,
+//! flushed once per batch), then checks the session's deadlines (server pings, heartbeat
+//! timeout, token warning and expiry, write stall), then reads. Writes are pulled from the
+//! outbox only when the socket is ready to take them, so a wake-up that ends in a read or a
+//! deadline never loses a frame. A socket whose writes make no progress for
+//! `write_stall_timeout_ms` is closed with 4009 (so is one whose outbox passes
+//! `max_outbox_bytes`: the outbox asks for that close itself). The requests a session answers
+//! are in [`super::requests`].
+
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use reach_core::{Conn, Outgoing, UserKey};
+use reach_proto::{CloseCode, Encoding, ErrorCode, ServerFrame};
+use reach_store::Service;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::frames::{
+    Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
+};
+use super::hello::prepare;
+use crate::auth::TokenGrant;
+use crate::state::App;
+
+/// How a socket ended, for the close-reason metric and the presence rules.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum End {
+    /// We close with this code.
+    Close(CloseCode),
+    /// The client closed (close frame or EOF) or the transport failed.
+    Gone(&'static str),
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Close(c) => c.label(),
+            End::Gone(l) => l,
+        }
+    }
+}
+
+/// The socket task: admission and `hello`, the session, the close; counted in the metrics.
+pub(super) async fn serve_socket(
+    app: Arc<App>,
+    mut ws: Box<Socket>,
+    encoding: Encoding,
+    admitted: bool,
+) {
+    let m = &app.metrics;
+    m.connections.inc();
+    m.connections_opened.inc();
+    // Everything but the session loop runs in boxed futures that are gone once they finish:
+    // an idle socket's task then holds only the session and its loop (an async fn's layout
+    // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
+    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted)).await;
+    let end = match prepared {
+        Ok(mut session) => {
+            let end = session.run(&mut ws).await;
+            Box::pin(session.finish(&mut ws, end)).await;
+            end
+        }
+        Err(end) => end,
+    };
+    if let End::Gone("client_closed") = end {
+        Box::pin(answer_close(&mut ws)).await;
+    }
+    m.connections.dec();
+    m.connections_closed.with_label_values(&[end.label()]).inc();
+    tracing::debug!(reason = end.label(), "socket closed");
+}
+
+/// Unix seconds -> a tokio instant (clamped to now for the past).
+fn instant_at(unix: i64) -> Instant {
+    let delta = unix - reach_store::now_unix();
+    Instant::now() + Duration::from_secs(delta.max(0) as u64)
+}
+
+/// Write-side bookkeeping that survives across wake-ups.
+#[derive(Default)]
+pub(super) struct WriteState {
+    /// Frames written to the sink but not flushed yet.
+    dirty: bool,
+    /// Since when the socket has refused to take more bytes.
+    blocked_since: Option<Instant>,
+    ping_due: bool,
+}
+
+/// The users a connection watches: the engine's keys (sharing the presence map's
+/// allocations), sorted by identity (a connection watches users of its own service), and
+/// searched by identity without building a key.
+#[derive(Default)]
+pub(super) struct Watched(Vec<UserKey>);
+
+impl Watched {
+    fn find(&self, identity: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|k| k.identity().cmp(identity))
+    }
+
+    pub(super) fn contains(&self, identity: &str) -> bool {
+        self.find(identity).is_ok()
+    }
+
+    pub(super) fn insert(&mut self, key: UserKey) {
+        if let Err(at) = self.find(key.identity()) {
+            self.0.insert(at, key);
+        }
+    }
+
+    pub(super) fn remove(&mut self, identity: &str) -> bool {
+        match self.find(identity) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Drops the spare capacity (most connections subscribe once or twice).
+    pub(super) fn shrink(&mut self) {
+        self.0.shrink_to_fit();
+    }
+}
+
+/// An authenticated connection. Kept small: every idle socket holds one (its identity and
+/// service are in `conn`'s key, the service record is shared).
+pub(super) struct Session {
+    pub(super) app: Arc<App>,
+    pub(super) conn: Arc<Conn>,
+    pub(super) service: Arc<Service>,
+    /// The current token's push credential (for `register_push`).
+    pub(super) push_credential_sid: Option<Box<str>>,
+    /// The current token's expiry (unix seconds).
+    pub(super) token_expires_at: i64,
+    /// Identities subscribed to besides the connection's own.
+    pub(super) watched: Watched,
+    last_heard: Instant,
+    /// The tick this session is registered at with the shared timers, if still to come.
+    armed: Option<u64>,
+    next_ping: Instant,
+    expires_at: Instant,
+    warn_at: Option<Instant>,
+    /// The client said `bye`: it goes offline at once, without grace.
+    pub(super) bye: bool,
+    /// The socket's read side must be polled: it has not returned `Pending` since it was last
+    /// woken (reads are polled with the connection as waker, see `next_io`).
+    must_read: bool,
+}
+
+/// What one wake-up of a socket produced.
+enum Io {
+    /// The connection must close with this code, or the socket failed.
+    Closing(Result<CloseCode, tungstenite::Error>),
+    /// A deadline registered with the shared timers has come.
+    Timer,
+    /// A read from the socket.
+    Read(Option<Result<Message, tungstenite::Error>>),
+}
+
+impl Session {
+    /// The session of a connection just attached with this grant.
+    pub(super) fn new(
+        app: &Arc<App>,
+        conn: Arc<Conn>,
+        service: Arc<Service>,
+        grant: TokenGrant,
+    ) -> Session {
+        let now = Instant::now();
+        let mut s = Session {
+            app: Arc::clone(app),
+            conn,
+            service,
+            watched: Watched::default(),
+            last_heard: now,
+            armed: None,
+            next_ping: now + app.config.heartbeat_interval(),
+            expires_at: now,
+            warn_at: None,
+            bye: false,
+            must_read: true,
+            push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
+            token_expires_at: grant.expires_at,
+        };
+        s.set_expiry();
+        s
+    }
+
+    /// Re-arms the token's expiry and warning after `token_expires_at` changed.
+    pub(super) fn set_expiry(&mut self) {
+        self.expires_at = instant_at(self.token_expires_at);
+        let warn = self.token_expires_at - self.app.config.presence.token_warning_s as i64;
+        self.warn_at = Some(instant_at(warn));
+    }
+
+    /// Queues a frame for this connection.
+    pub(super) fn push(&self, frame: &ServerFrame) {
+        self.conn.outbox.push_frame(frame);
+    }
+
+    /// Queues an error frame, then the close.
+    pub(super) fn fail(&self, code: ErrorCode, msg: impl Into<String>, close: CloseCode) {
+        self.push(&error_frame(None, code, msg));
+        self.conn.outbox.close(close);
+    }
+
+    fn next_deadline(&self, w: &WriteState) -> Instant {
+        let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
+        let mut d = self
+            .next_ping
+            .min(self.last_heard + self.app.config.heartbeat_timeout())
+            .min(self.expires_at);
+        if let Some(warn) = self.warn_at {
+            d = d.min(warn);
+        }
+        if let Some(b) = w.blocked_since {
+            d = d.min(b + stall);
+        }
+        d
+    }
+
+    /// The main loop; returns how the connection ends.
+    pub(super) async fn run(&mut self, ws: &mut Socket) -> End {
+        let mut w = WriteState::default();
+        let encoding = self.conn.outbox.encoding();
+        loop {
+            let item = match self.next_io(ws, &mut w).await {
+                Io::Closing(Ok(code)) => return End::Close(code),
+                Io::Closing(Err(_)) => return End::Gone("transport_error"),
+                Io::Timer => {
+                    // The registration that fired is the armed one (or a later, stale one).
+                    if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
+                        self.armed = None;
+                    }
+                    if let Some(end) = self.tick(&mut w) {
+                        return end;
+                    }
+                    continue;
+                }
+                Io::Read(item) => item,
+            };
+            self.last_heard = Instant::now();
+            self.app.metrics.frames_received.inc();
+            match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
+                Read::Nothing => {}
+                Read::Gone(label) => return End::Gone(label),
+                Read::Fail(r) => self.fail(r.code, r.message, r.close),
+                // Boxed: a frame's handling (store calls) lives on the heap only while it
+                // runs, instead of widening every idle socket's task.
+                Read::Frame(frame) => Box::pin(self.handle(frame)).await,
+            }
+        }
+    }
+
+    /// The socket's next event, all in one future over one unsplit stream: first writes what
+    /// the outbox holds while the socket takes it (flushed once per batch), then arms the
+    /// shared timer for the next deadline and checks whether it fired, then reads. Reads are
+    /// polled with the connection as waker (`Conn` is `Wake`): their readiness reaches the
+    /// task through the outbox as a read event, so a wake-up for writes alone (every
+    /// delivery) does not poll the read side again.
+    fn next_io<'a>(
+        &'a mut self,
+        ws: &'a mut Socket,
+        w: &'a mut WriteState,
+    ) -> impl Future<Output = Io> + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(r) = poll_write(ws, &self.conn, w, &self.app, cx) {
+                return Poll::Ready(Io::Closing(r));
+            }
+            self.arm(w);
+            let events = self.conn.outbox.take_events(cx.waker());
+            self.must_read |= events.read;
+            if events.timer {
+                return Poll::Ready(Io::Timer);
+            }
+            if !self.must_read {
+                return Poll::Pending;
+            }
+            let waker = Waker::from(Arc::clone(&self.conn));
+            match ws.poll_next_unpin(&mut Context::from_waker(&waker)) {
+                Poll::Pending => {
+                    self.must_read = false;
+                    Poll::Pending
+                }
+                read => read.map(Io::Read),
+            }
+        })
+    }
+
+    /// Registers the session with the shared timers for its next deadline, unless an earlier
+    /// or equal registration is still to come (a later one left behind by a deadline that
+    /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
+    /// tick fires (`Io::Timer`), so this reads no clock: it runs on every wake-up.
+    fn arm(&mut self, w: &WriteState) {
+        let timers = &self.app.timers;
+        let tick = timers.tick_of(self.next_deadline(w));
+        if self.armed.is_none_or(|t| tick < t) {
+            timers.arm(tick, &self.conn);
+            self.armed = Some(tick);
+        }
+    }
+
+    /// Timers; returns an end when the socket must go now.
+    fn tick(&mut self, w: &mut WriteState) -> Option<End> {
+        let now = Instant::now();
+        let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
+        if w.blocked_since.is_some_and(|b| now >= b + stall) {
+            // The socket takes nothing: no error frame could reach the client.
+            return Some(End::Close(CloseCode::SlowConsumer));
+        }
+        if now >= self.last_heard + self.app.config.heartbeat_timeout() {
+            self.app.metrics.heartbeat_timeouts.inc();
+            self.fail(
+                ErrorCode::Timeout,
+                "nothing heard within heartbeat_timeout",
+                CloseCode::HeartbeatTimeout,
+            );
+            self.last_heard = now;
+            return None;
+        }
+        if now >= self.expires_at {
+            self.app
+                .metrics
+                .auth_failures
+                .with_label_values(&["expired"])
+                .inc();
+            self.fail(
+                ErrorCode::TokenExpired,
+                "the access token has expired",
+                CloseCode::Unauthorized,
+            );
+            self.expires_at = now + Duration::from_secs(3600);
+            self.warn_at = None;
+            return None;
+        }
+        if self.warn_at.is_some_and(|t| now >= t) {
+            self.warn_at = None;
+            self.push(&ServerFrame::TokenAboutToExpire {
+                expires_at: self.token_expires_at,
+            });
+        }
+        if now >= self.next_ping {
+            w.ping_due = true;
+            self.next_ping = now + self.app.config.heartbeat_interval();
+        }
+        None
+    }
+
+    /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
+    pub(super) async fn finish(mut self, ws: &mut Socket, end: End) {
+        let watched = std::mem::take(&mut self.watched.0);
+        self.app.engine.detach(&self.conn, &watched, self.bye);
+        if let End::Close(code) = end {
+            let reason = match code {
+                CloseCode::Normal => "bye",
+                CloseCode::GoingAway => "draining",
+                other => other.label(),
+            };
+            let encoding = self.conn.outbox.encoding();
+            close_direct(ws, encoding, None, code, reason).await;
+        }
+    }
+}
+
+/// Writes what the outbox holds while the socket takes it; flushes once per batch.
+/// Ready only when the connection must close (`Ok(code)`) or the socket failed.
+fn poll_write(
+    ws: &mut Socket,
+    conn: &Conn,
+    w: &mut WriteState,
+    app: &App,
+    cx: &mut Context<'_>,
+) -> Poll<Result<CloseCode, tungstenite::Error>> {
+    let encoding = conn.outbox.encoding();
+    loop {
+        match ws.poll_ready_unpin(cx) {
+            Poll::Pending => {
+                w.blocked_since.get_or_insert_with(Instant::now);
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => w.blocked_since = None,
+        }
+        if w.ping_due {
+            w.ping_due = false;
+            ws.start_send_unpin(Message::Ping(Bytes::new()))?;
+            w.dirty = true;
+            continue;
+        }
+        match conn.outbox.pop(cx.waker()) {
+            Some(Outgoing::Message(bytes)) => {
+                send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
+                app.metrics.frames_sent.inc();
+                w.dirty = true;
+            }
+            Some(Outgoing::Close(code)) => {
+                return flush_dirty(ws, w, cx).map_ok(|()| code);
+            }
+            None => {
+                return match flush_dirty(ws, w, cx) {
+                    Poll::Ready(Ok(())) => {
+                        w.blocked_since = None;
+                        Poll::Pending
+                    }
+                    other => other.map_ok(|()| CloseCode::Normal),
+                };
+            }
+        }
+    }
+}
+
+/// Flushes what was written since the last flush; notes when the socket blocks.
+fn flush_dirty(
+    ws: &mut Socket,
+    w: &mut WriteState,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), tungstenite::Error>> {
+    if !w.dirty {
+        return Poll::Ready(Ok(()));
+    }
+    match ws.poll_flush_unpin(cx) {
+        Poll::Pending => {
+            w.blocked_since.get_or_insert_with(Instant::now);
+            Poll::Pending
+        }
+        Poll::Ready(result) => {
+            if result.is_ok() {
+                w.dirty = false;
+            }
+            Poll::Ready(result)
+        }
+    }
+}

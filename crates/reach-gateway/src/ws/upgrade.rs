@@ -1,0 +1,122 @@
+//! The route `GET /v1/ws`: checks the upgrade request, negotiates the encoding, takes a
+//! connection permit, answers `101` itself and spawns the socket's task on `App::sockets`
+//! (so the drain can wait for it). Refusals carry the REST error body ([`ApiError`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use reach_proto::Encoding;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tracing::Instrument;
+
+use super::frames::ws_config;
+use super::session::serve_socket;
+use crate::rest::ApiError;
+use crate::state::App;
+
+/// The WebSocket route.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new().route("/v1/ws", get(upgrade)).with_state(app)
+}
+
+fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    match accept(app, peer, req) {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
+    if !header_has_token(&req, header::CONNECTION, "upgrade")
+        || !header_has_token(&req, header::UPGRADE, "websocket")
+    {
+        return Err(ApiError::invalid("expected a WebSocket upgrade request"));
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(ApiError::invalid("Sec-WebSocket-Version must be 13"));
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return Err(ApiError::invalid("Sec-WebSocket-Key is missing"));
+    };
+    let offer: Vec<&str> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let offer = (!offer.is_empty()).then(|| offer.join(","));
+    let chosen =
+        Encoding::negotiate(offer.as_deref()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::Draining);
+    }
+    let encoding = chosen.unwrap_or(Encoding::Json);
+    let permit = Arc::clone(&app.conn_permits).try_acquire_owned().ok();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_app = Arc::clone(&app);
+    app.sockets.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                // Built here, not captured: a captured value stays in the task for its life.
+                Some(ws_config(&task_app.config.limits)),
+            )
+            .await;
+            let _permit = permit.as_ref();
+            // Boxed: the stream would otherwise widen every socket's task.
+            serve_socket(task_app, Box::new(ws), encoding, permit.is_some()).await;
+        }
+        .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
+    );
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    if let Some(enc) = chosen {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(enc.subprotocol()),
+        );
+    }
+    Ok(resp)
+}
