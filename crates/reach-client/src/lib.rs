@@ -10,8 +10,11 @@
 //! - [`ClientEvent`] / [`EventStream`] ([`Client::events`]) and [`UserUpdates`]
 //!   ([`User::updates`]): what happened, with [`UpdateReason`]s.
 //! - [`ClientBuilder`] and [`ReconnectPolicy`]: encoding, timeouts, backoff.
-//! - One background task per client owns the WebSocket (`task.rs`); `connect.rs` opens each
-//!   connection (URL check, upgrade, `hello`, `welcome`).
+//! - Inside: one background task per client owns the WebSocket and runs its sessions and
+//!   reconnects (`task.rs`); `connect.rs` opens each connection (URL check, upgrade, `hello`,
+//!   `welcome`); `request.rs` carries requests and replies between the handles and the task;
+//!   `apply.rs` applies each frame to the shared state (`state.rs`) and says which events
+//!   follow, reporting only what changed; `events.rs` queues events per consumer.
 //!
 //! # Data flow
 //! ```text
@@ -50,10 +53,13 @@
 //! # Ok(()) }
 //! ```
 
+mod apply;
 mod connect;
 mod error;
 mod events;
 mod options;
+mod request;
+mod state;
 mod task;
 mod user;
 
@@ -65,66 +71,20 @@ pub use events::{ClientEvent, ConnectionState, EventStats, EventStream, UserUpda
 pub use options::{Encoding, ReconnectPolicy};
 /// The wire protocol crate (frames, codes, the wire [`User`](reach_proto::User) object).
 pub use reach_proto as proto;
-pub use reach_proto::{IdentityError, Reasons, UpdateReason};
-pub use task::Disconnect;
+pub use reach_proto::{BindingType, IdentityError, Reasons, UpdateReason};
+pub use state::Disconnect;
 pub use user::{User, UserUpdate, reasons_between};
 
 use events::Filter;
 use options::Options;
-use task::{ClientState, Command, Link, Reply, Request, Shared, Task};
+use request::{Command, Link, Reply, Request};
+use state::{ClientState, Shared};
+use task::Task;
 use tokio::sync::{Notify, mpsc};
 use user::UserCell;
 
 /// Capacity of the command channel between handles and the background task.
 const COMMAND_QUEUE: usize = 256;
-
-/// The kind of a push registration (the device token's platform).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BindingType {
-    /// Apple Push Notification service.
-    Apn,
-    /// Google Cloud Messaging (legacy).
-    Gcm,
-    /// Firebase Cloud Messaging.
-    Fcm,
-}
-
-impl BindingType {
-    /// The wire name: `apn`, `gcm` or `fcm`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BindingType::Apn => "apn",
-            BindingType::Gcm => "gcm",
-            BindingType::Fcm => "fcm",
-        }
-    }
-}
-
-impl std::fmt::Display for BindingType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for BindingType {
-    type Err = String;
-
-    /// ```
-    /// use reach_client::BindingType;
-    /// assert_eq!("fcm".parse::<BindingType>(), Ok(BindingType::Fcm));
-    /// assert!("sms".parse::<BindingType>().is_err());
-    /// ```
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "apn" => Ok(BindingType::Apn),
-            "gcm" => Ok(BindingType::Gcm),
-            "fcm" => Ok(BindingType::Fcm),
-            other => Err(format!(
-                "unknown binding type {other:?}: use apn, gcm or fcm"
-            )),
-        }
-    }
-}
 
 /// The outcome of [`Client::subscribe_users`]: the users now subscribed and the identities
 /// that could not be (20404 for an identity the service does not have, 20429 past the
@@ -210,22 +170,7 @@ impl ClientBuilder {
     pub async fn connect(self) -> Result<Client> {
         let url = connect::normalize_url(&self.url)?;
         let conn = connect::open(&url, &self.token, &self.options).await?;
-        let w = conn.welcome.clone();
-        let state = ClientState {
-            connection: ConnectionState::Connected,
-            reachability_enabled: w.reachability_enabled,
-            service_sid: w.service_sid,
-            connection_id: w.connection_id,
-            encoding: conn.encoding,
-            own: UserCell::new(w.user, true),
-            token: self.token,
-            token_expires_at: w.token_expires_at,
-            heartbeat_interval: w.heartbeat_interval,
-            users: Default::default(),
-            detached: Default::default(),
-            last_disconnect: None,
-            connected_since: Some(std::time::Instant::now()),
-        };
+        let state = ClientState::new(conn.welcome.clone(), conn.encoding, self.token);
         let shared = Arc::new(Shared::new(self.options, state));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let link = Arc::new(Link { shared, cmds: tx });
@@ -392,7 +337,7 @@ impl Client {
             users: Vec::with_capacity(identities.len()),
             errors: vec![],
         };
-        for chunk in task::chunk_identities(identities) {
+        for chunk in request::chunk_identities(identities) {
             match self.link.request(Request::Subscribe(chunk)).await? {
                 Reply::Subscribed { users, errors } => {
                     outcome.users.extend(users);
@@ -418,7 +363,7 @@ impl Client {
             .into_iter()
             .map(|s| s.as_ref().to_owned())
             .collect();
-        for chunk in task::chunk_identities(identities) {
+        for chunk in request::chunk_identities(identities) {
             match self.link.request(Request::Unsubscribe(chunk)).await? {
                 Reply::Done => {}
                 other => return Err(unexpected("unsubscribe", &other)),

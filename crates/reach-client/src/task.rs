@@ -1,301 +1,38 @@
-//! The background task that owns the socket, and the state it shares with the handles.
+//! The background task that owns the socket: the session and reconnect loop.
 //!
 //! One task per client. It runs *sessions* (one per WebSocket connection) in a loop:
 //!
 //! 1. A session starts from a `welcome`. After a reconnect it first resubscribes every
-//!    identity the client had subscribed, then replays the requests that were waiting.
-//! 2. It then `select!`s over: the socket's reads (replies, pushes), the command channel
-//!    (requests from [`Client`](crate::Client) and [`User`] handles; each gets a fresh id and
-//!    its reply travels back over a oneshot), a timer (a `ping` every heartbeat interval; no
-//!    frame at all for the dead-server deadline ends the session) and the shutdown signal.
+//!    identity the client had subscribed, then sends the requests that were waiting.
+//! 2. It then `select!`s over: the socket's reads (replies, pushes: applied by `apply.rs`),
+//!    the command channel (requests from [`Client`](crate::Client) and [`User`](crate::User)
+//!    handles; each gets a fresh id in `request.rs` and its reply travels back over a
+//!    oneshot), a timer (a `ping` every heartbeat interval; no frame at all for the dead-server
+//!    deadline ends the session) and the shutdown signal.
 //! 3. How the session ended decides what follows: close 4001 -> `Denied` (and `TokenExpired`
 //!    if the error was 20104), waiting for [`update_token`](crate::Client::update_token);
 //!    4003 -> `Disconnected`; a `goodbye` -> reconnect after its `retry_after_ms`; anything
-//!    else -> reconnect with the policy's backoff. Requests that were in flight are replayed
-//!    on the next connection (opened by `connect.rs`).
-//!
-//! Replies and pushes are applied to the shared state *by this task*, in the order the server
-//! sent them, before any event is emitted; the server never lets a `user_updated` overtake the
-//! `subscribed` reply that carries the same user, so the state never goes backwards. After a
-//! reconnect the resubscription reply is compared with what the client knew, and only the
-//! fields that really changed become `UserUpdated` events.
+//!    else -> reconnect with the policy's backoff. Requests that were in flight are sent
+//!    again on the next connection (opened by `connect.rs`).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use reach_proto::{ClientFrame, Encoding, ErrorCode, IdentityError, Reasons, ServerFrame};
+use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::apply;
 use crate::connect::{Connection, Ws, close_parts, decode, open, to_message};
 use crate::error::{Error, Result};
-use crate::events::{ClientEvent, ConnectionState, Hub};
-use crate::options::Options;
-use crate::user::{User, UserCell};
+use crate::events::{ClientEvent, ConnectionState};
+use crate::request::{Command, Link, Pending, Reply, ReplyTx, Request, Requests, chunk_identities};
+use crate::state::{Disconnect, Shared};
 
 /// How long a closing handshake may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Largest total identity length per `subscribe` frame (the server's default frame limit is
-/// 64 KiB; this leaves room for the frame's other bytes).
-const SUBSCRIBE_CHUNK_BYTES: usize = 16 * 1024;
-const SUBSCRIBE_CHUNK_IDENTITIES: usize = 500;
-
-/// How the last connection ended, as [`Client::last_disconnect`](crate::Client::last_disconnect)
-/// reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Disconnect {
-    /// The WebSocket close code, if the server sent one.
-    pub code: Option<u16>,
-    /// The close reason, the error the server sent before closing, or what the client saw.
-    pub reason: String,
-    /// The delay a draining server asked for in `goodbye`.
-    pub retry_after: Option<Duration>,
-    /// When the client noticed.
-    pub at: std::time::Instant,
-}
-
-/// State shared by the task and every handle. Getters lock briefly; no lock is held across
-/// an `.await`. Lock order: `state`, then a user cell, then the hub.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub hub: Hub,
-    pub options: Options,
-    state: Mutex<ClientState>,
-}
-
-#[derive(Debug)]
-pub(crate) struct ClientState {
-    pub connection: ConnectionState,
-    pub reachability_enabled: bool,
-    pub service_sid: String,
-    pub connection_id: String,
-    pub encoding: Encoding,
-    /// The client's own user; always subscribed.
-    pub own: Arc<UserCell>,
-    /// The token the next `hello` presents (the latest one the server accepted or that the
-    /// application handed over while disconnected).
-    pub token: String,
-    pub token_expires_at: i64,
-    pub heartbeat_interval: Duration,
-    /// Subscribed identities besides the own one.
-    pub users: HashMap<Arc<str>, Arc<UserCell>>,
-    /// Unsubscribed identities whose handles may still be alive, so that subscribing again
-    /// revives the same handles.
-    pub detached: HashMap<Arc<str>, Weak<UserCell>>,
-    pub last_disconnect: Option<Disconnect>,
-    pub connected_since: Option<std::time::Instant>,
-}
-
-impl ClientState {
-    fn cell(&self, identity: &str) -> Option<&Arc<UserCell>> {
-        if *self.own.identity == *identity {
-            Some(&self.own)
-        } else {
-            self.users.get(identity)
-        }
-    }
-
-    /// Subscribes `user`'s cell (reviving a detached one); returns it, whether it was newly
-    /// subscribed, and what changed in its state.
-    fn subscribe(&mut self, user: reach_proto::User) -> (Arc<UserCell>, bool, Reasons) {
-        if let Some(cell) = self.cell(&user.identity).cloned() {
-            let reasons = cell.replace(user);
-            return (cell, false, reasons);
-        }
-        let identity: Arc<str> = Arc::from(user.identity.as_str());
-        let cell = match self.detached.remove(&identity).and_then(|w| w.upgrade()) {
-            Some(cell) => {
-                cell.replace(user);
-                cell.set_subscribed(true);
-                cell
-            }
-            None => UserCell::new(user, true),
-        };
-        self.users.insert(identity, Arc::clone(&cell));
-        (cell, true, Reasons::EMPTY)
-    }
-
-    fn unsubscribe(&mut self, identity: &str) -> Option<Arc<UserCell>> {
-        let cell = self.users.remove(identity)?;
-        cell.set_subscribed(false);
-        self.detached.retain(|_, w| w.strong_count() > 0);
-        self.detached
-            .insert(Arc::clone(&cell.identity), Arc::downgrade(&cell));
-        Some(cell)
-    }
-}
-
-impl Shared {
-    pub fn new(options: Options, state: ClientState) -> Shared {
-        Shared {
-            hub: Hub::new(options.event_capacity),
-            options,
-            state: Mutex::new(state),
-        }
-    }
-
-    pub fn state(&self) -> MutexGuard<'_, ClientState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sets the connection state; emits `ConnectionStateChanged` if it changed.
-    fn set_connection(&self, to: ConnectionState) {
-        let changed = {
-            let mut st = self.state();
-            std::mem::replace(&mut st.connection, to) != to
-        };
-        if changed {
-            tracing::debug!(state = %to, "connection state");
-            self.hub.emit(ClientEvent::ConnectionStateChanged(to));
-        }
-    }
-}
-
-/// A request from the application.
-#[derive(Debug, Clone)]
-pub(crate) enum Request {
-    Subscribe(Vec<String>),
-    Unsubscribe(Vec<String>),
-    UpdateToken(String),
-    RegisterPush {
-        binding_type: String,
-        address: String,
-    },
-    UnregisterPush {
-        binding_type: String,
-        address: String,
-    },
-    Ping,
-}
-
-impl Request {
-    fn frame(&self, id: i64) -> ClientFrame {
-        match self.clone() {
-            Request::Subscribe(identities) => ClientFrame::Subscribe { id, identities },
-            Request::Unsubscribe(identities) => ClientFrame::Unsubscribe { id, identities },
-            Request::UpdateToken(token) => ClientFrame::UpdateToken { id, token },
-            Request::RegisterPush {
-                binding_type,
-                address,
-            } => ClientFrame::RegisterPush {
-                id,
-                binding_type,
-                address,
-            },
-            Request::UnregisterPush {
-                binding_type,
-                address,
-            } => ClientFrame::UnregisterPush {
-                id,
-                binding_type,
-                address,
-            },
-            Request::Ping => ClientFrame::Ping { id },
-        }
-    }
-}
-
-/// The task's answer to a request.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    Done,
-    Subscribed {
-        users: Vec<User>,
-        errors: Vec<IdentityError>,
-    },
-    TokenUpdated {
-        expires_at: i64,
-    },
-    PushRegistered {
-        binding_sid: String,
-    },
-    Pong {
-        rtt: Duration,
-    },
-}
-
-type ReplyTx = oneshot::Sender<Result<Reply>>;
-
-pub(crate) enum Command {
-    Request {
-        request: Request,
-        reply: ReplyTx,
-    },
-    /// Say `bye`, close, end the task; `done` fires when it has.
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
-/// What handles hold to reach the task: the command channel and the shared state.
-#[derive(Debug)]
-pub(crate) struct Link {
-    pub shared: Arc<Shared>,
-    pub cmds: mpsc::Sender<Command>,
-}
-
-impl Link {
-    /// Sends a request and waits for its reply, at most the request timeout.
-    pub async fn request(&self, request: Request) -> Result<Reply> {
-        let timeout = self.shared.options.request_timeout;
-        let (tx, rx) = oneshot::channel();
-        let exchange = async {
-            self.cmds
-                .send(Command::Request { request, reply: tx })
-                .await
-                .map_err(|_| Error::ClientClosed)?;
-            rx.await.map_err(|_| Error::ClientClosed)?
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| Error::Timeout(timeout))?
-    }
-
-    pub fn user(self: &Arc<Self>, cell: Arc<UserCell>) -> User {
-        User {
-            cell,
-            link: Some(Arc::clone(self)),
-        }
-    }
-}
-
-/// Splits identities into `subscribe` frames that stay well under the server's frame limit.
-pub(crate) fn chunk_identities(identities: Vec<String>) -> Vec<Vec<String>> {
-    let mut chunks = vec![];
-    let mut current: Vec<String> = vec![];
-    let mut bytes = 0;
-    for identity in identities {
-        if !current.is_empty()
-            && (bytes + identity.len() > SUBSCRIBE_CHUNK_BYTES
-                || current.len() >= SUBSCRIBE_CHUNK_IDENTITIES)
-        {
-            chunks.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += identity.len() + 3;
-        current.push(identity);
-    }
-    if !current.is_empty() {
-        chunks.push(current);
-    }
-    chunks
-}
-
-/// A request sent on the current connection, waiting for its reply.
-enum Pending {
-    App {
-        request: Request,
-        reply: ReplyTx,
-        sent: Instant,
-    },
-    /// The task's own heartbeat `ping`.
-    Heartbeat,
-    /// The resubscription after a reconnect.
-    Resubscribe,
-}
 
 /// How a session ended.
 enum End {
@@ -327,11 +64,8 @@ pub(crate) struct Task {
     url: String,
     cmds: mpsc::Receiver<Command>,
     shutdown: Arc<Notify>,
-    next_id: i64,
-    /// Requests waiting for a connection, in arrival order.
-    queued: VecDeque<(Request, ReplyTx)>,
-    /// Requests sent on the current connection, by id.
-    pending: HashMap<i64, Pending>,
+    /// What waits for a connection or a reply.
+    requests: Requests,
     /// Who asked for the close, to be told when it is done.
     closing: Vec<oneshot::Sender<()>>,
 }
@@ -348,27 +82,13 @@ impl Task {
             url,
             cmds,
             shutdown,
-            next_id: 1,
-            queued: VecDeque::new(),
-            pending: HashMap::new(),
+            requests: Requests::default(),
             closing: vec![],
         }
     }
 
     fn shared(&self) -> &Shared {
         &self.link.shared
-    }
-
-    fn emit_all(&self, events: Vec<ClientEvent>) {
-        for e in events {
-            self.shared().hub.emit(e);
-        }
-    }
-
-    fn id(&mut self) -> i64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
     }
 
     /// Runs sessions until the client ends.
@@ -385,15 +105,15 @@ impl Task {
             let next = match end {
                 End::Shutdown => Next::Stop,
                 End::Forbidden => {
-                    self.fail_all(|| Error::Closed {
-                        code: Some(4003),
+                    self.requests.fail_all(|| Error::Closed {
+                        code: Some(CloseCode::Forbidden.as_u16()),
                         reason: "forbidden: the service or user no longer exists".into(),
                     });
                     Next::Stop
                 }
                 End::Denied { code, message } => Next::Denied { code, message },
                 End::Lost { retry_after } => {
-                    self.requeue_pending();
+                    self.requests.requeue_in_flight();
                     self.reconnect(retry_after).await
                 }
             };
@@ -409,35 +129,11 @@ impl Task {
         self.finish();
     }
 
-    /// Applies a `welcome` (after a reconnect: reports only what changed).
+    /// Applies a new connection's `welcome` and reports it connected.
     fn on_welcome(&self, conn: &Connection) {
-        let w = &conn.welcome;
-        let mut events = vec![];
-        {
-            let mut st = self.shared().state();
-            st.connection_id = w.connection_id.clone();
-            st.service_sid = w.service_sid.clone();
-            st.token_expires_at = w.token_expires_at;
-            st.heartbeat_interval = w.heartbeat_interval;
-            st.encoding = conn.encoding;
-            st.connected_since = Some(std::time::Instant::now());
-            if st.reachability_enabled != w.reachability_enabled {
-                st.reachability_enabled = w.reachability_enabled;
-                events.push(ClientEvent::ServiceUpdated {
-                    reachability_enabled: w.reachability_enabled,
-                });
-            }
-            let own = Arc::clone(&st.own);
-            let reasons = own.replace(w.user.clone());
-            if !reasons.is_empty() {
-                events.push(ClientEvent::UserUpdated {
-                    user: self.link.user(own),
-                    reasons: reasons.to_vec(),
-                });
-            }
-        }
+        let events = apply::welcome(&self.link, &conn.welcome, conn.encoding);
         self.shared().set_connection(ConnectionState::Connected);
-        self.emit_all(events);
+        self.shared().emit_all(events);
     }
 
     /// One connection's life; see the module doc.
@@ -461,25 +157,15 @@ impl Task {
                 st.users.keys().map(|k| k.to_string()).collect()
             };
             for chunk in chunk_identities(identities) {
-                let id = self.id();
-                let frame = ClientFrame::Subscribe {
-                    id,
-                    identities: chunk,
-                };
-                self.pending.insert(id, Pending::Resubscribe);
+                let frame = self.requests.resubscribe(chunk);
                 if let Err(reason) = send(ws, &frame, encoding, dead_after).await {
                     return self.lost(None, reason, None);
                 }
             }
         }
-        while let Some((request, reply)) = self.queued.pop_front() {
-            if reply.is_closed() {
-                continue;
-            }
-            if let Err(reason) = self
-                .send_request(ws, encoding, dead_after, request, reply)
-                .await
-            {
+        while let Some((request, reply)) = self.requests.next_queued() {
+            let frame = self.requests.send(request, reply);
+            if let Err(reason) = send(ws, &frame, encoding, dead_after).await {
                 return self.lost(None, reason, None);
             }
         }
@@ -513,7 +199,8 @@ impl Task {
                         return self.say_bye(ws, encoding).await;
                     }
                     Some(Command::Request { request, reply }) => {
-                        if let Err(reason) = self.send_request(ws, encoding, dead_after, request, reply).await {
+                        let frame = self.requests.send(request, reply);
+                        if let Err(reason) = send(ws, &frame, encoding, dead_after).await {
                             return self.lost(None, reason, None);
                         }
                     }
@@ -529,39 +216,15 @@ impl Task {
                     }
                     if now >= next_ping {
                         next_ping = now + heartbeat;
-                        let id = self.id();
-                        if let Some(previous) = heartbeat_id.replace(id) {
-                            self.pending.remove(&previous);
-                        }
-                        self.pending.insert(id, Pending::Heartbeat);
-                        if let Err(reason) = send(ws, &ClientFrame::Ping { id }, encoding, dead_after).await {
+                        let (id, ping) = self.requests.heartbeat(heartbeat_id);
+                        heartbeat_id = Some(id);
+                        if let Err(reason) = send(ws, &ping, encoding, dead_after).await {
                             return self.lost(None, reason, None);
                         }
                     }
                 }
             }
         }
-    }
-
-    async fn send_request(
-        &mut self,
-        ws: &mut Ws,
-        encoding: Encoding,
-        limit: Duration,
-        request: Request,
-        reply: ReplyTx,
-    ) -> std::result::Result<(), String> {
-        let id = self.id();
-        let frame = request.frame(id);
-        self.pending.insert(
-            id,
-            Pending::App {
-                request,
-                reply,
-                sent: Instant::now(),
-            },
-        );
-        send(ws, &frame, encoding, limit).await
     }
 
     /// Records a lost connection; the caller reconnects.
@@ -594,8 +257,8 @@ impl Task {
             None if reason.is_empty() => "closed by the server".to_owned(),
             None => reason.clone(),
         };
-        match code {
-            Some(4001) => {
+        match code.and_then(CloseCode::from_u16) {
+            Some(CloseCode::Unauthorized) => {
                 self.record_disconnect(code, why, None);
                 let (code, message) = last_error.unwrap_or((
                     ErrorCode::InvalidAccessToken.as_u32(),
@@ -603,45 +266,48 @@ impl Task {
                 ));
                 End::Denied { code, message }
             }
-            Some(4003) => {
+            Some(CloseCode::Forbidden) => {
                 self.record_disconnect(code, why, None);
                 End::Forbidden
             }
-            Some(1001) => self.lost(code, why, goodbye),
+            Some(CloseCode::GoingAway) => self.lost(code, why, goodbye),
             _ => self.lost(code, why, None),
         }
     }
 
+    /// A frame read in a session: a reply goes to whoever waits for it, after being applied.
     fn on_frame(
         &mut self,
         frame: ServerFrame,
         last_error: &mut Option<(u32, String)>,
         goodbye: &mut Option<Duration>,
     ) {
+        let shared = Arc::clone(&self.link.shared);
         match frame {
-            ServerFrame::Subscribed { id, users, errors } => match self.pending.remove(&id) {
-                Some(Pending::Resubscribe) => self.on_resubscribed(users, errors),
+            ServerFrame::Subscribed { id, users, errors } => match self.requests.take(id) {
+                Some(Pending::Resubscribe) => {
+                    shared.emit_all(apply::resubscribed(&self.link, users, errors));
+                }
                 Some(Pending::App { reply, .. }) => {
-                    let handles = self.on_subscribed(users);
+                    let (handles, events) = apply::subscribed(&self.link, users);
+                    shared.emit_all(events);
                     let _ = reply.send(Ok(Reply::Subscribed {
                         users: handles,
                         errors,
                     }));
                 }
-                _ => {
-                    self.on_subscribed(users);
-                }
+                _ => shared.emit_all(apply::subscribed(&self.link, users).1),
             },
             ServerFrame::Unsubscribed { id } => {
-                if let Some(Pending::App { request, reply, .. }) = self.pending.remove(&id) {
+                if let Some(Pending::App { request, reply, .. }) = self.requests.take(id) {
                     if let Request::Unsubscribe(identities) = request {
-                        self.on_unsubscribed(&identities);
+                        shared.emit_all(apply::unsubscribed(&self.link, &identities));
                     }
                     let _ = reply.send(Ok(Reply::Done));
                 }
             }
             ServerFrame::Pong { id } => {
-                if let Some(Pending::App { reply, sent, .. }) = self.pending.remove(&id) {
+                if let Some(Pending::App { reply, sent, .. }) = self.requests.take(id) {
                     let _ = reply.send(Ok(Reply::Pong {
                         rtt: sent.elapsed(),
                     }));
@@ -651,11 +317,9 @@ impl Task {
                 id,
                 token_expires_at,
             } => {
-                if let Some(Pending::App { request, reply, .. }) = self.pending.remove(&id) {
+                if let Some(Pending::App { request, reply, .. }) = self.requests.take(id) {
                     if let Request::UpdateToken(token) = request {
-                        let mut st = self.shared().state();
-                        st.token = token;
-                        st.token_expires_at = token_expires_at;
+                        apply::token_updated(&self.link, token, token_expires_at);
                     }
                     let _ = reply.send(Ok(Reply::TokenUpdated {
                         expires_at: token_expires_at,
@@ -663,28 +327,28 @@ impl Task {
                 }
             }
             ServerFrame::PushRegistered { id, binding_sid } => {
-                if let Some(Pending::App { reply, .. }) = self.pending.remove(&id) {
+                if let Some(Pending::App { reply, .. }) = self.requests.take(id) {
                     let _ = reply.send(Ok(Reply::PushRegistered { binding_sid }));
                 }
             }
             ServerFrame::PushUnregistered { id } => {
-                if let Some(Pending::App { reply, .. }) = self.pending.remove(&id) {
+                if let Some(Pending::App { reply, .. }) = self.requests.take(id) {
                     let _ = reply.send(Ok(Reply::Done));
                 }
             }
-            ServerFrame::UserUpdated { user, reasons } => self.on_user_updated(user, reasons),
+            ServerFrame::UserUpdated { user, reasons } => {
+                if let Some(event) = apply::user_updated(&self.link, user, reasons) {
+                    shared.hub.emit(event);
+                }
+            }
             ServerFrame::ServiceUpdated {
                 reachability_enabled,
-            } => {
-                self.shared().state().reachability_enabled = reachability_enabled;
-                self.shared().hub.emit(ClientEvent::ServiceUpdated {
-                    reachability_enabled,
-                });
-            }
-            ServerFrame::TokenAboutToExpire { expires_at } => {
-                self.shared().state().token_expires_at = expires_at;
-                self.shared().hub.emit(ClientEvent::TokenAboutToExpire);
-            }
+            } => shared
+                .hub
+                .emit(apply::service_updated(&self.link, reachability_enabled)),
+            ServerFrame::TokenAboutToExpire { expires_at } => shared
+                .hub
+                .emit(apply::token_about_to_expire(&self.link, expires_at)),
             ServerFrame::Goodbye {
                 reason,
                 retry_after_ms,
@@ -696,7 +360,7 @@ impl Task {
                 id: Some(id),
                 code,
                 message,
-            } => match self.pending.remove(&id) {
+            } => match self.requests.take(id) {
                 Some(Pending::App { reply, .. }) => {
                     let _ = reply.send(Err(Error::Server { code, message }));
                 }
@@ -717,93 +381,6 @@ impl Task {
         }
     }
 
-    /// Applies a `subscribed` reply to an application request.
-    fn on_subscribed(&self, users: Vec<reach_proto::User>) -> Vec<User> {
-        let mut events = vec![];
-        let mut handles = Vec::with_capacity(users.len());
-        {
-            let mut st = self.shared().state();
-            for user in users {
-                let (cell, newly, reasons) = st.subscribe(user);
-                let handle = self.link.user(cell);
-                if newly {
-                    events.push(ClientEvent::UserSubscribed(handle.clone()));
-                } else if !reasons.is_empty() {
-                    events.push(ClientEvent::UserUpdated {
-                        user: handle.clone(),
-                        reasons: reasons.to_vec(),
-                    });
-                }
-                handles.push(handle);
-            }
-        }
-        self.emit_all(events);
-        handles
-    }
-
-    /// Applies the resubscription after a reconnect: only real changes become events; users
-    /// the server no longer has are unsubscribed.
-    fn on_resubscribed(&self, users: Vec<reach_proto::User>, errors: Vec<IdentityError>) {
-        let mut events = vec![];
-        {
-            let mut st = self.shared().state();
-            for user in users {
-                let Some(cell) = st.users.get(user.identity.as_str()).cloned() else {
-                    continue;
-                };
-                let reasons = cell.replace(user);
-                if !reasons.is_empty() {
-                    events.push(ClientEvent::UserUpdated {
-                        user: self.link.user(cell),
-                        reasons: reasons.to_vec(),
-                    });
-                }
-            }
-            for e in errors {
-                tracing::info!(identity = %e.identity, code = e.code, message = %e.message,
-                    "not resubscribed after the reconnect");
-                if let Some(cell) = st.unsubscribe(&e.identity) {
-                    events.push(ClientEvent::UserUnsubscribed(self.link.user(cell)));
-                }
-            }
-        }
-        self.emit_all(events);
-    }
-
-    fn on_unsubscribed(&self, identities: &[String]) {
-        let mut events = vec![];
-        {
-            let mut st = self.shared().state();
-            for identity in identities {
-                if let Some(cell) = st.unsubscribe(identity) {
-                    events.push(ClientEvent::UserUnsubscribed(self.link.user(cell)));
-                }
-            }
-        }
-        self.emit_all(events);
-    }
-
-    fn on_user_updated(&self, user: reach_proto::User, reasons: Vec<reach_proto::UpdateReason>) {
-        let cell = {
-            let st = self.shared().state();
-            st.cell(&user.identity).cloned()
-        };
-        // An update for an identity unsubscribed a moment ago: nobody watches it any more.
-        let Some(cell) = cell else { return };
-        let changed = cell.replace(user);
-        let reasons = if reasons.is_empty() {
-            changed.to_vec()
-        } else {
-            reasons
-        };
-        if !reasons.is_empty() {
-            self.shared().hub.emit(ClientEvent::UserUpdated {
-                user: self.link.user(cell),
-                reasons,
-            });
-        }
-    }
-
     /// Says `bye` and waits (briefly) for the server's close.
     async fn say_bye(&mut self, ws: &mut Ws, encoding: Encoding) -> End {
         self.shared().set_connection(ConnectionState::Disconnecting);
@@ -819,38 +396,12 @@ impl Task {
             Ok::<(), tungstenite::Error>(())
         })
         .await;
-        self.record_disconnect(Some(1000), "closed by the client".into(), None);
+        self.record_disconnect(
+            Some(CloseCode::Normal.as_u16()),
+            "closed by the client".into(),
+            None,
+        );
         End::Shutdown
-    }
-
-    /// Moves the requests that were in flight back to the queue, to be sent again.
-    fn requeue_pending(&mut self) {
-        let mut in_flight: Vec<(i64, Request, ReplyTx)> = self
-            .pending
-            .drain()
-            .filter_map(|(id, p)| match p {
-                Pending::App { request, reply, .. } if !reply.is_closed() => {
-                    Some((id, request, reply))
-                }
-                _ => None,
-            })
-            .collect();
-        in_flight.sort_by_key(|(id, ..)| *id);
-        for (_, request, reply) in in_flight.into_iter().rev() {
-            self.queued.push_front((request, reply));
-        }
-    }
-
-    /// Fails every waiting request.
-    fn fail_all(&mut self, error: impl Fn() -> Error) {
-        for (_, p) in self.pending.drain() {
-            if let Pending::App { reply, .. } = p {
-                let _ = reply.send(Err(error()));
-            }
-        }
-        for (_, reply) in self.queued.drain(..) {
-            let _ = reply.send(Err(error()));
-        }
     }
 
     /// Queues a request that came while there is no connection.
@@ -859,8 +410,7 @@ impl Task {
             // The next hello presents it; the replayed update_token confirms it.
             self.shared().state().token = token.clone();
         }
-        self.queued.retain(|(_, r)| !r.is_closed());
-        self.queued.push_back((request, reply));
+        self.requests.queue(request, reply);
     }
 
     /// Waits `delay`, queueing requests meanwhile; stops early on shutdown or close.
@@ -915,7 +465,7 @@ impl Task {
         loop {
             if !policy.allows(attempt) {
                 tracing::info!(attempts = attempt, "giving up reconnecting");
-                self.fail_all(|| Error::Closed {
+                self.requests.fail_all(|| Error::Closed {
                     code: None,
                     reason: "the connection was lost and not re-established".into(),
                 });
@@ -933,7 +483,11 @@ impl Task {
                     return Next::Connected(Box::new(conn));
                 }
                 Some(Err(Error::Denied { code, message })) => {
-                    self.record_disconnect(Some(4001), format!("error {code}: {message}"), None);
+                    self.record_disconnect(
+                        Some(CloseCode::Unauthorized.as_u16()),
+                        format!("error {code}: {message}"),
+                        None,
+                    );
                     return Next::Denied { code, message };
                 }
                 Some(Err(e)) => {
@@ -955,20 +509,7 @@ impl Task {
                 message: message.to_owned(),
             };
             // Only an update_token can lead anywhere now.
-            let mut tokens = VecDeque::new();
-            for (_, p) in self.pending.drain() {
-                if let Pending::App { request, reply, .. } = p {
-                    match request {
-                        Request::UpdateToken(_) => tokens.push_back((request, reply)),
-                        _ => {
-                            let _ = reply.send(Err(denied(code, &message)));
-                        }
-                    }
-                }
-            }
-            for (_, reply) in self.queued.drain(..) {
-                let _ = reply.send(Err(denied(code, &message)));
-            }
+            let tokens = self.requests.deny(|| denied(code, &message));
             self.shared().set_connection(ConnectionState::Denied);
             if expired {
                 self.shared().hub.emit(ClientEvent::TokenExpired);
@@ -977,7 +518,7 @@ impl Task {
                 // An update_token in flight when the token expired: reply after reconnecting.
                 self.queue(request, reply);
             }
-            if self.queued.is_empty() {
+            if !self.requests.has_queued() {
                 loop {
                     let cmd = tokio::select! {
                         biased;
@@ -1037,7 +578,7 @@ impl Task {
 
     /// The client has ended: fail what waits, end the streams, tell `close` callers.
     fn finish(mut self) {
-        self.fail_all(|| Error::ClientClosed);
+        self.requests.fail_all(|| Error::ClientClosed);
         self.shared().set_connection(ConnectionState::Disconnected);
         self.shared().hub.close();
         for done in self.closing.drain(..) {
@@ -1066,30 +607,4 @@ async fn drain_close(ws: &mut Ws) {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn large_subscriptions_are_split_into_frames_under_the_limit() {
-        let ids: Vec<String> = (0..1200).map(|i| format!("user-{i:05}")).collect();
-        let chunks = chunk_identities(ids.clone());
-        assert_eq!(chunks.len(), 3);
-        assert!(chunks.iter().all(|c| c.len() <= SUBSCRIBE_CHUNK_IDENTITIES));
-        assert_eq!(chunks.concat(), ids);
-        let long: Vec<String> = (0..200).map(|i| format!("{i:0>250}")).collect();
-        for c in chunk_identities(long) {
-            let frame = reach_proto::encode(
-                &ClientFrame::Subscribe {
-                    id: 1,
-                    identities: c,
-                },
-                Encoding::Json,
-            );
-            assert!(frame.len() < 64 * 1024);
-        }
-        assert!(chunk_identities(vec![]).is_empty());
-    }
 }

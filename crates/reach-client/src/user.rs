@@ -11,7 +11,7 @@ use serde::ser::SerializeStruct;
 
 use crate::error::{Error, Result};
 use crate::events::{Filter, Queue, UserUpdates};
-use crate::task::{Link, Reply, Request};
+use crate::request::{Link, Reply, Request};
 
 /// The shared state of one identity.
 #[derive(Debug)]
