@@ -12,40 +12,39 @@
 //! kept as a small vector, so one worker can hold 19,000 sockets in little memory and CPU.
 //!
 //! The same user tasks drive a peer server instead of reachd ([`crate::peer`]): a [`Conn`] is a
-//! reach WebSocket, a Pusher WebSocket or an MQTT connection, and each kind knows how to
-//! connect, subscribe, read a notification and leave. Everything else (events, latencies,
-//! views, the final comparison with the truth) is shared.
+//! reach WebSocket, a Pusher WebSocket or an MQTT connection, and each kind's driver knows how
+//! to connect, subscribe, read a notification and leave, one file per target: [`reach`],
+//! [`pusher`], [`mqtt`]. Everything else (this file: the phases, the users' tasks, events,
+//! latencies, views, the final comparison with the truth) is shared.
+
+mod mqtt;
+mod pusher;
+mod reach;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::Rng;
-use reach_proto::{ClientFrame, Encoding, ServerFrame, decode_server, encode};
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    ConnectReturnCode, LastWill, Packet, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode,
-};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use reach_proto::Encoding;
+use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::ipc::{Event, EventKind, FromWorker, Phase, Plan, Tick, ToWorker, WorkerResult};
-use crate::peer::{self, PusherIn, Target};
-use crate::scenario::{Kind, Scenario, identity, user_of};
+use crate::peer::Target;
+use crate::scenario::{Kind, Scenario};
 use crate::stats::{encode_hist, new_hist, now_ns, proc_sample, record_ns};
+use mqtt::MqttConn;
+use pusher::PusherConn;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -54,65 +53,6 @@ enum Conn {
     Reach(Ws),
     Pusher(PusherConn),
     Mqtt(MqttConn),
-}
-
-struct PusherConn {
-    ws: Ws,
-    /// From `pusher:connection_established`; signed into every subscription.
-    socket_id: String,
-}
-
-struct MqttConn {
-    stream: TcpStream,
-    /// Bytes read and not yet parsed into packets.
-    buf: BytesMut,
-    /// When the next PINGREQ is due (every keepalive / 2).
-    ping: Pin<Box<tokio::time::Sleep>>,
-    ping_every: Duration,
-}
-
-impl MqttConn {
-    /// Reads more bytes into `buf`, sending PINGREQs while it waits. Cancel-safe.
-    async fn fill(&mut self) -> Result<(), String> {
-        if self.buf.capacity() - self.buf.len() < 256 {
-            self.buf.reserve(1024);
-        }
-        loop {
-            tokio::select! {
-                r = self.stream.read_buf(&mut self.buf) => {
-                    return match r {
-                        Ok(0) => Err("server closed the socket".into()),
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(format!("read: {e}")),
-                    };
-                }
-                () = &mut self.ping => {
-                    // Two bytes into an idle socket's send buffer: never blocks in practice,
-                    // and a PINGREQ lost to a full buffer is harmless (the data keeps it alive).
-                    let _ = self.stream.try_write(&[0xC0, 0x00]);
-                    let next = self.ping.deadline() + self.ping_every;
-                    self.ping.as_mut().reset(next);
-                }
-            }
-        }
-    }
-
-    /// Reads until `want` accepts a packet; other packets go to `other`.
-    async fn until<T>(
-        &mut self,
-        mut want: impl FnMut(&Packet) -> Option<Result<T, String>>,
-        mut other: impl FnMut(Packet),
-    ) -> Result<T, String> {
-        loop {
-            while let Some(p) = peer::mqtt_read(&mut self.buf)? {
-                match want(&p) {
-                    Some(r) => return r,
-                    None => other(p),
-                }
-            }
-            self.fill().await?;
-        }
-    }
 }
 
 impl Conn {
@@ -128,6 +68,8 @@ impl Conn {
     }
 }
 
+/// How long a clean leave reads on for the server's close.
+const BYE_DRAIN: Duration = Duration::from_secs(3);
 /// Connection attempts before a user is given up.
 const CONNECT_ATTEMPTS: u32 = 20;
 /// A notification is matched to its event after this long, so that events relayed from other
@@ -607,37 +549,6 @@ impl Worker {
         }
     }
 
-    fn token(&self, user: u32) -> String {
-        let p = &self.plan;
-        let now = (now_ns() / 1_000_000_000) as i64;
-        let claims = serde_json::json!({
-            "jti": format!("{}-{now}-{user}", p.key_sid),
-            "iss": p.key_sid,
-            "sub": p.account_sid,
-            "exp": now + 6 * 3600,
-            "grants": {"identity": identity(user), "chat": {"service_sid": p.service_sid}}
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        header.typ = Some("JWT".into());
-        header.cty = Some("twilio-fpa;v=1".into());
-        jsonwebtoken::encode(
-            &header,
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(p.key_secret.as_bytes()),
-        )
-        .expect("HS256 signing cannot fail")
-    }
-
-    fn message(&self, frame: &ClientFrame) -> Message {
-        let bytes = encode(frame, self.enc);
-        match self.enc {
-            Encoding::MsgPack => Message::Binary(bytes),
-            Encoding::Json => Message::Text(
-                Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}")),
-            ),
-        }
-    }
-
     fn source_ip(&self, user: u32) -> Ipv4Addr {
         let third = (self.plan.worker + 1).min(254) as u8;
         let fourth = (1 + user % self.sc.source_ips) as u8;
@@ -714,234 +625,13 @@ impl Worker {
             Target::Mqtt => self.establish_mqtt(user, visible).await.map(Conn::Mqtt),
         }
     }
-
-    async fn establish_reach(&self, user: u32, visible: bool) -> Result<Ws, String> {
-        let mut ws = self.retrying(|| self.upgrade(user)).await?;
-        let token = self.token(user);
-        if visible {
-            self.event(user, true, EventKind::Connect);
-        }
-        let sent = now_ns();
-        ws.send(self.message(&ClientFrame::Hello {
-            token,
-            client: Some("reach-loadtest/0.1".into()),
-        }))
-        .await
-        .map_err(|e| format!("send hello: {e}"))?;
-        let welcome = tokio::time::timeout(self.reply_timeout(), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(m)) => match self.frame(&m)? {
-                        Some(ServerFrame::Welcome { .. }) => return Ok(()),
-                        Some(ServerFrame::Error { code, message, .. }) => {
-                            return Err(format!("hello refused: {code} {message}"));
-                        }
-                        _ => {}
-                    },
-                    Some(Err(e)) => return Err(format!("read welcome: {e}")),
-                    None => return Err("closed before welcome".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|_| "no welcome in time".to_string())?;
-        welcome?;
-        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
-        self.c.borrow_mut().connects += 1;
-        Ok(ws)
-    }
-
-    /// Upgrade, then `pusher:connection_established` (timed as `hello`).
-    async fn establish_pusher(&self, user: u32) -> Result<PusherConn, String> {
-        let mut ws = self.retrying(|| self.upgrade(user)).await?;
-        let sent = now_ns();
-        let socket_id = tokio::time::timeout(self.reply_timeout(), async {
-            loop {
-                match self.pusher_next(&mut ws).await? {
-                    PusherIn::Established { socket_id } => return Ok(socket_id),
-                    PusherIn::Error(e) => return Err(format!("connection refused: {e}")),
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| "no pusher:connection_established in time".to_string())??;
-        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
-        self.c.borrow_mut().connects += 1;
-        Ok(PusherConn { ws, socket_id })
-    }
-
-    /// TCP connect, then CONNECT (with the last will `0`) and the retained `1`, pipelined;
-    /// CONNECT -> CONNACK is timed as `hello`.
-    async fn establish_mqtt(&self, user: u32, visible: bool) -> Result<MqttConn, String> {
-        let started = now_ns();
-        let stream = self.retrying(|| self.tcp(user)).await?;
-        record_ns(&mut self.h.borrow_mut().upgrade, now_ns() - started);
-        let sc = &self.sc;
-        let watched = peer::is_watched(sc, user);
-        let topic = peer::mqtt_topic(sc, user);
-        let n = self.next_client.get();
-        self.next_client.set(n + 1);
-        let keepalive = peer::mqtt_keepalive_s(sc);
-        let mut connect = rumqttc::mqttbytes::v4::Connect::new(format!(
-            "{}-{}-{n}",
-            identity(user),
-            self.plan.worker
-        ));
-        connect.keep_alive = keepalive;
-        connect.clean_session = true;
-        if watched {
-            connect.last_will = Some(LastWill::new(&topic, "0", QoS::AtMostOnce, true));
-        }
-        let mut out = BytesMut::with_capacity(128);
-        peer::mqtt_write(&Packet::Connect(connect), &mut out)?;
-        if watched {
-            peer::mqtt_write(&Packet::Publish(retained(&topic, true)), &mut out)?;
-        }
-        let ping_every = Duration::from_millis(u64::from(keepalive) * 500);
-        let mut m = MqttConn {
-            stream,
-            buf: BytesMut::with_capacity(1024),
-            ping: Box::pin(tokio::time::sleep(ping_every)),
-            ping_every,
-        };
-        if visible {
-            self.event(user, true, EventKind::Connect);
-        }
-        let sent = now_ns();
-        m.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("send connect: {e}"))?;
-        tokio::time::timeout(
-            self.reply_timeout(),
-            m.until(
-                |p| match p {
-                    Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Some(Ok(())),
-                    Packet::ConnAck(a) => Some(Err(format!("connect refused: {:?}", a.code))),
-                    _ => None,
-                },
-                |p| self.on_mqtt(user, p),
-            ),
-        )
-        .await
-        .map_err(|_| "no CONNACK in time".to_string())??;
-        record_ns(&mut self.h.borrow_mut().hello, now_ns() - sent);
-        self.c.borrow_mut().connects += 1;
-        Ok(m)
-    }
-
-    /// Decodes a data message; `None` for control frames.
-    fn frame(&self, m: &Message) -> Result<Option<ServerFrame>, String> {
-        let payload: &[u8] = match m {
-            Message::Text(t) => t.as_bytes(),
-            Message::Binary(b) => b,
-            Message::Close(c) => return Err(format!("server closed: {c:?}")),
-            _ => return Ok(None),
-        };
-        decode_server(payload, self.enc)
-            .map(Some)
-            .map_err(|e| format!("undecodable frame: {e}"))
-    }
-
-    /// The next Pusher message (control frames are skipped; tungstenite answers pings).
-    async fn pusher_next(&self, ws: &mut Ws) -> Result<PusherIn, String> {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => return peer::parse_pusher(t.as_str()),
-                Some(Ok(Message::Close(c))) => return Err(format!("server closed: {c:?}")),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("read: {e}")),
-                None => return Err("server closed the socket".into()),
-            }
-        }
-    }
-
     /// Reads the next message of `conn` and handles it. Cancel-safe as far as reading goes
     /// (a `pusher:pong` being sent may be cut short; the next write flushes it).
     async fn recv(&self, user: u32, conn: &mut Conn) -> Result<(), String> {
         match conn {
-            Conn::Reach(ws) => {
-                let frame = match ws.next().await {
-                    Some(Ok(m)) => self.frame(&m)?,
-                    Some(Err(e)) => return Err(format!("read: {e}")),
-                    None => return Err("server closed the socket".into()),
-                };
-                if let Some(f) = frame {
-                    self.on_frame(user, f);
-                }
-            }
-            Conn::Pusher(p) => match self.pusher_next(&mut p.ws).await? {
-                PusherIn::Ping => {
-                    let pong = r#"{"event":"pusher:pong","data":{}}"#;
-                    p.ws.send(Message::text(pong))
-                        .await
-                        .map_err(|e| format!("send pong: {e}"))?;
-                }
-                m => self.on_pusher(user, m),
-            },
-            Conn::Mqtt(m) => loop {
-                // Packets read together with an earlier reply (the retained states right
-                // after a SUBACK) are handled before waiting for more bytes.
-                let mut handled = false;
-                while let Some(p) = peer::mqtt_read(&mut m.buf)? {
-                    self.on_mqtt(user, p);
-                    handled = true;
-                }
-                if handled {
-                    break;
-                }
-                m.fill().await?;
-            },
-        }
-        Ok(())
-    }
-
-    /// Handles a frame read outside a request/reply exchange.
-    fn on_frame(&self, user: u32, frame: ServerFrame) {
-        match frame {
-            ServerFrame::UserUpdated { user: u, .. } => match user_of(&u.identity) {
-                Some(x) => self.notify(user, x, u.is_online),
-                None => self.error(format!("update of unknown identity {}", u.identity)),
-            },
-            ServerFrame::Error { code, message, .. } => {
-                self.error(format!("error frame: {code} {message}"));
-            }
-            _ => {}
-        }
-    }
-
-    /// Handles a Pusher message read outside a request/reply exchange.
-    fn on_pusher(&self, user: u32, m: PusherIn) {
-        match m {
-            PusherIn::Member { user_id, online } => match user_of(&user_id) {
-                Some(x) => self.notify(user, x, Some(online)),
-                None if user_id == peer::SHARED_WATCHER => {}
-                None => self.error(format!("member event of unknown user {user_id}")),
-            },
-            PusherIn::Error(e) => self.error(e),
-            _ => {}
-        }
-    }
-
-    /// Handles an MQTT packet read outside a request/reply exchange: a retained message is
-    /// part of a subscription's snapshot, a live one a notification.
-    fn on_mqtt(&self, user: u32, p: Packet) {
-        match p {
-            Packet::Publish(p) => {
-                let Some(x) = p.topic.rsplit('/').next().and_then(user_of) else {
-                    self.error(format!("publish on unknown topic {}", p.topic));
-                    return;
-                };
-                let online = Some(p.payload.as_ref() == b"1");
-                if p.retain {
-                    self.set_view(user, x, online);
-                } else {
-                    self.notify(user, x, online);
-                }
-            }
-            Packet::PingResp | Packet::SubAck(_) | Packet::UnsubAck(_) => {}
-            other => self.error(format!("unexpected MQTT packet {other:?}")),
+            Conn::Reach(ws) => self.recv_reach(user, ws).await,
+            Conn::Pusher(p) => self.recv_pusher(user, p).await,
+            Conn::Mqtt(m) => self.recv_mqtt(user, m).await,
         }
     }
 
@@ -992,149 +682,6 @@ impl Worker {
             Conn::Pusher(p) => self.subscribe_pusher(user, p, visible).await,
             Conn::Mqtt(m) => self.subscribe_mqtt(user, m).await,
         }
-    }
-
-    async fn subscribe_pusher(
-        &self,
-        user: u32,
-        p: &mut PusherConn,
-        visible: bool,
-    ) -> Result<(), String> {
-        let sc = &self.sc;
-        let channel = peer::pusher_channel(sc, user);
-        let data = serde_json::json!({ "user_id": peer::pusher_user_id(sc, user) }).to_string();
-        let auth = peer::pusher_auth(
-            &self.plan.app_key,
-            &self.plan.app_secret,
-            &p.socket_id,
-            &channel,
-            &data,
-        );
-        let msg = peer::pusher_subscribe(&channel, &auth, &data);
-        if visible {
-            self.event(user, true, EventKind::Connect);
-        }
-        let sent = now_ns();
-        p.ws.send(Message::text(msg))
-            .await
-            .map_err(|e| format!("send subscribe: {e}"))?;
-        let ids = tokio::time::timeout(self.reply_timeout(), async {
-            loop {
-                match self.pusher_next(&mut p.ws).await? {
-                    PusherIn::Subscribed { channel: c, ids } if c == channel => return Ok(ids),
-                    PusherIn::Error(e) => return Err(format!("subscribe {channel}: {e}")),
-                    other => self.on_pusher(user, other),
-                }
-            }
-        })
-        .await
-        .map_err(|_| "no subscription_succeeded in time".to_string())??;
-        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
-        let present: Vec<u32> = ids.iter().filter_map(|i| user_of(i)).collect();
-        *self.slot(user).view.borrow_mut() = sc
-            .watches(user)
-            .into_iter()
-            .map(|x| (x, Some(present.contains(&x))))
-            .collect();
-        Ok(())
-    }
-
-    /// SUBSCRIBE -> SUBACK; the retained states that follow fill the view.
-    async fn subscribe_mqtt(&self, user: u32, m: &mut MqttConn) -> Result<(), String> {
-        let watched = self.sc.watches(user);
-        *self.slot(user).view.borrow_mut() = watched.iter().map(|&x| (x, None)).collect();
-        if watched.is_empty() {
-            return Ok(());
-        }
-        let filters = peer::mqtt_filters(&self.sc, user)
-            .into_iter()
-            .map(|f| SubscribeFilter::new(f, QoS::AtMostOnce))
-            .collect();
-        let mut out = BytesMut::with_capacity(64);
-        peer::mqtt_write(&Packet::Subscribe(Subscribe { pkid: 1, filters }), &mut out)?;
-        let sent = now_ns();
-        m.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("send subscribe: {e}"))?;
-        tokio::time::timeout(
-            self.reply_timeout(),
-            m.until(
-                |p| match p {
-                    Packet::SubAck(a) if a.pkid == 1 => {
-                        Some(if a.return_codes.contains(&SubscribeReasonCode::Failure) {
-                            Err("subscription refused".into())
-                        } else {
-                            Ok(())
-                        })
-                    }
-                    _ => None,
-                },
-                |p| self.on_mqtt(user, p),
-            ),
-        )
-        .await
-        .map_err(|_| "no SUBACK in time".to_string())??;
-        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
-        Ok(())
-    }
-
-    /// Subscribes `user` to the users it watches and waits for `subscribed`.
-    async fn subscribe_reach(&self, user: u32, ws: &mut Ws) -> Result<(), String> {
-        let watched = self.sc.watches(user);
-        if watched.is_empty() {
-            *self.slot(user).view.borrow_mut() = Vec::new();
-            return Ok(());
-        }
-        let id = self.next_req.get();
-        self.next_req.set(id + 1);
-        let sent = now_ns();
-        ws.send(self.message(&ClientFrame::Subscribe {
-            id,
-            identities: watched.iter().map(|u| identity(*u)).collect(),
-        }))
-        .await
-        .map_err(|e| format!("send subscribe: {e}"))?;
-        let reply = tokio::time::timeout(self.reply_timeout(), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(m)) => match self.frame(&m)? {
-                        Some(ServerFrame::Subscribed {
-                            id: rid,
-                            users,
-                            errors,
-                        }) if rid == id => {
-                            return Ok((users, errors));
-                        }
-                        Some(other) => self.on_frame(user, other),
-                        None => {}
-                    },
-                    Some(Err(e)) => return Err(format!("read subscribed: {e}")),
-                    None => return Err("closed before subscribed".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|_| "no subscribed in time".to_string())??;
-        record_ns(&mut self.h.borrow_mut().subscribe, now_ns() - sent);
-        let (users, errors) = reply;
-        for e in errors {
-            self.error(format!(
-                "subscribe {}: {} {}",
-                e.identity, e.code, e.message
-            ));
-        }
-        let mut view = Vec::with_capacity(users.len());
-        for u in users {
-            if let Some(x) = user_of(&u.identity) {
-                if self.storm.get() && u.is_online != Some(true) {
-                    self.c.borrow_mut().spurious_snapshot += 1;
-                }
-                view.push((x, u.is_online));
-            }
-        }
-        *self.slot(user).view.borrow_mut() = view;
-        Ok(())
     }
 
     /// Matches received notifications to the events that caused them.
@@ -1241,63 +788,15 @@ fn reset(ws: Ws) {
     drop(ws);
 }
 
-/// A retained presence state (`1` online, `0` offline) for an MQTT topic.
-fn retained(topic: &str, online: bool) -> Publish {
-    let mut p = Publish::new(topic, QoS::AtMostOnce, if online { "1" } else { "0" });
-    p.retain = true;
-    p
-}
-
 impl Worker {
     /// Leaves cleanly: `bye` on reach, unsubscribe + close on Pusher, the retained `0` +
-    /// DISCONNECT on MQTT; then reads to the server's close (at most 3 s), so the close
-    /// handshake completes.
+    /// DISCONNECT on MQTT; then reads to the server's close (at most [`BYE_DRAIN`]), so the
+    /// close handshake completes.
     async fn bye(&self, user: u32, conn: Conn) {
-        let drain = Duration::from_secs(3);
         match conn {
-            Conn::Reach(mut ws) => {
-                let _ = ws.send(self.message(&ClientFrame::Bye)).await;
-                let _ = tokio::time::timeout(drain, async {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if let Ok(Some(f)) = self.frame(&m) {
-                            self.on_frame(user, f);
-                        }
-                    }
-                })
-                .await;
-            }
-            Conn::Pusher(mut p) => {
-                let channel = peer::pusher_channel(&self.sc, user);
-                let _ =
-                    p.ws.send(Message::text(peer::pusher_unsubscribe(&channel)))
-                        .await;
-                let _ = p.ws.close(None).await;
-                let _ = tokio::time::timeout(drain, async {
-                    while let Ok(m) = self.pusher_next(&mut p.ws).await {
-                        self.on_pusher(user, m);
-                    }
-                })
-                .await;
-            }
-            Conn::Mqtt(mut m) => {
-                let mut out = BytesMut::with_capacity(64);
-                if peer::is_watched(&self.sc, user) {
-                    let topic = peer::mqtt_topic(&self.sc, user);
-                    let _ = peer::mqtt_write(&Packet::Publish(retained(&topic, false)), &mut out);
-                }
-                let _ = peer::mqtt_write(&Packet::Disconnect, &mut out);
-                if m.stream.write_all(&out).await.is_ok() {
-                    let _ = m.stream.shutdown().await;
-                    let _ = tokio::time::timeout(drain, async {
-                        while m.fill().await.is_ok() {
-                            while let Ok(Some(p)) = peer::mqtt_read(&mut m.buf) {
-                                self.on_mqtt(user, p);
-                            }
-                        }
-                    })
-                    .await;
-                }
-            }
+            Conn::Reach(ws) => self.bye_reach(user, ws).await,
+            Conn::Pusher(p) => self.bye_pusher(user, p).await,
+            Conn::Mqtt(m) => self.bye_mqtt(user, m).await,
         }
     }
 }
