@@ -94,6 +94,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use reach_core::{ClusterEvent, Engine, UserKey};
+use reach_proto::ServiceSid;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -115,17 +116,17 @@ pub struct ClusterConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
     /// The service's configuration (the reachability switch) changed, or it was created.
-    ServiceChanged { service_sid: String },
+    ServiceChanged { service_sid: ServiceSid },
     /// The service was deleted.
-    ServiceDeleted { service_sid: String },
+    ServiceDeleted { service_sid: ServiceSid },
     /// A user's profile or push bindings changed.
     UserChanged {
-        service_sid: String,
+        service_sid: ServiceSid,
         identity: String,
     },
     /// A user was deleted.
     UserDeleted {
-        service_sid: String,
+        service_sid: ServiceSid,
         identity: String,
     },
     /// Not sent over Redis: delivered locally after the backplane reconnected, when control
@@ -342,11 +343,32 @@ mod tests {
     #[test]
     fn control_round_trips_as_messagepack() {
         let c = Control::UserChanged {
-            service_sid: "IS1".into(),
+            service_sid: "IS0123456789abcdef0123456789abcdef".parse().unwrap(),
             identity: "alice".into(),
         };
         let bytes = rmp_serde::to_vec(&("n1", &c)).unwrap();
         let (from, back): (String, Control) = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!((from.as_str(), back), ("n1", c));
+        /// The same message shape with any string as the SID.
+        #[derive(Serialize)]
+        enum Untyped {
+            ServiceDeleted { service_sid: String },
+        }
+        let message = |sid: &str| {
+            rmp_serde::to_vec(&(
+                "n1",
+                Untyped::ServiceDeleted {
+                    service_sid: sid.into(),
+                },
+            ))
+            .unwrap()
+        };
+        let good = message("IS0123456789abcdef0123456789abcdef");
+        assert!(rmp_serde::from_slice::<(String, Control)>(&good).is_ok());
+        let bad = message("IS1");
+        assert!(
+            rmp_serde::from_slice::<(String, Control)>(&bad).is_err(),
+            "a malformed service SID is refused when read"
+        );
     }
 }

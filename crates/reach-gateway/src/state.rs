@@ -15,7 +15,7 @@ use std::time::Duration;
 use reach_cluster::{Cluster, ClusterConfig, Control};
 use reach_core::{Conn, Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
 use reach_proto::{CloseCode, ServerFrame};
-use reach_store::{Service, ServiceConfig, Store, StoreError, UserRecord};
+use reach_store::{Service, ServiceConfig, ServiceSid, Store, StoreError, UserRecord};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -147,13 +147,13 @@ impl App {
     }
 
     /// The service with this SID (any account), from memory when it was seen before.
-    pub async fn find_service(&self, sid: &str) -> reach_store::Result<Arc<Service>> {
-        if let Some(s) = self.services.get(sid) {
+    pub async fn find_service(&self, sid: &ServiceSid) -> reach_store::Result<Arc<Service>> {
+        if let Some(s) = self.services.get(sid.as_str()) {
             return s.clone().ok_or(StoreError::NotFound);
         }
         let service = self.store.find_service(sid).await?;
         self.services
-            .entry(sid.to_owned())
+            .entry(sid.to_string())
             .or_insert(Some(Arc::new(service)))
             .clone()
             .ok_or(StoreError::NotFound)
@@ -161,10 +161,10 @@ impl App {
 
     /// Forgets a deleted service: its connections are closed and its tokens refused. Other
     /// nodes are told.
-    pub async fn service_deleted(&self, sid: &str) {
+    pub async fn service_deleted(&self, sid: &ServiceSid) {
         self.forget_service(sid);
         self.announce(Control::ServiceDeleted {
-            service_sid: sid.to_owned(),
+            service_sid: sid.clone(),
         })
         .await;
     }
@@ -200,10 +200,10 @@ impl App {
     }
 
     /// A user was deleted: its sockets here and on other nodes close with 4003.
-    pub async fn user_deleted(&self, service_sid: &str, identity: &str) {
+    pub async fn user_deleted(&self, service_sid: &ServiceSid, identity: &str) {
         self.engine.remove_user(service_sid, identity);
         self.announce(Control::UserDeleted {
-            service_sid: service_sid.to_owned(),
+            service_sid: service_sid.clone(),
             identity: identity.to_owned(),
         })
         .await;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Weak};
 
 use reach_cluster::Control;
 use reach_core::PersistEvent;
+use reach_proto::ServiceSid;
 use reach_store::{Store, StoreError};
 use tokio::sync::mpsc;
 
@@ -36,7 +37,12 @@ pub async fn persist_online(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiv
                 identity,
                 epoch,
             } => {
-                if let Err(e) = store.mark_online(&service_sid, &identity, epoch).await {
+                // The engine's keys hold the SIDs of the services it was given.
+                let Ok(sid) = ServiceSid::parse(&service_sid) else {
+                    tracing::warn!(%service_sid, %identity, "online epoch of a malformed service SID");
+                    continue;
+                };
+                if let Err(e) = store.mark_online(&sid, &identity, epoch).await {
                     tracing::debug!(%service_sid, %identity, error = %e, "could not record online epoch");
                 }
             }

@@ -3,9 +3,8 @@
 //!
 //! This module is the one place that makes and checks them. [`SidKind`] names each kind with
 //! its prefix; [`Sid<K>`] is a SID checked to be of kind `K`, the form in which SIDs cross crate
-//! boundaries where a mix-up would be silent (an access token's account, key and service; the
-//! configured accounts and keys). Records read back from the store keep plain strings: the
-//! store only holds SIDs this module generated.
+//! boundaries where a mix-up would be silent: the accounts and services of the store's records
+//! and calls, an access token's account, key and service, the configured accounts and keys.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -156,6 +155,15 @@ impl<K> Sid<K> {
     }
 }
 
+impl<K: Kind> TryFrom<String> for Sid<K> {
+    type Error = SidError;
+
+    fn try_from(text: String) -> Result<Self, SidError> {
+        K::KIND.check(&text)?;
+        Ok(Sid::trusted(text))
+    }
+}
+
 impl<K: Kind> FromStr for Sid<K> {
     type Err = SidError;
 
@@ -213,6 +221,24 @@ impl<K> PartialEq<&str> for Sid<K> {
 impl<K> PartialEq<String> for Sid<K> {
     fn eq(&self, other: &String) -> bool {
         *self.text == **other
+    }
+}
+
+impl<K> PartialEq<Sid<K>> for str {
+    fn eq(&self, other: &Sid<K>) -> bool {
+        self == &*other.text
+    }
+}
+
+impl<K> PartialEq<Sid<K>> for &str {
+    fn eq(&self, other: &Sid<K>) -> bool {
+        *self == &*other.text
+    }
+}
+
+impl<K> PartialEq<Sid<K>> for String {
+    fn eq(&self, other: &Sid<K>) -> bool {
+        **self == *other.text
     }
 }
 

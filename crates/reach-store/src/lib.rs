@@ -20,12 +20,13 @@ mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;
+pub use reach_proto::{AccountSid, ServiceSid};
 
 /// A conversations service: the scope of users, bindings and the reachability switch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
-    pub sid: String,
-    pub account_sid: String,
+    pub sid: ServiceSid,
+    pub account_sid: AccountSid,
     pub friendly_name: String,
     pub date_created: i64,
     pub date_updated: i64,
@@ -34,7 +35,7 @@ pub struct Service {
 /// A service's configuration resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
-    pub service_sid: String,
+    pub service_sid: ServiceSid,
     pub reachability_enabled: bool,
     /// Bumped each time reachability goes from disabled to enabled. A user whose
     /// `online_epoch` equals it has been online since the latest enabling (else `is_online`
@@ -58,8 +59,8 @@ pub struct ConfigUpdate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub sid: String,
-    pub account_sid: String,
-    pub service_sid: String,
+    pub account_sid: AccountSid,
+    pub service_sid: ServiceSid,
     pub identity: String,
     pub friendly_name: Option<String>,
     /// JSON text; `"{}"` when unset.
@@ -99,8 +100,8 @@ pub struct UserUpdate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
     pub sid: String,
-    pub account_sid: String,
-    pub service_sid: String,
+    pub account_sid: AccountSid,
+    pub service_sid: ServiceSid,
     pub credential_sid: Option<String>,
     pub identity: String,
     /// `apn`, `gcm` or `fcm`.
@@ -153,24 +154,41 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// Durable records. Implementations must commit each write before returning.
 ///
 /// Lookups by service are always scoped by `account_sid` at the REST layer: a service of
-/// another account is reported as `NotFound`.
+/// another account is reported as `NotFound`. Account and service SIDs are typed, so the two
+/// cannot be swapped.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service>;
+    async fn create_service(
+        &self,
+        account_sid: &AccountSid,
+        friendly_name: &str,
+    ) -> Result<Service>;
     /// `NotFound` unless the service exists and belongs to `account_sid`.
-    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service>;
+    async fn get_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<Service>;
     /// The service regardless of account (used for access tokens, which name both).
-    async fn find_service(&self, service_sid: &str) -> Result<Service>;
-    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>>;
+    async fn find_service(&self, service_sid: &ServiceSid) -> Result<Service>;
+    async fn list_services(
+        &self,
+        account_sid: &AccountSid,
+        page: PageRequest,
+    ) -> Result<Page<Service>>;
     /// Deletes the service with its configuration, users and bindings.
-    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()>;
+    async fn delete_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<()>;
 
-    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig>;
+    async fn get_config(&self, service_sid: &ServiceSid) -> Result<ServiceConfig>;
     /// Applies the update; when reachability goes from disabled to enabled,
     /// `reachability_epoch` is incremented in the same transaction.
     async fn update_config(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         update: &ConfigUpdate,
     ) -> Result<ServiceConfig>;
     /// Every service's configuration (loaded into the engine at start).
@@ -181,19 +199,29 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the user, creating it with defaults when it does not exist.
     async fn get_or_create_user(&self, service: &Service, identity: &str) -> Result<UserRecord>;
     /// By SID (`US...`) or identity.
-    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord>;
-    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>>;
+    async fn get_user(&self, service_sid: &ServiceSid, sid_or_identity: &str)
+    -> Result<UserRecord>;
+    async fn list_users(
+        &self,
+        service_sid: &ServiceSid,
+        page: PageRequest,
+    ) -> Result<Page<UserRecord>>;
     /// Applies the update and bumps `revision` and `date_updated`.
     async fn update_user(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
     ) -> Result<UserRecord>;
     /// Deletes the user and its bindings; returns what was deleted.
-    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord>;
+    async fn delete_user(
+        &self,
+        service_sid: &ServiceSid,
+        sid_or_identity: &str,
+    ) -> Result<UserRecord>;
     /// Records that the user was online in the given reachability epoch.
-    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()>;
+    async fn mark_online(&self, service_sid: &ServiceSid, identity: &str, epoch: i64)
+    -> Result<()>;
 
     /// Creates the binding, or returns the existing one for the same identity, type and
     /// address. Sets the user's `ever_had_binding`. The user must exist.
@@ -208,21 +236,21 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the identity's binding of that type and address; `NotFound` if there is none.
     async fn delete_binding_by_address(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         identity: &str,
         binding_type: &str,
         address: &str,
     ) -> Result<Binding>;
-    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding>;
-    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding>;
+    async fn get_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding>;
+    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding>;
     async fn list_bindings(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         filter: &BindingFilter,
         page: PageRequest,
     ) -> Result<Page<Binding>>;
     /// Number of bindings the identity has now.
-    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64>;
+    async fn count_bindings(&self, service_sid: &ServiceSid, identity: &str) -> Result<i64>;
 }
 
 /// Unix seconds now.

@@ -69,8 +69,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Transaction};
 
 use crate::{
-    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, now_unix,
+    AccountSid, Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
+    ServiceConfig, ServiceSid, Store, StoreError, UserRecord, UserUpdate, now_unix,
 };
 
 /// The schema migrations, in order: version `n` is `MIGRATIONS[n - 1]`. Never edit an entry
@@ -353,7 +353,12 @@ enum Lock {
 ///
 /// A key with the shape of a user SID (`US` + 32 hex digits) matches the SID first and, failing
 /// that, an identity spelled the same way; any other key is an identity.
-async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str, lock: Lock) -> Result<UserRecord>
+async fn fetch_user<'e, E>(
+    exec: E,
+    service_sid: &ServiceSid,
+    key: &str,
+    lock: Lock,
+) -> Result<UserRecord>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
@@ -370,7 +375,7 @@ where
         sql += " FOR UPDATE OF u";
     }
     let row = sqlx::query(&sql)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(key)
         .fetch_optional(exec)
         .await
@@ -379,14 +384,18 @@ where
     Ok(user_row(&row).map_err(db)?.1)
 }
 
-async fn fetch_binding<'e, E>(exec: E, service_sid: &str, binding_sid: &str) -> Result<Binding>
+async fn fetch_binding<'e, E>(
+    exec: E,
+    service_sid: &ServiceSid,
+    binding_sid: &str,
+) -> Result<Binding>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
     let row = sqlx::query(&format!(
         "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = $1 AND sid = $2"
     ))
-    .bind(service_sid)
+    .bind(service_sid.as_str())
     .bind(binding_sid)
     .fetch_optional(exec)
     .await
@@ -395,14 +404,14 @@ where
     Ok(binding_row(&row).map_err(db)?.1)
 }
 
-async fn fetch_config<'e, E>(exec: E, service_sid: &str) -> Result<ServiceConfig>
+async fn fetch_config<'e, E>(exec: E, service_sid: &ServiceSid) -> Result<ServiceConfig>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
     let row = sqlx::query(&format!(
         "SELECT {CONFIG_COLS} FROM service_configs c WHERE c.service_sid = $1"
     ))
-    .bind(service_sid)
+    .bind(service_sid.as_str())
     .fetch_optional(exec)
     .await
     .map_err(db)?
@@ -416,13 +425,13 @@ where
 /// bindings, so writers of one user queue in one order and never deadlock.
 async fn lock_user(
     tx: &mut Transaction<'_, Postgres>,
-    service_sid: &str,
+    service_sid: &ServiceSid,
     identity: &str,
 ) -> Result<bool> {
     let found: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM users WHERE service_sid = $1 AND identity = $2 FOR UPDATE",
     )
-    .bind(service_sid)
+    .bind(service_sid.as_str())
     .bind(identity)
     .fetch_optional(&mut **tx)
     .await
@@ -436,7 +445,7 @@ async fn bump_revision(tx: &mut Transaction<'_, Postgres>, binding: &Binding) ->
     sqlx::query(
         "UPDATE users SET revision = revision + 1 WHERE service_sid = $1 AND identity = $2",
     )
-    .bind(&binding.service_sid)
+    .bind(binding.service_sid.as_str())
     .bind(&binding.identity)
     .execute(&mut **tx)
     .await
@@ -463,11 +472,15 @@ async fn delete_binding_row(
 
 #[async_trait]
 impl Store for PgStore {
-    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
+    async fn create_service(
+        &self,
+        account_sid: &AccountSid,
+        friendly_name: &str,
+    ) -> Result<Service> {
         let now = now_unix();
         let service = Service {
-            sid: SidKind::Service.generate(),
-            account_sid: account_sid.to_owned(),
+            sid: ServiceSid::generate(),
+            account_sid: account_sid.clone(),
             friendly_name: friendly_name.to_owned(),
             date_created: now,
             date_updated: now,
@@ -477,8 +490,8 @@ impl Store for PgStore {
             "INSERT INTO services (sid, account_sid, friendly_name, date_created, date_updated) \
              VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(&service.friendly_name)
         .bind(service.date_created)
         .bind(service.date_updated)
@@ -489,7 +502,7 @@ impl Store for PgStore {
             "INSERT INTO service_configs (service_sid, reachability_enabled, reachability_epoch) \
              VALUES ($1, FALSE, 0)",
         )
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -497,12 +510,16 @@ impl Store for PgStore {
         Ok(service)
     }
 
-    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service> {
+    async fn get_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<Service> {
         let row = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE sid = $1 AND account_sid = $2"
         ))
-        .bind(service_sid)
-        .bind(account_sid)
+        .bind(service_sid.as_str())
+        .bind(account_sid.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
@@ -510,11 +527,11 @@ impl Store for PgStore {
         Ok(service_row(&row).map_err(db)?.1)
     }
 
-    async fn find_service(&self, service_sid: &str) -> Result<Service> {
+    async fn find_service(&self, service_sid: &ServiceSid) -> Result<Service> {
         let row = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE sid = $1"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
@@ -522,13 +539,17 @@ impl Store for PgStore {
         Ok(service_row(&row).map_err(db)?.1)
     }
 
-    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>> {
+    async fn list_services(
+        &self,
+        account_sid: &AccountSid,
+        page: PageRequest,
+    ) -> Result<Page<Service>> {
         let (after, offset, limit) = window(page);
         let rows = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE account_sid = $1 AND seq > $2 \
              ORDER BY seq LIMIT $3 OFFSET $4"
         ))
-        .bind(account_sid)
+        .bind(account_sid.as_str())
         .bind(after)
         .bind(limit + 1)
         .bind(offset)
@@ -538,12 +559,16 @@ impl Store for PgStore {
         page_of(&rows, service_row, limit)
     }
 
-    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
+    async fn delete_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<()> {
         // One statement, committed on its own; the foreign keys cascade to the configuration,
         // users and bindings.
         let done = sqlx::query("DELETE FROM services WHERE sid = $1 AND account_sid = $2")
-            .bind(service_sid)
-            .bind(account_sid)
+            .bind(service_sid.as_str())
+            .bind(account_sid.as_str())
             .execute(&self.pool)
             .await
             .map_err(db)?;
@@ -553,13 +578,13 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig> {
+    async fn get_config(&self, service_sid: &ServiceSid) -> Result<ServiceConfig> {
         fetch_config(&self.pool, service_sid).await
     }
 
     async fn update_config(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         update: &ConfigUpdate,
     ) -> Result<ServiceConfig> {
         // One statement: the right-hand sides read the row as it was before this update, under
@@ -582,7 +607,7 @@ impl Store for PgStore {
         .bind(&update.default_conversation_creator_role_sid)
         .bind(&update.default_conversation_role_sid)
         .bind(&update.default_chat_service_role_sid)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
@@ -614,8 +639,8 @@ impl Store for PgStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&sid)
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(&user.identity)
         .bind(&user.friendly_name)
         .bind(&user.attributes)
@@ -654,8 +679,8 @@ impl Store for PgStore {
              ON CONFLICT (service_sid, identity) DO NOTHING",
         )
         .bind(SidKind::User.generate())
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(identity)
         .bind(now)
         .bind(now)
@@ -665,7 +690,7 @@ impl Store for PgStore {
         let row = sqlx::query(&format!(
             "SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2"
         ))
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .fetch_one(&mut *tx)
         .await
@@ -675,17 +700,25 @@ impl Store for PgStore {
         Ok(record)
     }
 
-    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+    async fn get_user(
+        &self,
+        service_sid: &ServiceSid,
+        sid_or_identity: &str,
+    ) -> Result<UserRecord> {
         fetch_user(&self.pool, service_sid, sid_or_identity, Lock::None).await
     }
 
-    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>> {
+    async fn list_users(
+        &self,
+        service_sid: &ServiceSid,
+        page: PageRequest,
+    ) -> Result<Page<UserRecord>> {
         let (after, offset, limit) = window(page);
         let rows = sqlx::query(&format!(
             "SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.seq > $2 \
              ORDER BY u.seq LIMIT $3 OFFSET $4"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(after)
         .bind(limit + 1)
         .bind(offset)
@@ -697,7 +730,7 @@ impl Store for PgStore {
 
     async fn update_user(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
     ) -> Result<UserRecord> {
@@ -721,13 +754,17 @@ impl Store for PgStore {
         Ok(record)
     }
 
-    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+    async fn delete_user(
+        &self,
+        service_sid: &ServiceSid,
+        sid_or_identity: &str,
+    ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         // Locked, so no binding is added or removed between this read and the deletes: the
         // returned record's binding_count is what was deleted.
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity, Lock::ForUpdate).await?;
         sqlx::query("DELETE FROM bindings WHERE service_sid = $1 AND identity = $2")
-            .bind(service_sid)
+            .bind(service_sid.as_str())
             .bind(&user.identity)
             .execute(&mut *tx)
             .await
@@ -741,14 +778,19 @@ impl Store for PgStore {
         Ok(user)
     }
 
-    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()> {
+    async fn mark_online(
+        &self,
+        service_sid: &ServiceSid,
+        identity: &str,
+        epoch: i64,
+    ) -> Result<()> {
         // Only writes when the epoch actually advances.
         let done = sqlx::query(
             "UPDATE users SET online_epoch = $1 \
              WHERE service_sid = $2 AND identity = $3 AND online_epoch < $1",
         )
         .bind(epoch)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(identity)
         .execute(&self.pool)
         .await
@@ -758,7 +800,7 @@ impl Store for PgStore {
         }
         let exists: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM users WHERE service_sid = $1 AND identity = $2")
-                .bind(service_sid)
+                .bind(service_sid.as_str())
                 .bind(identity)
                 .fetch_optional(&self.pool)
                 .await
@@ -781,7 +823,7 @@ impl Store for PgStore {
             "UPDATE users SET ever_had_binding = TRUE, revision = revision + 1 \
              WHERE service_sid = $1 AND identity = $2",
         )
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .execute(&mut *tx)
         .await
@@ -796,8 +838,8 @@ impl Store for PgStore {
              ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
         )
         .bind(SidKind::Binding.generate())
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -811,7 +853,7 @@ impl Store for PgStore {
             "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = $1 AND identity = $2 \
              AND binding_type = $3 AND address = $4"
         ))
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -825,7 +867,7 @@ impl Store for PgStore {
 
     async fn delete_binding_by_address(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         identity: &str,
         binding_type: &str,
         address: &str,
@@ -839,7 +881,7 @@ impl Store for PgStore {
             "DELETE FROM bindings WHERE service_sid = $1 AND identity = $2 \
              AND binding_type = $3 AND address = $4 RETURNING {BINDING_COLS}"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -853,11 +895,11 @@ impl Store for PgStore {
         Ok(binding)
     }
 
-    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+    async fn get_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
         fetch_binding(&self.pool, service_sid, binding_sid).await
     }
 
-    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
         let mut tx = self.begin().await?;
         // The user's row first, then the binding: the order every writer of a user follows.
         let found = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
@@ -872,7 +914,7 @@ impl Store for PgStore {
 
     async fn list_bindings(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         filter: &BindingFilter,
         page: PageRequest,
     ) -> Result<Page<Binding>> {
@@ -893,7 +935,7 @@ impl Store for PgStore {
             n + 2,
             n + 3
         );
-        let mut query = sqlx::query(&sql).bind(service_sid);
+        let mut query = sqlx::query(&sql).bind(service_sid.as_str());
         if !filter.binding_types.is_empty() {
             query = query.bind(&filter.binding_types);
         }
@@ -910,9 +952,9 @@ impl Store for PgStore {
         page_of(&rows, binding_row, limit)
     }
 
-    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {
+    async fn count_bindings(&self, service_sid: &ServiceSid, identity: &str) -> Result<i64> {
         sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE service_sid = $1 AND identity = $2")
-            .bind(service_sid)
+            .bind(service_sid.as_str())
             .bind(identity)
             .fetch_one(&self.pool)
             .await

@@ -1,6 +1,7 @@
 //! What the SQL backends share: error mapping, paging, and the mapping of rows to records (the
 //! same column names in SQLite and PostgreSQL, read through [`Cols`]).
 
+use reach_proto::sid::{Kind, Sid};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
@@ -65,6 +66,15 @@ pub(crate) trait Cols {
     fn text(&self, col: &str) -> sqlx::Result<String>;
     fn opt_text(&self, col: &str) -> sqlx::Result<Option<String>>;
     fn flag(&self, col: &str) -> sqlx::Result<bool>;
+
+    /// A SID of kind `K`; another shape is a decoding error (the store holds only SIDs it
+    /// generated or checked).
+    fn sid<K: Kind>(&self, col: &str) -> sqlx::Result<Sid<K>> {
+        Sid::try_from(self.text(col)?).map_err(|e| sqlx::Error::ColumnDecode {
+            index: col.to_owned(),
+            source: Box::new(e),
+        })
+    }
 }
 
 macro_rules! cols_for {
@@ -93,8 +103,8 @@ pub(crate) fn service_row(row: &impl Cols) -> sqlx::Result<(i64, Service)> {
     Ok((
         row.int("seq")?,
         Service {
-            sid: row.text("sid")?,
-            account_sid: row.text("account_sid")?,
+            sid: row.sid("sid")?,
+            account_sid: row.sid("account_sid")?,
             friendly_name: row.text("friendly_name")?,
             date_created: row.int("date_created")?,
             date_updated: row.int("date_updated")?,
@@ -104,7 +114,7 @@ pub(crate) fn service_row(row: &impl Cols) -> sqlx::Result<(i64, Service)> {
 
 pub(crate) fn config_row(row: &impl Cols) -> sqlx::Result<ServiceConfig> {
     Ok(ServiceConfig {
-        service_sid: row.text("service_sid")?,
+        service_sid: row.sid("service_sid")?,
         reachability_enabled: row.flag("reachability_enabled")?,
         reachability_epoch: row.int("reachability_epoch")?,
         default_conversation_creator_role_sid: row
@@ -119,8 +129,8 @@ pub(crate) fn user_row(row: &impl Cols) -> sqlx::Result<(i64, UserRecord)> {
         row.int("seq")?,
         UserRecord {
             sid: row.text("sid")?,
-            account_sid: row.text("account_sid")?,
-            service_sid: row.text("service_sid")?,
+            account_sid: row.sid("account_sid")?,
+            service_sid: row.sid("service_sid")?,
             identity: row.text("identity")?,
             friendly_name: row.opt_text("friendly_name")?,
             attributes: row
@@ -142,8 +152,8 @@ pub(crate) fn binding_row(row: &impl Cols) -> sqlx::Result<(i64, Binding)> {
         row.int("seq")?,
         Binding {
             sid: row.text("sid")?,
-            account_sid: row.text("account_sid")?,
-            service_sid: row.text("service_sid")?,
+            account_sid: row.sid("account_sid")?,
+            service_sid: row.sid("service_sid")?,
             credential_sid: row.opt_text("credential_sid")?,
             identity: row.text("identity")?,
             binding_type: row.text("binding_type")?,

@@ -32,8 +32,8 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use crate::{
-    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, Store, StoreError, UserRecord, UserUpdate, now_unix,
+    AccountSid, Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
+    ServiceConfig, ServiceSid, Store, StoreError, UserRecord, UserUpdate, now_unix,
 };
 
 /// The schema version this code writes and understands.
@@ -184,7 +184,7 @@ use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user
 ///
 /// A key with the shape of a user SID (`US` + 32 hex digits) matches the SID first and, failing
 /// that, an identity spelled the same way; any other key is an identity.
-async fn fetch_user<'e, E>(exec: E, service_sid: &str, key: &str) -> Result<UserRecord>
+async fn fetch_user<'e, E>(exec: E, service_sid: &ServiceSid, key: &str) -> Result<UserRecord>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
@@ -198,7 +198,7 @@ where
         format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = ?1 AND u.identity = ?2")
     };
     let row = sqlx::query(&sql)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(key)
         .fetch_optional(exec)
         .await
@@ -207,14 +207,18 @@ where
     Ok(user_row(&row).map_err(db)?.1)
 }
 
-async fn fetch_binding<'e, E>(exec: E, service_sid: &str, binding_sid: &str) -> Result<Binding>
+async fn fetch_binding<'e, E>(
+    exec: E,
+    service_sid: &ServiceSid,
+    binding_sid: &str,
+) -> Result<Binding>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
     let row = sqlx::query(&format!(
         "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND sid = ?"
     ))
-    .bind(service_sid)
+    .bind(service_sid.as_str())
     .bind(binding_sid)
     .fetch_optional(exec)
     .await
@@ -223,14 +227,14 @@ where
     Ok(binding_row(&row).map_err(db)?.1)
 }
 
-async fn fetch_config<'e, E>(exec: E, service_sid: &str) -> Result<ServiceConfig>
+async fn fetch_config<'e, E>(exec: E, service_sid: &ServiceSid) -> Result<ServiceConfig>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
     let row = sqlx::query(&format!(
         "SELECT {CONFIG_COLS} FROM service_configs c WHERE c.service_sid = ?"
     ))
-    .bind(service_sid)
+    .bind(service_sid.as_str())
     .fetch_optional(exec)
     .await
     .map_err(db)?
@@ -240,11 +244,15 @@ where
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_service(&self, account_sid: &str, friendly_name: &str) -> Result<Service> {
+    async fn create_service(
+        &self,
+        account_sid: &AccountSid,
+        friendly_name: &str,
+    ) -> Result<Service> {
         let now = now_unix();
         let service = Service {
-            sid: SidKind::Service.generate(),
-            account_sid: account_sid.to_owned(),
+            sid: ServiceSid::generate(),
+            account_sid: account_sid.clone(),
             friendly_name: friendly_name.to_owned(),
             date_created: now,
             date_updated: now,
@@ -254,8 +262,8 @@ impl Store for SqliteStore {
             "INSERT INTO services (sid, account_sid, friendly_name, date_created, date_updated) \
              VALUES (?, ?, ?, ?, ?)",
         )
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(&service.friendly_name)
         .bind(service.date_created)
         .bind(service.date_updated)
@@ -266,7 +274,7 @@ impl Store for SqliteStore {
             "INSERT INTO service_configs (service_sid, reachability_enabled, reachability_epoch) \
              VALUES (?, 0, 0)",
         )
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -274,12 +282,16 @@ impl Store for SqliteStore {
         Ok(service)
     }
 
-    async fn get_service(&self, account_sid: &str, service_sid: &str) -> Result<Service> {
+    async fn get_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<Service> {
         let row = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE sid = ? AND account_sid = ?"
         ))
-        .bind(service_sid)
-        .bind(account_sid)
+        .bind(service_sid.as_str())
+        .bind(account_sid.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
@@ -287,11 +299,11 @@ impl Store for SqliteStore {
         Ok(service_row(&row).map_err(db)?.1)
     }
 
-    async fn find_service(&self, service_sid: &str) -> Result<Service> {
+    async fn find_service(&self, service_sid: &ServiceSid) -> Result<Service> {
         let row = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE sid = ?"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
@@ -299,13 +311,17 @@ impl Store for SqliteStore {
         Ok(service_row(&row).map_err(db)?.1)
     }
 
-    async fn list_services(&self, account_sid: &str, page: PageRequest) -> Result<Page<Service>> {
+    async fn list_services(
+        &self,
+        account_sid: &AccountSid,
+        page: PageRequest,
+    ) -> Result<Page<Service>> {
         let (after, offset, limit) = window(page);
         let rows = sqlx::query(&format!(
             "SELECT {SERVICE_COLS} FROM services WHERE account_sid = ? AND seq > ? \
              ORDER BY seq LIMIT ? OFFSET ?"
         ))
-        .bind(account_sid)
+        .bind(account_sid.as_str())
         .bind(after)
         .bind(limit + 1)
         .bind(offset)
@@ -315,12 +331,16 @@ impl Store for SqliteStore {
         page_of(&rows, service_row, limit)
     }
 
-    async fn delete_service(&self, account_sid: &str, service_sid: &str) -> Result<()> {
+    async fn delete_service(
+        &self,
+        account_sid: &AccountSid,
+        service_sid: &ServiceSid,
+    ) -> Result<()> {
         // One statement, committed on its own; the foreign keys cascade to the configuration,
         // users and bindings.
         let done = sqlx::query("DELETE FROM services WHERE sid = ? AND account_sid = ?")
-            .bind(service_sid)
-            .bind(account_sid)
+            .bind(service_sid.as_str())
+            .bind(account_sid.as_str())
             .execute(&self.pool)
             .await
             .map_err(db)?;
@@ -330,13 +350,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn get_config(&self, service_sid: &str) -> Result<ServiceConfig> {
+    async fn get_config(&self, service_sid: &ServiceSid) -> Result<ServiceConfig> {
         fetch_config(&self.pool, service_sid).await
     }
 
     async fn update_config(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         update: &ConfigUpdate,
     ) -> Result<ServiceConfig> {
         let mut tx = self.begin().await?;
@@ -366,7 +386,7 @@ impl Store for SqliteStore {
         .bind(&config.default_conversation_creator_role_sid)
         .bind(&config.default_conversation_role_sid)
         .bind(&config.default_chat_service_role_sid)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -398,8 +418,8 @@ impl Store for SqliteStore {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&sid)
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(&user.identity)
         .bind(&user.friendly_name)
         .bind(&user.attributes)
@@ -434,8 +454,8 @@ impl Store for SqliteStore {
              ON CONFLICT (service_sid, identity) DO NOTHING",
         )
         .bind(SidKind::User.generate())
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(identity)
         .bind(now)
         .bind(now)
@@ -445,7 +465,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(&format!(
             "SELECT {USER_COLS} FROM users u WHERE u.service_sid = ? AND u.identity = ?"
         ))
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .fetch_one(&mut *tx)
         .await
@@ -455,17 +475,25 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    async fn get_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+    async fn get_user(
+        &self,
+        service_sid: &ServiceSid,
+        sid_or_identity: &str,
+    ) -> Result<UserRecord> {
         fetch_user(&self.pool, service_sid, sid_or_identity).await
     }
 
-    async fn list_users(&self, service_sid: &str, page: PageRequest) -> Result<Page<UserRecord>> {
+    async fn list_users(
+        &self,
+        service_sid: &ServiceSid,
+        page: PageRequest,
+    ) -> Result<Page<UserRecord>> {
         let (after, offset, limit) = window(page);
         let rows = sqlx::query(&format!(
             "SELECT {USER_COLS} FROM users u WHERE u.service_sid = ? AND u.seq > ? \
              ORDER BY u.seq LIMIT ? OFFSET ?"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(after)
         .bind(limit + 1)
         .bind(offset)
@@ -477,7 +505,7 @@ impl Store for SqliteStore {
 
     async fn update_user(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
     ) -> Result<UserRecord> {
@@ -501,11 +529,15 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    async fn delete_user(&self, service_sid: &str, sid_or_identity: &str) -> Result<UserRecord> {
+    async fn delete_user(
+        &self,
+        service_sid: &ServiceSid,
+        sid_or_identity: &str,
+    ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity).await?;
         sqlx::query("DELETE FROM bindings WHERE service_sid = ? AND identity = ?")
-            .bind(service_sid)
+            .bind(service_sid.as_str())
             .bind(&user.identity)
             .execute(&mut *tx)
             .await
@@ -519,14 +551,19 @@ impl Store for SqliteStore {
         Ok(user)
     }
 
-    async fn mark_online(&self, service_sid: &str, identity: &str, epoch: i64) -> Result<()> {
+    async fn mark_online(
+        &self,
+        service_sid: &ServiceSid,
+        identity: &str,
+        epoch: i64,
+    ) -> Result<()> {
         // Only writes when the epoch actually advances.
         let done = sqlx::query(
             "UPDATE users SET online_epoch = ? \
              WHERE service_sid = ? AND identity = ? AND online_epoch < ?",
         )
         .bind(epoch)
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(identity)
         .bind(epoch)
         .execute(&self.pool)
@@ -537,7 +574,7 @@ impl Store for SqliteStore {
         }
         let exists: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM users WHERE service_sid = ? AND identity = ?")
-                .bind(service_sid)
+                .bind(service_sid.as_str())
                 .bind(identity)
                 .fetch_optional(&self.pool)
                 .await
@@ -559,7 +596,7 @@ impl Store for SqliteStore {
             "UPDATE users SET ever_had_binding = 1, revision = revision + 1 \
              WHERE service_sid = ? AND identity = ?",
         )
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .execute(&mut *tx)
         .await
@@ -574,8 +611,8 @@ impl Store for SqliteStore {
              ON CONFLICT (service_sid, identity, binding_type, address) DO NOTHING",
         )
         .bind(SidKind::Binding.generate())
-        .bind(&service.sid)
-        .bind(&service.account_sid)
+        .bind(service.sid.as_str())
+        .bind(service.account_sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -589,7 +626,7 @@ impl Store for SqliteStore {
             "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND identity = ? \
              AND binding_type = ? AND address = ?"
         ))
-        .bind(&service.sid)
+        .bind(service.sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -603,7 +640,7 @@ impl Store for SqliteStore {
 
     async fn delete_binding_by_address(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         identity: &str,
         binding_type: &str,
         address: &str,
@@ -613,7 +650,7 @@ impl Store for SqliteStore {
             "SELECT {BINDING_COLS} FROM bindings WHERE service_sid = ? AND identity = ? \
              AND binding_type = ? AND address = ?"
         ))
-        .bind(service_sid)
+        .bind(service_sid.as_str())
         .bind(identity)
         .bind(binding_type)
         .bind(address)
@@ -632,11 +669,11 @@ impl Store for SqliteStore {
         Ok(binding)
     }
 
-    async fn get_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+    async fn get_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
         fetch_binding(&self.pool, service_sid, binding_sid).await
     }
 
-    async fn delete_binding(&self, service_sid: &str, binding_sid: &str) -> Result<Binding> {
+    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
         let mut tx = self.begin().await?;
         let binding = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
         sqlx::query("DELETE FROM bindings WHERE sid = ?")
@@ -651,7 +688,7 @@ impl Store for SqliteStore {
 
     async fn list_bindings(
         &self,
-        service_sid: &str,
+        service_sid: &ServiceSid,
         filter: &BindingFilter,
         page: PageRequest,
     ) -> Result<Page<Binding>> {
@@ -671,7 +708,7 @@ impl Store for SqliteStore {
             );
         }
         sql += " AND seq > ? ORDER BY seq LIMIT ? OFFSET ?";
-        let mut query = sqlx::query(&sql).bind(service_sid);
+        let mut query = sqlx::query(&sql).bind(service_sid.as_str());
         for binding_type in &filter.binding_types {
             query = query.bind(binding_type);
         }
@@ -688,9 +725,9 @@ impl Store for SqliteStore {
         page_of(&rows, binding_row, limit)
     }
 
-    async fn count_bindings(&self, service_sid: &str, identity: &str) -> Result<i64> {
+    async fn count_bindings(&self, service_sid: &ServiceSid, identity: &str) -> Result<i64> {
         sqlx::query_scalar("SELECT COUNT(*) FROM bindings WHERE service_sid = ? AND identity = ?")
-            .bind(service_sid)
+            .bind(service_sid.as_str())
             .bind(identity)
             .fetch_one(&self.pool)
             .await
@@ -705,7 +742,7 @@ async fn bump_revision(
     binding: &Binding,
 ) -> Result<()> {
     sqlx::query("UPDATE users SET revision = revision + 1 WHERE service_sid = ? AND identity = ?")
-        .bind(&binding.service_sid)
+        .bind(binding.service_sid.as_str())
         .bind(&binding.identity)
         .execute(&mut **tx)
         .await
@@ -719,7 +756,9 @@ async fn bump_revision(
 mod tests {
     use super::*;
 
-    const AC: &str = "AC00000000000000000000000000000001";
+    fn ac() -> AccountSid {
+        "AC00000000000000000000000000000001".parse().unwrap()
+    }
 
     async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -768,7 +807,7 @@ mod tests {
         let path = dir.path().join("reach.db");
         let (svc, user, binding, config) = {
             let store = SqliteStore::open(&path).await.unwrap();
-            let svc = store.create_service(AC, "durable").await.unwrap();
+            let svc = store.create_service(&ac(), "durable").await.unwrap();
             let config = store
                 .update_config(
                     &svc.sid,
@@ -792,7 +831,7 @@ mod tests {
         };
 
         let store = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+        assert_eq!(store.get_service(&ac(), &svc.sid).await.unwrap(), svc);
         assert_eq!(store.get_config(&svc.sid).await.unwrap(), config);
         assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
         assert_eq!(user.online_epoch, 1);

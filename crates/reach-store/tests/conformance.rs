@@ -52,40 +52,40 @@ conformance!(
 
 async fn services_are_scoped_by_account(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "first").await.unwrap();
+    let svc = store.create_service(&AC, "first").await.unwrap();
     assert!(looks_like_sid(&svc.sid) && svc.sid.starts_with("IS"));
-    assert_eq!(svc.account_sid, AC);
+    assert_eq!(svc.account_sid, *AC);
     assert_eq!(svc.friendly_name, "first");
 
-    assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+    assert_eq!(store.get_service(&AC, &svc.sid).await.unwrap(), svc);
     assert_eq!(store.find_service(&svc.sid).await.unwrap(), svc);
     assert!(matches!(
-        store.get_service(OTHER_AC, &svc.sid).await,
+        store.get_service(&OTHER_AC, &svc.sid).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
-            .find_service("IS00000000000000000000000000000000")
+            .find_service(&"IS00000000000000000000000000000000".parse().unwrap())
             .await,
         Err(StoreError::NotFound)
     ));
 
-    let second = store.create_service(AC, "second").await.unwrap();
-    let other = store.create_service(OTHER_AC, "theirs").await.unwrap();
-    let page = store.list_services(AC, first(50)).await.unwrap();
+    let second = store.create_service(&AC, "second").await.unwrap();
+    let other = store.create_service(&OTHER_AC, "theirs").await.unwrap();
+    let page = store.list_services(&AC, first(50)).await.unwrap();
     assert_eq!(page.items, vec![svc.clone(), second.clone()]);
     assert_eq!(page.next_cursor, None);
-    let page = store.list_services(OTHER_AC, first(50)).await.unwrap();
+    let page = store.list_services(&OTHER_AC, first(50)).await.unwrap();
     assert_eq!(page.items, vec![other.clone()]);
 
     // Another account cannot delete it.
     assert!(matches!(
-        store.delete_service(OTHER_AC, &svc.sid).await,
+        store.delete_service(&OTHER_AC, &svc.sid).await,
         Err(StoreError::NotFound)
     ));
-    store.delete_service(AC, &svc.sid).await.unwrap();
+    store.delete_service(&AC, &svc.sid).await.unwrap();
     assert!(matches!(
-        store.get_service(AC, &svc.sid).await,
+        store.get_service(&AC, &svc.sid).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
@@ -93,22 +93,22 @@ async fn services_are_scoped_by_account(fx: &Fixture) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.delete_service(AC, &svc.sid).await,
+        store.delete_service(&AC, &svc.sid).await,
         Err(StoreError::NotFound)
     ));
-    let page = store.list_services(AC, first(50)).await.unwrap();
+    let page = store.list_services(&AC, first(50)).await.unwrap();
     assert_eq!(page.items, vec![second]);
 }
 
 async fn deleting_a_service_deletes_its_users_and_bindings(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     store.create_user(&svc, &new_user("alice")).await.unwrap();
     store
         .upsert_binding(&svc, "alice", "fcm", "token", None)
         .await
         .unwrap();
-    store.delete_service(AC, &svc.sid).await.unwrap();
+    store.delete_service(&AC, &svc.sid).await.unwrap();
     let users = fx.count("SELECT COUNT(*) FROM users").await;
     let bindings = fx.count("SELECT COUNT(*) FROM bindings").await;
     assert_eq!((users, bindings), (0, 0));
@@ -116,7 +116,7 @@ async fn deleting_a_service_deletes_its_users_and_bindings(fx: &Fixture) {
 
 async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let config = store.get_config(&svc.sid).await.unwrap();
     assert_eq!(
         config,
@@ -170,7 +170,7 @@ async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
     assert_eq!(c.default_conversation_role_sid, None);
     assert_eq!(store.get_config(&svc.sid).await.unwrap(), c);
 
-    let other = store.create_service(OTHER_AC, "t").await.unwrap();
+    let other = store.create_service(&OTHER_AC, "t").await.unwrap();
     let all = store.list_configs().await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0], c);
@@ -178,7 +178,10 @@ async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
 
     assert!(matches!(
         store
-            .update_config("IS00000000000000000000000000000000", &enable)
+            .update_config(
+                &"IS00000000000000000000000000000000".parse().unwrap(),
+                &enable
+            )
             .await,
         Err(StoreError::NotFound)
     ));
@@ -186,12 +189,12 @@ async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
 
 async fn users_lifecycle(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
     assert!(looks_like_sid(&alice.sid) && alice.sid.starts_with("US"));
     assert_eq!(alice.identity, "alice");
     assert_eq!(alice.service_sid, svc.sid);
-    assert_eq!(alice.account_sid, AC);
+    assert_eq!(alice.account_sid, *AC);
     assert_eq!(alice.attributes, "{}");
     assert_eq!(alice.friendly_name, None);
     assert_eq!(alice.revision, 0);
@@ -204,7 +207,7 @@ async fn users_lifecycle(fx: &Fixture) {
         other => panic!("expected UserExists, got {other:?}"),
     }
     // The same identity in another service is fine.
-    let svc2 = store.create_service(AC, "s2").await.unwrap();
+    let svc2 = store.create_service(&AC, "s2").await.unwrap();
     store.create_user(&svc2, &new_user("alice")).await.unwrap();
 
     assert_eq!(store.get_user(&svc.sid, &alice.sid).await.unwrap(), alice);
@@ -322,7 +325,7 @@ async fn users_lifecycle(fx: &Fixture) {
 
 async fn identity_shaped_like_a_sid_is_still_found(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let odd = "US0123456789abcdef0123456789abcdef";
     let user = store.create_user(&svc, &new_user(odd)).await.unwrap();
     assert_eq!(store.get_user(&svc.sid, odd).await.unwrap(), user);
@@ -331,7 +334,7 @@ async fn identity_shaped_like_a_sid_is_still_found(fx: &Fixture) {
 
 async fn get_or_create_returns_the_same_user(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let a = store.get_or_create_user(&svc, "carol").await.unwrap();
     let b = store.get_or_create_user(&svc, "carol").await.unwrap();
     assert_eq!(a, b);
@@ -356,7 +359,7 @@ async fn get_or_create_returns_the_same_user(fx: &Fixture) {
     assert_eq!(sids.len(), 1, "{sids:?}");
 
     // A service that no longer exists.
-    store.delete_service(AC, &svc.sid).await.unwrap();
+    store.delete_service(&AC, &svc.sid).await.unwrap();
     assert!(matches!(
         store.get_or_create_user(&svc, "erin").await,
         Err(StoreError::NotFound)
@@ -369,7 +372,7 @@ async fn get_or_create_returns_the_same_user(fx: &Fixture) {
 
 async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let mut identities = Vec::new();
     for i in 0..7 {
         let identity = format!("user{i}");
@@ -456,13 +459,16 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
 
     // Services page the same way.
     for i in 0..4 {
-        store.create_service(AC, &format!("more{i}")).await.unwrap();
+        store
+            .create_service(&AC, &format!("more{i}"))
+            .await
+            .unwrap();
     }
-    let p = store.list_services(AC, first(2)).await.unwrap();
+    let p = store.list_services(&AC, first(2)).await.unwrap();
     assert_eq!(p.items.len(), 2);
     let p = store
         .list_services(
-            AC,
+            &AC,
             PageRequest {
                 after: p.next_cursor,
                 offset: 0,
@@ -474,7 +480,7 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
     assert_eq!(p.items.len(), 2);
     let p = store
         .list_services(
-            AC,
+            &AC,
             PageRequest {
                 after: p.next_cursor,
                 offset: 0,
@@ -489,7 +495,7 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
 
 async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     store.create_user(&svc, &new_user("alice")).await.unwrap();
     store.create_user(&svc, &new_user("bob")).await.unwrap();
 
@@ -510,7 +516,7 @@ async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
         .await
         .unwrap();
     assert!(looks_like_sid(&b1.sid) && b1.sid.starts_with("BS"));
-    assert_eq!(b1.account_sid, AC);
+    assert_eq!(b1.account_sid, *AC);
     assert_eq!(
         b1.credential_sid.as_deref(),
         Some("CR00000000000000000000000000000001")
@@ -620,7 +626,7 @@ async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
 
 async fn concurrent_enables_bump_the_epoch_once(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let enable = ConfigUpdate {
         reachability_enabled: Some(true),
         ..ConfigUpdate::default()
@@ -645,7 +651,7 @@ async fn concurrent_enables_bump_the_epoch_once(fx: &Fixture) {
 
 async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -670,7 +676,7 @@ async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
 
 async fn concurrent_upserts_of_one_binding_agree(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     store.create_user(&svc, &new_user("alice")).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -698,7 +704,7 @@ async fn concurrent_upserts_of_one_binding_agree(fx: &Fixture) {
 /// nothing is left behind.
 async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) {
     let store = &fx.store;
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..10 {
         let identity = format!("user{i}");

@@ -30,13 +30,13 @@ async fn migrations_are_idempotent() {
         return;
     };
     let store = PgStore::connect(&db.url).await.unwrap();
-    let svc = store.create_service(AC, "s").await.unwrap();
+    let svc = store.create_service(&AC, "s").await.unwrap();
     store.close().await;
     assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
 
     // A second start finds the schema current: nothing is re-applied, nothing is lost.
     let store = PgStore::connect(&db.url).await.unwrap();
-    assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+    assert_eq!(store.get_service(&AC, &svc.sid).await.unwrap(), svc);
     store.close().await;
     assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
 }
@@ -58,9 +58,9 @@ async fn nodes_starting_together_on_a_fresh_database_all_connect() {
     }
     assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
     // They all see one schema and each other's writes.
-    let svc = stores[0].create_service(AC, "s").await.unwrap();
+    let svc = stores[0].create_service(&AC, "s").await.unwrap();
     for store in &stores {
-        assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+        assert_eq!(store.get_service(&AC, &svc.sid).await.unwrap(), svc);
         store.close().await;
     }
 }
@@ -107,7 +107,7 @@ async fn get_or_create_from_many_nodes_returns_one_sid() {
     for _ in 0..4 {
         nodes.push(PgStore::connect(&db.url).await.unwrap());
     }
-    let svc = nodes[0].create_service(AC, "s").await.unwrap();
+    let svc = nodes[0].create_service(&AC, "s").await.unwrap();
     for round in 0..3 {
         let identity = format!("racer{round}");
         let mut tasks = Vec::new();
@@ -144,7 +144,7 @@ async fn data_persists_across_a_new_pool() {
     };
     let (svc, user, binding, config) = {
         let store = PgStore::connect(&db.url).await.unwrap();
-        let svc = store.create_service(AC, "durable").await.unwrap();
+        let svc = store.create_service(&AC, "durable").await.unwrap();
         let config = store
             .update_config(
                 &svc.sid,
@@ -168,7 +168,7 @@ async fn data_persists_across_a_new_pool() {
     };
 
     let store = PgStore::connect(&db.url).await.unwrap();
-    assert_eq!(store.get_service(AC, &svc.sid).await.unwrap(), svc);
+    assert_eq!(store.get_service(&AC, &svc.sid).await.unwrap(), svc);
     assert_eq!(store.get_config(&svc.sid).await.unwrap(), config);
     assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
     assert_eq!(user.online_epoch, 1);

@@ -16,7 +16,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use percent_encoding::percent_decode;
-use reach_proto::{AccountSid, SidKind};
+use reach_proto::{AccountSid, ServiceSid, SidKind};
 use reach_store::{Service, ServiceConfig, StoreError};
 use serde::de::DeserializeOwned;
 
@@ -51,18 +51,18 @@ impl Ctx {
 
     /// The account's service, or 404 (also for another account's service).
     pub async fn service(&self, sid: &str) -> ApiResult<Service> {
-        if !SidKind::Service.is(sid) {
+        let Ok(sid) = ServiceSid::parse(sid) else {
             return Err(ApiError::NotFound(self.resource.clone()));
-        }
+        };
         self.app()
             .store
-            .get_service(&self.account, sid)
+            .get_service(&self.account, &sid)
             .await
             .map_err(self.store_err())
     }
 
     /// A service's configuration.
-    pub async fn config(&self, service_sid: &str) -> ApiResult<ServiceConfig> {
+    pub async fn config(&self, service_sid: &ServiceSid) -> ApiResult<ServiceConfig> {
         self.app()
             .store
             .get_config(service_sid)

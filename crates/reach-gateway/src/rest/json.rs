@@ -1,7 +1,7 @@
 //! The JSON shapes of the resources (snake_case, as the hosted API answers), their absolute
 //! URLs ([`Urls`]) and timestamps ([`iso8601`]).
 
-use reach_store::{Binding, Service, ServiceConfig, UserRecord};
+use reach_store::{AccountSid, Binding, Service, ServiceConfig, ServiceSid, UserRecord};
 use serde::Serialize;
 
 /// `message_types` of every binding. Reach records registrations only and does not send pushes,
@@ -53,8 +53,8 @@ impl Urls<'_> {
 
 #[derive(Serialize)]
 pub(super) struct ServiceJson {
-    sid: String,
-    account_sid: String,
+    sid: ServiceSid,
+    account_sid: AccountSid,
     friendly_name: String,
     date_created: String,
     date_updated: String,
@@ -94,7 +94,7 @@ pub(super) fn service_json(urls: &Urls<'_>, s: Service) -> ServiceJson {
 
 #[derive(Serialize)]
 pub(super) struct ConfigJson {
-    chat_service_sid: String,
+    chat_service_sid: ServiceSid,
     default_conversation_creator_role_sid: Option<String>,
     default_conversation_role_sid: Option<String>,
     default_chat_service_role_sid: Option<String>,
@@ -128,8 +128,8 @@ pub(super) fn config_json(urls: &Urls<'_>, c: ServiceConfig) -> ConfigJson {
 #[derive(Serialize)]
 pub(super) struct UserJson {
     sid: String,
-    account_sid: String,
-    chat_service_sid: String,
+    account_sid: AccountSid,
+    chat_service_sid: ServiceSid,
     role_sid: Option<String>,
     identity: String,
     friendly_name: Option<String>,
@@ -176,8 +176,8 @@ pub(super) fn user_json(
 #[derive(Serialize)]
 pub(super) struct BindingJson {
     sid: String,
-    account_sid: String,
-    chat_service_sid: String,
+    account_sid: AccountSid,
+    chat_service_sid: ServiceSid,
     credential_sid: Option<String>,
     date_created: String,
     date_updated: String,

@@ -78,13 +78,13 @@ async fn fetch_service(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
 }
 
 async fn delete_service(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
-    ctx.service(&sid).await?;
+    let service = ctx.service(&sid).await?;
     let _order = ctx.state.switch_writes.lock().await;
     ctx.app()
         .store
-        .delete_service(&ctx.account, &sid)
+        .delete_service(&ctx.account, &service.sid)
         .await
         .map_err(ctx.store_err())?;
-    ctx.app().service_deleted(&sid).await;
+    ctx.app().service_deleted(&service.sid).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

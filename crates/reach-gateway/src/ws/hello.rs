@@ -197,7 +197,7 @@ async fn start(
         let slot = conn.outbox.reserve_guarded(SlotFrame::Welcome {
             connection_id,
             identity: grant.identity.clone(),
-            service_sid: service.sid.clone(),
+            service_sid: service.sid.to_string(),
             reachability_enabled: engine.service(&service.sid).enabled,
             heartbeat_interval_ms: app.config.presence.heartbeat_interval_ms,
             token_expires_at: grant.expires_at,

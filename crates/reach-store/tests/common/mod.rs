@@ -11,17 +11,19 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use reach_store::postgres::PgStore;
 use reach_store::sqlite::SqliteStore;
-use reach_store::{NewUser, PageRequest, Store};
+use reach_store::{AccountSid, NewUser, PageRequest, Store};
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use sqlx::{Connection, Executor, PgConnection};
 
-pub const AC: &str = "AC00000000000000000000000000000001";
-pub const OTHER_AC: &str = "AC00000000000000000000000000000002";
+pub static AC: LazyLock<AccountSid> =
+    LazyLock::new(|| "AC00000000000000000000000000000001".parse().unwrap());
+pub static OTHER_AC: LazyLock<AccountSid> =
+    LazyLock::new(|| "AC00000000000000000000000000000002".parse().unwrap());
 
 /// The environment variable that names the PostgreSQL server to test against.
 pub const PG_URL_VAR: &str = "REACH_TEST_POSTGRES_URL";
