@@ -8,7 +8,8 @@
 //! - [`coord`]: the coordinator: starts reachd (optionally), creates a service, re-executes this
 //!   binary as worker processes, drives the phases, relays events, samples `/proc`, shows
 //!   progress and writes the results;
-//! - [`worker`]: a worker process holding up to 19,000 sockets on a single-threaded runtime;
+//! - [`worker`]: a worker process holding up to 19,000 sockets on a single-threaded runtime,
+//!   with one driver per target server (`worker/reach.rs`, `pusher.rs`, `mqtt.rs`);
 //! - [`ipc`]: the JSON lines between them;
 //! - [`peer`]: the peer servers it can drive instead of reachd (Soketi's Pusher protocol,
 //!   Mosquitto's MQTT), and how reach's presence maps onto each;

@@ -130,7 +130,7 @@ enum Item {
         reasons: Reasons,
     },
     Slot {
-        /// Boxed: it is large and rare, and keeps every queued item small (40 B, not 184).
+        /// Boxed: it is large and rare, and every queued item is as large as the largest kind.
         frame: Box<SlotFrame>,
         sealed: bool,
         /// Fills still expected from elsewhere (cluster mode: a watched user's state from the

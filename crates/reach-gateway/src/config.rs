@@ -151,7 +151,7 @@ pub struct LimitsConfig {
     /// Messages longer than this go out as WebSocket fragments of this size, and a socket
     /// writes whenever this much is buffered, so its write buffer (kept at its high-water mark
     /// for the socket's life) stays near twice this. 0: whole messages, written once per
-    /// batch (fewer write calls, ~0.75 KB more per idle socket).
+    /// batch (fewer write calls, a larger write buffer per idle socket).
     pub write_fragment_bytes: usize,
 }
 

@@ -5,8 +5,8 @@
 //! [`RESOLUTION`]); one driver task wakes the connections whose tick has come through their
 //! outboxes ([`reach_core::Outbox::wake_timer`]), and the session then checks its deadlines
 //! against the clock. So a deadline fires at most one resolution late, never early, and an
-//! idle socket's task holds no timer of its own (112 bytes less in every task, see
-//! docs/benchmarks.md). A registration is a `Weak` pointer: a connection that is gone (its
+//! idle socket's task holds no timer of its own (docs/benchmarks.md, memory, has what that
+//! saves per socket). A registration is a `Weak` pointer: a connection that is gone (its
 //! session ended and its socket, whose read waker holds the connection, was dropped) is
 //! skipped; one still closing, and stale registrations (a deadline that moved), only cause a
 //! wake-up that finds nothing due.
