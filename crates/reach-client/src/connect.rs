@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use reach_proto::{ClientFrame, Encoding, ErrorCode, ServerFrame, decode_server, encode};
+use reach_proto::{
+    ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame, decode_server, encode,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri, header};
@@ -189,14 +191,15 @@ async fn open_inner(url: &str, token: &str, options: &Options) -> Result<Connect
         };
         if let Message::Close(frame) = &msg {
             let (code, reason) = close_parts(frame.as_ref());
-            return Err(match (code, error) {
-                (Some(4001), Some((code, message))) => Error::Denied { code, message },
-                (Some(4001), None) => Error::Denied {
+            let refused = code.and_then(CloseCode::from_u16) == Some(CloseCode::Unauthorized);
+            return Err(match (refused, error) {
+                (true, Some((code, message))) => Error::Denied { code, message },
+                (true, None) => Error::Denied {
                     code: ErrorCode::InvalidAccessToken.as_u32(),
                     message: reason,
                 },
-                (_, Some((code, message))) => Error::Server { code, message },
-                (code, None) => Error::Closed { code, reason },
+                (false, Some((code, message))) => Error::Server { code, message },
+                (false, None) => Error::Closed { code, reason },
             });
         }
         match decode(&msg) {

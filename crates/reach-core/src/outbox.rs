@@ -505,11 +505,6 @@ impl Outbox {
         }
     }
 
-    /// The close requested so far, if any.
-    pub fn close_requested(&self) -> Option<CloseCode> {
-        self.lock().close
-    }
-
     /// Takes the next message, or registers `waker` to be woken when there is one.
     ///
     /// Returns `None` when nothing can be sent now (empty, or an unsealed slot at the head).

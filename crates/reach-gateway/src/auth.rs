@@ -101,7 +101,9 @@ pub enum TokenError {
     WrongAccount,
     #[error("the access token has no chat grant with an identity and a service SID")]
     Grant,
-    #[error("the access token's identity looks like a SID or is longer than 256 bytes")]
+    #[error(
+        "the access token's identity looks like a SID or is longer than {MAX_IDENTITY_LEN} bytes"
+    )]
     BadIdentity,
     #[error("the access token's service does not exist")]
     UnknownService,
@@ -152,7 +154,6 @@ struct IssuerOnly {
 /// What a verified token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenGrant {
-    pub api_key_sid: ApiKeySid,
     pub account_sid: AccountSid,
     pub identity: String,
     pub service_sid: ServiceSid,
@@ -217,7 +218,6 @@ pub fn verify_token(creds: &Credentials, token: &str, now: i64) -> Result<TokenG
         .and_then(|s| ServiceSid::parse(&s).ok())
         .ok_or(TokenError::Grant)?;
     Ok(TokenGrant {
-        api_key_sid: key.sid.clone(),
         account_sid: key.account_sid.clone(),
         identity,
         service_sid,

@@ -88,8 +88,9 @@ pub fn token(
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    if !(1..=reach_proto::token::MAX_LIFETIME_S).contains(&ttl) {
-        return fail("--ttl must be between 1 and 86400 seconds");
+    let max = reach_proto::token::MAX_LIFETIME_S;
+    if !(1..=max).contains(&ttl) {
+        return fail(format!("--ttl must be between 1 and {max} seconds"));
     }
     let Ok(service) = ServiceSid::parse(service) else {
         return fail(format!(

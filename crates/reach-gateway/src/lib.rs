@@ -5,13 +5,16 @@
 //!
 //! - [`state`]: the state every handler shares ([`App`]): engine, store, backplane, metrics,
 //!   the service cache, the record-change fan-out and the REST/engine flag adapters.
-//! - Handlers, which depend on `state` and on nothing above it:
-//!   - [`ws`]: the WebSocket endpoint, one folder: upgrade, frames, hello, session, requests;
+//! - Handlers, which depend on `state` (and `drain`, `sync`) and on nothing above them:
+//!   - [`ws`]: the WebSocket endpoint, one folder: upgrade, socket, hello, connection,
+//!     session, requests (its upgrade answers refusals with `rest`'s error body);
 //!   - [`rest`]: the REST API, one file per resource, with its error, extractors, JSON and
 //!     paging;
 //!   - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`sync`]: background tasks that keep the store and the other nodes in step (the online
 //!   record, record changes announced by other nodes).
+//! - [`drain`]: what happens on SIGTERM/SIGINT: no new sockets, `goodbye` to every
+//!   connection, a bounded wait for the socket tasks.
 //! - [`server`]: assembles the app and its tasks, binds and routes the listeners, serves them
 //!   and drains. Only the server depends on the handlers; nothing depends back on it.
 //! - Parts below all of these: [`config`] (layered configuration, validated), [`auth`]
@@ -29,6 +32,7 @@ pub mod admin;
 pub mod auth;
 pub mod commands;
 pub mod config;
+pub mod drain;
 pub mod metrics;
 pub mod rest;
 pub mod server;

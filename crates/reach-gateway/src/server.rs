@@ -2,22 +2,14 @@
 //! listeners ([`bind`]), routes them ([`public_router`], [`crate::admin::router`]), serves them
 //! and drains ([`run`]).
 //!
-//! `run` takes bound listeners and a shutdown future, so tests bind port 0. The drain, when
-//! `shutdown` resolves:
-//!
-//! 1. `App::shutdown` is cancelled: the public listener stops accepting, `/readyz` turns 503,
-//!    new upgrades are refused with 503, and sockets still waiting for `hello` close with 1001.
-//! 2. One sweep over the engine's connections queues `goodbye` and close 1001 in every
-//!    authenticated connection's outbox ([`App::goodbye`]); a `hello` that attaches after the
-//!    sweep sees the token and says goodbye to itself.
-//! 3. `run` waits for the socket tasks (which axum's graceful shutdown does not track once
-//!    upgraded), at most `server.drain_grace_ms`, then leaves the cluster and stops the admin
-//!    listener, which stayed up throughout.
+//! `run` takes bound listeners and a shutdown future, so tests bind port 0; when the future
+//! resolves it drains ([`crate::drain`]: no new sockets, `goodbye` to every connection, a
+//! bounded wait for the socket tasks), then leaves the cluster and stops the admin listener,
+//! which stayed up throughout so `/readyz` could answer 503.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::serve::ListenerExt;
@@ -67,17 +59,11 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let token = app.shutdown.clone();
     tokio::spawn({
-        let token = token.clone();
         let app = Arc::clone(&app);
         async move {
             shutdown.await;
-            token.cancel();
-            // Sockets that have not said hello yet see the token; the others are told here.
-            for conn in app.engine.connections() {
-                app.goodbye(&conn);
-            }
+            crate::drain::begin(&app);
         }
     });
     // The admin listener outlives the drain, so /readyz answers 503 while sockets close.
@@ -93,7 +79,7 @@ pub async fn run(
     });
     let router =
         public_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
-    let public_token = token.clone();
+    let public_token = app.shutdown.clone();
     // TCP_NODELAY: presence frames are small and must leave at once; with Nagle a frame
     // written while the previous one is unacknowledged waits for the peer's delayed ACK.
     let public = public.tap_io(|tcp| {
@@ -105,17 +91,7 @@ pub async fn run(
         .with_graceful_shutdown(async move { public_token.cancelled().await })
         .await?;
     // Draining: socket tasks saw the cancellation and are saying goodbye.
-    app.sockets.close();
-    let grace = Duration::from_millis(app.config.server.drain_grace_ms);
-    if tokio::time::timeout(grace, app.sockets.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = app.sockets.len(),
-            "drain grace over; closing the remaining sockets"
-        );
-    }
+    crate::drain::wait(&app).await;
     if let Some(cluster) = &app.cluster {
         cluster.leave().await;
     }

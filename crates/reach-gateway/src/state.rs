@@ -9,12 +9,10 @@
 //! ([`crate::sync`]) and the listeners ([`crate::server`]) are started by the server.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reach_cluster::{Cluster, ClusterConfig, Control};
-use reach_core::{Conn, Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
-use reach_proto::{CloseCode, ServerFrame};
+use reach_core::{Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
 use reach_store::{Service, ServiceConfig, ServiceSid, Store, StoreError, UserRecord};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +44,6 @@ pub struct App {
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
     services: dashmap::DashMap<String, Option<Arc<Service>>>,
-    ready: AtomicBool,
 }
 
 impl std::fmt::Debug for App {
@@ -141,7 +138,6 @@ impl App {
             sockets: TaskTracker::new(),
             timers: Arc::new(Timers::default()),
             services: dashmap::DashMap::new(),
-            ready: AtomicBool::new(true),
         });
         Ok((app, Feeds { persist, control }))
     }
@@ -171,8 +167,8 @@ impl App {
 
     /// A service deleted here or at another node: tombstoned in the cache, its sockets closed
     /// with 4003.
-    pub(crate) fn forget_service(&self, sid: &str) {
-        self.services.insert(sid.to_owned(), None);
+    pub(crate) fn forget_service(&self, sid: &ServiceSid) {
+        self.services.insert(sid.to_string(), None);
         self.engine.remove_service(sid);
     }
 
@@ -215,23 +211,9 @@ impl App {
         }
     }
 
-    /// Tells an authenticated connection that the gateway drains: `goodbye` with a random
-    /// `retry_after_ms` (so clients do not all come back at once), then close 1001. The drain
-    /// ([`crate::server`]) calls it for every connection; a `hello` that attaches after the
-    /// drain's sweep calls it itself. A second goodbye is dropped by the outbox.
-    pub fn goodbye(&self, conn: &Conn) {
-        conn.outbox.push_frame(&ServerFrame::Goodbye {
-            reason: "draining".into(),
-            retry_after_ms: rand::random_range(0..=self.config.server.drain_retry_max_ms),
-        });
-        conn.outbox.close(CloseCode::GoingAway);
-    }
-
     /// Ready for traffic: not draining and, in a cluster, connected to Redis.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-            && !self.shutdown.is_cancelled()
-            && self.cluster.as_ref().is_none_or(|c| c.is_up())
+        !self.shutdown.is_cancelled() && self.cluster.as_ref().is_none_or(|c| c.is_up())
     }
 
     /// `(is_online, is_notifiable)` of a user as REST and the socket report it. In a cluster,

@@ -559,6 +559,15 @@ mod tests {
     }
 
     #[test]
+    fn binding_type_names_list_every_type() {
+        let names: Vec<&str> = BindingType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(BindingType::NAMES, names.join(", "));
+        for t in BindingType::ALL {
+            assert_eq!(t.as_str().parse::<BindingType>(), Ok(t));
+        }
+    }
+
+    #[test]
     fn reasons_merge_and_keep_wire_order() {
         let r = Reasons::of(UpdateReason::ReachabilityNotifiable)
             .union(Reasons::of(UpdateReason::FriendlyName));

@@ -59,11 +59,9 @@ impl Conn {
     /// Resets the TCP connection (linger 0): the server sees an abrupt close.
     fn reset(self) {
         match self {
-            Conn::Reach(ws) => reset(ws),
-            Conn::Pusher(p) => reset(p.ws),
-            Conn::Mqtt(m) => {
-                let _ = socket2::SockRef::from(&m.stream).set_linger(Some(Duration::ZERO));
-            }
+            Conn::Reach(ws) => reset(ws.get_ref()),
+            Conn::Pusher(p) => reset(p.ws.get_ref()),
+            Conn::Mqtt(m) => reset(&m.stream),
         }
     }
 }
@@ -573,7 +571,8 @@ impl Worker {
         Ok(stream)
     }
 
-    async fn upgrade(&self, user: u32) -> Result<Ws, String> {
+    /// A WebSocket to the server, offering `subprotocol` if any.
+    async fn upgrade(&self, user: u32, subprotocol: Option<&str>) -> Result<Ws, String> {
         let started = now_ns();
         let stream = self.tcp(user).await?;
         let mut req = self
@@ -582,10 +581,12 @@ impl Worker {
             .as_str()
             .into_client_request()
             .map_err(|e| format!("url: {e}"))?;
-        if self.plan.target == Target::Reach {
+        if let Some(subprotocol) = subprotocol {
             req.headers_mut().insert(
                 "Sec-WebSocket-Protocol",
-                self.enc.subprotocol().parse().expect("valid header value"),
+                subprotocol
+                    .parse()
+                    .map_err(|e| format!("subprotocol: {e}"))?,
             );
         }
         let (ws, _) =
@@ -782,10 +783,9 @@ impl Worker {
     }
 }
 
-/// Resets the TCP connection (linger 0): the server sees an abrupt close.
-fn reset(ws: Ws) {
-    let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
-    drop(ws);
+/// Sets linger 0 on the socket, so that dropping it resets the TCP connection.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 impl Worker {

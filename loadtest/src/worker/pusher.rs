@@ -22,7 +22,7 @@ pub(super) struct PusherConn {
 impl Worker {
     /// Upgrade, then `pusher:connection_established` (timed as `hello`).
     pub(super) async fn establish_pusher(&self, user: u32) -> Result<PusherConn, String> {
-        let mut ws = self.retrying(|| self.upgrade(user)).await?;
+        let mut ws = self.retrying(|| self.upgrade(user, None)).await?;
         let sent = now_ns();
         let socket_id = tokio::time::timeout(self.reply_timeout(), async {
             loop {

@@ -37,7 +37,9 @@ impl Worker {
     }
 
     pub(super) async fn establish_reach(&self, user: u32, visible: bool) -> Result<Ws, String> {
-        let mut ws = self.retrying(|| self.upgrade(user)).await?;
+        let mut ws = self
+            .retrying(|| self.upgrade(user, Some(self.enc.subprotocol())))
+            .await?;
         let token = self.token(user)?;
         if visible {
             self.event(user, true, EventKind::Connect);

@@ -8,12 +8,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use reach_proto::BindingType;
-use reach_store::{BindingFilter, Page, StoreError};
+use reach_store::{AccountSid, Binding, BindingFilter, Page, ServiceSid, StoreError};
+use serde::Serialize;
 
-use super::RestState;
 use super::error::{ApiError, ApiResult};
+use super::extract::RestState;
 use super::extract::{ApiPath, Ctx, QueryParams};
-use super::json::binding_json;
+use super::json::{Urls, iso8601};
 use super::paging::{Paging, list_response};
 
 /// Most values accepted for one repeatable filter (`BindingType`, `Identity`); each becomes a
@@ -116,4 +117,43 @@ async fn delete_binding(ctx: Ctx, ApiPath((sid, binding)): ApiPath<(String, Stri
         ),
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `message_types` of every binding. Reach records registrations only and does not send pushes,
+/// so a binding is reported with the hosted API's default notification types.
+const MESSAGE_TYPES: [&str; 3] = [
+    "new_message",
+    "added_to_conversation",
+    "removed_from_conversation",
+];
+
+#[derive(Serialize)]
+struct BindingJson {
+    sid: String,
+    account_sid: AccountSid,
+    chat_service_sid: ServiceSid,
+    credential_sid: Option<String>,
+    date_created: String,
+    date_updated: String,
+    endpoint: String,
+    identity: String,
+    binding_type: String,
+    message_types: [&'static str; 3],
+    url: String,
+}
+
+fn binding_json(urls: &Urls<'_>, b: Binding) -> BindingJson {
+    BindingJson {
+        url: urls.binding(&b.service_sid, &b.sid),
+        date_created: iso8601(b.date_created),
+        date_updated: iso8601(b.date_updated),
+        sid: b.sid,
+        account_sid: b.account_sid,
+        chat_service_sid: b.service_sid,
+        credential_sid: b.credential_sid,
+        endpoint: b.address,
+        identity: b.identity,
+        binding_type: b.binding_type,
+        message_types: MESSAGE_TYPES,
+    }
 }

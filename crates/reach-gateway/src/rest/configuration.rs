@@ -6,12 +6,13 @@ use axum::Json;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use reach_store::ConfigUpdate;
+use reach_store::{ConfigUpdate, ServiceConfig, ServiceSid};
+use serde::Serialize;
 
-use super::RestState;
 use super::error::ApiResult;
+use super::extract::RestState;
 use super::extract::{ApiPath, Ctx, FormParams};
-use super::json::config_json;
+use super::json::Urls;
 
 pub(super) fn routes() -> Router<RestState> {
     Router::new().route(
@@ -51,4 +52,37 @@ async fn update_config(
         cfg
     };
     Ok(Json(config_json(&ctx.urls(), cfg)).into_response())
+}
+
+#[derive(Serialize)]
+struct ConfigJson {
+    chat_service_sid: ServiceSid,
+    default_conversation_creator_role_sid: Option<String>,
+    default_conversation_role_sid: Option<String>,
+    default_chat_service_role_sid: Option<String>,
+    reachability_enabled: bool,
+    url: String,
+    links: ConfigLinks,
+}
+
+#[derive(Serialize)]
+struct ConfigLinks {
+    notifications: String,
+    webhooks: String,
+}
+
+fn config_json(urls: &Urls<'_>, c: ServiceConfig) -> ConfigJson {
+    let url = urls.config(&c.service_sid);
+    ConfigJson {
+        links: ConfigLinks {
+            notifications: format!("{url}/Notifications"),
+            webhooks: format!("{url}/Webhooks"),
+        },
+        url,
+        chat_service_sid: c.service_sid,
+        default_conversation_creator_role_sid: c.default_conversation_creator_role_sid,
+        default_conversation_role_sid: c.default_conversation_role_sid,
+        default_chat_service_role_sid: c.default_chat_service_role_sid,
+        reachability_enabled: c.reachability_enabled,
+    }
 }

@@ -1,5 +1,5 @@
 //! What a handler takes from its request, every malformed input turned into an [`ApiError`]
-//! (so a client only ever sees the error JSON):
+//! (so a client only ever sees the error JSON), and the routes' shared state ([`Rest`]):
 //!
 //! - [`Ctx`]: HTTP Basic credentials checked, the account, the base of absolute URLs and the
 //!   resource path that error messages name;
@@ -20,10 +20,19 @@ use reach_proto::{AccountSid, ServiceSid, SidKind};
 use reach_store::{Service, ServiceConfig, StoreError};
 use serde::de::DeserializeOwned;
 
-use super::RestState;
 use super::error::{ApiError, ApiResult};
 use super::json::Urls;
 use crate::state::App;
+
+/// State of the REST routes.
+pub(super) struct Rest {
+    pub app: Arc<App>,
+    /// Held across a configuration write (or a service delete) and the engine call that
+    /// follows, so concurrent flips reach the engine in commit order.
+    pub switch_writes: tokio::sync::Mutex<()>,
+}
+
+pub(super) type RestState = Arc<Rest>;
 
 /// Label of `reach_auth_failures_total` for refused REST credentials.
 const AUTH_FAILURE_LABEL: &str = "rest_basic";

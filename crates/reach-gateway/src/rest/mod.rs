@@ -2,12 +2,13 @@
 //! Conversations API's paths, PascalCase form parameters, snake_case JSON, status codes, error
 //! body and paging envelope (`docs/rest.md`).
 //!
-//! - one file per resource, each with its routes: [`services`], [`configuration`], [`users`],
-//!   [`bindings`]; a new resource is a new file, merged into [`router`];
+//! - one file per resource, with its routes, handlers and JSON shape: [`services`],
+//!   [`configuration`], [`users`], [`bindings`]; a new resource is a new file, merged into
+//!   [`router`];
 //! - [`error`]: [`ApiError`] and its JSON body (the WebSocket upgrade's refusals use it too);
-//! - [`extract`]: the authenticated context ([`extract::Ctx`]) and the strict decoding of the
-//!   path, the query string and the form body;
-//! - [`json`]: the resources' JSON shapes and absolute URLs; [`paging`]: list pages.
+//! - [`extract`]: the routes' state, the authenticated context ([`extract::Ctx`]) and the
+//!   strict decoding of the path, the query string and the form body;
+//! - [`json`]: absolute URLs and timestamps; [`paging`]: list pages.
 //!
 //! Data flow of a request: the metrics middleware ([`track`]) times it and counts it by route
 //! template; the extractors check HTTP Basic credentials and decode the parameters; the handler
@@ -44,19 +45,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 
 pub use error::{ApiError, ApiResult};
-use extract::Ctx;
+use extract::{Ctx, Rest, RestState};
 
 use crate::state::App;
-
-/// State of the REST routes.
-struct Rest {
-    app: Arc<App>,
-    /// Held across a configuration write (or a service delete) and the engine call that
-    /// follows, so concurrent flips reach the engine in commit order.
-    switch_writes: tokio::sync::Mutex<()>,
-}
-
-type RestState = Arc<Rest>;
 
 /// The REST routes under `/v1`, with their 404/405 answers and the request metrics.
 pub fn router(app: Arc<App>) -> Router {

@@ -7,12 +7,13 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use reach_store::Page;
+use reach_store::{AccountSid, Page, Service, ServiceSid};
+use serde::Serialize;
 
-use super::RestState;
 use super::error::{ApiError, ApiResult};
+use super::extract::RestState;
 use super::extract::{ApiPath, Ctx, FormParams, QueryParams};
-use super::json::service_json;
+use super::json::{Urls, iso8601};
 use super::paging::{Paging, list_response};
 
 pub(super) fn routes() -> Router<RestState> {
@@ -87,4 +88,45 @@ async fn delete_service(ctx: Ctx, ApiPath(sid): ApiPath<String>) -> ApiResult {
         .map_err(ctx.store_err())?;
     ctx.app().service_deleted(&service.sid).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Serialize)]
+struct ServiceJson {
+    sid: ServiceSid,
+    account_sid: AccountSid,
+    friendly_name: String,
+    date_created: String,
+    date_updated: String,
+    url: String,
+    links: ServiceLinks,
+}
+
+#[derive(Serialize)]
+struct ServiceLinks {
+    conversations: String,
+    users: String,
+    roles: String,
+    bindings: String,
+    configuration: String,
+    participant_conversations: String,
+}
+
+fn service_json(urls: &Urls<'_>, s: Service) -> ServiceJson {
+    let url = urls.service(&s.sid);
+    ServiceJson {
+        links: ServiceLinks {
+            conversations: format!("{url}/Conversations"),
+            users: urls.users(&s.sid),
+            roles: format!("{url}/Roles"),
+            bindings: urls.bindings(&s.sid),
+            configuration: urls.config(&s.sid),
+            participant_conversations: format!("{url}/ParticipantConversations"),
+        },
+        url,
+        date_created: iso8601(s.date_created),
+        date_updated: iso8601(s.date_updated),
+        sid: s.sid,
+        account_sid: s.account_sid,
+        friendly_name: s.friendly_name,
+    }
 }

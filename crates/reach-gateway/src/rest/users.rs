@@ -9,12 +9,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use reach_proto::sid::looks_like_sid;
-use reach_store::{NewUser, Page, UserUpdate};
+use reach_store::{AccountSid, NewUser, Page, ServiceSid, UserRecord, UserUpdate};
+use serde::Serialize;
 
-use super::RestState;
 use super::error::{ApiError, ApiResult};
+use super::extract::RestState;
 use super::extract::{ApiPath, Ctx, FormParams, QueryParams};
-use super::json::user_json;
+use super::json::{Urls, iso8601};
 use super::paging::{Paging, list_response};
 
 pub(super) fn routes() -> Router<RestState> {
@@ -141,4 +142,48 @@ async fn delete_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) 
         .map_err(ctx.store_err())?;
     app.user_deleted(&service.sid, &rec.identity).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Serialize)]
+struct UserJson {
+    sid: String,
+    account_sid: AccountSid,
+    chat_service_sid: ServiceSid,
+    role_sid: Option<String>,
+    identity: String,
+    friendly_name: Option<String>,
+    attributes: String,
+    is_online: Option<bool>,
+    is_notifiable: Option<bool>,
+    date_created: String,
+    date_updated: String,
+    url: String,
+    links: UserLinks,
+}
+
+#[derive(Serialize)]
+struct UserLinks {
+    user_conversations: String,
+}
+
+/// A user with its reachability flags (`(None, None)` in lists).
+fn user_json(urls: &Urls<'_>, u: UserRecord, flags: (Option<bool>, Option<bool>)) -> UserJson {
+    let url = urls.user(&u.service_sid, &u.sid);
+    UserJson {
+        links: UserLinks {
+            user_conversations: format!("{url}/Conversations"),
+        },
+        url,
+        is_online: flags.0,
+        is_notifiable: flags.1,
+        date_created: iso8601(u.date_created),
+        date_updated: iso8601(u.date_updated),
+        sid: u.sid,
+        account_sid: u.account_sid,
+        chat_service_sid: u.service_sid,
+        role_sid: u.role_sid,
+        identity: u.identity,
+        friendly_name: u.friendly_name,
+        attributes: u.attributes,
+    }
 }

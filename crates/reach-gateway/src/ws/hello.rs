@@ -13,8 +13,8 @@ use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame, SidK
 use reach_store::{Service, StoreError};
 use tokio::time::Instant;
 
-use super::frames::{Read, Refusal, Socket, classify, close_direct, error_frame};
-use super::session::{End, Session};
+use super::connection::Session;
+use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, error_frame};
 use crate::auth::{TokenError, TokenGrant, verify_token};
 use crate::state::{App, profile_of};
 
@@ -43,21 +43,21 @@ pub(super) enum HelloError {
     #[error("internal error; retry later")]
     Internal,
     /// The client closed or went away; nothing is sent.
-    #[error("{0}")]
-    Gone(&'static str),
+    #[error("{}", .0.label())]
+    Gone(Gone),
 }
 
 impl HelloError {
-    /// The close code, or `None` when the client is already gone.
-    fn close_code(&self) -> Option<CloseCode> {
-        Some(match self {
+    /// How the socket ends: closed by us with this code, or already gone.
+    fn end(&self) -> End {
+        End::Close(match self {
             HelloError::TooManyConnections => CloseCode::RateLimited,
             HelloError::Timeout | HelloError::Token(_) => CloseCode::Unauthorized,
             HelloError::Draining => CloseCode::GoingAway,
             HelloError::BadFrame(r) => r.close,
             HelloError::NotHello { .. } => CloseCode::ProtocolError,
             HelloError::Internal => CloseCode::InternalError,
-            HelloError::Gone(_) => return None,
+            HelloError::Gone(gone) => return End::Gone(*gone),
         })
     }
 
@@ -85,7 +85,7 @@ impl HelloError {
             HelloError::NotHello { .. } => "hello expected",
             HelloError::Token(_) => "unauthorized",
             HelloError::Internal => "internal error",
-            HelloError::Gone(label) => label,
+            HelloError::Gone(gone) => gone.label(),
         }
     }
 
@@ -104,11 +104,11 @@ async fn refuse(app: &App, ws: &mut Socket, encoding: Encoding, err: HelloError)
     if let Some(label) = err.auth_failure() {
         app.metrics.auth_failures.with_label_values(&[label]).inc();
     }
-    let Some(code) = err.close_code() else {
-        return End::Gone(err.reason());
-    };
-    close_direct(ws, encoding, err.frame(), code, err.reason()).await;
-    End::Close(code)
+    let end = err.end();
+    if let End::Close(code) = end {
+        close_direct(ws, encoding, err.frame(), code, err.reason()).await;
+    }
+    end
 }
 
 /// Admission, `hello` and the session's start; on failure the socket is closed here and the
@@ -149,7 +149,7 @@ async fn await_hello(
         app.metrics.frames_received.inc();
         return match read {
             Read::Nothing => continue,
-            Read::Gone(label) => Err(HelloError::Gone(label)),
+            Read::Gone(gone) => Err(HelloError::Gone(gone)),
             Read::Fail(refusal) => Err(HelloError::BadFrame(refusal)),
             Read::Frame(ClientFrame::Hello { token, .. }) => authenticate(app, &token).await,
             Read::Frame(other) => Err(HelloError::NotHello { id: other.id() }),
@@ -255,7 +255,7 @@ async fn start(
     if app.shutdown.is_cancelled() {
         // The drain's sweep over the engine's connections may have run before this one
         // attached; it is told here instead (a second goodbye is dropped by the outbox).
-        app.goodbye(&session.conn);
+        crate::drain::goodbye(app, &session.conn);
     }
     Ok(session)
 }

@@ -1,7 +1,7 @@
-//! The requests an authenticated connection answers, one function each: `ping`, `subscribe`,
-//! `unsubscribe`, `update_token`, `register_push` and `unregister_push` (and `bye`, and a
-//! second `hello`, refused). [`Session::handle`] dispatches a decoded frame; a new frame type
-//! is added here and in `reach-proto`.
+//! The requests an authenticated connection answers: [`Session::handle`] dispatches a decoded
+//! frame, `ping` and `bye` in place, the others to one function each (`subscribe`,
+//! `unsubscribe`, `update_token`, `register_push`, `unregister_push`); a second `hello` is
+//! refused. A new frame type is added here and in `reach-proto`.
 //!
 //! Replies go through the connection's outbox, in order with the pushes: a `subscribed` reply
 //! is a reserved slot that the engine fills under each user's lock, so no update of a user can
@@ -15,8 +15,8 @@ use reach_core::{Attach, SlotFrame};
 use reach_proto::{BindingType, ClientFrame, CloseCode, ErrorCode, IdentityError, ServerFrame};
 use reach_store::StoreError;
 
-use super::frames::error_frame;
-use super::session::Session;
+use super::connection::Session;
+use super::socket::error_frame;
 use crate::auth::{MAX_IDENTITY_LEN, TokenError, verify_token};
 use crate::state::profile_of;
 
@@ -88,7 +88,7 @@ impl Session {
                     err(
                         &identity,
                         ErrorCode::InvalidParameter,
-                        "identity must be 1 to 256 bytes",
+                        &format!("identity must be 1 to {MAX_IDENTITY_LEN} bytes"),
                     ),
                 );
                 continue;
@@ -205,7 +205,7 @@ impl Session {
             self.push(&error_frame(
                 Some(id),
                 ErrorCode::InvalidParameter,
-                "address must be 1 to 1024 bytes",
+                format!("address must be 1 to {MAX_ADDRESS_LEN} bytes"),
             ));
             return None;
         }

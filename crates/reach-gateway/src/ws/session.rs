@@ -1,7 +1,7 @@
-//! An authenticated connection's life: the socket task ([`serve_socket`]), the session loop
-//! ([`Session::run`]) over one future per wake-up ([`Session::next_io`], one unsplit stream),
-//! its writes ([`poll_write`]), its deadlines (registered with the gateway's shared
-//! [`Timers`](crate::timers)) and its end ([`Session::finish`]).
+//! The socket task ([`serve_socket`]: admission and `hello`, the session, the close) and the
+//! session loop: [`Session::run`] over one future per wake-up ([`Session::next_io`], one
+//! unsplit stream), its writes ([`poll_write`]), its deadlines (registered with the gateway's
+//! shared [`Timers`](crate::timers)) and its end ([`Session::finish`]).
 //!
 //! Each wake-up first writes what the outbox holds while the socket takes it (in batches,
 //! flushed once per batch), then checks the session's deadlines (server pings, heartbeat
@@ -9,8 +9,8 @@
 //! outbox only when the socket is ready to take them, so a wake-up that ends in a read or a
 //! deadline never loses a frame. A socket whose writes make no progress for
 //! `write_stall_timeout_ms` is closed with 4009 (so is one whose outbox passes
-//! `max_outbox_bytes`: the outbox asks for that close itself). The requests a session answers
-//! are in [`super::requests`].
+//! `max_outbox_bytes`: the outbox asks for that close itself). What a session holds is in
+//! [`super::connection`], the requests it answers in [`super::requests`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -18,36 +18,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use reach_core::{Conn, Outgoing, UserKey};
+use reach_core::{Conn, Outgoing};
 use reach_proto::{CloseCode, Encoding, ErrorCode, ServerFrame};
-use reach_store::Service;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::frames::{
-    Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
-};
+use super::connection::Session;
 use super::hello::prepare;
-use crate::auth::TokenGrant;
+use super::socket::{End, Gone, Read, Socket, answer_close, classify, close_direct, send_message};
 use crate::state::App;
-
-/// How a socket ended, for the close-reason metric and the presence rules.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum End {
-    /// We close with this code.
-    Close(CloseCode),
-    /// The client closed (close frame or EOF) or the transport failed.
-    Gone(&'static str),
-}
-
-impl End {
-    fn label(self) -> &'static str {
-        match self {
-            End::Close(c) => c.label(),
-            End::Gone(l) => l,
-        }
-    }
-}
 
 /// The socket task: admission and `hello`, the session, the close; counted in the metrics.
 pub(super) async fn serve_socket(
@@ -71,18 +50,12 @@ pub(super) async fn serve_socket(
         }
         Err(end) => end,
     };
-    if let End::Gone("client_closed") = end {
+    if end == End::Gone(Gone::Closed) {
         Box::pin(answer_close(&mut ws)).await;
     }
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
     tracing::debug!(reason = end.label(), "socket closed");
-}
-
-/// Unix seconds -> a tokio instant (clamped to now for the past).
-fn instant_at(unix: i64) -> Instant {
-    let delta = unix - reach_store::now_unix();
-    Instant::now() + Duration::from_secs(delta.max(0) as u64)
 }
 
 /// Write-side bookkeeping that survives across wake-ups.
@@ -93,72 +66,6 @@ pub(super) struct WriteState {
     /// Since when the socket has refused to take more bytes.
     blocked_since: Option<Instant>,
     ping_due: bool,
-}
-
-/// The users a connection watches: the engine's keys (sharing the presence map's
-/// allocations), sorted by identity (a connection watches users of its own service), and
-/// searched by identity without building a key.
-#[derive(Default)]
-pub(super) struct Watched(Vec<UserKey>);
-
-impl Watched {
-    fn find(&self, identity: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|k| k.identity().cmp(identity))
-    }
-
-    pub(super) fn contains(&self, identity: &str) -> bool {
-        self.find(identity).is_ok()
-    }
-
-    pub(super) fn insert(&mut self, key: UserKey) {
-        if let Err(at) = self.find(key.identity()) {
-            self.0.insert(at, key);
-        }
-    }
-
-    pub(super) fn remove(&mut self, identity: &str) -> bool {
-        match self.find(identity) {
-            Ok(at) => {
-                self.0.remove(at);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Drops the spare capacity (most connections subscribe once or twice).
-    pub(super) fn shrink(&mut self) {
-        self.0.shrink_to_fit();
-    }
-}
-
-/// An authenticated connection. Kept small: every idle socket holds one (its identity and
-/// service are in `conn`'s key, the service record is shared).
-pub(super) struct Session {
-    pub(super) app: Arc<App>,
-    pub(super) conn: Arc<Conn>,
-    pub(super) service: Arc<Service>,
-    /// The current token's push credential (for `register_push`).
-    pub(super) push_credential_sid: Option<Box<str>>,
-    /// The current token's expiry (unix seconds).
-    pub(super) token_expires_at: i64,
-    /// Identities subscribed to besides the connection's own.
-    pub(super) watched: Watched,
-    last_heard: Instant,
-    /// The tick this session is registered at with the shared timers, if still to come.
-    armed: Option<u64>,
-    next_ping: Instant,
-    expires_at: Instant,
-    warn_at: Option<Instant>,
-    /// The client said `bye`: it goes offline at once, without grace.
-    pub(super) bye: bool,
-    /// The socket's read side must be polled: it has not returned `Pending` since it was last
-    /// woken (reads are polled with the connection as waker, see `next_io`).
-    must_read: bool,
 }
 
 /// What one wake-up of a socket produced.
@@ -172,51 +79,6 @@ enum Io {
 }
 
 impl Session {
-    /// The session of a connection just attached with this grant.
-    pub(super) fn new(
-        app: &Arc<App>,
-        conn: Arc<Conn>,
-        service: Arc<Service>,
-        grant: TokenGrant,
-    ) -> Session {
-        let now = Instant::now();
-        let mut s = Session {
-            app: Arc::clone(app),
-            conn,
-            service,
-            watched: Watched::default(),
-            last_heard: now,
-            armed: None,
-            next_ping: now + app.config.heartbeat_interval(),
-            expires_at: now,
-            warn_at: None,
-            bye: false,
-            must_read: true,
-            push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
-            token_expires_at: grant.expires_at,
-        };
-        s.set_expiry();
-        s
-    }
-
-    /// Re-arms the token's expiry and warning after `token_expires_at` changed.
-    pub(super) fn set_expiry(&mut self) {
-        self.expires_at = instant_at(self.token_expires_at);
-        let warn = self.token_expires_at - self.app.config.presence.token_warning_s as i64;
-        self.warn_at = Some(instant_at(warn));
-    }
-
-    /// Queues a frame for this connection.
-    pub(super) fn push(&self, frame: &ServerFrame) {
-        self.conn.outbox.push_frame(frame);
-    }
-
-    /// Queues an error frame, then the close.
-    pub(super) fn fail(&self, code: ErrorCode, msg: impl Into<String>, close: CloseCode) {
-        self.push(&error_frame(None, code, msg));
-        self.conn.outbox.close(close);
-    }
-
     fn next_deadline(&self, w: &WriteState) -> Instant {
         let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
         let mut d = self
@@ -239,7 +101,7 @@ impl Session {
         loop {
             let item = match self.next_io(ws, &mut w).await {
                 Io::Closing(Ok(code)) => return End::Close(code),
-                Io::Closing(Err(_)) => return End::Gone("transport_error"),
+                Io::Closing(Err(_)) => return End::Gone(Gone::Transport),
                 Io::Timer => {
                     // The registration that fired is the armed one (or a later, stale one).
                     if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
@@ -361,7 +223,7 @@ impl Session {
 
     /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
     pub(super) async fn finish(mut self, ws: &mut Socket, end: End) {
-        let watched = std::mem::take(&mut self.watched.0);
+        let watched = self.watched.take();
         self.app.engine.detach(&self.conn, &watched, self.bye);
         if let End::Close(code) = end {
             let reason = match code {

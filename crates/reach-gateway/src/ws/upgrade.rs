@@ -18,8 +18,8 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
-use super::frames::ws_config;
 use super::session::serve_socket;
+use super::socket::ws_config;
 use crate::rest::ApiError;
 use crate::state::App;
 

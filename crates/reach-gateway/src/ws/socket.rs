@@ -1,6 +1,7 @@
-//! Frames on one socket: the WebSocket settings (read buffer, message and frame limits,
-//! fragment size), reading and classifying what arrives ([`classify`]), and sending
-//! ([`send_message`] in the session, [`close_direct`] before and after it).
+//! One client's socket: its WebSocket settings (read buffer, message and frame limits,
+//! fragment size), reading and classifying what arrives ([`classify`]), sending
+//! ([`send_message`] in the session, [`close_direct`] before and after it), and how a socket
+//! ended ([`End`]).
 
 use std::time::Duration;
 
@@ -70,6 +71,46 @@ impl From<DecodeError> for Refusal {
     }
 }
 
+/// How a socket ended, for the close-reason metric and the presence rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// We close with this code.
+    Close(CloseCode),
+    /// The client closed or the transport failed; nothing more is sent.
+    Gone(Gone),
+}
+
+impl End {
+    /// The `reason` label of `reach_connections_closed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            End::Close(c) => c.label(),
+            End::Gone(g) => g.label(),
+        }
+    }
+}
+
+/// How a client left without our close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gone {
+    /// It sent a close frame (tungstenite has queued the reply, see [`answer_close`]).
+    Closed,
+    /// The connection ended without a closing handshake.
+    Dropped,
+    /// The transport failed.
+    Transport,
+}
+
+impl Gone {
+    pub fn label(self) -> &'static str {
+        match self {
+            Gone::Closed => "client_closed",
+            Gone::Dropped => "client_gone",
+            Gone::Transport => "transport_error",
+        }
+    }
+}
+
 /// What one read from the socket produced.
 pub(super) enum Read {
     Frame(ClientFrame),
@@ -77,8 +118,8 @@ pub(super) enum Read {
     Nothing,
     /// Bad input: send this error, then close.
     Fail(Refusal),
-    /// The client closed (`client_closed`) or went away (`client_gone`, `transport_error`).
-    Gone(&'static str),
+    /// The client closed or went away.
+    Gone(Gone),
 }
 
 fn too_big(len: usize, max: usize) -> Read {
@@ -106,7 +147,7 @@ pub(super) fn classify(
         return too_big(b.len(), max_frame);
     }
     let payload = match item {
-        None => return Read::Gone("client_gone"),
+        None => return Read::Gone(Gone::Dropped),
         Some(Ok(Message::Text(t))) => {
             if encoding != Encoding::Json {
                 let e = DecodeError::WrongMessageKind("reach.v1.msgpack", "binary");
@@ -122,7 +163,7 @@ pub(super) fn classify(
             b
         }
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return Read::Nothing,
-        Some(Ok(Message::Close(_))) => return Read::Gone("client_closed"),
+        Some(Ok(Message::Close(_))) => return Read::Gone(Gone::Closed),
         Some(Err(tungstenite::Error::Capacity(e))) => {
             return Read::Fail(Refusal::new(
                 ErrorCode::FrameTooBig,
@@ -132,7 +173,7 @@ pub(super) fn classify(
         }
         Some(Err(tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ))) => return Read::Gone("client_gone"),
+        ))) => return Read::Gone(Gone::Dropped),
         Some(Err(tungstenite::Error::Protocol(e))) => {
             return Read::Fail(Refusal::new(
                 ErrorCode::MalformedFrame,
@@ -147,7 +188,7 @@ pub(super) fn classify(
                 CloseCode::ProtocolError,
             ));
         }
-        Some(Err(_)) => return Read::Gone("transport_error"),
+        Some(Err(_)) => return Read::Gone(Gone::Transport),
     };
     match decode_client(&payload, encoding) {
         Ok(frame) => Read::Frame(frame),

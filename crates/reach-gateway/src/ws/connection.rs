@@ -1,0 +1,141 @@
+//! What an authenticated connection holds while its session runs ([`Session`]): the engine's
+//! connection and its outbox, the service, the token's expiry and push credential, the users it
+//! watches, and the state of its deadlines; with the few helpers every request uses (queue a
+//! frame, fail with a close). The loop that drives it is in [`super::session`], the requests in
+//! [`super::requests`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reach_core::{Conn, UserKey};
+use reach_proto::{CloseCode, ErrorCode, ServerFrame};
+use reach_store::Service;
+use tokio::time::Instant;
+
+use super::socket::error_frame;
+use crate::auth::TokenGrant;
+use crate::state::App;
+
+/// Unix seconds -> a tokio instant (clamped to now for the past).
+fn instant_at(unix: i64) -> Instant {
+    let delta = unix - reach_store::now_unix();
+    Instant::now() + Duration::from_secs(delta.max(0) as u64)
+}
+
+/// The users a connection watches: the engine's keys (sharing the presence map's
+/// allocations), sorted by identity (a connection watches users of its own service), and
+/// searched by identity without building a key.
+#[derive(Default)]
+pub(super) struct Watched(Vec<UserKey>);
+
+impl Watched {
+    fn find(&self, identity: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|k| k.identity().cmp(identity))
+    }
+
+    pub(super) fn contains(&self, identity: &str) -> bool {
+        self.find(identity).is_ok()
+    }
+
+    pub(super) fn insert(&mut self, key: UserKey) {
+        if let Err(at) = self.find(key.identity()) {
+            self.0.insert(at, key);
+        }
+    }
+
+    pub(super) fn remove(&mut self, identity: &str) -> bool {
+        match self.find(identity) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Drops the spare capacity (most connections subscribe once or twice).
+    pub(super) fn shrink(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
+    /// Every watched user's key, leaving none.
+    pub(super) fn take(&mut self) -> Vec<UserKey> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// An authenticated connection. Kept small: every idle socket holds one (its identity and
+/// service are in `conn`'s key, the service record is shared).
+pub(super) struct Session {
+    pub(super) app: Arc<App>,
+    pub(super) conn: Arc<Conn>,
+    pub(super) service: Arc<Service>,
+    /// The current token's push credential (for `register_push`).
+    pub(super) push_credential_sid: Option<Box<str>>,
+    /// The current token's expiry (unix seconds).
+    pub(super) token_expires_at: i64,
+    /// Identities subscribed to besides the connection's own.
+    pub(super) watched: Watched,
+    pub(super) last_heard: Instant,
+    /// The tick this session is registered at with the shared timers, if still to come.
+    pub(super) armed: Option<u64>,
+    pub(super) next_ping: Instant,
+    pub(super) expires_at: Instant,
+    pub(super) warn_at: Option<Instant>,
+    /// The client said `bye`: it goes offline at once, without grace.
+    pub(super) bye: bool,
+    /// The socket's read side must be polled: it has not returned `Pending` since it was last
+    /// woken (reads are polled with the connection as waker, see `next_io`).
+    pub(super) must_read: bool,
+}
+
+impl Session {
+    /// The session of a connection just attached with this grant.
+    pub(super) fn new(
+        app: &Arc<App>,
+        conn: Arc<Conn>,
+        service: Arc<Service>,
+        grant: TokenGrant,
+    ) -> Session {
+        let now = Instant::now();
+        let mut s = Session {
+            app: Arc::clone(app),
+            conn,
+            service,
+            watched: Watched::default(),
+            last_heard: now,
+            armed: None,
+            next_ping: now + app.config.heartbeat_interval(),
+            expires_at: now,
+            warn_at: None,
+            bye: false,
+            must_read: true,
+            push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
+            token_expires_at: grant.expires_at,
+        };
+        s.set_expiry();
+        s
+    }
+
+    /// Re-arms the token's expiry and warning after `token_expires_at` changed.
+    pub(super) fn set_expiry(&mut self) {
+        self.expires_at = instant_at(self.token_expires_at);
+        let warn = self.token_expires_at - self.app.config.presence.token_warning_s as i64;
+        self.warn_at = Some(instant_at(warn));
+    }
+
+    /// Queues a frame for this connection.
+    pub(super) fn push(&self, frame: &ServerFrame) {
+        self.conn.outbox.push_frame(frame);
+    }
+
+    /// Queues an error frame, then the close.
+    pub(super) fn fail(&self, code: ErrorCode, msg: impl Into<String>, close: CloseCode) {
+        self.push(&error_frame(None, code, msg));
+        self.conn.outbox.close(close);
+    }
+}
