@@ -131,6 +131,16 @@ pub struct Page<T> {
     pub next_cursor: Option<i64>,
 }
 
+impl<T> Page<T> {
+    /// The same page with each item mapped.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page {
+            items: self.items.into_iter().map(f).collect(),
+            next_cursor: self.next_cursor,
+        }
+    }
+}
+
 /// Binding list filters; empty vectors mean "any".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BindingFilter {

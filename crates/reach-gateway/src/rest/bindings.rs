@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use reach_proto::BindingType;
-use reach_store::{AccountSid, Binding, BindingFilter, Page, ServiceSid, StoreError};
+use reach_store::{AccountSid, Binding, BindingFilter, ServiceSid, StoreError};
 use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
@@ -64,14 +64,7 @@ async fn list_bindings(
         .await
         .map_err(ctx.store_err())?;
     let urls = ctx.urls();
-    let page = Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|b| binding_json(&urls, b))
-            .collect(),
-        next_cursor: page.next_cursor,
-    };
+    let page = page.map(|b| binding_json(&urls, b));
     let filters: Vec<(&str, String)> = filter
         .binding_types
         .into_iter()

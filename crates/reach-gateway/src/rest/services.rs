@@ -7,7 +7,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use reach_store::{AccountSid, Page, Service, ServiceSid};
+use reach_store::{AccountSid, Service, ServiceSid};
 use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
@@ -56,14 +56,7 @@ async fn list_services(ctx: Ctx, QueryParams(params): QueryParams) -> ApiResult 
         .await
         .map_err(ctx.store_err())?;
     let urls = ctx.urls();
-    let page = Page {
-        items: page
-            .items
-            .into_iter()
-            .map(|s| service_json(&urls, s))
-            .collect(),
-        next_cursor: page.next_cursor,
-    };
+    let page = page.map(|s| service_json(&urls, s));
     Ok(list_response(
         &paging,
         "services",

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use reach_proto::sid::looks_like_sid;
-use reach_store::{AccountSid, NewUser, Page, ServiceSid, UserRecord, UserUpdate};
+use reach_store::{AccountSid, NewUser, ServiceSid, UserRecord, UserUpdate};
 use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
@@ -78,15 +78,8 @@ async fn list_users(
         .await
         .map_err(ctx.store_err())?;
     let urls = ctx.urls();
-    let page = Page {
-        // Lists never carry reachability flags.
-        items: page
-            .items
-            .into_iter()
-            .map(|u| user_json(&urls, u, (None, None)))
-            .collect(),
-        next_cursor: page.next_cursor,
-    };
+    // Lists never carry reachability flags.
+    let page = page.map(|u| user_json(&urls, u, (None, None)));
     Ok(list_response(
         &paging,
         "users",
