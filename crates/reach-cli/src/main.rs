@@ -79,13 +79,6 @@ enum Command {
     },
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -105,7 +98,7 @@ fn main() -> ExitCode {
                 identity: &identity,
                 ttl_s: ttl,
             };
-            match spec.mint(now_unix()) {
+            match spec.mint(reach_proto::now_unix()) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

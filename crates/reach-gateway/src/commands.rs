@@ -110,7 +110,7 @@ pub fn token(
     };
     println!(
         "{}",
-        mint_token(api_key, &service, identity, ttl, reach_store::now_unix())
+        mint_token(api_key, &service, identity, ttl, reach_proto::now_unix())
     );
     ExitCode::SUCCESS
 }

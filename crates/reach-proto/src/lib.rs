@@ -27,6 +27,13 @@ use serde::{Deserialize, Serialize};
 pub use codes::{CloseCode, ErrorCode};
 pub use sid::{AccountSid, ApiKeySid, ServiceSid, SidKind};
 
+/// Unix seconds now: the clock of token lifetimes and record dates.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Subprotocol name for MessagePack binary frames.
 pub const SUBPROTOCOL_MSGPACK: &str = "reach.v1.msgpack";
 /// Subprotocol name for JSON text frames.

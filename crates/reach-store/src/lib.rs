@@ -20,7 +20,7 @@ mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;
-pub use reach_proto::{AccountSid, ServiceSid};
+pub use reach_proto::{AccountSid, ServiceSid, now_unix};
 
 /// A conversations service: the scope of users, bindings and the reachability switch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,12 +261,4 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Page<Binding>>;
     /// Number of bindings the identity has now.
     async fn count_bindings(&self, service_sid: &ServiceSid, identity: &str) -> Result<i64>;
-}
-
-/// Unix seconds now.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

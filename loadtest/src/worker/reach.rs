@@ -23,7 +23,7 @@ impl Worker {
             identity: identity(user),
             ttl_s: 6 * 3600,
         };
-        Ok(token.mint(&p.key_secret, (now_ns() / 1_000_000_000) as i64))
+        Ok(token.mint(&p.key_secret, reach_proto::now_unix()))
     }
 
     fn message(&self, frame: &ClientFrame) -> Message {

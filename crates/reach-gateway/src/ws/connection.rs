@@ -18,7 +18,7 @@ use crate::state::App;
 
 /// Unix seconds -> a tokio instant (clamped to now for the past).
 fn instant_at(unix: i64) -> Instant {
-    let delta = unix - reach_store::now_unix();
+    let delta = unix - reach_proto::now_unix();
     Instant::now() + Duration::from_secs(delta.max(0) as u64)
 }
 

@@ -159,7 +159,7 @@ async fn await_hello(
 
 /// The token's grant and its service, which must exist and belong to the token's account.
 async fn authenticate(app: &App, token: &str) -> Result<(TokenGrant, Arc<Service>), HelloError> {
-    let grant = verify_token(&app.creds, token, reach_store::now_unix())?;
+    let grant = verify_token(&app.creds, token, reach_proto::now_unix())?;
     match app.find_service(&grant.service_sid).await {
         Ok(service) if grant.account_sid == service.account_sid => Ok((grant, service)),
         Ok(_) => Err(TokenError::WrongAccount.into()),

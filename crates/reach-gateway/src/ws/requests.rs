@@ -160,7 +160,7 @@ impl Session {
     }
 
     fn update_token(&mut self, id: i64, token: &str) {
-        let grant = verify_token(&self.app.creds, token, reach_store::now_unix()).and_then(|g| {
+        let grant = verify_token(&self.app.creds, token, reach_proto::now_unix()).and_then(|g| {
             if g.identity == self.conn.identity()
                 && g.service_sid == self.service.sid
                 && g.account_sid == self.service.account_sid
