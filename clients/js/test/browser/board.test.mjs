@@ -135,3 +135,36 @@ test("a refused token shows on the board as denied, with the gateway's error cod
   assert.match(await page.textContent("#message"), /20107/);
   await page.close();
 });
+
+test("coming back online or to the foreground reconnects at once, not after the backoff", async () => {
+  const page = await browser.newPage();
+  await page.goto(`http://127.0.0.1:${server.address().port}/examples/presence-board/`);
+  await page.evaluate(
+    async ([url, token]) => {
+      const { Client } = await import("/dist/reach.js");
+      // Every backoff delay at its ceiling: a minute, far longer than the test waits.
+      Math.random = () => 0.999999;
+      window.reachTest = await Client.create(token, {
+        url,
+        reconnect: { minDelayMs: 60_000, maxDelayMs: 60_000 },
+      });
+    },
+    [reachd.wsUrl, mintToken(service, "dave")],
+  );
+  const state = () => page.evaluate(() => window.reachTest.connectionState);
+  const waitFor = (want) =>
+    page.waitForFunction((s) => window.reachTest.connectionState === s, want, { timeout: 10_000 });
+  for (const signal of ["online", "visibilitychange"]) {
+    await reachd.kill();
+    await waitFor("connecting");
+    await reachd.spawn();
+    assert.equal(await state(), "connecting", "waiting out a minute of backoff");
+    await page.evaluate((name) => {
+      if (name === "online") window.dispatchEvent(new Event("online"));
+      else document.dispatchEvent(new Event("visibilitychange", { bubbles: true }));
+    }, signal);
+    await waitFor("connected");
+  }
+  await page.evaluate(() => window.reachTest.shutdown());
+  await page.close();
+});
