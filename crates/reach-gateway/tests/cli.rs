@@ -165,6 +165,35 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
 }
 
 #[tokio::test]
+async fn a_second_reachd_on_the_same_data_folder_exits_naming_the_file() {
+    let first = common::Reachd::start("");
+    let start = Instant::now();
+    let out = reachd()
+        .arg("--config")
+        .arg(first.dir.join("reachd.toml"))
+        .env("REACH_SERVER__LISTEN", "127.0.0.1:0")
+        .env("REACH_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "it exits at once"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let db = first.dir.join("reach.db");
+    assert!(stderr.contains(&db.display().to_string()), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    // The first one is untouched and still serves.
+    let r = first.client().get("/v1/Services").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Once the first is gone (even by kill -9), the folder can be used again.
+    let stopped = first.kill9();
+    let again = stopped.restart();
+    assert_eq!(again.client().get("/v1/Services").await.status, 200);
+}
+
+#[tokio::test]
 async fn environment_overrides_the_file() {
     let d =
         common::Reachd::start_with_env("", &[("REACH_PRESENCE__HEARTBEAT_INTERVAL_MS", "1234")]);

@@ -157,6 +157,9 @@ pub enum StoreError {
     UserExists(String),
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The SQLite file is held by another process (one data folder, one `reachd`).
+    #[error("it is in use by another process (its lock file {0} is held)")]
+    InUse(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -115,17 +115,22 @@ const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// `<database>.lock`, locked until the store is closed or dropped: a second process (or
+    /// store) on the same file is refused instead of silently sharing it.
+    lock: std::sync::Arc<std::fs::File>,
 }
 
 impl SqliteStore {
     /// Opens (creating the file and its parent folder when missing) the database at `path`,
-    /// and creates or checks the schema.
+    /// and creates or checks the schema. Fails with [`StoreError::InUse`] while another store,
+    /// in this process or another, has it open.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::Backend(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
+        let lock = lock_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -138,7 +143,10 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db)?;
-        let store = SqliteStore { pool };
+        let store = SqliteStore {
+            pool,
+            lock: std::sync::Arc::new(lock),
+        };
         if let Err(e) = store.migrate().await {
             store.pool.close().await;
             return Err(e);
@@ -146,9 +154,11 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Waits for the connections in use to be returned, then closes them all.
+    /// Waits for the connections in use to be returned, then closes them all and releases the
+    /// file's lock.
     pub async fn close(&self) {
         self.pool.close().await;
+        let _ = self.lock.unlock();
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -240,6 +250,30 @@ where
     .map_err(db)?
     .ok_or(StoreError::NotFound)?;
     config_row(&row).map_err(db)
+}
+
+/// Takes the lock of the database at `path` (`<path>.lock`, an advisory lock the kernel drops
+/// with the process, so a `kill -9` leaves nothing to clean up).
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::InUse(lock_path.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Backend(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
 }
 
 #[async_trait]
@@ -799,6 +833,20 @@ mod tests {
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_file_is_refused_until_the_first_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reach.db");
+        let first = SqliteStore::open(&path).await.unwrap();
+        match SqliteStore::open(&path).await {
+            Err(StoreError::InUse(lock)) => assert!(lock.ends_with("reach.db.lock"), "{lock}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a second store opened the same file"),
+        }
+        first.close().await;
+        SqliteStore::open(&path).await.unwrap().close().await;
     }
 
     #[tokio::test]

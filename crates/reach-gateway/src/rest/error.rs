@@ -77,7 +77,7 @@ impl ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound(path.to_owned()),
             StoreError::UserExists(identity) => ApiError::UserExists(identity),
-            StoreError::Backend(reason) => {
+            StoreError::Backend(reason) | StoreError::InUse(reason) => {
                 tracing::error!(%path, %reason, "REST request failed in the store");
                 ApiError::Internal
             }
