@@ -214,12 +214,59 @@ pub struct ApiKeyConfig {
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
-    Load(Box<figment::Error>),
+    /// A value that does not parse, or an unknown key, in the file or the environment.
+    #[error("{}", describe(.error, .file.as_deref()))]
+    Load {
+        error: Box<figment::Error>,
+        /// The file as it was given (`--config`), to name it the same way.
+        file: Option<PathBuf>,
+    },
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
     #[error("config file {0} not found")]
     Missing(PathBuf),
+}
+
+/// Each of figment's errors as one line: the key as the file writes it (`presence.x`), the
+/// value or the unknown name, and where it came from (the file as given, or the variable).
+fn describe(error: &figment::Error, file: Option<&Path>) -> String {
+    use figment::Source;
+    use figment::error::Kind;
+    error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let place = if from_env {
+                format!(
+                    " (from REACH_{})",
+                    e.path
+                        .iter()
+                        .map(|p| p.to_uppercase())
+                        .collect::<Vec<_>>()
+                        .join("__")
+                )
+            } else {
+                match (e.metadata.as_ref().and_then(|m| m.source.as_ref()), file) {
+                    (Some(Source::File(_)), Some(file)) => format!(" in {}", file.display()),
+                    _ => String::new(),
+                }
+            };
+            match &e.kind {
+                Kind::UnknownField(found, expected) => format!(
+                    "unknown key `{key}`{place}: `{found}` is not one of {}",
+                    expected.join(", ")
+                ),
+                Kind::Message(message) => format!("invalid value for `{key}`{place}: {message}"),
+                other => format!("invalid value for `{key}`{place}: {other}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -246,9 +293,10 @@ impl Config {
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
-        let config: Config = figment
-            .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let config: Config = figment.extract().map_err(|e| ConfigError::Load {
+            error: Box::new(e),
+            file: path.map(Path::to_owned),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -483,6 +531,31 @@ mod tests {
             e.contains("must be AC followed by 32 lowercase hex digits"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn load_errors_name_the_key_and_the_file_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("conf.toml");
+        std::fs::write(&path, "[presence]\nheartbeat_interval_ms = \"ten\"\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "invalid value for `presence.heartbeat_interval_ms` in {}: invalid type: found string \"ten\", expected u64",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "[presence]\nofline_grace_ms = 5\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "unknown key `presence.ofline_grace_ms` in {}: `ofline_grace_ms` is not one of heartbeat_interval_ms,",
+                path.display()
+            )),
+            "{e}"
+        );
+        assert!(!e.contains("default."), "{e}");
     }
 
     #[test]

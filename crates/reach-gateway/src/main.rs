@@ -74,8 +74,12 @@ fn init_logs(config: &Config) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
     // A failed write to stderr (a closed pipe) must not panic the task that logs it: that
     // would take the shutdown signal's task down before it starts the drain.
+    // Colour only on a terminal (files and pipes get plain text), and not with NO_COLOR set.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
     match config.log.format {

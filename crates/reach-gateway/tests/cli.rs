@@ -132,6 +132,34 @@ async fn first_start_generates_credentials_that_work_end_to_end() {
 }
 
 #[test]
+fn pretty_logs_into_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = reachd()
+        .current_dir(dir.path())
+        .env("REACH_SERVER__LISTEN", "127.0.0.1:0")
+        .env("REACH_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = loop {
+        let line = lines.next().expect("a ready line").unwrap();
+        if line.contains("reachd ready") {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!ready.contains('\u{1b}'), "{ready:?}");
+    assert!(
+        ready.contains(" INFO reachd: reachd ready listen=127.0.0.1:"),
+        "{ready:?}"
+    );
+}
+
+#[test]
 fn bad_configuration_exits_non_zero_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let out = reachd()
@@ -142,6 +170,19 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("presence.heartbeat_timeout_ms"), "{err}");
+    let out = reachd()
+        .current_dir(dir.path())
+        .env("REACH_PRESENCE__HEARTBEAT_INTERVAL_MS", "ten")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "`presence.heartbeat_interval_ms` (from REACH_PRESENCE__HEARTBEAT_INTERVAL_MS)"
+        ),
+        "{err}"
+    );
 
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[server]\nlisten = \"not an address\"\n").unwrap();
