@@ -15,7 +15,8 @@ for peer in "${which[@]}"; do
       command -v npm >/dev/null || { echo "install.sh: npm not found (apt-get install -y nodejs npm)" >&2; exit 1; }
       # package.json pins @soketi/soketi and, through npm "overrides", replaces its
       # uWebSockets.js dependency (a GitHub URL) by the same library published on npm.
-      (cd "$here/soketi" && npm install --no-audit --no-fund --omit=dev)
+      # npm ci: exactly the committed lock, which it never rewrites.
+      (cd "$here/soketi" && npm ci --no-audit --no-fund --omit=dev)
       node -e "require('$here/soketi/node_modules/uWebSockets.js')" \
         || { echo "install.sh: uWebSockets.js does not load on $(node --version)" >&2; exit 1; }
       echo "soketi: installed in $here/soketi/node_modules"
