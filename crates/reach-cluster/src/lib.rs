@@ -32,6 +32,7 @@
 //! | `reach:node:<node id>:<incarnation>:users` | set | `<service>/<identity>` of every user the node holds |
 //! | `reach:node:<node id>:incarnations` | set | the node's incarnations whose holds are not cleaned up yet |
 //! | `reach:reap:<node id>` | string, expires | the node cleaning up after a dead one |
+//! | `reach:left:<node id>` | string, expires | the node left in an orderly way (a drain) |
 //! | `reach:control` | channel | record changes made at one node (below) |
 //!
 //! An *incarnation* is a random token a node picks at each (re)connection to Redis. Holds are
@@ -81,8 +82,10 @@
 //!   its own presence (and the last known state of other nodes' users), retries every 250 ms,
 //!   and reports down (`/readyz` answers 503). Watches made meanwhile are answered with local
 //!   presence only and corrected at the resynchronisation.
-//! - A node leaving in an orderly way (drain) deletes its liveness key, so the others clean up
-//!   after the grace without waiting for the TTL.
+//! - A node leaving in an orderly way (drain) marks itself as left (`reach:left:<node id>`,
+//!   expiring) and deletes its liveness key, so the others clean up after the grace without
+//!   waiting for the TTL, as after a node that left: it is logged as such and not counted in
+//!   `reach_cluster_reaped_nodes_total`.
 
 mod scripts;
 mod session;
@@ -317,8 +320,21 @@ impl Cluster {
         let Some(mut conn) = self.connection() else {
             return;
         };
-        let _: redis::RedisResult<i64> = redis::cmd("DEL")
-            .arg(session::liveness_key(&self.shared.config.node_id))
+        let node = &self.shared.config.node_id;
+        let ttl = session::left_ttl_ms(
+            self.shared.config.offline_grace,
+            self.shared.config.node_ttl,
+        );
+        let _: redis::RedisResult<()> = redis::pipe()
+            .cmd("SET")
+            .arg(session::left_key(node))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("DEL")
+            .arg(session::liveness_key(node))
+            .ignore()
             .query_async(&mut conn)
             .await;
     }

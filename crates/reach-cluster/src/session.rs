@@ -56,6 +56,17 @@ fn reap_key(node: &str) -> String {
     format!("reach:reap:{node}")
 }
 
+/// Set by a node that leaves in an orderly way (a drain), so the others clean up after it as
+/// a node that left, not one that died.
+pub fn left_key(node: &str) -> String {
+    format!("reach:left:{node}")
+}
+
+/// How long a node's `left` mark lasts: past the grace and the clean-up of the others.
+pub fn left_ttl_ms(grace: Duration, node_ttl: Duration) -> u64 {
+    ttl_ms(grace) + ttl_ms(node_ttl) + 60_000
+}
+
 fn ttl_ms(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
@@ -224,6 +235,10 @@ impl Session {
             .arg("PX")
             .arg(ttl)
             .ignore()
+            // Back after leaving: a later death is a death again.
+            .cmd("DEL")
+            .arg(left_key(node))
+            .ignore()
             .cmd("HSET")
             .arg(NODES_KEY)
             .arg(node)
@@ -234,7 +249,7 @@ impl Session {
             .arg(&self.incarnation)
             .ignore();
         register.query_async::<()>(&mut self.conn).await?;
-        m.commands.inc_by(3);
+        m.commands.inc_by(4);
 
         within(self.sink.subscribe(CONTROL_CHANNEL)).await?;
         let held = shared.engine.held_users();
@@ -445,18 +460,20 @@ impl Session {
         let mut pipe = redis::pipe();
         for (other, _) in &others {
             pipe.cmd("EXISTS").arg(liveness_key(other));
+            pipe.cmd("EXISTS").arg(left_key(other));
         }
-        let alive: Vec<bool> = if others.is_empty() {
+        let flags: Vec<bool> = if others.is_empty() {
             Vec::new()
         } else {
             pipe.query_async(&mut self.conn).await?
         };
-        shared.metrics.commands.inc_by(1 + others.len() as u64);
+        shared.metrics.commands.inc_by(1 + 2 * others.len() as u64);
+        let states: Vec<(bool, bool)> = flags.chunks(2).map(|f| (f[0], f[1])).collect();
         shared
             .metrics
             .nodes
-            .set(1 + alive.iter().filter(|a| **a).count() as i64);
-        for ((other, incarnation), alive) in others.into_iter().zip(alive) {
+            .set(1 + states.iter().filter(|(alive, _)| *alive).count() as i64);
+        for ((other, incarnation), (alive, left)) in others.into_iter().zip(states) {
             if alive {
                 continue;
             }
@@ -474,12 +491,17 @@ impl Session {
                 .await?;
             shared.metrics.commands.inc();
             if claimed.is_some() {
-                tracing::info!(dead = %other, "cluster: node stopped; its users go offline after the grace unless they reconnect");
+                if left {
+                    tracing::info!(node = %other, "cluster: node left; its users go offline after the grace unless they reconnect");
+                } else {
+                    tracing::info!(dead = %other, "cluster: node stopped; its users go offline after the grace unless they reconnect");
+                }
                 tokio::spawn(reap(
                     self.conn.clone(),
                     shared.config.offline_grace,
                     other.clone(),
                     incarnation.clone(),
+                    left,
                     shared.metrics.clone(),
                 ));
             }
@@ -552,12 +574,14 @@ async fn release_claim(
         .await
 }
 
-/// Cleans up after a dead node once the grace is over, unless it came back meanwhile.
+/// Cleans up after a node that died (or `left`) once the grace is over, unless it came back
+/// meanwhile. Only a node that died counts in `reach_cluster_reaped_nodes_total`.
 async fn reap(
     mut conn: MultiplexedConnection,
     grace: Duration,
     node: String,
     incarnation: String,
+    left: bool,
     metrics: crate::ClusterMetrics,
 ) {
     tokio::time::sleep(grace).await;
@@ -596,8 +620,17 @@ async fn reap(
                 .await?;
             metrics.commands.inc();
         }
-        metrics.reaped.inc();
-        tracing::info!(node = %node, released, "cluster: released the users of a stopped node");
+        if left {
+            redis::cmd("DEL")
+                .arg(left_key(&node))
+                .query_async::<()>(&mut conn)
+                .await?;
+            metrics.commands.inc();
+            tracing::info!(node = %node, released, "cluster: released the users of a node that left");
+        } else {
+            metrics.reaped.inc();
+            tracing::info!(node = %node, released, "cluster: released the users of a stopped node");
+        }
         // So the same node id, if it comes back and dies again, is cleaned up again at once.
         release_claim(&mut conn, &node, &metrics).await
     }

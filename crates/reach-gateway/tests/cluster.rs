@@ -592,3 +592,56 @@ async fn restarts_in_a_row_leave_no_user_stuck_online() {
     assert!(started.elapsed() <= GRACE + Duration::from_secs(5));
     drop(a);
 }
+
+#[tokio::test]
+async fn a_node_stopped_cleanly_is_cleaned_up_as_one_that_left_not_one_that_died() {
+    let Some((redis, pg)) = servers("left_cleanly") else {
+        return;
+    };
+    let redis = redis_db(&redis, 6);
+    let db = TestDb::create(&pg).await;
+    let a = node(&redis, &db, &node_id("left", 1));
+    let b = node(&redis, &db, &node_id("left", 2));
+    let svc = enabled_service(&a).await;
+    create_user(&a, &svc, "alice").await;
+    let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;
+    subscribe(&mut bob, &["alice"]).await;
+    let (alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    assert_eq!(
+        online_in(&bob.update_of("alice").await, "alice"),
+        Some(true)
+    );
+
+    // SIGTERM: A drains and leaves; alice goes offline at B after the grace.
+    let status = tokio::task::spawn_blocking(move || a.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(alice);
+    let off = bob.update_of("alice").await;
+    assert_eq!(online_in(&off, "alice"), Some(false));
+    let mut logs = Vec::new();
+    eventually(Duration::from_secs(5), "B released A's users", || {
+        logs.extend(b.drain_logs());
+        let done = logs
+            .iter()
+            .any(|l| l.contains("released the users of a node that left"));
+        async move { done }
+    })
+    .await;
+    assert!(
+        logs.iter().any(|l| l.contains("cluster: node left")),
+        "{logs:?}"
+    );
+    assert!(!logs.iter().any(|l| l.contains("node stopped")), "{logs:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", b.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("reach_cluster_reaped_nodes_total 0"),
+        "a node that left is not counted as dead"
+    );
+}
