@@ -40,9 +40,13 @@ enum Command {
     /// Print one line per change of the users' presence (time, identity,
     /// online/offline/unknown, notifiable, reasons); reconnects by itself; Ctrl-C ends it.
     Watch {
-        /// The gateway's WebSocket URL, e.g. ws://127.0.0.1:8080/v1/ws (the path may be left out).
+        /// The gateway's WebSocket URL, e.g. ws://127.0.0.1:8080/v1/ws or wss://… (the path may be left out).
         #[arg(long, env = "REACH_URL")]
         url: String,
+        /// A PEM file of CA certificates to trust for wss://, besides the system's (e.g. a
+        /// self-signed gateway's certificate).
+        #[arg(long, env = "REACH_CA_FILE")]
+        ca_file: Option<std::path::PathBuf>,
         /// An access token (see `reach token`).
         #[arg(long, env = "REACH_TOKEN", hide_env_values = true)]
         token: String,
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         }
         Command::Watch {
             url,
+            ca_file,
             token,
             encoding,
             json,
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
             };
             runtime.block_on(watch::watch(watch::WatchArgs {
                 url,
+                ca_file,
                 token,
                 encoding,
                 json,

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 
 use futures_util::StreamExt;
-use reach_client::{Client, ClientEvent, ConnectionState, Encoding, Error, User};
+use reach_client::{Client, ClientEvent, ConnectionState, Encoding, Error, TlsConfig, User};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
@@ -23,6 +23,8 @@ pub const EXIT_UNREACHABLE: u8 = 4;
 
 pub struct WatchArgs {
     pub url: String,
+    /// PEM CA certificates to trust for `wss://`, besides the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
     pub token: String,
     pub encoding: Encoding,
     pub json: bool,
@@ -111,8 +113,17 @@ fn connect_failure(url: &str, e: &Error) -> ExitCode {
 }
 
 pub async fn watch(args: WatchArgs) -> ExitCode {
-    let client = match Client::builder(&args.url, &args.token)
-        .encoding(args.encoding)
+    let mut builder = Client::builder(&args.url, &args.token).encoding(args.encoding);
+    if let Some(path) = &args.ca_file {
+        match TlsConfig::system().with_ca_file(path) {
+            Ok(tls) => builder = builder.tls(tls),
+            Err(e) => {
+                eprintln!("reach: --ca-file: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let client = match builder
         .client_name(concat!("reach-cli/", env!("CARGO_PKG_VERSION")))
         .connect()
         .await

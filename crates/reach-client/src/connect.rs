@@ -17,6 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::{Error, Result};
 use crate::options::Options;
+use crate::tls::TlsConfig;
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -31,19 +32,13 @@ pub(crate) fn normalize_url(url: &str) -> Result<String> {
         .parse()
         .map_err(|e| invalid(&format!("not a URL ({e})")))?;
     match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => {
-            return Err(invalid(
-                "wss:// needs TLS, which this build of reach-client does not include; \
-                 use ws:// (behind a TLS-terminating proxy if needed)",
-            ));
-        }
+        Some("ws" | "wss") => {}
         Some(other) => {
             return Err(invalid(&format!(
-                "the scheme must be ws://, not {other}://"
+                "the scheme must be ws:// or wss://, not {other}://"
             )));
         }
-        None => return Err(invalid("the URL must start with ws://")),
+        None => return Err(invalid("the URL must start with ws:// or wss://")),
     }
     let Some(authority) = uri.authority() else {
         return Err(invalid("the URL names no host"));
@@ -55,7 +50,8 @@ pub(crate) fn normalize_url(url: &str) -> Result<String> {
         None | Some("") | Some("/") => "/v1/ws",
         Some(p) => p,
     };
-    Ok(format!("ws://{authority}{path}"))
+    let scheme = uri.scheme_str().unwrap_or("ws");
+    Ok(format!("{scheme}://{authority}{path}"))
 }
 
 /// What a `welcome` told the client.
@@ -78,7 +74,14 @@ pub(crate) struct Connection {
 
 fn connect_error(e: tungstenite::Error, url: &str) -> Error {
     match e {
+        tungstenite::Error::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            Error::Tls(e.to_string())
+        }
         tungstenite::Error::Io(e) => Error::Connect(e),
+        tungstenite::Error::Tls(e) => Error::Tls(e.to_string()),
         tungstenite::Error::Http(resp) => {
             let status = resp.status().as_u16();
             let body = resp.body().as_deref().unwrap_or_default();
@@ -145,9 +148,16 @@ async fn open_inner(url: &str, token: &str, options: &Options) -> Result<Connect
         header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(options.encoding.subprotocol()),
     );
-    let (mut ws, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| connect_error(e, url))?;
+    let connector = if url.starts_with("wss://") {
+        let tls = options.tls.clone().unwrap_or_else(TlsConfig::system);
+        Some(tokio_tungstenite::Connector::Rustls(tls.client_config()))
+    } else {
+        Some(tokio_tungstenite::Connector::Plain)
+    };
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
+            .await
+            .map_err(|e| connect_error(e, url))?;
     let encoding = match response
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -247,13 +257,11 @@ mod tests {
             normalize_url("ws://example.com/custom/ws?x=1").unwrap(),
             "ws://example.com/custom/ws?x=1"
         );
-        for bad in [
-            "",
-            "not a url",
-            "http://host/v1/ws",
-            "wss://host/v1/ws",
-            "/v1/ws",
-        ] {
+        assert_eq!(
+            normalize_url("wss://reach.example.com").unwrap(),
+            "wss://reach.example.com/v1/ws"
+        );
+        for bad in ["", "not a url", "http://host/v1/ws", "/v1/ws"] {
             assert!(
                 matches!(normalize_url(bad), Err(Error::InvalidUrl { .. })),
                 "{bad:?}"

@@ -15,9 +15,13 @@ use reach_proto::ErrorCode;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The URL cannot be used (not a URL, not `ws://`, no host).
+    /// The URL cannot be used (not a URL, not `ws://` or `wss://`, no host).
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
+    /// A TLS setting cannot be used (an unreadable CA file), or the TLS handshake with a
+    /// `wss://` gateway failed (for example a certificate no trusted root vouches for).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The TCP connection failed (refused, unreachable, reset during the upgrade).
     #[error("cannot connect: {0}")]
     Connect(#[source] std::io::Error),

@@ -61,6 +61,7 @@ mod options;
 mod request;
 mod state;
 mod task;
+mod tls;
 mod user;
 
 use std::sync::Arc;
@@ -73,6 +74,7 @@ pub use options::{Encoding, ReconnectPolicy};
 pub use reach_proto as proto;
 pub use reach_proto::{BindingType, IdentityError, Reasons, UpdateReason};
 pub use state::Disconnect;
+pub use tls::TlsConfig;
 pub use user::{User, UserUpdate, reasons_between};
 
 use events::Filter;
@@ -146,6 +148,12 @@ impl ClientBuilder {
     /// (default: 2.5 × the heartbeat interval announced in `welcome`).
     pub fn dead_server_timeout(mut self, timeout: Duration) -> Self {
         self.options.dead_after = Some(timeout);
+        self
+    }
+
+    /// The certificates a `wss://` gateway may present (default: the system's trusted roots).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.options.tls = Some(tls);
         self
     }
 

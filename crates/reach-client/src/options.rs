@@ -99,6 +99,8 @@ pub(crate) struct Options {
     pub dead_after: Option<Duration>,
     pub client_name: String,
     pub event_capacity: usize,
+    /// Trusted certificates for `wss://` (`None`: the system's roots, loaded when needed).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for Options {
@@ -111,6 +113,7 @@ impl Default for Options {
             dead_after: None,
             client_name: concat!("reach-client-rust/", env!("CARGO_PKG_VERSION")).to_owned(),
             event_capacity: 4096,
+            tls: None,
         }
     }
 }

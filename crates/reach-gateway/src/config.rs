@@ -45,6 +45,17 @@ pub struct ServerConfig {
     pub backlog: u32,
     /// Runtime worker threads; 0 means one per CPU core.
     pub worker_threads: usize,
+    /// A connection must send a whole request head within this long, also after each
+    /// response on a kept-alive connection (so it bounds an idle keep-alive too); else it is
+    /// closed.
+    pub header_read_timeout_ms: u64,
+    /// A TLS handshake must complete within this long.
+    pub tls_handshake_timeout_ms: u64,
+    /// PEM certificate chain of the public listener: with `tls_key_path`, REST is served
+    /// over HTTPS and sockets over `wss://`. Empty: plain HTTP and `ws://`. Reloaded on SIGHUP.
+    pub tls_cert_path: PathBuf,
+    /// PEM private key of `tls_cert_path` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_path: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +68,10 @@ impl Default for ServerConfig {
             drain_retry_max_ms: 5_000,
             backlog: 4096,
             worker_threads: 0,
+            header_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            tls_cert_path: PathBuf::new(),
+            tls_key_path: PathBuf::new(),
         }
     }
 }
@@ -153,6 +168,11 @@ pub struct LimitsConfig {
     /// for the socket's life) stays near twice this. 0: whole messages, written once per
     /// batch (fewer write calls, a larger write buffer per idle socket).
     pub write_fragment_bytes: usize,
+    /// Connections that are not authenticated sockets yet (HTTP connections, and upgraded
+    /// sockets before `welcome`), in all; one more is closed at once.
+    pub max_pending_connections: usize,
+    /// The same, per source address.
+    pub max_pending_per_address: usize,
 }
 
 impl Default for LimitsConfig {
@@ -164,6 +184,8 @@ impl Default for LimitsConfig {
             write_stall_timeout_ms: 10_000,
             read_buffer_bytes: 128,
             write_fragment_bytes: 128,
+            max_pending_connections: 4_096,
+            max_pending_per_address: 512,
         }
     }
 }
@@ -323,6 +345,22 @@ impl Config {
                 self.limits.read_buffer_bytes as u64,
             ),
             ("server.backlog", u64::from(self.server.backlog)),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.tls_handshake_timeout_ms",
+                self.server.tls_handshake_timeout_ms,
+            ),
+            (
+                "limits.max_pending_connections",
+                self.limits.max_pending_connections as u64,
+            ),
+            (
+                "limits.max_pending_per_address",
+                self.limits.max_pending_per_address as u64,
+            ),
             ("cluster.node_ttl_ms", self.cluster.node_ttl_ms),
         ];
         for (key, value) in positive {
@@ -353,6 +391,17 @@ impl Config {
             return Err(invalid(
                 "server.public_url",
                 "must start with http:// or https://",
+            ));
+        }
+        let s = &self.server;
+        if s.tls_cert_path.as_os_str().is_empty() != s.tls_key_path.as_os_str().is_empty() {
+            return Err(invalid(
+                if s.tls_cert_path.as_os_str().is_empty() {
+                    "server.tls_cert_path"
+                } else {
+                    "server.tls_key_path"
+                },
+                "server.tls_cert_path and server.tls_key_path go together: set both or neither",
             ));
         }
         if self.storage.sqlite_path.as_os_str().is_empty() {

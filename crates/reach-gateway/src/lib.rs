@@ -19,7 +19,8 @@
 //!   and drains. Only the server depends on the handlers; nothing depends back on it.
 //! - Parts below all of these: [`config`] (layered configuration, validated), [`auth`]
 //!   (accounts, API keys, HTTP Basic, access tokens), [`metrics`] (the Prometheus registry),
-//!   [`timers`] (the sockets' shared coarse timer).
+//!   [`timers`] (the sockets' shared coarse timer), [`admission`] (the cap on connections
+//!   not yet authenticated), [`tls`] (the public listener's certificate, reloadable).
 //! - [`commands`]: the `reachd credentials` and `reachd token` subcommands; `main.rs` reads the
 //!   configuration, sets up logs and runs the server until a signal.
 //!
@@ -29,16 +30,19 @@
 //! and writes the shared bytes.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod drain;
+pub mod listener;
 pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod state;
 pub mod sync;
 pub mod timers;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

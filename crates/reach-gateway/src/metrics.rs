@@ -28,6 +28,14 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Time from a hello arriving to its welcome being queued.
     pub hello_duration: Histogram,
+    /// Connections closed at accept, by reason (`pending_total`, `pending_per_address`).
+    pub connections_refused: IntCounterVec,
+    /// Connections that are not authenticated sockets yet.
+    pub pending_connections: IntGauge,
+    /// Failed accepts of the public listener (e.g. out of file descriptors).
+    pub accept_errors: IntCounter,
+    /// TLS handshakes that failed or timed out, by reason.
+    pub tls_handshake_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -86,7 +94,33 @@ impl Metrics {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ]),
         )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "reach_connections_refused_total",
+                "Connections closed at accept, by reason",
+            ),
+            &["reason"],
+        )?;
+        let pending_connections = IntGauge::new(
+            "reach_pending_connections",
+            "Connections that are not authenticated sockets yet (HTTP, sockets before welcome)",
+        )?;
+        let accept_errors = IntCounter::new(
+            "reach_accept_errors_total",
+            "Failed accepts of the public listener (e.g. out of file descriptors)",
+        )?;
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "reach_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out, by reason",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(pending_connections.clone()))?;
+        registry.register(Box::new(accept_errors.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
         for c in [
             &connections_opened,
             &frames_sent,
@@ -113,6 +147,10 @@ impl Metrics {
             http_requests,
             http_duration,
             hello_duration,
+            connections_refused,
+            pending_connections,
+            accept_errors,
+            tls_handshake_failures,
         })
     }
 

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use reach_store::Store;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -31,8 +30,33 @@ pub async fn start(
 ) -> Result<Arc<App>, StartError> {
     let (app, feeds) = App::new(config, creds, store).await?;
     tokio::spawn(Timers::drive(Arc::downgrade(&app.timers)));
+    if let Some(tls) = app.tls.clone() {
+        tokio::spawn(reload_on_sighup(tls));
+    }
     crate::sync::spawn(&app, feeds);
     Ok(app)
+}
+
+/// Reloads the certificate on every SIGHUP (open connections keep theirs).
+async fn reload_on_sighup(tls: Arc<crate::tls::Tls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: the certificate is not reloadable");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: certificate not reloaded; keeping the old one")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Binds a TCP listener with the given backlog.
@@ -77,19 +101,7 @@ pub async fn run(
                 .await;
         }
     });
-    let router =
-        public_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
-    let public_token = app.shutdown.clone();
-    // TCP_NODELAY: presence frames are small and must leave at once; with Nagle a frame
-    // written while the previous one is unacknowledged waits for the peer's delayed ACK.
-    let public = public.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(public, router)
-        .with_graceful_shutdown(async move { public_token.cancelled().await })
-        .await?;
+    crate::listener::serve(Arc::clone(&app), public, public_router(Arc::clone(&app))).await;
     // Draining: socket tasks saw the cancellation and are saying goodbye.
     crate::drain::wait(&app).await;
     if let Some(cluster) = &app.cluster {

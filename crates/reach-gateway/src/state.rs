@@ -18,10 +18,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Pending;
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::timers::Timers;
+use crate::tls::{Tls, TlsError};
 
 /// State shared by REST handlers and socket tasks.
 pub struct App {
@@ -40,6 +42,10 @@ pub struct App {
     pub sockets: TaskTracker,
     /// The sockets' deadlines, on one shared timer.
     pub timers: Arc<Timers>,
+    /// Connections that are not authenticated sockets yet, capped in all and per address.
+    pub pending: Arc<Pending>,
+    /// TLS of the public listener, when `server.tls_cert_path` is set.
+    pub tls: Option<Arc<Tls>>,
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
@@ -93,6 +99,19 @@ impl App {
         store: Arc<dyn Store>,
     ) -> Result<(Arc<App>, Feeds), StartError> {
         let metrics = Metrics::new()?;
+        let tls = if config.server.tls_cert_path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(Arc::new(Tls::load(
+                &config.server.tls_cert_path,
+                &config.server.tls_key_path,
+            )?))
+        };
+        let pending = Pending::new(
+            config.limits.max_pending_connections,
+            config.limits.max_pending_per_address,
+            metrics.pending_connections.clone(),
+        );
         let (persist_tx, persist) = mpsc::unbounded_channel();
         let engine_config = EngineConfig {
             offline_grace: config.offline_grace(),
@@ -138,6 +157,8 @@ impl App {
             sockets: TaskTracker::new(),
             timers: Arc::new(Timers::default()),
             services: dashmap::DashMap::new(),
+            pending,
+            tls,
         });
         Ok((app, Feeds { persist, control }))
     }
@@ -254,4 +275,6 @@ pub enum StartError {
     Cluster(#[from] reach_cluster::ClusterError),
     #[error("storage: {0}")]
     Store(#[from] reach_store::StoreError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }

@@ -242,14 +242,14 @@ async fn connect_errors_are_typed() {
     let d = Reachd::start(FAST);
     let svc = enabled_service(&d).await;
     let token = d.token(&svc, "alice");
-    for bad in [
-        "not a url",
-        "http://127.0.0.1:1/v1/ws",
-        "wss://example.com/v1/ws",
-    ] {
+    for bad in ["not a url", "http://127.0.0.1:1/v1/ws", "ftp://127.0.0.1/v1/ws"] {
         let e = Client::connect(bad, &token).await.unwrap_err();
         assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
     }
+    // wss:// to a gateway without TLS: the handshake fails as TLS.
+    let wss = format!("wss://{}/v1/ws", d.http);
+    let e = Client::connect(&wss, &token).await.unwrap_err();
+    assert!(matches!(e, Error::Tls(_)), "{e:?}");
     // Nobody listens on this port.
     let url = format!("ws://127.0.0.1:{}/v1/ws", free_port());
     let e = Client::connect(&url, &token).await.unwrap_err();

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::connection::Session;
 use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, error_frame};
+use crate::admission::Slot;
 use crate::auth::{TokenError, TokenGrant, verify_token};
 use crate::state::{App, profile_of};
 
@@ -112,12 +113,14 @@ async fn refuse(app: &App, ws: &mut Socket, encoding: Encoding, err: HelloError)
 }
 
 /// Admission, `hello` and the session's start; on failure the socket is closed here and the
-/// end is returned.
+/// end is returned. `pending` (the connection's place among the not-yet-authenticated ones) is
+/// given back once the session has started, or with the socket.
 pub(super) async fn prepare(
     app: &Arc<App>,
     ws: &mut Socket,
     encoding: Encoding,
     admitted: bool,
+    pending: Option<Slot>,
 ) -> Result<Box<Session>, End> {
     let started = async {
         if !admitted {
@@ -127,7 +130,9 @@ pub(super) async fn prepare(
         // Boxed, so the task does not keep both this result and the session.
         start(app, grant, service, encoding).await.map(Box::new)
     };
-    match started.await {
+    let started = started.await;
+    drop(pending);
+    match started {
         Ok(session) => Ok(session),
         Err(err) => Err(refuse(app, ws, encoding, err).await),
     }

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::Session;
 use super::hello::prepare;
 use super::socket::{End, Gone, Read, Socket, answer_close, classify, close_direct, send_message};
+use crate::admission::Slot;
 use crate::state::App;
 
 /// The socket task: admission and `hello`, the session, the close; counted in the metrics.
@@ -34,6 +35,7 @@ pub(super) async fn serve_socket(
     mut ws: Box<Socket>,
     encoding: Encoding,
     admitted: bool,
+    pending: Option<Slot>,
 ) {
     let m = &app.metrics;
     m.connections.inc();
@@ -41,7 +43,7 @@ pub(super) async fn serve_socket(
     // Everything but the session loop runs in boxed futures that are gone once they finish:
     // an idle socket's task then holds only the session and its loop (an async fn's layout
     // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
-    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted)).await;
+    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted, pending)).await;
     let end = match prepared {
         Ok(mut session) => {
             let end = session.run(&mut ws).await;

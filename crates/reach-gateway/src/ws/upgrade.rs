@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::session::serve_socket;
 use super::socket::ws_config;
+use crate::admission::Slot;
 use crate::rest::ApiError;
 use crate::state::App;
 
@@ -78,6 +79,8 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
     }
     let encoding = chosen.unwrap_or(Encoding::Json);
     let permit = Arc::clone(&app.conn_permits).try_acquire_owned().ok();
+    // The connection stays pending (capped per address) until its socket is welcomed.
+    let pending = req.extensions_mut().remove::<Slot>();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = Arc::clone(&app);
     app.sockets.spawn(
@@ -98,7 +101,7 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
             .await;
             let _permit = permit.as_ref();
             // Boxed: the stream would otherwise widen every socket's task.
-            serve_socket(task_app, Box::new(ws), encoding, permit.is_some()).await;
+            serve_socket(task_app, Box::new(ws), encoding, permit.is_some(), pending).await;
         }
         .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
     );
