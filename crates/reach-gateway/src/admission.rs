@@ -19,6 +19,8 @@ use prometheus::IntGauge;
 /// Why a connection was not admitted; the `reason` label of `reach_connections_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
+    /// Every descriptor of the [`Budget`] is held by an open connection.
+    OpenFiles,
     /// `limits.max_pending_connections` pending connections in all.
     PendingTotal,
     /// `limits.max_pending_per_address` pending connections from this address.
@@ -28,6 +30,7 @@ pub enum Refused {
 impl Refused {
     pub fn label(self) -> &'static str {
         match self {
+            Refused::OpenFiles => "open_files",
             Refused::PendingTotal => "pending_total",
             Refused::PendingPerAddress => "pending_per_address",
         }
@@ -122,9 +125,92 @@ impl Drop for Held {
     }
 }
 
+/// File descriptors never given to public connections: the admin listener and its requests,
+/// the database, logs, the backplane.
+pub const RESERVED_FDS: usize = 128;
+
+/// Descriptors kept for REST and pending connections when the socket cap must be lowered to
+/// fit the open-file limit: at most this many, and at most a quarter of what is left.
+pub const REST_ROOM: usize = 256;
+
+/// How many descriptors public connections may take, and the caps fitted to them.
+///
+/// Every accepted connection holds one descriptor (a permit of [`Budget::connections`]) until
+/// it is closed, whatever it becomes; past that the accept loop closes new ones at once, so the
+/// process never runs out and the admin endpoints always answer. Sockets are capped below it
+/// by at least [`REST_ROOM`] (or a quarter), so at the socket cap REST still has room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Open public connections of any kind.
+    pub connections: usize,
+    /// `limits.max_connections`, lowered if it had to be.
+    pub sockets: usize,
+    /// `limits.max_pending_connections`, lowered if it had to be.
+    pub pending: usize,
+    /// The open-file limit they were fitted to, when a cap had to be lowered.
+    pub lowered_for: Option<usize>,
+}
+
+impl Budget {
+    /// Fits `sockets` and `pending` into `open_files` (if known).
+    pub fn fit(sockets: usize, pending: usize, open_files: Option<usize>) -> Budget {
+        let Some(limit) = open_files else {
+            return Budget {
+                connections: usize::MAX,
+                sockets,
+                pending,
+                lowered_for: None,
+            };
+        };
+        let connections = limit.saturating_sub(RESERVED_FDS).max(2);
+        let room = REST_ROOM.min(connections / 4).max(1);
+        let fitted = Budget {
+            connections,
+            sockets: sockets.min(connections - room),
+            pending: pending.min(connections),
+            lowered_for: None,
+        };
+        Budget {
+            lowered_for: (fitted.sockets < sockets || fitted.pending < pending).then_some(limit),
+            ..fitted
+        }
+    }
+}
+
+/// The soft limit on open files of this process, where the system says (Linux).
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_keeps_descriptors_free_for_rest_and_admin() {
+        let roomy = Budget::fit(10_000, 4_096, Some(20_000));
+        assert_eq!(
+            (
+                roomy.connections,
+                roomy.sockets,
+                roomy.pending,
+                roomy.lowered_for
+            ),
+            (20_000 - RESERVED_FDS, 10_000, 4_096, None)
+        );
+        // A load run's caps on the same limit: sockets keep all but REST_ROOM.
+        let bench = Budget::fit(25_000, 25_000, Some(20_000));
+        assert_eq!(bench.sockets, 20_000 - RESERVED_FDS - REST_ROOM);
+        assert_eq!(bench.pending, 20_000 - RESERVED_FDS);
+        assert_eq!(bench.lowered_for, Some(20_000));
+        // A small limit: a quarter of it stays for REST.
+        let tight = Budget::fit(10_000, 4_096, Some(700));
+        assert_eq!((tight.connections, tight.sockets), (572, 429));
+        assert_eq!(Budget::fit(10, 5, None).sockets, 10);
+        assert!(open_file_limit().is_some_and(|n| n > 0));
+    }
 
     #[test]
     fn caps_hold_in_all_and_per_address_and_slots_come_back() {

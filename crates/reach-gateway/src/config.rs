@@ -45,10 +45,12 @@ pub struct ServerConfig {
     pub backlog: u32,
     /// Runtime worker threads; 0 means one per CPU core.
     pub worker_threads: usize,
-    /// A connection must send a whole request head within this long, also after each
-    /// response on a kept-alive connection (so it bounds an idle keep-alive too); else it is
-    /// closed.
+    /// A connection must send a whole request head within this long, from its accept and
+    /// again after each response on a kept-alive connection; else it is closed.
     pub header_read_timeout_ms: u64,
+    /// A kept-alive connection with no request in flight for this long after its last
+    /// response is closed (it cannot be idle for longer than `header_read_timeout_ms` either).
+    pub keepalive_idle_timeout_ms: u64,
     /// A TLS handshake must complete within this long.
     pub tls_handshake_timeout_ms: u64,
     /// PEM certificate chain of the public listener: with `tls_key_path`, REST is served
@@ -69,6 +71,7 @@ impl Default for ServerConfig {
             backlog: 4096,
             worker_threads: 0,
             header_read_timeout_ms: 10_000,
+            keepalive_idle_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 10_000,
             tls_cert_path: PathBuf::new(),
             tls_key_path: PathBuf::new(),
@@ -348,6 +351,10 @@ impl Config {
             (
                 "server.header_read_timeout_ms",
                 self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.keepalive_idle_timeout_ms",
+                self.server.keepalive_idle_timeout_ms,
             ),
             (
                 "server.tls_handshake_timeout_ms",

@@ -10,20 +10,24 @@
 //! flight completes, an idle kept-alive connection closes. Upgraded sockets are not HTTP
 //! connections any more; the drain takes care of them.
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::admission::Slot;
+use crate::admission::{Refused, Slot};
 use crate::state::App;
 
 /// The longest pause after failed accepts.
@@ -62,6 +66,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
                 continue;
             }
         };
+        let Ok(descriptor) = Arc::clone(&app.open_connections).try_acquire_owned() else {
+            app.metrics
+                .connections_refused
+                .with_label_values(&[Refused::OpenFiles.label()])
+                .inc();
+            continue;
+        };
         let slot = match app.pending.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refused) => {
@@ -76,10 +87,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
             // Presence frames are small and must leave at once.
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let stream = Counted {
+            tcp,
+            _descriptor: descriptor,
+        };
         connections.spawn(connection(
             Arc::clone(&app),
             router.clone(),
-            tcp,
+            stream,
             peer,
             slot,
         ));
@@ -89,7 +104,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
 }
 
 /// One accepted connection: TLS if configured, then HTTP.
-async fn connection(app: Arc<App>, router: Router, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
+async fn connection(app: Arc<App>, router: Router, tcp: Counted, peer: SocketAddr, slot: Slot) {
     let Some(tls) = app.tls.clone() else {
         return http(app, router, tcp, peer, slot).await;
     };
@@ -118,12 +133,22 @@ async fn http<S>(app: Arc<App>, router: Router, stream: S, peer: SocketAddr, slo
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        // The WebSocket upgrade keeps the connection's slot until `welcome`.
-        req.extensions_mut().insert(slot.clone());
-        router.clone().oneshot(req)
-    });
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let activity = Arc::clone(&activity);
+        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            // The WebSocket upgrade keeps the connection's slot until `welcome`.
+            req.extensions_mut().insert(slot.clone());
+            let busy = activity.begin();
+            let response = router.clone().oneshot(req);
+            async move {
+                let response = response.await;
+                drop(busy);
+                response
+            }
+        })
+    };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -135,15 +160,114 @@ where
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    let idle = Duration::from_millis(app.config.server.keepalive_idle_timeout_ms);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = app.shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(activity.idle_deadline(idle)) => {
+                if activity.idle_since().is_some_and(|since| since.elapsed() >= idle) {
+                    break;
+                }
             }
         }
-        () = app.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    }
+    // Shutting down, or kept alive and idle for too long: a request in flight completes, an
+    // idle connection closes.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// A public connection's stream with its descriptor, given back when the stream is closed,
+/// whatever it has become by then (an HTTP connection, a TLS stream, a WebSocket).
+struct Counted {
+    tcp: TcpStream,
+    _descriptor: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// Whether an HTTP connection is serving a request, and since when it has not been.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Requests in flight, and when the last one was answered (None before the first).
+    state: Mutex<(usize, Option<tokio::time::Instant>)>,
+}
+
+impl Activity {
+    /// Marks a request in flight until the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.state.lock().expect("activity lock").0 += 1;
+        Busy(Arc::clone(self))
+    }
+
+    /// When the connection has been idle (no request in flight) since, if it has served one:
+    /// before its first request only the header read timeout applies.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        match *self.state.lock().expect("activity lock") {
+            (0, since) => since,
+            _ => None,
         }
+    }
+
+    /// When to look again whether the connection has been idle for `idle`.
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        match self.idle_since() {
+            Some(since) => since + idle,
+            None => tokio::time::Instant::now() + idle,
+        }
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().expect("activity lock");
+        state.0 -= 1;
+        state.1 = Some(tokio::time::Instant::now());
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Pending;
+use crate::admission::{Budget, Pending, open_file_limit};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -36,6 +36,9 @@ pub struct App {
     pub metrics: Metrics,
     /// One permit per open socket (`limits.max_connections`).
     pub conn_permits: Arc<Semaphore>,
+    /// One permit per open public connection of any kind: the descriptors they may hold
+    /// ([`Budget::connections`]).
+    pub open_connections: Arc<Semaphore>,
     /// Cancelled when the gateway starts draining.
     pub shutdown: CancellationToken,
     /// Every socket task, so draining can wait for them.
@@ -107,9 +110,23 @@ impl App {
                 &config.server.tls_key_path,
             )?))
         };
+        let limits = &config.limits;
+        let budget = Budget::fit(
+            limits.max_connections,
+            limits.max_pending_connections,
+            open_file_limit(),
+        );
+        if let Some(open_files) = budget.lowered_for {
+            tracing::warn!(
+                open_files,
+                sockets = budget.sockets,
+                pending = budget.pending,
+                "the open-file limit cannot hold the configured caps: limits.max_connections and limits.max_pending_connections lowered, so that REST and the admin endpoints keep answering at the socket cap (raise `ulimit -n` to lift this)"
+            );
+        }
         let pending = Pending::new(
-            config.limits.max_pending_connections,
-            config.limits.max_pending_per_address,
+            budget.pending,
+            limits.max_pending_per_address.min(budget.pending),
             metrics.pending_connections.clone(),
         );
         let (persist_tx, persist) = mpsc::unbounded_channel();
@@ -146,7 +163,10 @@ impl App {
             engine.set_service(&cfg.service_sid, service_state(&cfg));
         }
         let app = Arc::new(App {
-            conn_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            conn_permits: Arc::new(Semaphore::new(budget.sockets)),
+            open_connections: Arc::new(Semaphore::new(
+                budget.connections.min(Semaphore::MAX_PERMITS),
+            )),
             config,
             creds,
             store,

@@ -242,7 +242,11 @@ async fn connect_errors_are_typed() {
     let d = Reachd::start(FAST);
     let svc = enabled_service(&d).await;
     let token = d.token(&svc, "alice");
-    for bad in ["not a url", "http://127.0.0.1:1/v1/ws", "ftp://127.0.0.1/v1/ws"] {
+    for bad in [
+        "not a url",
+        "http://127.0.0.1:1/v1/ws",
+        "ftp://127.0.0.1/v1/ws",
+    ] {
         let e = Client::connect(bad, &token).await.unwrap_err();
         assert!(matches!(e, Error::InvalidUrl { .. }), "{bad}: {e:?}");
     }

@@ -31,6 +31,7 @@ pub struct Reachd {
     extra: String,
     env: Vec<(String, String)>,
     lines: mpsc::Receiver<String>,
+    startup: Vec<String>,
 }
 
 fn config_text(dir: &Path, extra: &str) -> String {
@@ -97,9 +98,18 @@ impl Reachd {
     ) -> Reachd {
         let config = dir.join("reachd.toml");
         std::fs::write(&config, config_text(&dir, &extra)).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reachd"));
+        // `ULIMIT_NOFILE` (a fixture setting, not reachd's): start it under that open-file limit.
+        let mut cmd = match env.iter().find(|(k, _)| k == "ULIMIT_NOFILE") {
+            Some((_, n)) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "ulimit -n \"$1\" && shift && exec \"$@\"", "sh", n])
+                    .arg(env!("CARGO_BIN_EXE_reachd"));
+                sh
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_reachd")),
+        };
         cmd.arg("--config").arg(&config).env_remove("RUST_LOG");
-        for (k, v) in &env {
+        for (k, v) in env.iter().filter(|(k, _)| k != "ULIMIT_NOFILE") {
             cmd.env(k, v);
         }
         let mut child = cmd
@@ -118,6 +128,7 @@ impl Reachd {
             }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut startup = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let Ok(line) = rx.recv_timeout(left) else {
@@ -126,9 +137,12 @@ impl Reachd {
                 panic!("reachd did not become ready (exit: {status:?})");
             };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                startup.push(line);
                 continue;
             };
-            if v["message"] == "reachd ready" {
+            if v["message"] != "reachd ready" {
+                startup.push(line);
+            } else {
                 let http = v["listen"].as_str().unwrap().parse().unwrap();
                 let admin = v["admin"].as_str().unwrap().parse().unwrap();
                 return Reachd {
@@ -140,6 +154,7 @@ impl Reachd {
                     extra,
                     env,
                     lines: rx,
+                    startup,
                 };
             }
         }
@@ -197,6 +212,11 @@ impl Reachd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The log lines written before `reachd ready`.
+    pub fn startup_logs(&self) -> &[String] {
+        &self.startup
     }
 
     /// Log lines seen so far (JSON), without waiting.
