@@ -127,6 +127,20 @@ impl TokenError {
         }
     }
 
+    /// Whether the token failed before its signature was proven (unreadable, another
+    /// algorithm, an unknown key, a bad signature): such a failure may be a guess, and counts
+    /// against its address (`limits.auth_failures_per_minute`). An expired token or a
+    /// foreign service, signed with a real key, is an honest client's mistake.
+    pub fn is_unproven(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Malformed
+                | TokenError::Algorithm
+                | TokenError::UnknownKey
+                | TokenError::Signature
+        )
+    }
+
     /// Label of `reach_auth_failures_total`.
     pub fn label(&self) -> &'static str {
         match self {

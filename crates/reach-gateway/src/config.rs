@@ -174,8 +174,27 @@ pub struct LimitsConfig {
     /// Connections that are not authenticated sockets yet (HTTP connections, and upgraded
     /// sockets before `welcome`), in all; one more is closed at once.
     pub max_pending_connections: usize,
-    /// The same, per source address.
+    /// The same, per source address (IPv6: per /64).
     pub max_pending_per_address: usize,
+    /// REST requests per second per account (a token bucket; 0: no limit). Past the burst a
+    /// request is answered 429, code 20429, with `Retry-After`.
+    pub rest_requests_per_second: u32,
+    /// Requests an account may make at once before the rate applies.
+    pub rest_request_burst: u32,
+    /// Failed authentications (REST credentials, `hello` tokens) per source address and
+    /// minute (0: no limit). Past the burst, everything that address sends to authenticate is
+    /// refused (REST 429 / `error` 20429 and close 4029) until the bucket refills.
+    pub auth_failures_per_minute: u32,
+    /// Failed authentications an address may make at once before the rate applies.
+    pub auth_failure_burst: u32,
+    /// Frames (WebSocket messages, pings included) an authenticated socket may send per
+    /// second (0: no limit). Past the burst each one is refused with `error` 20429; another
+    /// burst's worth refused in a row closes the socket with 4029.
+    pub socket_frames_per_second: u32,
+    /// Frames a socket may send at once before the rate applies.
+    pub socket_frame_burst: u32,
+    /// Identities one `subscribe` or `unsubscribe` may name; more: `error` 20429.
+    pub max_identities_per_request: usize,
 }
 
 impl Default for LimitsConfig {
@@ -189,6 +208,13 @@ impl Default for LimitsConfig {
             write_fragment_bytes: 128,
             max_pending_connections: 4_096,
             max_pending_per_address: 512,
+            rest_requests_per_second: 500,
+            rest_request_burst: 1_000,
+            auth_failures_per_minute: 10,
+            auth_failure_burst: 20,
+            socket_frames_per_second: 50,
+            socket_frame_burst: 500,
+            max_identities_per_request: 500,
         }
     }
 }
@@ -369,6 +395,10 @@ impl Config {
                 self.limits.max_pending_per_address as u64,
             ),
             ("cluster.node_ttl_ms", self.cluster.node_ttl_ms),
+            (
+                "limits.max_identities_per_request",
+                self.limits.max_identities_per_request as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -383,6 +413,28 @@ impl Config {
                     p.heartbeat_interval_ms
                 ),
             ));
+        }
+        let l = &self.limits;
+        for (rate, key, burst) in [
+            (
+                l.rest_requests_per_second,
+                "limits.rest_request_burst",
+                l.rest_request_burst,
+            ),
+            (
+                l.auth_failures_per_minute,
+                "limits.auth_failure_burst",
+                l.auth_failure_burst,
+            ),
+            (
+                l.socket_frames_per_second,
+                "limits.socket_frame_burst",
+                l.socket_frame_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(invalid(key, "must be greater than 0 when its rate is set"));
+            }
         }
         if self.limits.max_frame_bytes < 256 {
             return Err(invalid("limits.max_frame_bytes", "must be at least 256"));

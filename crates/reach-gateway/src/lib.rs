@@ -41,6 +41,7 @@ pub mod rest;
 pub mod server;
 pub mod state;
 pub mod sync;
+pub mod throttle;
 pub mod timers;
 pub mod tls;
 pub mod ws;

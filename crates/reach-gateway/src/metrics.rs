@@ -36,6 +36,8 @@ pub struct Metrics {
     pub accept_errors: IntCounter,
     /// TLS handshakes that failed or timed out, by reason.
     pub tls_handshake_failures: IntCounterVec,
+    /// Requests, authentications and frames refused by a rate limit, by reason.
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -116,6 +118,14 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "reach_rate_limited_total",
+                "Requests, authentications and socket frames refused by a rate limit, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(pending_connections.clone()))?;
         registry.register(Box::new(accept_errors.clone()))?;
@@ -151,6 +161,7 @@ impl Metrics {
             pending_connections,
             accept_errors,
             tls_handshake_failures,
+            rate_limited,
         })
     }
 

@@ -34,7 +34,21 @@ pub async fn start(
         tokio::spawn(reload_on_sighup(tls));
     }
     crate::sync::spawn(&app, feeds);
+    tokio::spawn(sweep_throttles(Arc::downgrade(&app)));
     Ok(app)
+}
+
+/// Every minute, forgets the rate-limit buckets that are full again (until the app is gone).
+async fn sweep_throttles(app: std::sync::Weak<App>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(app) = app.upgrade() else {
+            return;
+        };
+        app.throttles.sweep();
+    }
 }
 
 /// Reloads the certificate on every SIGHUP (open connections keep theirs).

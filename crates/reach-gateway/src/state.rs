@@ -22,6 +22,7 @@ use crate::admission::{Budget, Pending, open_file_limit};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::throttle::Throttles;
 use crate::timers::Timers;
 use crate::tls::{Tls, TlsError};
 
@@ -47,6 +48,8 @@ pub struct App {
     pub timers: Arc<Timers>,
     /// Connections that are not authenticated sockets yet, capped in all and per address.
     pub pending: Arc<Pending>,
+    /// REST requests per account, failed authentications per address, frames per socket.
+    pub throttles: Throttles,
     /// TLS of the public listener, when `server.tls_cert_path` is set.
     pub tls: Option<Arc<Tls>>,
     /// Services by SID, so a `hello` does not read the store for its service each time.
@@ -162,6 +165,7 @@ impl App {
         for cfg in store.list_configs().await? {
             engine.set_service(&cfg.service_sid, service_state(&cfg));
         }
+        let throttles = Throttles::new(&config.limits, metrics.rate_limited.clone());
         let app = Arc::new(App {
             conn_permits: Arc::new(Semaphore::new(budget.sockets)),
             open_connections: Arc::new(Semaphore::new(
@@ -178,6 +182,7 @@ impl App {
             timers: Arc::new(Timers::default()),
             services: dashmap::DashMap::new(),
             pending,
+            throttles,
             tls,
         });
         Ok((app, Feeds { persist, control }))

@@ -8,6 +8,8 @@ use reach_proto::ErrorCode;
 use reach_store::StoreError;
 use serde::Serialize;
 
+use crate::throttle::RetryAfter;
+
 /// Why a REST request failed; each maps to a code and an HTTP status ([`ApiError::code`],
 /// [`ApiError::status`]) and renders as the hosted API's error body.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,12 @@ pub enum ApiError {
     /// The gateway is draining (a WebSocket upgrade after the drain began).
     #[error("the gateway is draining")]
     Draining,
+    /// The account's requests passed `limits.rest_requests_per_second`.
+    #[error("Too many requests: this account's request rate limit is reached; retry after {} s", .0.seconds())]
+    TooManyRequests(RetryAfter),
+    /// The source address passed `limits.auth_failures_per_minute`.
+    #[error("Too many failed authentications from this address; retry after {} s", .0.seconds())]
+    TooManyAuthFailures(RetryAfter),
 }
 
 /// A handler's result.
@@ -53,6 +61,7 @@ impl ApiError {
             ApiError::IdentityLooksLikeSid(_) => ErrorCode::IdentityLooksLikeSid,
             ApiError::Internal => ErrorCode::Internal,
             ApiError::Draining => ErrorCode::Unavailable,
+            ApiError::TooManyRequests(_) | ApiError::TooManyAuthFailures(_) => ErrorCode::TooMany,
         }
     }
 
@@ -104,11 +113,19 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
         };
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, ApiError::Unauthorized) {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"Reach\""),
-            );
+        match self {
+            ApiError::Unauthorized => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"Reach\""),
+                );
+            }
+            ApiError::TooManyRequests(retry) | ApiError::TooManyAuthFailures(retry) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry.seconds()));
+            }
+            _ => {}
         }
         response
     }
@@ -116,6 +133,8 @@ impl IntoResponse for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -137,6 +156,16 @@ mod tests {
             (ApiError::IdentityLooksLikeSid("a".into()), 50206, 400),
             (ApiError::Internal, 20500, 500),
             (ApiError::Draining, 20503, 503),
+            (
+                ApiError::TooManyRequests(RetryAfter(Duration::ZERO)),
+                20429,
+                429,
+            ),
+            (
+                ApiError::TooManyAuthFailures(RetryAfter(Duration::ZERO)),
+                20429,
+                429,
+            ),
         ];
         for (e, code, status) in cases {
             assert_eq!((e.code(), e.status().as_u16()), (code, status), "{e:?}");

@@ -9,10 +9,11 @@
 //!   values are UTF-8) into [`Params`], whose typed getters check each parameter.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use percent_encoding::percent_decode;
@@ -89,6 +90,17 @@ impl FromRequestParts<RestState> for Ctx {
 
     async fn from_request_parts(parts: &mut Parts, state: &RestState) -> ApiResult<Ctx> {
         let app = &state.app;
+        let throttles = &app.throttles;
+        // A blocked address is not even checked (a right guess must not answer differently).
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(ip) = peer {
+            throttles
+                .auth_allowed(ip)
+                .map_err(ApiError::TooManyAuthFailures)?;
+        }
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -98,8 +110,16 @@ impl FromRequestParts<RestState> for Ctx {
                 .auth_failures
                 .with_label_values(&[AUTH_FAILURE_LABEL])
                 .inc();
+            if let Some(ip) = peer {
+                throttles
+                    .auth_failed(ip)
+                    .map_err(ApiError::TooManyAuthFailures)?;
+            }
             return Err(ApiError::Unauthorized);
         };
+        throttles
+            .rest_request(&principal.account_sid)
+            .map_err(ApiError::TooManyRequests)?;
         let path = parts.uri.path();
         let resource = path
             .strip_prefix("/v1")

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::socket::error_frame;
 use crate::auth::TokenGrant;
 use crate::state::App;
+use crate::throttle::FrameBucket;
 
 /// Unix seconds -> a tokio instant (clamped to now for the past).
 fn instant_at(unix: i64) -> Instant {
@@ -91,6 +92,8 @@ pub(super) struct Session {
     /// The socket's read side must be polled: it has not returned `Pending` since it was last
     /// woken (reads are polled with the connection as waker, see `next_io`).
     pub(super) must_read: bool,
+    /// `limits.socket_frames_per_second` (None: no limit).
+    pub(super) frames: Option<FrameBucket>,
 }
 
 impl Session {
@@ -116,6 +119,7 @@ impl Session {
             must_read: true,
             push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
             token_expires_at: grant.expires_at,
+            frames: app.throttles.frame_bucket(),
         };
         s.set_expiry();
         s

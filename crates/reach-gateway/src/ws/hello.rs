@@ -5,6 +5,7 @@
 //! close reason and metric; [`refuse`] is the one place that sends it. Before the session
 //! starts the task writes to the socket directly; the session then writes through its outbox.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -18,6 +19,7 @@ use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, er
 use crate::admission::Slot;
 use crate::auth::{TokenError, TokenGrant, verify_token};
 use crate::state::{App, profile_of};
+use crate::throttle::RetryAfter;
 
 /// Why a socket did not get to its session.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub(super) enum HelloError {
     /// The token, or its service, was refused.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The address passed `limits.auth_failures_per_minute`.
+    #[error("too many failed authentications from this address; retry after {} s", .0.seconds())]
+    TooManyAuthFailures(RetryAfter),
     /// A storage failure; the client may retry.
     #[error("internal error; retry later")]
     Internal,
@@ -52,7 +57,9 @@ impl HelloError {
     /// How the socket ends: closed by us with this code, or already gone.
     fn end(&self) -> End {
         End::Close(match self {
-            HelloError::TooManyConnections => CloseCode::RateLimited,
+            HelloError::TooManyConnections | HelloError::TooManyAuthFailures(_) => {
+                CloseCode::RateLimited
+            }
             HelloError::Timeout | HelloError::Token(_) => CloseCode::Unauthorized,
             HelloError::Draining => CloseCode::GoingAway,
             HelloError::BadFrame(r) => r.close,
@@ -65,7 +72,9 @@ impl HelloError {
     /// The `error` frame sent before the close, if any.
     fn frame(&self) -> Option<ServerFrame> {
         let (id, code) = match self {
-            HelloError::TooManyConnections => (None, ErrorCode::TooMany),
+            HelloError::TooManyConnections | HelloError::TooManyAuthFailures(_) => {
+                (None, ErrorCode::TooMany)
+            }
             HelloError::Timeout => (None, ErrorCode::Timeout),
             HelloError::BadFrame(r) => (None, r.code),
             HelloError::NotHello { id } => (*id, ErrorCode::UnexpectedFrame),
@@ -80,6 +89,7 @@ impl HelloError {
     fn reason(&self) -> &'static str {
         match self {
             HelloError::TooManyConnections => "too many connections",
+            HelloError::TooManyAuthFailures(_) => "too many failed authentications",
             HelloError::Timeout => "no hello",
             HelloError::Draining => "draining",
             HelloError::BadFrame(_) => "bad frame",
@@ -121,12 +131,13 @@ pub(super) async fn prepare(
     encoding: Encoding,
     admitted: bool,
     pending: Option<Slot>,
+    peer: IpAddr,
 ) -> Result<Box<Session>, End> {
     let started = async {
         if !admitted {
             return Err(HelloError::TooManyConnections);
         }
-        let (grant, service) = await_hello(app, ws, encoding).await?;
+        let (grant, service) = await_hello(app, ws, encoding, peer).await?;
         // Boxed, so the task does not keep both this result and the session.
         start(app, grant, service, encoding).await.map(Box::new)
     };
@@ -143,6 +154,7 @@ async fn await_hello(
     app: &Arc<App>,
     ws: &mut Socket,
     encoding: Encoding,
+    peer: IpAddr,
 ) -> Result<(TokenGrant, Arc<Service>), HelloError> {
     let deadline = Instant::now() + app.config.auth_timeout();
     loop {
@@ -156,7 +168,21 @@ async fn await_hello(
             Read::Nothing => continue,
             Read::Gone(gone) => Err(HelloError::Gone(gone)),
             Read::Fail(refusal) => Err(HelloError::BadFrame(refusal)),
-            Read::Frame(ClientFrame::Hello { token, .. }) => authenticate(app, &token).await,
+            Read::Frame(ClientFrame::Hello { token, .. }) => {
+                // A blocked address is not even checked (a right guess must not answer
+                // differently); an unproven token counts against it.
+                let throttles = &app.throttles;
+                throttles
+                    .auth_allowed(peer)
+                    .map_err(HelloError::TooManyAuthFailures)?;
+                authenticate(app, &token).await.map_err(|e| match e {
+                    HelloError::Token(t) if t.is_unproven() => match throttles.auth_failed(peer) {
+                        Ok(()) => HelloError::Token(t),
+                        Err(retry) => HelloError::TooManyAuthFailures(retry),
+                    },
+                    other => other,
+                })
+            }
             Read::Frame(other) => Err(HelloError::NotHello { id: other.id() }),
         };
     }

@@ -19,6 +19,7 @@ use super::connection::Session;
 use super::socket::error_frame;
 use crate::auth::{MAX_IDENTITY_LEN, TokenError, verify_token};
 use crate::state::profile_of;
+use crate::throttle::Limited;
 
 /// Longest device address (push token) accepted.
 const MAX_ADDRESS_LEN: usize = 1024;
@@ -59,7 +60,29 @@ impl Session {
         }
     }
 
+    /// Refuses a request naming more than `limits.max_identities_per_request` identities
+    /// (`error` 20429 with its id); true when it was refused.
+    fn too_many_identities(&self, id: i64, request: &str, identities: &[String]) -> bool {
+        let max = self.app.config.limits.max_identities_per_request;
+        if identities.len() <= max {
+            return false;
+        }
+        self.app.throttles.count(Limited::RequestIdentities);
+        self.push(&error_frame(
+            Some(id),
+            ErrorCode::TooMany,
+            format!(
+                "{request} names {} identities; at most {max} per request",
+                identities.len()
+            ),
+        ));
+        true
+    }
+
     async fn subscribe(&mut self, id: i64, identities: Vec<String>) {
+        if self.too_many_identities(id, "subscribe", &identities) {
+            return;
+        }
         let engine = Arc::clone(&self.app.engine);
         let conn = Arc::clone(&self.conn);
         let Some(slot) = conn.outbox.reserve_guarded(SlotFrame::Subscribed {
@@ -151,6 +174,9 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: i64, identities: Vec<String>) {
+        if self.too_many_identities(id, "unsubscribe", &identities) {
+            return;
+        }
         for identity in identities {
             if self.watched.remove(identity.as_str()) {
                 self.app.engine.unsubscribe(&self.conn, &identity);

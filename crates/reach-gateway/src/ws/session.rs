@@ -12,6 +12,7 @@
 //! `max_outbox_bytes`: the outbox asks for that close itself). What a session holds is in
 //! [`super::connection`], the requests it answers in [`super::requests`].
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -25,9 +26,12 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::connection::Session;
 use super::hello::prepare;
-use super::socket::{End, Gone, Read, Socket, answer_close, classify, close_direct, send_message};
+use super::socket::{
+    End, Gone, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
+};
 use crate::admission::Slot;
 use crate::state::App;
+use crate::throttle::{FrameVerdict, Limited};
 
 /// The socket task: admission and `hello`, the session, the close; counted in the metrics.
 pub(super) async fn serve_socket(
@@ -36,6 +40,7 @@ pub(super) async fn serve_socket(
     encoding: Encoding,
     admitted: bool,
     pending: Option<Slot>,
+    peer: IpAddr,
 ) {
     let m = &app.metrics;
     m.connections.inc();
@@ -43,7 +48,7 @@ pub(super) async fn serve_socket(
     // Everything but the session loop runs in boxed futures that are gone once they finish:
     // an idle socket's task then holds only the session and its loop (an async fn's layout
     // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
-    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted, pending)).await;
+    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted, pending, peer)).await;
     let end = match prepared {
         Ok(mut session) => {
             let end = session.run(&mut ws).await;
@@ -118,7 +123,11 @@ impl Session {
             };
             self.last_heard = Instant::now();
             self.app.metrics.frames_received.inc();
-            match classify(item, encoding, self.app.config.limits.max_frame_bytes) {
+            let read = classify(item, encoding, self.app.config.limits.max_frame_bytes);
+            if matches!(read, Read::Frame(_) | Read::Nothing) && !self.take_frame(&read) {
+                continue;
+            }
+            match read {
                 Read::Nothing => {}
                 Read::Gone(label) => return End::Gone(label),
                 Read::Fail(r) => self.fail(r.code, r.message, r.close),
@@ -127,6 +136,42 @@ impl Session {
                 Read::Frame(frame) => Box::pin(self.handle(frame)).await,
             }
         }
+    }
+
+    /// Takes a token of the socket's frame bucket for what it sent; false when it was refused
+    /// (`error` 20429 for a request, and close 4029 once another burst's worth was refused).
+    fn take_frame(&mut self, read: &Read) -> bool {
+        let Some(bucket) = &mut self.frames else {
+            return true;
+        };
+        let verdict = bucket.check();
+        if verdict == FrameVerdict::Take {
+            return true;
+        }
+        self.app.throttles.count(Limited::SocketFrames);
+        let limits = &self.app.config.limits;
+        match verdict {
+            FrameVerdict::Refuse(retry) => {
+                if let Read::Frame(frame) = read {
+                    self.push(&error_frame(
+                        frame.id(),
+                        ErrorCode::TooMany,
+                        format!(
+                            "rate limited: at most {} frames per second (burst {}); retry in {} ms",
+                            limits.socket_frames_per_second,
+                            limits.socket_frame_burst,
+                            retry.0.as_millis().max(1)
+                        ),
+                    ));
+                }
+            }
+            _ => self.fail(
+                ErrorCode::TooMany,
+                "rate limited: frames kept coming past the limit",
+                CloseCode::RateLimited,
+            ),
+        }
+        false
     }
 
     /// The socket's next event, all in one future over one unsplit stream: first writes what

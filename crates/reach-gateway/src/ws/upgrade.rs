@@ -101,7 +101,15 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
             .await;
             let _permit = permit.as_ref();
             // Boxed: the stream would otherwise widen every socket's task.
-            serve_socket(task_app, Box::new(ws), encoding, permit.is_some(), pending).await;
+            serve_socket(
+                task_app,
+                Box::new(ws),
+                encoding,
+                permit.is_some(),
+                pending,
+                peer.ip(),
+            )
+            .await;
         }
         .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
     );
