@@ -59,8 +59,10 @@ impl Pending {
         })
     }
 
-    /// A slot for a new connection from `address`, unless a cap is reached.
+    /// A slot for a new connection from `address` (an IPv6 address counts per /64), unless a
+    /// cap is reached.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Slot, Refused> {
+        let address = crate::throttle::address_key(address);
         if self
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -237,5 +239,14 @@ mod tests {
         drop(a3);
         assert!(pending.is_empty());
         assert_eq!(gauge.get(), 0);
+        // One IPv6 /64 is one address.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _c = pending.admit(v6("2001:db8::1")).unwrap();
+        let _d = pending.admit(v6("2001:db8::2:3")).unwrap();
+        assert_eq!(
+            pending.admit(v6("2001:db8::4")).unwrap_err(),
+            Refused::PendingPerAddress
+        );
+        let _e = pending.admit(v6("2001:db8:0:1::1")).unwrap();
     }
 }
