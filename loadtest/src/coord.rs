@@ -64,13 +64,24 @@ impl Drop for Server {
 fn http_base(url: &str) -> Result<String, String> {
     // With several nodes (`--url a,b`), REST goes to the first: records are shared.
     let url = url.split(',').next().unwrap_or_default();
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or("url must start with ws://")?;
+    let (scheme, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => ("http", rest),
+        (_, Some(rest)) => ("https", rest),
+        _ => return Err("url must start with ws:// or wss://".into()),
+    };
     Ok(format!(
-        "http://{}",
+        "{scheme}://{}",
         rest.split('/').next().unwrap_or_default()
     ))
+}
+
+/// The trust for `wss://` and `https://`: the system's roots, plus `--ca-file`.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<reach_client::TlsConfig, String> {
+    let system = reach_client::TlsConfig::system();
+    match ca_file {
+        Some(path) => system.with_ca_file(path).map_err(|e| e.to_string()),
+        None => Ok(system),
+    }
 }
 
 async fn spawn_reachd(args: &RunArgs, bin: &Path, out: &Path) -> Result<Server, String> {
@@ -160,7 +171,11 @@ fn target_url(args: &RunArgs) -> String {
 
 async fn create_service(args: &RunArgs, url: &str, name: &str) -> Result<String, String> {
     let base = http_base(url)?;
-    let client = reqwest::Client::new();
+    let tls = tls_config(args.ca_file.as_deref())?;
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls.client_config()).clone())
+        .build()
+        .map_err(|e| format!("REST client: {e}"))?;
     let auth = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD
@@ -371,6 +386,7 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
             account_sid: args.account_sid.clone(),
             key_sid: args.key_sid.clone(),
             key_secret: args.key_secret.clone(),
+            ca_file: args.ca_file.clone(),
         };
         tell(w, &ToWorker::Plan(Box::new(plan))).await?;
     }

@@ -40,6 +40,9 @@ pub struct Plan {
     pub account_sid: String,
     pub key_sid: String,
     pub key_secret: String,
+    /// A PEM CA certificate to trust (besides the system's) for `wss://` URLs.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// How an event happened (one latency histogram each).

@@ -169,12 +169,16 @@ pub struct RunArgs {
     /// them with loadtest/peers/start.sh).
     #[arg(long, alias = "peer", value_enum, default_value_t = Target::Reach)]
     pub target: Target,
-    /// The server's URL (an IPv4 address, not a name). Default: reach
+    /// The server's URL (an IPv4 address, not a name; ws:// or wss://). Default: reach
     /// ws://127.0.0.1:18080/v1/ws, pusher ws://127.0.0.1:6001 (the app path is added),
     /// mqtt mqtt://127.0.0.1:18830. Several nodes of a reachd cluster: comma-separated; user
     /// `u` connects to node `u % n` (so rooms span the nodes) and REST goes to the first.
     #[arg(long)]
     pub url: Option<String>,
+    /// For a `wss://` URL: a PEM CA certificate to trust besides the system's roots (e.g. the
+    /// gateway's self-signed certificate). REST then goes over https:// with the same trust.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// The gateway's admin listener (for /readyz and /metrics).
     #[arg(long, default_value = "http://127.0.0.1:19090")]
     pub admin: String,

@@ -2,7 +2,7 @@
 //! smoke scenario (rooms with churn, two worker processes) and must report no error, no missed
 //! and no spurious notification.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn free_port() -> u16 {
@@ -14,6 +14,25 @@ fn free_port() -> u16 {
 
 #[test]
 fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
+    smoke_against_spawned_reachd("reach-loadtest-smoke", None);
+}
+
+#[test]
+fn smoke_scenario_runs_clean_over_wss_with_a_self_signed_certificate() {
+    let dir = std::env::temp_dir().join(format!("reach-loadtest-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (crt, key) = (dir.join("reach.crt"), dir.join("reach.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&key, signing_key.serialize_pem()).unwrap();
+    smoke_against_spawned_reachd("reach-loadtest-smoke-wss", Some((&crt, &key)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the smoke scenario against a reachd the harness spawns (over wss:// with `tls`, a
+/// certificate and its key, trusted with --ca-file) and checks it ran clean.
+fn smoke_against_spawned_reachd(name: &str, tls: Option<(&Path, &Path)>) {
     let harness = PathBuf::from(env!("CARGO_BIN_EXE_reach-loadtest"));
     let reachd = harness.with_file_name("reachd");
     if !reachd.exists() {
@@ -24,10 +43,10 @@ fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = std::env::temp_dir().join(format!("reach-loadtest-smoke-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let (port, admin) = (free_port(), free_port());
-    let status = Command::new(&harness)
-        .current_dir(root.parent().unwrap())
+    let mut cmd = Command::new(&harness);
+    cmd.current_dir(root.parent().unwrap())
         .args(["run", "--quiet", "--strict", "--scenario"])
         .arg(root.join("scenarios/smoke.toml"))
         .arg("--spawn-reachd")
@@ -40,13 +59,29 @@ fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
         .arg(format!(
             "--reachd-env=REACH_SERVER__ADMIN_LISTEN=127.0.0.1:{admin}"
         ))
-        .arg(format!("--url=ws://127.0.0.1:{port}/v1/ws"))
         .arg(format!("--admin=http://127.0.0.1:{admin}"))
         .arg("--out")
         .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run reach-loadtest");
+        .stdout(std::process::Stdio::null());
+    match tls {
+        Some((crt, key)) => {
+            cmd.arg(format!(
+                "--reachd-env=REACH_SERVER__TLS_CERT_PATH={}",
+                crt.display()
+            ))
+            .arg(format!(
+                "--reachd-env=REACH_SERVER__TLS_KEY_PATH={}",
+                key.display()
+            ))
+            .arg(format!("--url=wss://127.0.0.1:{port}/v1/ws"))
+            .arg("--ca-file")
+            .arg(crt);
+        }
+        None => {
+            cmd.arg(format!("--url=ws://127.0.0.1:{port}/v1/ws"));
+        }
+    }
+    let status = cmd.status().expect("run reach-loadtest");
     assert!(status.success(), "reach-loadtest failed: {status}");
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
@@ -54,6 +89,13 @@ fn smoke_scenario_runs_clean_against_a_spawned_reachd() {
     assert_eq!(result["correctness"]["missed"], 0);
     assert_eq!(result["correctness"]["spurious"], 0);
     assert!(out.join("chart.svg").exists() && out.join("summary.md").exists());
+    if tls.is_some() {
+        assert!(
+            result["url"].as_str().unwrap().starts_with("wss://"),
+            "{}",
+            result["url"]
+        );
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -58,8 +58,9 @@ impl TlsConfig {
         Ok(self)
     }
 
-    /// The rustls configuration a connection uses.
-    pub(crate) fn client_config(&self) -> Arc<rustls::ClientConfig> {
+    /// The rustls configuration a connection uses (ring provider); other TLS clients of the
+    /// same gateway, such as a REST client, can share it.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -35,9 +35,9 @@ use reach_proto::Encoding;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::ipc::{Event, EventKind, FromWorker, Phase, Plan, Tick, ToWorker, WorkerResult};
 use crate::peer::Target;
@@ -46,7 +46,7 @@ use crate::stats::{encode_hist, new_hist, now_ns, proc_sample, record_ns};
 use mqtt::MqttConn;
 use pusher::PusherConn;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// One user's connection to the server under test.
 enum Conn {
@@ -59,8 +59,8 @@ impl Conn {
     /// Resets the TCP connection (linger 0): the server sees an abrupt close.
     fn reset(self) {
         match self {
-            Conn::Reach(ws) => reset(ws.get_ref()),
-            Conn::Pusher(p) => reset(p.ws.get_ref()),
+            Conn::Reach(ws) => reset(tcp_of(ws.get_ref())),
+            Conn::Pusher(p) => reset(tcp_of(p.ws.get_ref())),
             Conn::Mqtt(m) => reset(&m.stream),
         }
     }
@@ -157,6 +157,8 @@ struct Worker {
     /// Storm: when every socket of this worker was back.
     converged: Cell<Option<u64>>,
     ws_config: WebSocketConfig,
+    /// TLS for `wss://` URLs (the system's roots and the plan's CA file).
+    tls: Option<Connector>,
     next_req: Cell<i64>,
     /// The active phase has started: notifications count from now on. Before it, a peer's
     /// notifications of the ramp (members joining a presence channel) only update views.
@@ -203,8 +205,9 @@ pub fn main() -> ExitCode {
 fn server_addr(url: &str) -> Result<SocketAddr, String> {
     let rest = url
         .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
         .or_else(|| url.strip_prefix("mqtt://"))
-        .ok_or_else(|| format!("url must start with ws:// or mqtt://: {url}"))?;
+        .ok_or_else(|| format!("url must start with ws://, wss:// or mqtt://: {url}"))?;
     let host = rest.split('/').next().unwrap_or_default();
     host.parse()
         .map_err(|e| format!("url host must be IP:PORT ({host}): {e}"))
@@ -229,6 +232,12 @@ async fn run() -> Result<(), String> {
         Encoding::Json
     } else {
         Encoding::MsgPack
+    };
+    let tls = match plan.url.contains("wss://") {
+        true => Some(Connector::Rustls(
+            crate::coord::tls_config(plan.ca_file.as_deref())?.client_config(),
+        )),
+        false => None,
     };
     let w = Rc::new(Worker {
         servers: plan
@@ -259,6 +268,7 @@ async fn run() -> Result<(), String> {
         storm: Cell::new(false),
         converged: Cell::new(None),
         ws_config: WebSocketConfig::default().read_buffer_size(2048),
+        tls,
         next_req: Cell::new(1),
         started: Cell::new(false),
         active: Cell::new(false),
@@ -589,10 +599,18 @@ impl Worker {
                     .map_err(|e| format!("subprotocol: {e}"))?,
             );
         }
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(req, stream, Some(self.ws_config))
-                .await
-                .map_err(|e| format!("upgrade: {e}"))?;
+        let connector = match self.server(user).1.starts_with("wss://") {
+            true => self.tls.clone(),
+            false => Some(Connector::Plain),
+        };
+        let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+            req,
+            stream,
+            Some(self.ws_config),
+            connector,
+        )
+        .await
+        .map_err(|e| format!("upgrade: {e}"))?;
         record_ns(&mut self.h.borrow_mut().upgrade, now_ns() - started);
         Ok(ws)
     }
@@ -784,6 +802,15 @@ impl Worker {
 }
 
 /// Sets linger 0 on the socket, so that dropping it resets the TCP connection.
+/// The TCP connection under a WebSocket, with TLS or without.
+fn tcp_of(stream: &MaybeTlsStream<TcpStream>) -> &TcpStream {
+    match stream {
+        MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+        MaybeTlsStream::Plain(tcp) => tcp,
+        _ => unreachable!("the harness makes plain and rustls streams only"),
+    }
+}
+
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
