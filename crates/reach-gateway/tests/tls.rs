@@ -145,6 +145,9 @@ async fn rest_and_sockets_over_tls_and_a_reload_that_keeps_open_sockets() {
     assert!(created.starts_with("HTTP/1.1 201"), "{created}");
     let at = created.find("\"sid\":\"").unwrap() + 7;
     let svc = created[at..at + 34].to_owned();
+    // Absolute URLs say https (the request's Host is 127.0.0.1).
+    let url = format!("\"url\":\"https://127.0.0.1/v1/Services/{svc}\"");
+    assert!(created.contains(&url), "{created}");
     let path = format!("/v1/Services/{svc}/Configuration");
     let enabled = https(
         &d,

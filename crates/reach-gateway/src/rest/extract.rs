@@ -134,7 +134,8 @@ impl FromRequestParts<RestState> for Ctx {
     }
 }
 
-/// `server.public_url`, else `http://` and the request's `Host`, else `server.listen`.
+/// `server.public_url`, else `http://` (`https://` with TLS) and the request's `Host`, else
+/// `server.listen`.
 fn base_url(app: &App, parts: &Parts) -> String {
     let public = app.config.server.public_url.trim_end_matches('/');
     if !public.is_empty() {
@@ -146,9 +147,11 @@ fn base_url(app: &App, parts: &Parts) -> String {
         .and_then(|h| h.to_str().ok())
         .or_else(|| parts.uri.authority().map(|a| a.as_str()))
         .filter(|h| is_plain_host(h));
+    // The public listener serves either HTTPS or plain HTTP, never both.
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
     match host {
-        Some(host) => format!("http://{host}"),
-        None => format!("http://{}", app.config.server.listen),
+        Some(host) => format!("{scheme}://{host}"),
+        None => format!("{scheme}://{}", app.config.server.listen),
     }
 }
 
