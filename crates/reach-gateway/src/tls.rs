@@ -53,6 +53,7 @@ impl Tls {
     /// Reads the certificate chain and the key; see the module doc.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Tls, TlsError> {
         let key = certified_key(cert_path, key_path)?;
+        warn_if_others_can_read(key_path);
         let resolver = Arc::new(Reloadable(RwLock::new(Arc::new(key))));
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
@@ -93,6 +94,25 @@ impl ResolvesServerCert for Reloadable {
         Some(Arc::clone(
             &self.0.read().unwrap_or_else(|e| e.into_inner()),
         ))
+    }
+}
+
+/// A private key that other users may read is worth a warning (not a refusal: the operator
+/// may have reasons, e.g. a group shared with a renewal agent).
+fn warn_if_others_can_read(key_path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(key_path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %key_path.display(),
+                    mode = format!("{mode:o}"),
+                    "server.tls_key_path can be read by other users than its owner (chmod 600 it)"
+                );
+            }
+        }
     }
 }
 

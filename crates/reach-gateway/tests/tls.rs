@@ -334,3 +334,19 @@ async fn garbage_and_silent_handshakes_are_cut_off_while_an_honest_client_is_ser
     assert!(metric(&d, "reach_tls_handshake_failures_total{reason=\"error\"}").await >= 40.0);
     assert_eq!(metric(&d, "reach_pending_connections").await, 0.0);
 }
+
+#[test]
+fn a_key_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key) = self_signed(dir.path(), "a");
+    let warned = |d: &Reachd| {
+        d.startup_logs()
+            .iter()
+            .any(|l| l.contains("can be read by other users"))
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(warned(&tls_reachd(&crt, &key, &[])));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!warned(&tls_reachd(&crt, &key, &[])));
+}
