@@ -76,6 +76,7 @@ impl Tls {
     /// Reads the files again and presents the new certificate from the next handshake on.
     pub fn reload(&self) -> Result<(), TlsError> {
         let key = certified_key(&self.cert_path, &self.key_path)?;
+        warn_if_others_can_read(&self.key_path);
         *self.resolver.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
         Ok(())
     }
