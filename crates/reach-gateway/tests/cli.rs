@@ -67,6 +67,19 @@ async fn first_start_generates_credentials_that_work_end_to_end() {
     };
     assert!(dir.path().join("data/credentials.toml").exists());
     assert!(dir.path().join("data/reach.db").exists());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        // The secrets file and the folder of the records are the owner's alone.
+        assert_eq!(mode("data/credentials.toml"), 0o600);
+        assert_eq!(mode("data"), 0o700);
+    }
     // `reachd credentials` prints the same account and key.
     let again = reachd()
         .current_dir(dir.path())

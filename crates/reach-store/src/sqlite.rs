@@ -126,7 +126,13 @@ impl SqliteStore {
     /// in this process or another, has it open.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            // A folder made here is the owner's alone (records, push addresses, the generated
+            // credentials); an existing one keeps its mode.
+            let mut folder = std::fs::DirBuilder::new();
+            folder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+            folder.create(parent).map_err(|e| {
                 StoreError::Backend(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
@@ -832,6 +838,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        store.close().await;
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_data_folder_it_creates_is_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = open_temp().await;
+        for folder in ["nested", "nested/dir"] {
+            let mode = std::fs::metadata(dir.path().join(folder))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{folder}: {mode:o}");
+        }
         store.close().await;
     }
 
