@@ -12,8 +12,9 @@
 //! - online while at least one connection is attached; after the last one ends, the user stays
 //!   online for `offline_grace` and goes offline only if nobody reconnected (`bye` skips the
 //!   grace);
-//! - while the service has reachability disabled nothing is published and the flags read null;
-//!   enabling publishes the users already online at once;
+//! - while the service has reachability disabled no presence is published and the flags read
+//!   null; disabling publishes the null flags to those who were shown a value, enabling
+//!   publishes the users already online at once;
 //! - `is_online` is null for a user not online since the latest enabling (`online_epoch`),
 //!   `is_notifiable` null for a user that never had a push binding.
 //!
@@ -758,7 +759,22 @@ impl Engine {
     ) {
         let presence_only = !reasons.contains(UpdateReason::FriendlyName)
             && !reasons.contains(UpdateReason::Attributes);
-        if (presence_only && !svc.enabled) || entry.subscribers.is_empty() {
+        if presence_only && !svc.enabled {
+            return;
+        }
+        self.fan_out(key, entry, svc, reasons, skip);
+    }
+
+    /// Sends the user's current view, with `reasons`, to its subscribers except `skip`.
+    fn fan_out(
+        &self,
+        key: &UserKey,
+        entry: &Entry,
+        svc: ServiceState,
+        reasons: Reasons,
+        skip: &[(Arc<Conn>, SlotId)],
+    ) {
+        if entry.subscribers.is_empty() {
             return;
         }
         let Some(user) = entry.view(key.identity(), svc) else {
@@ -847,7 +863,8 @@ impl Engine {
 
     /// Sets a service's switch (at start, on create, on a configuration update). A change
     /// pushes `service_updated` to every connection of the service; enabling also publishes the
-    /// users already online, and the notifiable flags that stop being null.
+    /// users already online, and the notifiable flags that stop being null; disabling
+    /// publishes the flags that become null to the users' subscribers.
     pub fn set_service(&self, service_sid: &str, state: ServiceState) {
         let previous = self.services.insert(Arc::from(service_sid), state);
         let Some(previous) = previous else { return };
@@ -868,16 +885,29 @@ impl Engine {
                 conn.outbox.push_bytes(frames[enc.index()].clone());
             }
         }
-        if !state.enabled {
-            return;
-        }
-        // Enabling: a scan of the map, done once per switch flip (an admin operation).
+        // A scan of the map, done once per switch flip (an admin operation).
         for mut entry in self.users.iter_mut() {
             let key = entry.key().clone();
             if key.service() != service_sid {
                 continue;
             }
             let entry = entry.value_mut();
+            if !state.enabled {
+                // Disabling: the flags read null now. Subscribers that were shown a value
+                // are told, or they would keep showing it (and, should the user go offline
+                // before the next enabling, still show it online then).
+                let mut reasons = Reasons::EMPTY;
+                if entry.is_online(previous).is_some() {
+                    reasons = reasons.with(UpdateReason::ReachabilityOnline);
+                }
+                if entry.is_notifiable(previous).is_some() {
+                    reasons = reasons.with(UpdateReason::ReachabilityNotifiable);
+                }
+                if !reasons.is_empty() {
+                    self.fan_out(&key, entry, state, reasons, entry.waiting());
+                }
+                continue;
+            }
             let mut reasons = Reasons::EMPTY;
             if entry.online {
                 self.note_online(&key, entry, state);

@@ -246,6 +246,26 @@ async fn enabling_and_disabling_reachability() {
     );
     let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
     assert!(r.body["is_online"].is_null());
+    // Subscribers are told that alice's flag reads null now; without it bob would go on
+    // showing her online, and still would after she leaves and reachability is re-enabled.
+    // (Found by the engine fuzz target.)
+    let off = bob.update_of("alice").await;
+    assert_eq!(user_of(&off).is_online, None, "{off:?}");
+    assert_eq!(reasons_of(&off), [UpdateReason::ReachabilityOnline]);
+}
+
+/// Another method than GET on the WebSocket route is a 405 with the REST error body (it was
+/// an empty 405; found by the rest_request fuzz target).
+#[tokio::test]
+async fn other_methods_on_the_socket_route_get_the_error_body() {
+    let d = Reachd::start("");
+    let rest = d.client();
+    for method in ["POST", "PATCH", "DELETE", "PUT"] {
+        let r = rest.request(method, "/v1/ws", &[]).await;
+        assert_eq!(r.status, 405, "{method}: {}", r.text);
+        assert_eq!(r.body["code"], 20004, "{method}: {}", r.text);
+        assert_eq!(r.body["status"], 405, "{method}: {}", r.text);
+    }
 }
 
 #[tokio::test]
