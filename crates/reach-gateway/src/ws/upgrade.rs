@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
@@ -24,9 +24,20 @@ use crate::admission::Slot;
 use crate::rest::ApiError;
 use crate::state::App;
 
-/// The WebSocket route.
+/// The WebSocket route. Another method than GET is a 405 with the error body, as on the
+/// REST routes.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new().route("/v1/ws", get(upgrade)).with_state(app)
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: "/ws".into(),
+    }
 }
 
 fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
