@@ -186,8 +186,9 @@ where
 }
 
 /// Decoded `name=value` pairs of a query string or form body, in order, repeats kept.
+/// Public for the fuzz targets (crates/reach-fuzz), which drive [`Params::parse`] directly.
 #[derive(Debug, Default)]
-pub(super) struct Params(Vec<(String, String)>);
+pub struct Params(Vec<(String, String)>);
 
 impl Params {
     /// Strict `application/x-www-form-urlencoded` decoding: `+` is a space, every `%` must be
@@ -204,6 +205,11 @@ impl Params {
             pairs.push((name, value));
         }
         Ok(Params(pairs))
+    }
+
+    /// Every pair, in the order given.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
     }
 
     /// The first value of `name`.

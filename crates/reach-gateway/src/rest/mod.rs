@@ -45,6 +45,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 
 pub use error::{ApiError, ApiResult};
+pub use extract::Params;
 use extract::{Ctx, Rest, RestState};
 
 use crate::state::App;
