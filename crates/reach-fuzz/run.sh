@@ -77,7 +77,7 @@ for t in "${targets[@]}"; do
   fi
   start=$(date +%s)
   status=ok
-  if ! "$bin/$t" "${limit[@]}" -print_final_stats=1 -max_len=8192 \
+  if ! "$bin/$t" "${limit[@]}" -print_final_stats=1 -max_len=8192 -timeout=10 \
       -artifact_prefix="$here/artifacts/$t/" "$scratch/$t" "$here/corpus/$t" >"$log" 2>&1; then
     status="CRASH (input in crates/reach-fuzz/artifacts/$t/)"
     failed=1
@@ -89,6 +89,7 @@ for t in "${targets[@]}"; do
   rate=$(( executed / (elapsed > 0 ? elapsed : 1) ))
   corpus=$(ls "$scratch/$t" "$here/corpus/$t" | grep -vc ':$' || true)
   summary+=("$(printf '%-14s %12s %8s %10s  %s' "$t" "$executed" "${elapsed}s" "$rate/s" "$status, corpus $corpus")")
+  echo "   ${summary[-1]}"
   if [ "$merge" = 1 ] && [ "$status" = ok ]; then
     "$bin/$t" -merge=1 -max_len=8192 "$here/corpus/$t" "$scratch/$t" >>"$log" 2>&1
     echo "   merged: corpus/$t holds $(ls "$here/corpus/$t" | wc -l) inputs"
