@@ -229,11 +229,21 @@ async fn disabled_service_publishes_nothing_and_enabling_publishes_online_users(
             epoch: 2,
         },
     );
+    // Disabling: alice's flag and the watcher's own, shown as true, become null at their
+    // subscribers; bob's was null already, so nothing is sent for him.
+    let frames = drain(&watcher);
     assert_eq!(
-        drain(&watcher),
-        vec![ServerFrame::ServiceUpdated {
+        frames[0],
+        ServerFrame::ServiceUpdated {
             reachability_enabled: false
-        }]
+        }
+    );
+    let mut updates = presence_updates(&frames);
+    updates.sort(); // one scan of the map: no order between users
+    assert_eq!(
+        updates,
+        vec![("alice".into(), None), ("w".into(), None)],
+        "{frames:?}"
     );
 }
 
@@ -593,6 +603,19 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     model.now = target;
                 }
                 Op::Toggle => {
+                    // Disabling nulls the flags that had a value, at every subscriber.
+                    if model.enabled {
+                        let mut names: Vec<_> = model
+                            .users
+                            .iter()
+                            .filter(|(_, u)| model.view(u).is_some())
+                            .map(|(n, _)| *n)
+                            .collect();
+                        names.sort();
+                        for n in names {
+                            model.expected.push((n.into(), None));
+                        }
+                    }
                     model.enabled = !model.enabled;
                     if model.enabled {
                         model.epoch += 1;
