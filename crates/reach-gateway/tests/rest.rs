@@ -701,6 +701,10 @@ async fn errors_have_the_documented_codes_and_body() {
         "PageToken=PT",
         "PageToken=PT-4",
         "Page=4611686018427387904&PageSize=1000",
+        // Past the documented maximum whatever the page size (it was accepted with a small
+        // one; found by schemathesis).
+        "Page=9223372036854776",
+        "Page=9223372036854776&PageSize=1",
     ] {
         let r = api.get(&format!("{users}?{query}")).await;
         assert_error(&r, 400, 20001);
@@ -712,6 +716,12 @@ async fn errors_have_the_documented_codes_and_body() {
         );
         assert_error(&api.get(&format!("/v1/Services?{query}")).await, 400, 20001);
     }
+    // The largest page is an empty page, at the largest page size too.
+    let r = api
+        .get(&format!("{users}?Page=9223372036854775&PageSize=1000"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["users"], serde_json::json!([]), "{}", r.text);
 }
 
 #[tokio::test]

@@ -16,6 +16,8 @@ use super::extract::Params;
 const DEFAULT_PAGE_SIZE: i64 = 50;
 /// Largest `PageSize` accepted.
 const MAX_PAGE_SIZE: i64 = 1000;
+/// Largest `Page` accepted: its offset fits in an `i64` at any page size.
+const MAX_PAGE: i64 = i64::MAX / MAX_PAGE_SIZE;
 /// What a filter value keeps unescaped in a paging URL: RFC 3986's unreserved characters.
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -48,9 +50,15 @@ impl Paging {
         };
         let page = match params.get("Page") {
             None => 0,
-            Some(v) => v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::invalid(format!("Page must be a non-negative integer, got {v:?}"))
-            })?,
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (0..=MAX_PAGE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "Page must be an integer between 0 and {MAX_PAGE}, got {v:?}"
+                    ))
+                })?,
         };
         let cursor = match params.get("PageToken") {
             None => None,
@@ -61,9 +69,6 @@ impl Paging {
                     .ok_or_else(|| ApiError::invalid(format!("PageToken {v:?} is not valid")))?,
             ),
         };
-        if cursor.is_none() && page.checked_mul(size).is_none() {
-            return Err(ApiError::invalid(format!("Page {page} is too large")));
-        }
         Ok(Paging { size, page, cursor })
     }
 
