@@ -8,7 +8,9 @@
 //! - [`error`]: [`ApiError`] and its JSON body (the WebSocket upgrade's refusals use it too);
 //! - [`extract`]: the routes' state, the authenticated context ([`extract::Ctx`]) and the
 //!   strict decoding of the path, the query string and the form body;
-//! - [`json`]: absolute URLs and timestamps; [`paging`]: list pages.
+//! - [`json`]: absolute URLs and timestamps; [`paging`]: list pages;
+//! - [`openapi`]: `GET /v1/openapi.json`, the contract of all of the above
+//!   (`docs/openapi.yaml`), without authentication.
 //!
 //! Data flow of a request: the metrics middleware ([`track`]) times it and counts it by route
 //! template; the extractors check HTTP Basic credentials and decode the parameters; the handler
@@ -31,6 +33,7 @@ mod configuration;
 mod error;
 mod extract;
 mod json;
+pub mod openapi;
 mod paging;
 mod services;
 mod users;
@@ -61,6 +64,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(configuration::routes())
         .merge(users::routes())
         .merge(bindings::routes())
+        .merge(openapi::routes())
         // Applies to the routes above only (not to routes merged in later).
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
