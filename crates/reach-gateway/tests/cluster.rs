@@ -634,12 +634,7 @@ async fn a_node_stopped_cleanly_is_cleaned_up_as_one_that_left_not_one_that_died
         "{logs:?}"
     );
     assert!(!logs.iter().any(|l| l.contains("node stopped")), "{logs:?}");
-    let metrics = reqwest::get(format!("http://{}/metrics", b.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = b.metrics().await;
     assert!(
         metrics.contains("reach_cluster_reaped_nodes_total 0"),
         "a node that left is not counted as dead"

@@ -21,12 +21,7 @@ use tokio::net::{TcpSocket, TcpStream};
 const HALF_REQUEST: &[u8] = b"GET /v1/Services HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
 
 async fn metric(d: &Reachd, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
@@ -248,7 +243,14 @@ async fn a_low_open_file_limit_lowers_the_caps_so_rest_and_admin_still_answer() 
     // connections are closed at once, reachd never runs out, and the admin endpoints answer.
     let mut stranger = half_open("127.0.0.6", d.http, 200).await;
     let open_files = "reach_connections_refused_total{reason=\"open_files\"}";
-    let refused = metric(&d, open_files).await;
+    // The stranger's connections are all made (client side) before reachd has accepted and
+    // refused them: wait for the count to get there.
+    let deadline = Instant::now() + ws_client::WAIT;
+    let mut refused = metric(&d, open_files).await;
+    while refused < 50.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        refused = metric(&d, open_files).await;
+    }
     assert!(
         (50.0..=60.0).contains(&refused),
         "{refused} refused for open files"

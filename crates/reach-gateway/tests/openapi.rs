@@ -181,12 +181,7 @@ async fn every_operation_of_the_spec_reaches_its_route_with_a_documented_status(
     }
 
     // Each operation was counted under its own route template, not as `unmatched`.
-    let metrics = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     for (template, method) in routes_in_spec(&spec) {
         if template == "/v1/ws" {
             continue;

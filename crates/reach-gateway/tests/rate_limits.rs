@@ -23,12 +23,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use ws_client::{WAIT, Ws};
 
 async fn metric(d: &Reachd, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)

@@ -149,12 +149,7 @@ const FORM: Pair<'static> = ("Content-Type", "application/x-www-form-urlencoded"
 const WEBHOOK: Pair<'static> = ("X-Twilio-Webhook-Enabled", "true");
 
 async fn metrics(reachd: &Reachd) -> String {
-    reqwest::get(format!("http://{}/metrics", reachd.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    reachd.metrics().await
 }
 
 /// The value of the sample whose line starts with `name{` and holds every label.

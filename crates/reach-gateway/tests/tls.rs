@@ -98,12 +98,7 @@ async fn https(
 }
 
 async fn metric(d: &Reachd, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)

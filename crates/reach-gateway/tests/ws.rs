@@ -605,12 +605,7 @@ async fn bad_tokens_are_refused_with_4001() {
             closed.frames
         );
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(
         metrics.contains(r#"reach_auth_failures_total{reason="signature"} 1"#),
         "{metrics}"
@@ -771,12 +766,7 @@ async fn heartbeats_ping_and_silent_peers_are_closed_with_4008() {
         bob.request(ClientFrame::Ping { id: 2 }).await,
         ServerFrame::Pong { id: 2 }
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(
         metrics.contains("reach_heartbeat_timeouts_total 1"),
         "{metrics}"
@@ -945,12 +935,7 @@ async fn metrics_and_health_endpoints() {
 }
 
 async fn metric(d: &Reachd, line: &str) -> bool {
-    let text = reqwest::get(format!("http://{}/metrics", d.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     text.lines().any(|l| l == line)
 }
 

@@ -224,6 +224,16 @@ impl Reachd {
         self.lines.try_iter().collect()
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn client(&self) -> Rest {
         Rest {
             base: self.base(),
