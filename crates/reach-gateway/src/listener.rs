@@ -4,6 +4,12 @@
 //! or half a request, holds them for `server.header_read_timeout_ms` at most and only within
 //! its address's share ([`crate::admission`]).
 //!
+//! Each connection takes one descriptor of the budget ([`App::open_connections`]) before it
+//! is accepted. When the budget is spent, connections wait in the listen backlog for up to
+//! half a second for one to be freed (in a reconnect storm the old sockets free theirs as
+//! they close), then those that are ready are accepted and closed at once, counted as
+//! `open_files`, until a descriptor is free again.
+//!
 //! A failed accept (out of file descriptors, usually) is counted, logged at most once a
 //! second, and backed off (up to a second) instead of retried in a busy loop. On shutdown the
 //! loop stops accepting and every HTTP connection is shut down gracefully: a request in
@@ -33,6 +39,10 @@ use crate::state::App;
 /// The longest pause after failed accepts.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long connections wait in the listen backlog for a descriptor of the budget to be freed
+/// before they are closed at once.
+const DESCRIPTOR_WAIT: Duration = Duration::from_millis(500);
+
 /// Serves `router` on `listener` until the app's shutdown token is cancelled, then waits for
 /// the HTTP connections to finish.
 pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
@@ -40,7 +50,28 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
     let stop = app.shutdown.clone();
     let mut backoff = Duration::ZERO;
     let mut last_warning: Option<Instant> = None;
+    // Set once a wait for a descriptor ran out: connections are then closed at once until
+    // one is free again.
+    let mut refusing = false;
     loop {
+        // The descriptor first: while the budget is spent, connections wait in the listen
+        // backlog (a reconnect storm frees descriptors as the old sockets close) for up to
+        // DESCRIPTOR_WAIT, then those that are ready are accepted and closed at once.
+        let descriptor = match Arc::clone(&app.open_connections).try_acquire_owned() {
+            Ok(permit) => {
+                refusing = false;
+                Some(permit)
+            }
+            Err(_) if refusing => None,
+            Err(_) => tokio::select! {
+                permit = Arc::clone(&app.open_connections).acquire_owned() => permit.ok(),
+                () = tokio::time::sleep(DESCRIPTOR_WAIT) => {
+                    refusing = true;
+                    None
+                }
+                () = stop.cancelled() => break,
+            },
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
@@ -66,7 +97,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
                 continue;
             }
         };
-        let Ok(descriptor) = Arc::clone(&app.open_connections).try_acquire_owned() else {
+        let Some(descriptor) = descriptor else {
             app.metrics
                 .connections_refused
                 .with_label_values(&[Refused::OpenFiles.label()])
