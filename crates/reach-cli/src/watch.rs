@@ -238,6 +238,7 @@ mod tests {
             attributes: "{}".into(),
             is_online: online,
             is_notifiable: notifiable,
+            last_seen_at: None,
         }
     }
 }

@@ -172,6 +172,7 @@ mod tests {
             attributes: "{}".into(),
             is_online: online,
             is_notifiable: None,
+            last_seen_at: None,
         }
     }
 

@@ -31,11 +31,13 @@
 //! backplane's answer arrives, so the first state a watcher sees is the cluster's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use reach_proto::{CloseCode, Encoding, Reasons, ServerFrame, UpdateReason, User, encode};
+use reach_proto::flags::{is_notifiable_flag, is_online_flag, last_seen};
+use reach_proto::{CloseCode, Encoding, Reasons, ServerFrame, UpdateReason, User, encode, now_unix};
+pub use reach_proto::ServiceState;
 use tokio::sync::mpsc;
 
 use crate::metrics::EngineMetrics;
@@ -100,13 +102,8 @@ pub struct Profile {
     pub ever_had_binding: bool,
     /// Reachability epoch in which the user was last online (0 = never).
     pub online_epoch: i64,
-}
-
-/// A service's reachability switch as the engine sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ServiceState {
-    pub enabled: bool,
-    pub epoch: i64,
+    /// When the user went offline, as the store last recorded it (unix seconds).
+    pub last_seen_at: Option<i64>,
 }
 
 /// Something the engine wants written to the store, off the hot path.
@@ -118,6 +115,55 @@ pub enum PersistEvent {
         identity: String,
         epoch: i64,
     },
+    /// The user's presence, as subscribers see it, changed (the store keeps it for the
+    /// last-seen time, for webhooks and for the recovery after a crash).
+    Presence(PresenceChange),
+}
+
+/// A change of a user's presence as every subscriber sees it: online at its first connection
+/// anywhere, offline when the last one ended and the grace ran out (or at `bye`). Made by the
+/// engine of a single node, and by the cluster backplane when a node's hold was the first or the
+/// last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub key: UserKey,
+    pub online: bool,
+    /// When it changed, unix seconds.
+    pub at: i64,
+    /// Orders the changes of one user (newer is larger; a store keeps only newer ones): unix
+    /// microseconds made strictly increasing by [`PresenceClock`], or the cluster's version.
+    pub version: i64,
+}
+
+/// Versions of [`PresenceChange`]s on one node: unix microseconds, strictly increasing even if
+/// the system clock steps back; [`PresenceClock::advance`] raises it past the versions already
+/// stored before a restart.
+#[derive(Debug, Default)]
+pub struct PresenceClock(AtomicI64);
+
+impl PresenceClock {
+    /// The next version: now in microseconds, or one more than the last one if that is later.
+    pub fn next(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let mut last = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self
+                .0
+                .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Makes every later version greater than `floor`.
+    pub fn advance(&self, floor: i64) {
+        self.0.fetch_max(floor, Ordering::Relaxed);
+    }
 }
 
 /// What the engine tells the cluster backplane (cluster mode only).
@@ -302,33 +348,22 @@ impl Entry {
             attributes: p.attributes.clone(),
             is_online: self.is_online(svc),
             is_notifiable: self.is_notifiable(svc),
+            last_seen_at: last_seen(self.is_online(svc), p.last_seen_at, now_unix()),
         })
     }
-}
 
-/// `is_online` by the null rules: null while reachability is disabled, or for a user not online
-/// since the latest enabling (`online_epoch` below the service's epoch); else the presence.
-/// The one place these rules live: the engine's frames and REST both use it.
-pub fn is_online_flag(svc: ServiceState, online: bool, online_epoch: i64) -> Option<bool> {
-    if !svc.enabled {
-        None
-    } else if online {
-        Some(true)
-    } else if svc.epoch > 0 && online_epoch >= svc.epoch {
-        Some(false)
-    } else {
-        None
+    /// Notes that the user went offline at `at` (unix seconds), as subscribers saw it.
+    fn went_offline(&mut self, at: i64) {
+        self.went_offline_at(Some(at));
     }
-}
 
-/// `is_notifiable` by the null rules: null while reachability is disabled or for a user that
-/// never had a push binding; else whether it has one now.
-pub fn is_notifiable_flag(
-    svc: ServiceState,
-    ever_had_binding: bool,
-    binding_count: i64,
-) -> Option<bool> {
-    (svc.enabled && ever_had_binding).then_some(binding_count > 0)
+    /// Keeps the later of the last-seen time held and `at` (a profile re-read from the store
+    /// may predate the latest offline, which is written in batches).
+    fn went_offline_at(&mut self, at: Option<i64>) {
+        if let Some(p) = self.profile.as_mut() {
+            p.last_seen_at = p.last_seen_at.max(at);
+        }
+    }
 }
 
 /// What attaching or subscribing found.
@@ -349,6 +384,8 @@ pub struct Engine {
     conns: DashMap<ConnId, Arc<Conn>>,
     next_conn: AtomicU64,
     next_grace: AtomicU64,
+    /// Versions of the presence changes this engine reports (single node only).
+    clock: PresenceClock,
     persist: Option<mpsc::UnboundedSender<PersistEvent>>,
     cluster: Option<mpsc::UnboundedSender<ClusterEvent>>,
     metrics: EngineMetrics,
@@ -396,6 +433,7 @@ impl Engine {
             conns: DashMap::new(),
             next_conn: AtomicU64::new(1),
             next_grace: AtomicU64::new(1),
+            clock: PresenceClock::default(),
             persist,
             cluster,
             metrics,
@@ -468,6 +506,7 @@ impl Engine {
                     new_epoch = Some(svc.epoch);
                 }
                 if !was_visible {
+                    self.report_presence(&conn.key, true, now_unix());
                     self.publish(
                         &conn.key,
                         &entry,
@@ -652,6 +691,9 @@ impl Engine {
         self.metrics.online_users.dec();
         self.tell_cluster(|| ClusterEvent::Released(key.clone()));
         if !entry.visible() {
+            let at = now_unix();
+            entry.went_offline(at);
+            self.report_presence(key, false, at);
             self.publish(
                 key,
                 entry,
@@ -659,6 +701,43 @@ impl Engine {
                 Reasons::of(UpdateReason::ReachabilityOnline),
             );
         }
+    }
+
+    /// Single node: reports a change of the user's presence as subscribers see it (in a
+    /// cluster the backplane reports them: only it knows whether a hold was the first or the
+    /// last one anywhere). Called under the user's shard lock, so a user's changes are sent in
+    /// their order.
+    fn report_presence(&self, key: &UserKey, online: bool, at: i64) {
+        if self.cluster.is_some() {
+            return;
+        }
+        if let Some(tx) = &self.persist {
+            let _ = tx.send(PersistEvent::Presence(PresenceChange {
+                key: key.clone(),
+                online,
+                at,
+                version: self.clock.next(),
+            }));
+        }
+    }
+
+    /// The clock of this node's presence versions, to raise past what the store holds.
+    pub fn presence_clock(&self) -> &PresenceClock {
+        &self.clock
+    }
+
+    /// Single node, after a restart: reports the user offline at `at` unless it is online here
+    /// now (it reconnected since). Under the user's shard lock, so a connection attaching at the
+    /// same time reports its own online after this.
+    pub fn report_offline_unless_online(&self, service_sid: &str, identity: &str, at: i64) {
+        let key = UserKey::new(service_sid, identity);
+        {
+            let entry = self.users.entry(key.clone()).or_insert_with(Entry::new);
+            if !entry.online {
+                self.report_presence(entry.key(), false, at);
+            }
+        }
+        self.users.remove_if(&key, |_, e| e.is_idle());
     }
 
     /// Cluster mode: the backplane's report of whether other nodes hold a watched user.
@@ -678,6 +757,10 @@ impl Engine {
         backplane.remote = Some(Remote { version, held });
         let waiting = std::mem::take(&mut backplane.waiting);
         let after = entry.visible();
+        if before && !after {
+            // The cluster's version is the change's time in Redis, in microseconds.
+            entry.went_offline(i64::try_from(version / 1_000_000).unwrap_or(i64::MAX));
+        }
         if after && svc.enabled {
             // Recorded in the store by the holding node; kept here so `false` is not read
             // as null when the user goes offline again.
@@ -813,7 +896,9 @@ impl Engine {
                 .as_ref()
                 .is_none_or(|p| p.revision < profile.revision)
             {
+                let seen = entry.profile.as_ref().and_then(|p| p.last_seen_at);
                 entry.profile = Some(profile);
+                entry.went_offline_at(seen);
             }
         }
     }
@@ -844,6 +929,7 @@ impl Engine {
             reasons = reasons.with(UpdateReason::Attributes);
         }
         entry.profile = Some(profile);
+        entry.went_offline_at(old.last_seen_at);
         if entry.is_notifiable(svc) != notifiable_before {
             reasons = reasons.with(UpdateReason::ReachabilityNotifiable);
         }

@@ -100,6 +100,7 @@ impl SlotFrame {
                     attributes: "{}".into(),
                     is_online: None,
                     is_notifiable: None,
+                    last_seen_at: None,
                 });
                 ServerFrame::Welcome {
                     connection_id,
@@ -597,6 +598,7 @@ mod tests {
             attributes: "{}".into(),
             is_online: Some(online),
             is_notifiable: None,
+            last_seen_at: None,
         }
     }
 

@@ -781,6 +781,7 @@ pub mod outbox {
             attributes: format!("{{\"v\":{}}}", "1".repeat(usize::from(attributes))),
             is_online: online,
             is_notifiable: None,
+            last_seen_at: None,
         }
     }
 

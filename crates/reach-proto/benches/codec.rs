@@ -16,6 +16,7 @@ fn user_updated() -> ServerFrame {
             attributes: r#"{"team":"blue","level":3}"#.into(),
             is_online: Some(true),
             is_notifiable: None,
+            last_seen_at: None,
         },
         reasons: vec![UpdateReason::ReachabilityOnline],
     }

@@ -5,6 +5,8 @@
 //! - [`codes`]: the close codes ([`CloseCode`]) and the error codes ([`ErrorCode`]) of error
 //!   frames and REST error bodies;
 //! - [`sid`]: SIDs, the ids of every resource (generated and checked only there);
+//! - [`flags`]: the null rules of `is_online`, `is_notifiable` and the last-seen time, which REST,
+//!   frames and webhooks all apply;
 //! - [`token`] (feature `token`): the access token a client presents in `hello`.
 //!
 //! Data flow: the gateway reads one WebSocket message, checks its size, then calls
@@ -17,6 +19,7 @@
 //! object per text message, `reach.v1.msgpack` as one MessagePack map per binary message.
 
 pub mod codes;
+pub mod flags;
 pub mod sid;
 #[cfg(feature = "token")]
 pub mod token;
@@ -25,6 +28,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use codes::{CloseCode, ErrorCode};
+pub use flags::ServiceState;
 pub use sid::{AccountSid, ApiKeySid, ServiceSid, SidKind};
 
 /// Unix seconds now: the clock of token lifetimes and record dates.
@@ -173,6 +177,17 @@ impl UpdateReason {
         UpdateReason::ReachabilityNotifiable,
     ];
 
+    /// The wire name (`friendlyName`, `attributes`, `reachabilityOnline`,
+    /// `reachabilityNotifiable`).
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateReason::FriendlyName => "friendlyName",
+            UpdateReason::Attributes => "attributes",
+            UpdateReason::ReachabilityOnline => "reachabilityOnline",
+            UpdateReason::ReachabilityNotifiable => "reachabilityNotifiable",
+        }
+    }
+
     fn bit(self) -> u8 {
         match self {
             UpdateReason::FriendlyName => 1,
@@ -228,6 +243,11 @@ pub struct User {
     pub attributes: String,
     pub is_online: Option<bool>,
     pub is_notifiable: Option<bool>,
+    /// When the user was last seen, in unix seconds: now while online, else when it went
+    /// offline; null by the rules of `is_online` ([`flags::last_seen`]). Absent in frames of
+    /// servers that predate it (read as null).
+    #[serde(default)]
+    pub last_seen_at: Option<i64>,
 }
 
 /// A per-identity failure inside a `subscribed` reply.
@@ -441,6 +461,17 @@ mod tests {
             attributes: "{}".into(),
             is_online: Some(true),
             is_notifiable: None,
+            last_seen_at: Some(1_795_639_384),
+        }
+    }
+
+    #[test]
+    fn reason_names_are_the_wire_names() {
+        for reason in UpdateReason::ALL {
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::Value::from(reason.name())
+            );
         }
     }
 

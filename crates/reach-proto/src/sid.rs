@@ -27,6 +27,8 @@ pub enum SidKind {
     Role,
     /// `CN`: one WebSocket connection (`welcome.connection_id`).
     Connection,
+    /// `EV`: one webhook event (its `I-Twilio-Idempotency-Token`).
+    Event,
 }
 
 impl SidKind {
@@ -40,6 +42,7 @@ impl SidKind {
             SidKind::Binding => "BS",
             SidKind::Role => "RL",
             SidKind::Connection => "CN",
+            SidKind::Event => "EV",
         }
     }
 
@@ -281,6 +284,7 @@ mod tests {
             SidKind::Binding,
             SidKind::Role,
             SidKind::Connection,
+            SidKind::Event,
         ] {
             let s = kind.generate();
             assert!(kind.is(&s), "{s}");

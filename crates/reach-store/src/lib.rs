@@ -7,6 +7,13 @@
 //! `synchronous=FULL`; PostgreSQL: the `COMMIT` has returned, with the server's default
 //! `synchronous_commit=on`), so it survives a restart or `kill -9`.
 //!
+//! The store also keeps what backends are told of: each user's presence as subscribers saw it
+//! (`presence_online`, `last_seen_at`, written in batches by [`Store::record_presence`]), each
+//! service's webhook ([`WebhookConfig`]) and the queue of webhook events ([`hooks`]). An event
+//! is recorded in the same transaction as the write that causes it, so a REST write and its
+//! event commit together or not at all; delivery takes the events back with leases
+//! ([`Store::claim_events`]), so in a cluster one node delivers each, in order per user.
+//!
 //! Backends: [`sqlite::SqliteStore`] (single node, the default: one file) and
 //! [`postgres::PgStore`] (clusters: every reachd node connects to one database, which it
 //! migrates under an advisory lock at start). Both behave the same for every [`Store`] method;
@@ -15,12 +22,27 @@
 //! Times are unix seconds. SIDs are made by `reach_proto::sid` (two letters and 32 lowercase hex
 //! digits).
 
+pub mod hooks;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;
+pub use hooks::{
+    ClaimedEvent, Completion, PresenceRecord, QueueStats, Source, Target, UserEvent, WebhookConfig,
+    WebhookMethod, WebhookUpdate,
+};
 pub use reach_proto::{AccountSid, ServiceSid, now_unix};
+
+/// `2026-11-25T20:43:04Z`: how REST responses and webhook parameters write a unix time.
+pub fn iso8601(unix: i64) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
 
 /// A conversations service: the scope of users, bindings and the reachability switch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +99,11 @@ pub struct UserRecord {
     pub ever_had_binding: bool,
     /// Number of push bindings the user has now.
     pub binding_count: i64,
+    /// Online, as subscribers last saw it (recorded by [`Store::record_presence`]).
+    pub presence_online: bool,
+    /// When the user last went offline, as subscribers saw it (unix seconds); `None` until the
+    /// first time.
+    pub last_seen_at: Option<i64>,
 }
 
 /// Fields for a new user.
@@ -207,9 +234,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every service's configuration (loaded into the engine at start).
     async fn list_configs(&self) -> Result<Vec<ServiceConfig>>;
 
-    /// `UserExists` when the identity is taken in this service.
-    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord>;
-    /// Returns the user, creating it with defaults when it does not exist.
+    /// `UserExists` when the identity is taken in this service. With `fire`, records
+    /// `onUserAdded` for the service's webhook (if it listens) in the same transaction.
+    async fn create_user(
+        &self,
+        service: &Service,
+        user: &NewUser,
+        fire: Option<Source>,
+    ) -> Result<UserRecord>;
+    /// Returns the user, creating it with defaults when it does not exist (a first `hello`:
+    /// `onUserAdded` with source `SDK` is recorded with it).
     async fn get_or_create_user(&self, service: &Service, identity: &str) -> Result<UserRecord>;
     /// By SID (`US...`) or identity.
     async fn get_user(&self, service_sid: &ServiceSid, sid_or_identity: &str)
@@ -219,25 +253,31 @@ pub trait Store: Send + Sync + 'static {
         service_sid: &ServiceSid,
         page: PageRequest,
     ) -> Result<Page<UserRecord>>;
-    /// Applies the update and bumps `revision` and `date_updated`.
+    /// Applies the update and bumps `revision` and `date_updated`. With `fire`, a change of
+    /// friendly name or attributes records `onUserUpdated` in the same transaction.
     async fn update_user(
         &self,
         service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
+        fire: Option<Source>,
     ) -> Result<UserRecord>;
-    /// Deletes the user and its bindings; returns what was deleted.
+    /// Deletes the user and its bindings; returns what was deleted. With `fire`, records
+    /// `onUserRemoved` in the same transaction.
     async fn delete_user(
         &self,
         service_sid: &ServiceSid,
         sid_or_identity: &str,
+        fire: Option<Source>,
     ) -> Result<UserRecord>;
     /// Records that the user was online in the given reachability epoch.
     async fn mark_online(&self, service_sid: &ServiceSid, identity: &str, epoch: i64)
     -> Result<()>;
 
     /// Creates the binding, or returns the existing one for the same identity, type and
-    /// address. Sets the user's `ever_had_binding`. The user must exist.
+    /// address. Sets the user's `ever_had_binding`. The user must exist. A change of
+    /// `is_notifiable` records `onUserUpdated` (source `SDK`: bindings are registered over
+    /// sockets).
     async fn upsert_binding(
         &self,
         service: &Service,
@@ -247,6 +287,7 @@ pub trait Store: Send + Sync + 'static {
         credential_sid: Option<&str>,
     ) -> Result<Binding>;
     /// Deletes the identity's binding of that type and address; `NotFound` if there is none.
+    /// A change of `is_notifiable` records `onUserUpdated` (source `SDK`).
     async fn delete_binding_by_address(
         &self,
         service_sid: &ServiceSid,
@@ -255,7 +296,13 @@ pub trait Store: Send + Sync + 'static {
         address: &str,
     ) -> Result<Binding>;
     async fn get_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding>;
-    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding>;
+    /// With `fire`, a change of `is_notifiable` records `onUserUpdated`.
+    async fn delete_binding(
+        &self,
+        service_sid: &ServiceSid,
+        binding_sid: &str,
+        fire: Option<Source>,
+    ) -> Result<Binding>;
     async fn list_bindings(
         &self,
         service_sid: &ServiceSid,
@@ -264,4 +311,49 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Page<Binding>>;
     /// Number of bindings the identity has now.
     async fn count_bindings(&self, service_sid: &ServiceSid, identity: &str) -> Result<i64>;
+
+    /// The service's webhook (the defaults when never set); `NotFound` without the service.
+    async fn get_webhook(&self, service_sid: &ServiceSid) -> Result<WebhookConfig>;
+    /// Applies the update (checked by the caller) and returns the result.
+    async fn update_webhook(
+        &self,
+        service_sid: &ServiceSid,
+        update: &WebhookUpdate,
+    ) -> Result<WebhookConfig>;
+
+    /// Records presence changes in one transaction, each only if its version is newer than the
+    /// user's last one: the user's `presence_online`, its `last_seen_at` when it went offline,
+    /// its `online_epoch` when it came online while reachability is enabled, and, when the
+    /// state flipped while reachability is enabled, `onUserUpdated` (source `SDK`) for the
+    /// service's webhook. Changes of users that do not exist (any more) are skipped.
+    async fn record_presence(&self, changes: &[PresenceRecord]) -> Result<()>;
+    /// Users recorded online, in `seq` order after `after` (a keyset cursor; 0 for the first
+    /// page), at most `limit`: `(seq, service, identity)`.
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>>;
+    /// The largest presence version recorded (0 when none).
+    async fn max_presence_version(&self) -> Result<i64>;
+
+    /// Takes up to `limit` events due at `now_ms` for delivery by `node`, leased until
+    /// `now_ms + lease_ms`: of each user, only its oldest event, and only while no other lease
+    /// on it is live, so a user's events go out one at a time, in order. Each claim counts as
+    /// an attempt.
+    async fn claim_events(
+        &self,
+        node: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<ClaimedEvent>>;
+    /// Applies delivery outcomes of events `node` holds; an event whose lease passed to
+    /// another node meanwhile is left to it.
+    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()>;
+    /// Gives back the leases of `node` (all leases with `None`), so the events are taken again
+    /// at once. Returns how many.
+    async fn release_events(&self, node: Option<&str>) -> Result<u64>;
+    /// Events waiting for delivery and the age of the oldest.
+    async fn queue_stats(&self) -> Result<QueueStats>;
+
+    /// Records that `node` is alive at `now` (unix seconds); returns the time it recorded
+    /// before, if any (a single node reads there when it stopped last).
+    async fn touch_node(&self, node: &str, now: i64) -> Result<Option<i64>>;
 }

@@ -4,10 +4,12 @@
 //! errors, paging cursors and revision rules); the shared conformance suite in
 //! `tests/conformance.rs` runs every case against both backends.
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //!
 //! The tables of the SQLite backend, with PostgreSQL types: `BIGINT` times and counters,
-//! `BOOLEAN` flags, `TEXT` SIDs.
+//! `BOOLEAN` flags, `TEXT` SIDs. Version 2 added the presence columns of `users`,
+//! `service_webhooks`, `webhook_events` and `nodes` (see [`crate::sqlite`] and
+//! [`crate::hooks`]).
 //!
 //! - `services`: one row per service, scoped by `account_sid`.
 //! - `service_configs`: one row per service (created with it), `ON DELETE CASCADE`.
@@ -69,13 +71,14 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Transaction};
 
 use crate::{
-    AccountSid, Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, ServiceSid, Store, StoreError, UserRecord, UserUpdate, now_unix,
+    AccountSid, Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page,
+    PageRequest, PresenceRecord, QueueStats, Result, Service, ServiceConfig, ServiceSid, Source,
+    Store, StoreError, UserEvent, UserRecord, UserUpdate, WebhookConfig, WebhookUpdate, now_unix,
 };
 
 /// The schema migrations, in order: version `n` is `MIGRATIONS[n - 1]`. Never edit an entry
 /// that has shipped; append a new one.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -150,17 +153,50 @@ CREATE TABLE bindings (
 CREATE INDEX bindings_by_service ON bindings (service_sid, seq);
 "#;
 
+const SCHEMA_V2: &str = r#"
+ALTER TABLE users
+    ADD COLUMN presence_online  BOOLEAN NOT NULL DEFAULT FALSE,
+    ADD COLUMN presence_version BIGINT  NOT NULL DEFAULT 0,
+    ADD COLUMN last_seen_at     BIGINT;
+CREATE INDEX users_online ON users (seq) WHERE presence_online = TRUE;
+
+CREATE TABLE service_webhooks (
+    service_sid      TEXT   NOT NULL PRIMARY KEY
+                            REFERENCES services (sid) ON DELETE CASCADE,
+    pre_webhook_url  TEXT,
+    post_webhook_url TEXT,
+    method           TEXT   NOT NULL DEFAULT 'POST',
+    filters          TEXT   NOT NULL DEFAULT '',
+    date_updated     BIGINT NOT NULL
+);
+
+CREATE TABLE webhook_events (
+    seq             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    token           TEXT   NOT NULL UNIQUE,
+    service_sid     TEXT   NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    identity        TEXT   NOT NULL,
+    event_type      TEXT   NOT NULL,
+    params          TEXT   NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    next_attempt_ms BIGINT NOT NULL,
+    lease_owner     TEXT,
+    lease_until_ms  BIGINT NOT NULL DEFAULT 0,
+    last_error      TEXT
+);
+CREATE INDEX webhook_events_by_user ON webhook_events (service_sid, identity, seq);
+
+CREATE TABLE nodes (
+    node_id  TEXT   NOT NULL PRIMARY KEY,
+    alive_at BIGINT NOT NULL
+);
+"#;
+
 const SERVICE_COLS: &str = "seq, sid, account_sid, friendly_name, date_created, date_updated";
 
 const CONFIG_COLS: &str = "c.service_sid, c.reachability_enabled, c.reachability_epoch, \
      c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
      c.default_chat_service_role_sid";
-
-const USER_COLS: &str = "u.seq, u.sid, u.account_sid, u.service_sid, u.identity, \
-     u.friendly_name, u.attributes, u.role_sid, u.date_created, u.date_updated, u.revision, \
-     u.online_epoch, u.ever_had_binding, \
-     (SELECT COUNT(*) FROM bindings b \
-       WHERE b.service_sid = u.service_sid AND b.identity = u.identity) AS binding_count";
 
 const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, identity, \
      binding_type, address, date_created, date_updated";
@@ -340,7 +376,20 @@ fn redact(message: &str, secrets: &[String]) -> String {
     })
 }
 
-use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
+use crate::rows::{
+    USER_COLS, binding_row, config_row, db, db_fk, page_of, service_row, user_row, window,
+};
+
+/// The SQL of webhooks and presence that both backends share ([`crate::hooks`]). A user's
+/// presence is read under its row lock, like every other write of a user, so one user's events
+/// get their `seq` in commit order; concurrent claims skip each other's rows.
+mod sq {
+    crate::hooks::shared_sql!(
+        sqlx::PgConnection,
+        "FOR UPDATE OF u",
+        "FOR UPDATE SKIP LOCKED"
+    );
+}
 
 /// Whether a read also locks the rows it returns until the transaction ends.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -439,9 +488,14 @@ async fn lock_user(
     Ok(found.is_some())
 }
 
-/// A binding change is a change of the user's notifiable flag: bump its revision, so the
-/// engine (which keeps the newest revision) never takes an older profile over it.
-async fn bump_revision(tx: &mut Transaction<'_, Postgres>, binding: &Binding) -> Result<()> {
+/// A binding was deleted, a change of the user's notifiable flag: bump its revision, so the
+/// engine (which keeps the newest revision) never takes an older profile over it, and record
+/// `onUserUpdated` (with `fire`) if the flag changed.
+async fn bump_revision(
+    tx: &mut Transaction<'_, Postgres>,
+    binding: &Binding,
+    fire: Option<Source>,
+) -> Result<()> {
     sqlx::query(
         "UPDATE users SET revision = revision + 1 WHERE service_sid = $1 AND identity = $2",
     )
@@ -450,7 +504,19 @@ async fn bump_revision(tx: &mut Transaction<'_, Postgres>, binding: &Binding) ->
     .execute(&mut **tx)
     .await
     .map_err(db)?;
-    Ok(())
+    let after = fetch_user(
+        &mut **tx,
+        &binding.service_sid,
+        &binding.identity,
+        Lock::None,
+    )
+    .await?;
+    // The same user with the deleted binding still counted.
+    let before = UserRecord {
+        binding_count: after.binding_count + 1,
+        ..after.clone()
+    };
+    sq::notify_update(tx, fire, &before, &after).await
 }
 
 /// Deletes one binding (already locked out by [`lock_user`]) and returns it; `NotFound` when a
@@ -629,7 +695,12 @@ impl Store for PgStore {
             .map_err(db)
     }
 
-    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
+    async fn create_user(
+        &self,
+        service: &Service,
+        user: &NewUser,
+        fire: Option<Source>,
+    ) -> Result<UserRecord> {
         let now = now_unix();
         let sid = SidKind::User.generate();
         let mut tx = self.begin().await?;
@@ -659,6 +730,7 @@ impl Store for PgStore {
             Err(e) => return Err(db_fk(e)),
         }
         let record = fetch_user(&mut *tx, &service.sid, &sid, Lock::None).await?;
+        sq::notify(&mut tx, UserEvent::Added, fire, &record).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -673,7 +745,7 @@ impl Store for PgStore {
         let mut tx = self.begin().await?;
         // A concurrent insert of the same identity makes this one wait for it to commit, and
         // then do nothing; the next statement's snapshot sees the winner's row.
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO users (sid, service_sid, account_sid, identity, date_created, \
              date_updated) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (service_sid, identity) DO NOTHING",
@@ -696,6 +768,9 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         let record = user_row(&row).map_err(db)?.1;
+        if inserted.rows_affected() == 1 {
+            sq::notify(&mut tx, UserEvent::Added, Some(Source::Sdk), &record).await?;
+        }
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -733,6 +808,7 @@ impl Store for PgStore {
         service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
+        fire: Option<Source>,
     ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity, Lock::ForUpdate).await?;
@@ -750,6 +826,7 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         let record = fetch_user(&mut *tx, service_sid, &user.sid, Lock::None).await?;
+        sq::notify_update(&mut tx, fire, &user, &record).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -758,11 +835,13 @@ impl Store for PgStore {
         &self,
         service_sid: &ServiceSid,
         sid_or_identity: &str,
+        fire: Option<Source>,
     ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         // Locked, so no binding is added or removed between this read and the deletes: the
         // returned record's binding_count is what was deleted.
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity, Lock::ForUpdate).await?;
+        sq::notify(&mut tx, UserEvent::Removed, fire, &user).await?;
         sqlx::query("DELETE FROM bindings WHERE service_sid = $1 AND identity = $2")
             .bind(service_sid.as_str())
             .bind(&user.identity)
@@ -818,7 +897,8 @@ impl Store for PgStore {
     ) -> Result<Binding> {
         let now = now_unix();
         let mut tx = self.begin().await?;
-        // Also the user's row lock (see `lock_user`).
+        // The user's row lock (see `lock_user`), and what it was before.
+        let before = fetch_user(&mut *tx, &service.sid, identity, Lock::ForUpdate).await?;
         let marked = sqlx::query(
             "UPDATE users SET ever_had_binding = TRUE, revision = revision + 1 \
              WHERE service_sid = $1 AND identity = $2",
@@ -861,6 +941,8 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         let binding = binding_row(&row).map_err(db)?.1;
+        let after = fetch_user(&mut *tx, &service.sid, identity, Lock::None).await?;
+        sq::notify_update(&mut tx, Some(Source::Sdk), &before, &after).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -890,7 +972,7 @@ impl Store for PgStore {
         .map_err(db)?
         .ok_or(StoreError::NotFound)?;
         let binding = binding_row(&row).map_err(db)?.1;
-        bump_revision(&mut tx, &binding).await?;
+        bump_revision(&mut tx, &binding, Some(Source::Sdk)).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -899,7 +981,12 @@ impl Store for PgStore {
         fetch_binding(&self.pool, service_sid, binding_sid).await
     }
 
-    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
+    async fn delete_binding(
+        &self,
+        service_sid: &ServiceSid,
+        binding_sid: &str,
+        fire: Option<Source>,
+    ) -> Result<Binding> {
         let mut tx = self.begin().await?;
         // The user's row first, then the binding: the order every writer of a user follows.
         let found = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
@@ -907,7 +994,7 @@ impl Store for PgStore {
             return Err(StoreError::NotFound);
         }
         let binding = delete_binding_row(&mut tx, &found.sid).await?;
-        bump_revision(&mut tx, &binding).await?;
+        bump_revision(&mut tx, &binding, fire).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -960,6 +1047,95 @@ impl Store for PgStore {
             .await
             .map_err(db)
     }
+
+    async fn get_webhook(&self, service_sid: &ServiceSid) -> Result<WebhookConfig> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        fetch_config(&mut *conn, service_sid).await?;
+        sq::webhook(&mut conn, service_sid).await
+    }
+
+    async fn update_webhook(
+        &self,
+        service_sid: &ServiceSid,
+        update: &WebhookUpdate,
+    ) -> Result<WebhookConfig> {
+        let mut tx = self.begin().await?;
+        // The configuration row stands for the service: locked, concurrent updates of its
+        // webhook apply one after the other.
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM service_configs WHERE service_sid = $1 FOR UPDATE")
+                .bind(service_sid.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if found.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let mut hook = sq::webhook(&mut tx, service_sid).await?;
+        hook.apply(update);
+        sq::put_webhook(&mut tx, &hook).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(hook)
+    }
+
+    async fn record_presence(&self, changes: &[PresenceRecord]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for change in changes {
+            sq::record_presence(&mut tx, change).await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::online_users(&mut conn, after, limit).await
+    }
+
+    async fn max_presence_version(&self) -> Result<i64> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::max_presence_version(&mut conn).await
+    }
+
+    async fn claim_events(
+        &self,
+        node: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<ClaimedEvent>> {
+        let mut tx = self.begin().await?;
+        let mut events = sq::claim(&mut tx, node, now_ms, lease_ms, limit).await?;
+        sq::targets(&mut tx, &mut events).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(events)
+    }
+
+    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        sq::complete(&mut tx, node, outcomes).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn release_events(&self, node: Option<&str>) -> Result<u64> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::release(&mut conn, node).await
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::stats(&mut conn).await
+    }
+
+    async fn touch_node(&self, node: &str, now: i64) -> Result<Option<i64>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::touch_node(&mut conn, node, now).await
+    }
 }
 
 #[cfg(test)]
@@ -968,7 +1144,7 @@ mod tests {
 
     #[test]
     fn migration_versions_follow_the_list() {
-        assert_eq!(SCHEMA_VERSION, 1);
+        assert_eq!(SCHEMA_VERSION, 2);
         assert_eq!(MIGRATIONS.len() as i64, SCHEMA_VERSION);
     }
 

@@ -65,6 +65,7 @@ pub(crate) trait Cols {
     fn int(&self, col: &str) -> sqlx::Result<i64>;
     fn text(&self, col: &str) -> sqlx::Result<String>;
     fn opt_text(&self, col: &str) -> sqlx::Result<Option<String>>;
+    fn opt_int(&self, col: &str) -> sqlx::Result<Option<i64>>;
     fn flag(&self, col: &str) -> sqlx::Result<bool>;
 
     /// A SID of kind `K`; another shape is a decoding error (the store holds only SIDs it
@@ -87,6 +88,9 @@ macro_rules! cols_for {
                 self.try_get(col)
             }
             fn opt_text(&self, col: &str) -> sqlx::Result<Option<String>> {
+                self.try_get(col)
+            }
+            fn opt_int(&self, col: &str) -> sqlx::Result<Option<i64>> {
                 self.try_get(col)
             }
             fn flag(&self, col: &str) -> sqlx::Result<bool> {
@@ -124,6 +128,13 @@ pub(crate) fn config_row(row: &impl Cols) -> sqlx::Result<ServiceConfig> {
     })
 }
 
+/// A user's columns, `u` its alias; `binding_count` counted from its bindings.
+pub(crate) const USER_COLS: &str = "u.seq, u.sid, u.account_sid, u.service_sid, u.identity, \
+     u.friendly_name, u.attributes, u.role_sid, u.date_created, u.date_updated, u.revision, \
+     u.online_epoch, u.ever_had_binding, u.presence_online, u.last_seen_at, \
+     (SELECT COUNT(*) FROM bindings b \
+       WHERE b.service_sid = u.service_sid AND b.identity = u.identity) AS binding_count";
+
 pub(crate) fn user_row(row: &impl Cols) -> sqlx::Result<(i64, UserRecord)> {
     Ok((
         row.int("seq")?,
@@ -143,6 +154,8 @@ pub(crate) fn user_row(row: &impl Cols) -> sqlx::Result<(i64, UserRecord)> {
             online_epoch: row.int("online_epoch")?,
             ever_had_binding: row.flag("ever_had_binding")?,
             binding_count: row.int("binding_count")?,
+            presence_online: row.flag("presence_online")?,
+            last_seen_at: row.opt_int("last_seen_at")?,
         },
     ))
 }

@@ -1,12 +1,21 @@
 //! SQLite backend of [`Store`]: one database file, for a single node.
 //!
-//! # Schema (version 1, recorded in `PRAGMA user_version`)
+//! # Schema (version 2, recorded in `PRAGMA user_version`)
+//!
+//! Version 1 made the records; version 2 added what webhooks and last-seen times need (the
+//! migrations are [`MIGRATIONS`], applied in order from the file's version at open).
 //!
 //! - `services`: one row per service, scoped by `account_sid`.
 //! - `service_configs`: one row per service (created with it), `ON DELETE CASCADE`.
 //! - `users`: `UNIQUE(service_sid, identity)`, cascade-deleted with their service.
 //! - `bindings`: `UNIQUE(service_sid, identity, binding_type, address)`, cascade-deleted with
 //!   their service and with their user (and also deleted explicitly in `delete_user`).
+//! - `users.presence_online`, `presence_version`, `last_seen_at` (v2): presence as subscribers
+//!   saw it, with the partial index `users_online` for the users recorded online.
+//! - `service_webhooks` (v2): one row per service that set its webhook, cascade-deleted.
+//! - `webhook_events` (v2): the delivery queue ([`crate::hooks`]), cascade-deleted with the
+//!   service, indexed by user and `seq`.
+//! - `nodes` (v2): when each node last said it was alive.
 //!
 //! Every listed table has `seq INTEGER PRIMARY KEY AUTOINCREMENT` (the rowid, never reused)
 //! next to its `sid UNIQUE`: lists are ordered by `seq`, i.e. by insertion, and a page's
@@ -32,14 +41,19 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use crate::{
-    AccountSid, Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, Result, Service,
-    ServiceConfig, ServiceSid, Store, StoreError, UserRecord, UserUpdate, now_unix,
+    AccountSid, Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page,
+    PageRequest, PresenceRecord, QueueStats, Result, Service, ServiceConfig, ServiceSid, Source,
+    Store, StoreError, UserEvent, UserRecord, UserUpdate, WebhookConfig, WebhookUpdate, now_unix,
 };
 
-/// The schema version this code writes and understands.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema migrations, in order: version `n` is `MIGRATIONS[n - 1]`. Never edit an entry
+/// that has shipped; append a new one.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
-const SCHEMA: &str = r#"
+/// The schema version this code writes and understands.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS services (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     sid           TEXT    NOT NULL UNIQUE,
@@ -96,17 +110,49 @@ CREATE TABLE IF NOT EXISTS bindings (
 CREATE INDEX IF NOT EXISTS bindings_by_service ON bindings (service_sid, seq);
 "#;
 
+const SCHEMA_V2: &str = r#"
+ALTER TABLE users ADD COLUMN presence_online INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN presence_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN last_seen_at INTEGER;
+CREATE INDEX users_online ON users (seq) WHERE presence_online = TRUE;
+
+CREATE TABLE service_webhooks (
+    service_sid      TEXT    NOT NULL PRIMARY KEY
+                             REFERENCES services (sid) ON DELETE CASCADE,
+    pre_webhook_url  TEXT,
+    post_webhook_url TEXT,
+    method           TEXT    NOT NULL DEFAULT 'POST',
+    filters          TEXT    NOT NULL DEFAULT '',
+    date_updated     INTEGER NOT NULL
+);
+
+CREATE TABLE webhook_events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    token           TEXT    NOT NULL UNIQUE,
+    service_sid     TEXT    NOT NULL REFERENCES services (sid) ON DELETE CASCADE,
+    identity        TEXT    NOT NULL,
+    event_type      TEXT    NOT NULL,
+    params          TEXT    NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    lease_owner     TEXT,
+    lease_until_ms  INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT
+);
+CREATE INDEX webhook_events_by_user ON webhook_events (service_sid, identity, seq);
+
+CREATE TABLE nodes (
+    node_id  TEXT    NOT NULL PRIMARY KEY,
+    alive_at INTEGER NOT NULL
+);
+"#;
+
 const SERVICE_COLS: &str = "seq, sid, account_sid, friendly_name, date_created, date_updated";
 
 const CONFIG_COLS: &str = "c.service_sid, c.reachability_enabled, c.reachability_epoch, \
      c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
      c.default_chat_service_role_sid";
-
-const USER_COLS: &str = "u.seq, u.sid, u.account_sid, u.service_sid, u.identity, \
-     u.friendly_name, u.attributes, u.role_sid, u.date_created, u.date_updated, u.revision, \
-     u.online_epoch, u.ever_had_binding, \
-     (SELECT COUNT(*) FROM bindings b \
-       WHERE b.service_sid = u.service_sid AND b.identity = u.identity) AS binding_count";
 
 const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, identity, \
      binding_type, address, date_created, date_updated";
@@ -178,9 +224,15 @@ impl SqliteStore {
                 "database schema version {version} is newer than this build ({SCHEMA_VERSION})"
             )));
         }
+        for v in version + 1..=SCHEMA_VERSION {
+            let script = MIGRATIONS[(v - 1) as usize];
+            sqlx::raw_sql(script)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::Backend(format!("migration {v}: {e}")))?;
+        }
         if version < SCHEMA_VERSION {
-            sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(db)?;
-            sqlx::raw_sql("PRAGMA user_version = 1")
+            sqlx::raw_sql(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -194,7 +246,15 @@ impl SqliteStore {
     }
 }
 
-use crate::rows::{binding_row, config_row, db, db_fk, page_of, service_row, user_row, window};
+use crate::rows::{
+    USER_COLS, binding_row, config_row, db, db_fk, page_of, service_row, user_row, window,
+};
+
+/// The SQL of webhooks and presence that both backends share ([`crate::hooks`]); SQLite's
+/// write transactions hold the whole database, so reads need no row lock.
+mod sq {
+    crate::hooks::shared_sql!(sqlx::SqliteConnection, "", "");
+}
 
 /// Reads one user by SID or identity; `NotFound` when there is none.
 ///
@@ -448,7 +508,12 @@ impl Store for SqliteStore {
             .map_err(db)
     }
 
-    async fn create_user(&self, service: &Service, user: &NewUser) -> Result<UserRecord> {
+    async fn create_user(
+        &self,
+        service: &Service,
+        user: &NewUser,
+        fire: Option<Source>,
+    ) -> Result<UserRecord> {
         let now = now_unix();
         let sid = SidKind::User.generate();
         let mut tx = self.begin().await?;
@@ -476,6 +541,7 @@ impl Store for SqliteStore {
             Err(e) => return Err(db_fk(e)),
         }
         let record = fetch_user(&mut *tx, &service.sid, &sid).await?;
+        sq::notify(&mut tx, UserEvent::Added, fire, &record).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -488,7 +554,7 @@ impl Store for SqliteStore {
         }
         let now = now_unix();
         let mut tx = self.begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO users (sid, service_sid, account_sid, identity, date_created, \
              date_updated) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (service_sid, identity) DO NOTHING",
@@ -511,6 +577,9 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         let record = user_row(&row).map_err(db)?.1;
+        if inserted.rows_affected() == 1 {
+            sq::notify(&mut tx, UserEvent::Added, Some(Source::Sdk), &record).await?;
+        }
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -548,6 +617,7 @@ impl Store for SqliteStore {
         service_sid: &ServiceSid,
         sid_or_identity: &str,
         update: &UserUpdate,
+        fire: Option<Source>,
     ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity).await?;
@@ -565,6 +635,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         let record = fetch_user(&mut *tx, service_sid, &user.sid).await?;
+        sq::notify_update(&mut tx, fire, &user, &record).await?;
         tx.commit().await.map_err(db)?;
         Ok(record)
     }
@@ -573,9 +644,11 @@ impl Store for SqliteStore {
         &self,
         service_sid: &ServiceSid,
         sid_or_identity: &str,
+        fire: Option<Source>,
     ) -> Result<UserRecord> {
         let mut tx = self.begin().await?;
         let user = fetch_user(&mut *tx, service_sid, sid_or_identity).await?;
+        sq::notify(&mut tx, UserEvent::Removed, fire, &user).await?;
         sqlx::query("DELETE FROM bindings WHERE service_sid = ? AND identity = ?")
             .bind(service_sid.as_str())
             .bind(&user.identity)
@@ -632,6 +705,7 @@ impl Store for SqliteStore {
     ) -> Result<Binding> {
         let now = now_unix();
         let mut tx = self.begin().await?;
+        let before = fetch_user(&mut *tx, &service.sid, identity).await?;
         let marked = sqlx::query(
             "UPDATE users SET ever_had_binding = 1, revision = revision + 1 \
              WHERE service_sid = ? AND identity = ?",
@@ -674,6 +748,8 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         let binding = binding_row(&row).map_err(db)?.1;
+        let after = fetch_user(&mut *tx, &service.sid, identity).await?;
+        sq::notify_update(&mut tx, Some(Source::Sdk), &before, &after).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -704,7 +780,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        bump_revision(&mut tx, &binding).await?;
+        bump_revision(&mut tx, &binding, Some(Source::Sdk)).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -713,7 +789,12 @@ impl Store for SqliteStore {
         fetch_binding(&self.pool, service_sid, binding_sid).await
     }
 
-    async fn delete_binding(&self, service_sid: &ServiceSid, binding_sid: &str) -> Result<Binding> {
+    async fn delete_binding(
+        &self,
+        service_sid: &ServiceSid,
+        binding_sid: &str,
+        fire: Option<Source>,
+    ) -> Result<Binding> {
         let mut tx = self.begin().await?;
         let binding = fetch_binding(&mut *tx, service_sid, binding_sid).await?;
         sqlx::query("DELETE FROM bindings WHERE sid = ?")
@@ -721,7 +802,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        bump_revision(&mut tx, &binding).await?;
+        bump_revision(&mut tx, &binding, fire).await?;
         tx.commit().await.map_err(db)?;
         Ok(binding)
     }
@@ -773,13 +854,96 @@ impl Store for SqliteStore {
             .await
             .map_err(db)
     }
+
+    async fn get_webhook(&self, service_sid: &ServiceSid) -> Result<WebhookConfig> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        fetch_config(&mut *conn, service_sid).await?;
+        sq::webhook(&mut conn, service_sid).await
+    }
+
+    async fn update_webhook(
+        &self,
+        service_sid: &ServiceSid,
+        update: &WebhookUpdate,
+    ) -> Result<WebhookConfig> {
+        let mut tx = self.begin().await?;
+        fetch_config(&mut *tx, service_sid).await?;
+        let mut hook = sq::webhook(&mut tx, service_sid).await?;
+        hook.apply(update);
+        sq::put_webhook(&mut tx, &hook).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(hook)
+    }
+
+    async fn record_presence(&self, changes: &[PresenceRecord]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for change in changes {
+            sq::record_presence(&mut tx, change).await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::online_users(&mut conn, after, limit).await
+    }
+
+    async fn max_presence_version(&self) -> Result<i64> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::max_presence_version(&mut conn).await
+    }
+
+    async fn claim_events(
+        &self,
+        node: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<ClaimedEvent>> {
+        let mut tx = self.begin().await?;
+        let mut events = sq::claim(&mut tx, node, now_ms, lease_ms, limit).await?;
+        sq::targets(&mut tx, &mut events).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(events)
+    }
+
+    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        sq::complete(&mut tx, node, outcomes).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn release_events(&self, node: Option<&str>) -> Result<u64> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::release(&mut conn, node).await
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::stats(&mut conn).await
+    }
+
+    async fn touch_node(&self, node: &str, now: i64) -> Result<Option<i64>> {
+        let mut tx = self.begin().await?;
+        let before = sq::touch_node(&mut tx, node, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(before)
+    }
 }
 
-/// A binding change is a change of the user's notifiable flag: bump its revision, so the
-/// engine (which keeps the newest revision) never takes an older profile over it.
+/// A binding was deleted, a change of the user's notifiable flag: bump its revision, so the
+/// engine (which keeps the newest revision) never takes an older profile over it, and record
+/// `onUserUpdated` (with `fire`) if the flag changed.
 async fn bump_revision(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     binding: &Binding,
+    fire: Option<Source>,
 ) -> Result<()> {
     sqlx::query("UPDATE users SET revision = revision + 1 WHERE service_sid = ? AND identity = ?")
         .bind(binding.service_sid.as_str())
@@ -787,7 +951,13 @@ async fn bump_revision(
         .execute(&mut **tx)
         .await
         .map_err(db)?;
-    Ok(())
+    let after = fetch_user(&mut **tx, &binding.service_sid, &binding.identity).await?;
+    // The same user with the deleted binding still counted.
+    let before = UserRecord {
+        binding_count: after.binding_count + 1,
+        ..after.clone()
+    };
+    sq::notify_update(tx, fire, &before, &after).await
 }
 
 /// SQLite-only checks (pragmas, reopening the file, the schema version). The behaviour shared
@@ -887,7 +1057,10 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            store.create_user(&svc, &new_user("alice")).await.unwrap();
+            store
+                .create_user(&svc, &new_user("alice"), None)
+                .await
+                .unwrap();
             store.mark_online(&svc.sid, "alice", 1).await.unwrap();
             let binding = store
                 .upsert_binding(&svc, "alice", "fcm", "tok", None)
@@ -913,6 +1086,52 @@ mod tests {
         // A third open (schema already at version 1) also works.
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.list_configs().await.unwrap(), vec![config]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_1_file_is_migrated_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reach.db");
+        {
+            // What a build of schema version 1 left behind.
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(&path)
+                        .create_if_missing(true),
+                )
+                .await
+                .unwrap();
+            sqlx::raw_sql(SCHEMA_V1).execute(&pool).await.unwrap();
+            sqlx::raw_sql(
+                "PRAGMA user_version = 1; \
+                 INSERT INTO services (sid, account_sid, friendly_name, date_created, \
+                 date_updated) VALUES ('IS00000000000000000000000000000001', \
+                 'AC00000000000000000000000000000001', 'old', 0, 0); \
+                 INSERT INTO service_configs (service_sid) \
+                 VALUES ('IS00000000000000000000000000000001'); \
+                 INSERT INTO users (sid, service_sid, account_sid, identity, date_created, \
+                 date_updated) VALUES ('US00000000000000000000000000000001', \
+                 'IS00000000000000000000000000000001', 'AC00000000000000000000000000000001', \
+                 'alice', 0, 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let sid = "IS00000000000000000000000000000001".parse().unwrap();
+        let alice = store.get_user(&sid, "alice").await.unwrap();
+        assert!(!alice.presence_online);
+        assert_eq!(alice.last_seen_at, None);
+        assert_eq!(store.get_webhook(&sid).await.unwrap().post_webhook_url, None);
         store.close().await;
     }
 

@@ -10,8 +10,9 @@ mod common;
 use common::{AC, Fixture, OTHER_AC, first, new_user};
 use reach_proto::sid::looks_like_sid;
 use reach_store::{
-    Binding, BindingFilter, ConfigUpdate, NewUser, Page, PageRequest, ServiceConfig, StoreError,
-    UserRecord, UserUpdate,
+    Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page, PageRequest,
+    PresenceRecord, Service, ServiceConfig, Source, Store, StoreError, UserRecord, UserUpdate,
+    WebhookMethod, WebhookUpdate,
 };
 
 /// One module per case, with a test per backend.
@@ -48,6 +49,14 @@ conformance!(
     concurrent_updates_of_a_user_keep_every_revision,
     concurrent_upserts_of_one_binding_agree,
     concurrent_deletes_of_a_user_and_its_bindings_never_fail,
+    webhook_configuration_defaults_updates_and_cascade,
+    events_are_recorded_only_when_the_webhook_listens,
+    writes_record_what_subscribers_see_change,
+    presence_changes_apply_in_version_order,
+    claims_take_each_users_events_one_at_a_time_in_order,
+    leases_expire_and_outcomes_of_a_lost_lease_are_ignored,
+    concurrent_claims_never_take_an_event_twice,
+    nodes_remember_when_they_were_alive,
 );
 
 async fn services_are_scoped_by_account(fx: &Fixture) {
@@ -103,7 +112,10 @@ async fn services_are_scoped_by_account(fx: &Fixture) {
 async fn deleting_a_service_deletes_its_users_and_bindings(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
-    store.create_user(&svc, &new_user("alice")).await.unwrap();
+    store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
     store
         .upsert_binding(&svc, "alice", "fcm", "token", None)
         .await
@@ -190,7 +202,10 @@ async fn config_epoch_bumps_only_when_enabling(fx: &Fixture) {
 async fn users_lifecycle(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
-    let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
+    let alice = store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
     assert!(looks_like_sid(&alice.sid) && alice.sid.starts_with("US"));
     assert_eq!(alice.identity, "alice");
     assert_eq!(alice.service_sid, svc.sid);
@@ -202,13 +217,16 @@ async fn users_lifecycle(fx: &Fixture) {
     assert!(!alice.ever_had_binding);
     assert_eq!(alice.binding_count, 0);
 
-    match store.create_user(&svc, &new_user("alice")).await {
+    match store.create_user(&svc, &new_user("alice"), None).await {
         Err(StoreError::UserExists(identity)) => assert_eq!(identity, "alice"),
         other => panic!("expected UserExists, got {other:?}"),
     }
     // The same identity in another service is fine.
     let svc2 = store.create_service(&AC, "s2").await.unwrap();
-    store.create_user(&svc2, &new_user("alice")).await.unwrap();
+    store
+        .create_user(&svc2, &new_user("alice"), None)
+        .await
+        .unwrap();
 
     assert_eq!(store.get_user(&svc.sid, &alice.sid).await.unwrap(), alice);
     assert_eq!(store.get_user(&svc.sid, "alice").await.unwrap(), alice);
@@ -231,6 +249,7 @@ async fn users_lifecycle(fx: &Fixture) {
                 attributes: Some(r#"{"a":1}"#.into()),
                 role_sid: Some("RL00000000000000000000000000000001".into()),
             },
+            None,
         )
         .await
         .unwrap();
@@ -245,6 +264,7 @@ async fn users_lifecycle(fx: &Fixture) {
                 friendly_name: Some("Robert".into()),
                 ..UserUpdate::default()
             },
+            None,
         )
         .await
         .unwrap();
@@ -261,6 +281,7 @@ async fn users_lifecycle(fx: &Fixture) {
                 attributes: Some("{}".into()),
                 ..UserUpdate::default()
             },
+            None,
         )
         .await
         .unwrap();
@@ -268,7 +289,7 @@ async fn users_lifecycle(fx: &Fixture) {
     assert_eq!(updated.friendly_name.as_deref(), Some("Robert"));
     assert!(matches!(
         store
-            .update_user(&svc.sid, "nobody", &UserUpdate::default())
+            .update_user(&svc.sid, "nobody", &UserUpdate::default(), None)
             .await,
         Err(StoreError::NotFound)
     ));
@@ -299,7 +320,7 @@ async fn users_lifecycle(fx: &Fixture) {
         .upsert_binding(&svc, "bob", "fcm", "t2", None)
         .await
         .unwrap();
-    let deleted = store.delete_user(&svc.sid, "bob").await.unwrap();
+    let deleted = store.delete_user(&svc.sid, "bob", None).await.unwrap();
     assert_eq!(deleted.sid, bob.sid);
     assert_eq!(deleted.binding_count, 2);
     assert_eq!(store.count_bindings(&svc.sid, "bob").await.unwrap(), 0);
@@ -312,11 +333,11 @@ async fn users_lifecycle(fx: &Fixture) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.delete_user(&svc.sid, &bob.sid).await,
+        store.delete_user(&svc.sid, &bob.sid, None).await,
         Err(StoreError::NotFound)
     ));
     // Delete by SID works too.
-    store.delete_user(&svc.sid, &alice.sid).await.unwrap();
+    store.delete_user(&svc.sid, &alice.sid, None).await.unwrap();
     assert!(matches!(
         store.get_user(&svc.sid, "alice").await,
         Err(StoreError::NotFound)
@@ -327,7 +348,7 @@ async fn identity_shaped_like_a_sid_is_still_found(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
     let odd = "US0123456789abcdef0123456789abcdef";
-    let user = store.create_user(&svc, &new_user(odd)).await.unwrap();
+    let user = store.create_user(&svc, &new_user(odd), None).await.unwrap();
     assert_eq!(store.get_user(&svc.sid, odd).await.unwrap(), user);
     assert_eq!(store.get_user(&svc.sid, &user.sid).await.unwrap(), user);
 }
@@ -365,7 +386,7 @@ async fn get_or_create_returns_the_same_user(fx: &Fixture) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.create_user(&svc, &new_user("erin")).await,
+        store.create_user(&svc, &new_user("erin"), None).await,
         Err(StoreError::NotFound)
     ));
 }
@@ -376,7 +397,10 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
     let mut identities = Vec::new();
     for i in 0..7 {
         let identity = format!("user{i}");
-        store.create_user(&svc, &new_user(&identity)).await.unwrap();
+        store
+            .create_user(&svc, &new_user(&identity), None)
+            .await
+            .unwrap();
         identities.push(identity);
     }
     let names = |page: &Page<UserRecord>| {
@@ -438,7 +462,7 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
     assert_eq!(seen, identities);
 
     // Deleting a row already listed does not shift a keyset page.
-    store.delete_user(&svc.sid, "user0").await.unwrap();
+    store.delete_user(&svc.sid, "user0", None).await.unwrap();
     let p2_again = store
         .list_users(
             &svc.sid,
@@ -496,8 +520,14 @@ async fn paging_by_cursor_and_by_offset(fx: &Fixture) {
 async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
-    store.create_user(&svc, &new_user("alice")).await.unwrap();
-    store.create_user(&svc, &new_user("bob")).await.unwrap();
+    store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
+    store
+        .create_user(&svc, &new_user("bob"), None)
+        .await
+        .unwrap();
 
     // The user must exist.
     assert!(matches!(
@@ -602,9 +632,12 @@ async fn bindings_upsert_delete_and_filter(fx: &Fixture) {
             .await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(store.delete_binding(&svc.sid, &b2.sid).await.unwrap(), b2);
+    assert_eq!(
+        store.delete_binding(&svc.sid, &b2.sid, None).await.unwrap(),
+        b2
+    );
     assert!(matches!(
-        store.delete_binding(&svc.sid, &b2.sid).await,
+        store.delete_binding(&svc.sid, &b2.sid, None).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
@@ -652,7 +685,10 @@ async fn concurrent_enables_bump_the_epoch_once(fx: &Fixture) {
 async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
-    let alice = store.create_user(&svc, &new_user("alice")).await.unwrap();
+    let alice = store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
         let (store, sid) = (store.clone(), svc.sid.clone());
@@ -661,7 +697,10 @@ async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
                 friendly_name: Some(format!("Alice {i}")),
                 ..UserUpdate::default()
             };
-            store.update_user(&sid, "alice", &update).await.unwrap()
+            store
+                .update_user(&sid, "alice", &update, None)
+                .await
+                .unwrap()
         }));
     }
     let mut revisions = Vec::new();
@@ -677,7 +716,10 @@ async fn concurrent_updates_of_a_user_keep_every_revision(fx: &Fixture) {
 async fn concurrent_upserts_of_one_binding_agree(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();
-    store.create_user(&svc, &new_user("alice")).await.unwrap();
+    store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (store, svc) = (store.clone(), svc.clone());
@@ -708,7 +750,10 @@ async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) 
     let mut tasks = Vec::new();
     for i in 0..10 {
         let identity = format!("user{i}");
-        store.create_user(&svc, &new_user(&identity)).await.unwrap();
+        store
+            .create_user(&svc, &new_user(&identity), None)
+            .await
+            .unwrap();
         let b1 = store
             .upsert_binding(&svc, &identity, "fcm", "t1", None)
             .await
@@ -719,7 +764,7 @@ async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) 
             .unwrap();
         let (s, sid, id) = (store.clone(), svc.sid.clone(), identity.clone());
         tasks.push(tokio::spawn(async move {
-            s.delete_binding(&sid, &b1.sid).await.map(drop)
+            s.delete_binding(&sid, &b1.sid, None).await.map(drop)
         }));
         let (s, sid, id2) = (store.clone(), svc.sid.clone(), identity.clone());
         tasks.push(tokio::spawn(async move {
@@ -729,7 +774,7 @@ async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) 
         }));
         let (s, sid) = (store.clone(), svc.sid.clone());
         tasks.push(tokio::spawn(async move {
-            s.delete_user(&sid, &id).await.map(drop)
+            s.delete_user(&sid, &id, None).await.map(drop)
         }));
     }
     for t in tasks {
@@ -741,4 +786,624 @@ async fn concurrent_deletes_of_a_user_and_its_bindings_never_fail(fx: &Fixture) 
     let users = fx.count("SELECT COUNT(*) FROM users").await;
     let bindings = fx.count("SELECT COUNT(*) FROM bindings").await;
     assert_eq!((users, bindings), (0, 0));
+}
+
+/// The service's webhook: POSTed to a receiver, listening to the three user events.
+async fn listen(store: &dyn Store, svc: &Service) {
+    store
+        .update_webhook(
+            &svc.sid,
+            &WebhookUpdate {
+                post_webhook_url: Some(Some("http://127.0.0.1:9/hook".into())),
+                filters: Some(vec![
+                    "onUserAdded".into(),
+                    "onUserUpdated".into(),
+                    "onUserRemoved".into(),
+                ]),
+                ..WebhookUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+async fn enable(store: &dyn Store, svc: &Service) {
+    store
+        .update_config(
+            &svc.sid,
+            &ConfigUpdate {
+                reachability_enabled: Some(true),
+                ..ConfigUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+/// Every event waiting, oldest first, claimed (with a lease that ends at once) and given back.
+async fn pending(store: &dyn Store) -> Vec<ClaimedEvent> {
+    let mut all = Vec::new();
+    // One event per user per claim: claim, note, give back with a retry in the past, until
+    // a claim finds nothing new.
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let claimed = store
+            .claim_events("lister", i64::MAX / 4, 0, 1000)
+            .await
+            .unwrap();
+        let fresh: Vec<ClaimedEvent> = claimed.into_iter().filter(|e| seen.insert(e.seq)).collect();
+        if fresh.is_empty() {
+            break;
+        }
+        let done: Vec<(i64, Completion)> =
+            fresh.iter().map(|e| (e.seq, Completion::Dropped)).collect();
+        all.extend(fresh);
+        // Dropping deletes them, so the next claim sees each user's next event.
+        store.complete_events("lister", &done).await.unwrap();
+    }
+    all.sort_by_key(|e| e.seq);
+    all
+}
+
+fn param<'a>(event: &'a ClaimedEvent, name: &str) -> &'a str {
+    event
+        .params
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("{name} missing from {:?}", event.params))
+}
+
+fn presence(svc: &Service, identity: &str, online: bool, at: i64, version: i64) -> PresenceRecord {
+    PresenceRecord {
+        service_sid: svc.sid.clone(),
+        identity: identity.to_owned(),
+        online,
+        at,
+        version,
+    }
+}
+
+async fn webhook_configuration_defaults_updates_and_cascade(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    let hook = store.get_webhook(&svc.sid).await.unwrap();
+    assert_eq!(
+        (
+            hook.pre_webhook_url,
+            hook.post_webhook_url,
+            hook.method,
+            hook.filters.len()
+        ),
+        (None, None, WebhookMethod::Post, 0)
+    );
+    let hook = store
+        .update_webhook(
+            &svc.sid,
+            &WebhookUpdate {
+                pre_webhook_url: Some(Some("https://example.com/pre".into())),
+                post_webhook_url: Some(Some("https://example.com/post".into())),
+                method: Some(WebhookMethod::Get),
+                filters: Some(vec!["onUserUpdated".into(), "onMessageAdded".into()]),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get_webhook(&svc.sid).await.unwrap(), hook);
+    assert_eq!(hook.filters, ["onUserUpdated", "onMessageAdded"]);
+    // A partial update leaves the rest; a cleared URL is null.
+    let hook = store
+        .update_webhook(
+            &svc.sid,
+            &WebhookUpdate {
+                pre_webhook_url: Some(None),
+                ..WebhookUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(hook.pre_webhook_url, None);
+    assert_eq!(
+        hook.post_webhook_url.as_deref(),
+        Some("https://example.com/post")
+    );
+    assert_eq!(hook.method, WebhookMethod::Get);
+    let unknown = "IS00000000000000000000000000000000".parse().unwrap();
+    assert!(matches!(
+        store.get_webhook(&unknown).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .update_webhook(&unknown, &WebhookUpdate::default())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    // Deleted with its service, with the events waiting for it.
+    listen(store.as_ref(), &svc).await;
+    store
+        .create_user(&svc, &new_user("alice"), Some(Source::Api))
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 1);
+    store.delete_service(&AC, &svc.sid).await.unwrap();
+    assert_eq!(fx.count("SELECT COUNT(*) FROM service_webhooks").await, 0);
+    assert_eq!(store.queue_stats().await.unwrap().depth, 0);
+}
+
+async fn events_are_recorded_only_when_the_webhook_listens(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    // No URL: nothing, whatever the source.
+    store
+        .create_user(&svc, &new_user("a"), Some(Source::Api))
+        .await
+        .unwrap();
+    store.get_or_create_user(&svc, "b").await.unwrap();
+    assert_eq!(store.queue_stats().await.unwrap(), Default::default());
+    // A URL, but only onUserRemoved listened to.
+    store
+        .update_webhook(
+            &svc.sid,
+            &WebhookUpdate {
+                post_webhook_url: Some(Some("http://127.0.0.1:9/hook".into())),
+                filters: Some(vec!["onUserRemoved".into(), "onUserUpdate".into()]),
+                ..WebhookUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .create_user(&svc, &new_user("c"), Some(Source::Api))
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 0);
+    // Listening: a REST write without `fire` records nothing, with it one event.
+    listen(store.as_ref(), &svc).await;
+    store.create_user(&svc, &new_user("d"), None).await.unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 0);
+    let before = hooks_now_ms();
+    let e = store
+        .create_user(&svc, &new_user("e"), Some(Source::Api))
+        .await
+        .unwrap();
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(stats.depth, 1);
+    assert!(stats.oldest_created_ms.unwrap() >= before);
+    let events = pending(store.as_ref()).await;
+    assert_eq!(events.len(), 1);
+    let added = &events[0];
+    assert!(
+        added.token.starts_with("EV") && added.token.len() == 34,
+        "{}",
+        added.token
+    );
+    assert_eq!(added.event_type, "onUserAdded");
+    assert_eq!(param(added, "EventType"), "onUserAdded");
+    assert_eq!(param(added, "Source"), "API");
+    assert_eq!(param(added, "UserSid"), e.sid);
+    assert_eq!(param(added, "Identity"), "e");
+    assert_eq!(param(added, "AccountSid"), AC.as_str());
+    assert_eq!(param(added, "ChatServiceSid"), svc.sid.as_str());
+    assert_eq!(param(added, "IsOnline"), "", "reachability disabled");
+    assert_eq!(param(added, "Attributes"), "{}");
+    let target = added.target.as_ref().unwrap();
+    assert_eq!(target.url, "http://127.0.0.1:9/hook");
+    assert_eq!(target.method, WebhookMethod::Post);
+    assert_eq!(target.account_sid, *AC);
+}
+
+fn hooks_now_ms() -> i64 {
+    reach_store::hooks::now_ms()
+}
+
+async fn writes_record_what_subscribers_see_change(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    enable(store.as_ref(), &svc).await;
+    listen(store.as_ref(), &svc).await;
+    let api = Some(Source::Api);
+    // A first hello creates the user: onUserAdded from the SDK; a second finds it.
+    store.get_or_create_user(&svc, "alice").await.unwrap();
+    store.get_or_create_user(&svc, "alice").await.unwrap();
+    let update =
+        |friendly: Option<&str>, attributes: Option<&str>, role: Option<&str>| UserUpdate {
+            friendly_name: friendly.map(str::to_owned),
+            attributes: attributes.map(str::to_owned),
+            role_sid: role.map(str::to_owned),
+        };
+    store
+        .update_user(
+            &svc.sid,
+            "alice",
+            &update(Some("Alice"), Some(r#"{"x":1}"#), None),
+            api,
+        )
+        .await
+        .unwrap();
+    // Nothing subscribers see: the same values again, a role.
+    store
+        .update_user(&svc.sid, "alice", &update(Some("Alice"), None, None), api)
+        .await
+        .unwrap();
+    store
+        .update_user(
+            &svc.sid,
+            "alice",
+            &update(None, None, Some("RL00000000000000000000000000000001")),
+            api,
+        )
+        .await
+        .unwrap();
+    // A push registration makes her notifiable; a second one of the same address changes
+    // nothing; another address neither (still notifiable).
+    store
+        .upsert_binding(&svc, "alice", "fcm", "t1", None)
+        .await
+        .unwrap();
+    store
+        .upsert_binding(&svc, "alice", "fcm", "t1", None)
+        .await
+        .unwrap();
+    let b2 = store
+        .upsert_binding(&svc, "alice", "apn", "t2", None)
+        .await
+        .unwrap();
+    store
+        .delete_binding_by_address(&svc.sid, "alice", "fcm", "t1")
+        .await
+        .unwrap();
+    store.delete_binding(&svc.sid, &b2.sid, api).await.unwrap();
+    store.delete_user(&svc.sid, "alice", api).await.unwrap();
+
+    let events = pending(store.as_ref()).await;
+    let summary: Vec<(&str, &str, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            let reasons = if e.event_type == "onUserUpdated" {
+                param(e, "UpdateReasons")
+            } else {
+                ""
+            };
+            (
+                e.event_type.as_str(),
+                param(e, "Source"),
+                reasons,
+                param(e, "IsNotifiable"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("onUserAdded", "SDK", "", ""),
+            ("onUserUpdated", "API", "friendlyName,attributes", ""),
+            ("onUserUpdated", "SDK", "reachabilityNotifiable", "true"),
+            ("onUserUpdated", "API", "reachabilityNotifiable", "false"),
+            ("onUserRemoved", "API", "", "false"),
+        ]
+    );
+    let renamed = &events[1];
+    assert_eq!(param(renamed, "FriendlyName"), "Alice");
+    assert_eq!(param(renamed, "Attributes"), r#"{"x":1}"#);
+    assert_eq!(
+        param(&events[4], "RoleSid"),
+        "RL00000000000000000000000000000001"
+    );
+    // Every event has its own token.
+    let mut tokens: Vec<&str> = events.iter().map(|e| e.token.as_str()).collect();
+    tokens.dedup();
+    assert_eq!(tokens.len(), events.len());
+}
+
+async fn presence_changes_apply_in_version_order(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    listen(store.as_ref(), &svc).await;
+    store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
+    store
+        .create_user(&svc, &new_user("bob"), None)
+        .await
+        .unwrap();
+    // Reachability disabled: the state is kept, no event is recorded.
+    store
+        .record_presence(&[presence(&svc, "bob", true, 100, 5)])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_user(&svc.sid, "bob")
+            .await
+            .unwrap()
+            .presence_online
+    );
+    assert_eq!(store.queue_stats().await.unwrap().depth, 0);
+
+    enable(store.as_ref(), &svc).await;
+    store
+        .record_presence(&[
+            presence(&svc, "alice", true, 1_000, 10),
+            // The same state again (a restart, a resynchronised node): no second event.
+            presence(&svc, "alice", true, 1_001, 11),
+            // Older than what alice has: skipped.
+            presence(&svc, "alice", false, 999, 9),
+            // A user that does not exist: skipped, the batch goes on.
+            presence(&svc, "nobody", true, 1_000, 12),
+        ])
+        .await
+        .unwrap();
+    let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+    assert!(alice.presence_online);
+    assert_eq!(alice.online_epoch, 1, "online in the current epoch");
+    store
+        .record_presence(&[presence(&svc, "alice", false, 1_060, 20)])
+        .await
+        .unwrap();
+    let alice = store.get_user(&svc.sid, "alice").await.unwrap();
+    assert!(!alice.presence_online);
+    assert_eq!(alice.last_seen_at, Some(1_060));
+    // Offline again (a recovery after a restart): the first offline time stays.
+    store
+        .record_presence(&[presence(&svc, "alice", false, 2_000, 21)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_user(&svc.sid, "alice")
+            .await
+            .unwrap()
+            .last_seen_at,
+        Some(1_060)
+    );
+
+    let online: Vec<String> = store
+        .online_users(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, identity)| identity)
+        .collect();
+    assert_eq!(online, ["bob"]);
+    assert!(store.max_presence_version().await.unwrap() >= 21);
+
+    let events = pending(store.as_ref()).await;
+    let seen: Vec<(&str, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                param(e, "IsOnline"),
+                param(e, "DateLastSeen"),
+                param(e, "UpdateReasons"),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].0, "true");
+    assert_eq!(seen[0].2, "reachabilityOnline");
+    assert_eq!(
+        seen[1],
+        ("false", "1970-01-01T00:17:40Z", "reachabilityOnline")
+    );
+    assert!(events.iter().all(|e| param(e, "Source") == "SDK"));
+}
+
+/// Records `n` presence flips of `identity` (online, offline, ...), each an event.
+async fn flips(store: &dyn Store, svc: &Service, identity: &str, n: i64, version: i64) {
+    let changes: Vec<PresenceRecord> = (0..n)
+        .map(|i| presence(svc, identity, i % 2 == 0, 1_000 + i, version + i))
+        .collect();
+    store.record_presence(&changes).await.unwrap();
+}
+
+async fn claims_take_each_users_events_one_at_a_time_in_order(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    enable(store.as_ref(), &svc).await;
+    listen(store.as_ref(), &svc).await;
+    for identity in ["alice", "bob"] {
+        store
+            .create_user(&svc, &new_user(identity), None)
+            .await
+            .unwrap();
+    }
+    flips(store.as_ref(), &svc, "alice", 3, 1).await;
+    flips(store.as_ref(), &svc, "bob", 1, 1).await;
+    let now = hooks_now_ms();
+    let first = store.claim_events("n1", now, 30_000, 10).await.unwrap();
+    let who: Vec<(&str, i64)> = first
+        .iter()
+        .map(|e| (e.identity.as_str(), e.attempts))
+        .collect();
+    assert_eq!(
+        who,
+        [("alice", 1), ("bob", 1)],
+        "the oldest event of each user"
+    );
+    assert_eq!(param(&first[0], "IsOnline"), "true");
+    // Leased: nothing more to take, not even alice's next event.
+    assert!(
+        store
+            .claim_events("n2", now, 30_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // alice's first fails and waits a second; bob's is delivered.
+    store
+        .complete_events(
+            "n1",
+            &[
+                (
+                    first[0].seq,
+                    Completion::Retry {
+                        at_ms: now + 1_000,
+                        error: "HTTP 500".into(),
+                    },
+                ),
+                (first[1].seq, Completion::Delivered),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_events("n2", now, 30_000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "alice's next event waits behind her first"
+    );
+    let retry = store
+        .claim_events("n2", now + 1_000, 30_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(retry.len(), 1);
+    assert_eq!((retry[0].seq, retry[0].attempts), (first[0].seq, 2));
+    assert_eq!(
+        retry[0].token, first[0].token,
+        "the same token on every attempt"
+    );
+    store
+        .complete_events("n2", &[(retry[0].seq, Completion::Delivered)])
+        .await
+        .unwrap();
+    let second = store
+        .claim_events("n1", now + 1_000, 30_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(param(&second[0], "IsOnline"), "false");
+    assert!(second[0].seq > first[0].seq);
+    store
+        .complete_events("n1", &[(second[0].seq, Completion::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 1);
+
+    // Without the filter any more (or the URL), a claimed event has no target.
+    store
+        .update_webhook(
+            &svc.sid,
+            &WebhookUpdate {
+                filters: Some(vec!["onUserAdded".into()]),
+                ..WebhookUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    let last = store
+        .claim_events("n1", now + 1_000, 30_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].target, None);
+}
+
+async fn leases_expire_and_outcomes_of_a_lost_lease_are_ignored(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    enable(store.as_ref(), &svc).await;
+    listen(store.as_ref(), &svc).await;
+    store
+        .create_user(&svc, &new_user("alice"), None)
+        .await
+        .unwrap();
+    flips(store.as_ref(), &svc, "alice", 1, 1).await;
+    let now = hooks_now_ms();
+    let taken = store.claim_events("dead", now, 5_000, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(
+        store
+            .claim_events("n2", now + 4_999, 5_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The lease ran out: another node takes it.
+    let again = store
+        .claim_events("n2", now + 5_000, 5_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].token.as_str(), again[0].attempts),
+        (taken[0].token.as_str(), 2)
+    );
+    // The first holder's late outcome changes nothing.
+    store
+        .complete_events("dead", &[(taken[0].seq, Completion::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 1);
+    // Leases given back are claimable at once.
+    assert_eq!(store.release_events(Some("n2")).await.unwrap(), 1);
+    assert_eq!(store.release_events(None).await.unwrap(), 0);
+    let third = store
+        .claim_events("n3", now + 5_000, 5_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(third.len(), 1);
+    store
+        .complete_events("n3", &[(third[0].seq, Completion::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap(), Default::default());
+}
+
+async fn concurrent_claims_never_take_an_event_twice(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    enable(store.as_ref(), &svc).await;
+    listen(store.as_ref(), &svc).await;
+    for i in 0..20 {
+        let identity = format!("user{i}");
+        store
+            .create_user(&svc, &new_user(&identity), None)
+            .await
+            .unwrap();
+        flips(store.as_ref(), &svc, &identity, 3, 1).await;
+    }
+    let mut tasks = Vec::new();
+    for node in ["n1", "n2", "n3", "n4"] {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut delivered = Vec::new();
+            for _ in 0..200 {
+                let claimed = store
+                    .claim_events(node, hooks_now_ms(), 60_000, 5)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() && store.queue_stats().await.unwrap().depth == 0 {
+                    break;
+                }
+                let done: Vec<(i64, Completion)> = claimed
+                    .iter()
+                    .map(|e| (e.seq, Completion::Delivered))
+                    .collect();
+                store.complete_events(node, &done).await.unwrap();
+                delivered.extend(claimed.into_iter().map(|e| (e.identity, e.seq)));
+            }
+            delivered
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), 60, "each event once");
+    let mut seqs: Vec<i64> = all.iter().map(|(_, s)| *s).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 60);
+}
+
+async fn nodes_remember_when_they_were_alive(fx: &Fixture) {
+    let store = &fx.store;
+    assert_eq!(store.touch_node("n1", 100).await.unwrap(), None);
+    assert_eq!(store.touch_node("n1", 105).await.unwrap(), Some(100));
+    assert_eq!(store.touch_node("n2", 7).await.unwrap(), None);
+    assert_eq!(store.touch_node("n1", 110).await.unwrap(), Some(105));
 }

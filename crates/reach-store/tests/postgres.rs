@@ -7,12 +7,12 @@
 mod common;
 
 use common::{AC, TestDb, new_user, with_database};
-use reach_store::postgres::{PgStore, SCHEMA_VERSION};
+use reach_store::postgres::{MIGRATIONS, PgStore, SCHEMA_VERSION};
 use reach_store::{ConfigUpdate, Store, StoreError};
 use std::str::FromStr;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, Executor, PgPool};
 
 async fn versions(url: &str) -> Vec<i64> {
     let raw = PgPool::connect(url).await.unwrap();
@@ -24,6 +24,51 @@ async fn versions(url: &str) -> Vec<i64> {
     versions
 }
 
+/// Every version, as a database made by this build lists them.
+fn all_versions() -> Vec<i64> {
+    (1..=SCHEMA_VERSION).collect()
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_with_its_records() {
+    let Some(db) = TestDb::create("a_version_1_database_is_migrated_with_its_records").await else {
+        return;
+    };
+    {
+        // What a build of schema version 1 left behind.
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        conn.execute(
+            "CREATE TABLE reach_schema_version (\
+             version BIGINT NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .unwrap();
+        conn.execute(MIGRATIONS[0]).await.unwrap();
+        conn.execute(
+            "INSERT INTO reach_schema_version VALUES (1, 0); \
+             INSERT INTO services (sid, account_sid, friendly_name, date_created, date_updated) \
+             VALUES ('IS00000000000000000000000000000001', 'AC00000000000000000000000000000001', \
+             'old', 0, 0); \
+             INSERT INTO service_configs (service_sid) VALUES ('IS00000000000000000000000000000001'); \
+             INSERT INTO users (sid, service_sid, account_sid, identity, date_created, date_updated) \
+             VALUES ('US00000000000000000000000000000001', 'IS00000000000000000000000000000001', \
+             'AC00000000000000000000000000000001', 'alice', 0, 0)",
+        )
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+    }
+    let store = PgStore::connect(&db.url).await.unwrap();
+    assert_eq!(versions(&db.url).await, all_versions());
+    let sid = "IS00000000000000000000000000000001".parse().unwrap();
+    let alice = store.get_user(&sid, "alice").await.unwrap();
+    assert!(!alice.presence_online);
+    assert_eq!(alice.last_seen_at, None);
+    let hook = store.get_webhook(&sid).await.unwrap();
+    assert_eq!(hook.post_webhook_url, None);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn migrations_are_idempotent() {
     let Some(db) = TestDb::create("migrations_are_idempotent").await else {
@@ -32,13 +77,13 @@ async fn migrations_are_idempotent() {
     let store = PgStore::connect(&db.url).await.unwrap();
     let svc = store.create_service(&AC, "s").await.unwrap();
     store.close().await;
-    assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
+    assert_eq!(versions(&db.url).await, all_versions());
 
     // A second start finds the schema current: nothing is re-applied, nothing is lost.
     let store = PgStore::connect(&db.url).await.unwrap();
     assert_eq!(store.get_service(&AC, &svc.sid).await.unwrap(), svc);
     store.close().await;
-    assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
+    assert_eq!(versions(&db.url).await, all_versions());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +101,7 @@ async fn nodes_starting_together_on_a_fresh_database_all_connect() {
     for t in tasks {
         stores.push(t.await.unwrap().unwrap());
     }
-    assert_eq!(versions(&db.url).await, vec![SCHEMA_VERSION]);
+    assert_eq!(versions(&db.url).await, all_versions());
     // They all see one schema and each other's writes.
     let svc = stores[0].create_service(&AC, "s").await.unwrap();
     for store in &stores {
@@ -93,7 +138,7 @@ async fn refuses_a_newer_schema() {
         .fetch_one(&raw)
         .await
         .unwrap();
-    assert_eq!(count, 2);
+    assert_eq!(count, SCHEMA_VERSION + 1, "this build's versions and 99");
     raw.close().await;
 }
 
@@ -155,7 +200,10 @@ async fn data_persists_across_a_new_pool() {
             )
             .await
             .unwrap();
-        store.create_user(&svc, &new_user("alice")).await.unwrap();
+        store
+            .create_user(&svc, &new_user("alice"), None)
+            .await
+            .unwrap();
         store.mark_online(&svc.sid, "alice", 1).await.unwrap();
         let binding = store
             .upsert_binding(&svc, "alice", "fcm", "tok", None)

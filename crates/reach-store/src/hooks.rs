@@ -1,0 +1,951 @@
+//! Webhooks in the store: each service's webhook configuration, the events recorded for it and
+//! the queue they wait in until delivered.
+//!
+//! # Events
+//!
+//! An event is one row of `webhook_events`, recorded only when the service's webhook has a
+//! `post_webhook_url` and listens to the event's filter ([`UserEvent::filter`]). Its parameters
+//! are fixed when it is recorded ([`event_params`]): the user as it is after the change, with
+//! `IsOnline`, `IsNotifiable` and `DateLastSeen` by the null rules of `reach_proto::flags`, so
+//! a retry sends exactly what the first attempt sent. Its `token` (an `EV` SID) is the
+//! `I-Twilio-Idempotency-Token` of every attempt.
+//!
+//! Writes record their events in their own transaction (REST writes with `X-Twilio-Webhook-
+//! Enabled: true`, socket writes always): the write and its event commit together. Presence
+//! changes come in batches ([`crate::Store::record_presence`]), each applied only if newer
+//! (its version) than what the user has, and recorded as an event only when the user's
+//! recorded presence flips: a change reported twice (a restart, a resynchronised cluster node)
+//! is one event.
+//!
+//! # The queue
+//!
+//! Events leave in the order of `seq` per user: [`crate::Store::claim_events`] takes only the
+//! oldest event of each user, and only while no live lease holds it, then leases it to the
+//! claiming node for a while (`lease_until_ms`). The node delivers and reports the outcome
+//! ([`Completion`]): delivered or dropped events are deleted, failed ones wait for their next
+//! attempt. A node that dies holding leases holds them only until they expire; the events are
+//! then claimed again, by any node (the same token, so the receiver can tell a repeat).
+//!
+//! Both backends share this logic and its SQL, which is written once with `$n` placeholders
+//! (sqlx's SQLite driver reads them as PostgreSQL does) in [`shared_sql!`]; what differs is
+//! passed in: the row lock PostgreSQL needs, SQLite's `BEGIN IMMEDIATE` serialising instead.
+
+use reach_proto::flags::{ServiceState, is_notifiable_flag, is_online_flag, last_seen};
+use reach_proto::{AccountSid, ServiceSid, UpdateReason};
+
+use crate::{ServiceConfig, UserRecord, iso8601};
+
+/// What a webhook event says happened to a user: the hosted post-event user filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UserEvent {
+    /// `onUserAdded`: the user was created (over REST, or by its first `hello`).
+    Added,
+    /// `onUserUpdated`: something subscribers see changed (friendly name, attributes,
+    /// online, notifiable).
+    Updated,
+    /// `onUserRemoved`: the user was deleted.
+    Removed,
+}
+
+impl UserEvent {
+    /// The filter name, also the event's `EventType`.
+    pub fn filter(self) -> &'static str {
+        match self {
+            UserEvent::Added => "onUserAdded",
+            UserEvent::Updated => "onUserUpdated",
+            UserEvent::Removed => "onUserRemoved",
+        }
+    }
+}
+
+/// Filter names a webhook may list: the hosted service's, which are stored and listed back;
+/// only the three of [`UserEvent`] fire here.
+pub const FILTERS: &[&str] = &[
+    "onMessageAdded",
+    "onMessageUpdated",
+    "onMessageRemoved",
+    "onMessageAdd",
+    "onMessageUpdate",
+    "onMessageRemove",
+    "onConversationUpdated",
+    "onConversationRemoved",
+    "onConversationAdd",
+    "onConversationAdded",
+    "onConversationRemove",
+    "onConversationUpdate",
+    "onConversationStateUpdated",
+    "onParticipantAdded",
+    "onParticipantUpdated",
+    "onParticipantRemoved",
+    "onParticipantAdd",
+    "onParticipantRemove",
+    "onParticipantUpdate",
+    "onDeliveryUpdated",
+    "onUserAdded",
+    "onUserUpdate",
+    "onUserUpdated",
+    "onUserRemoved",
+];
+
+/// Who made a change, as the event's `Source` parameter says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A client over its socket (`hello`, push registration, presence).
+    Sdk,
+    /// A REST call.
+    Api,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Sdk => "SDK",
+            Source::Api => "API",
+        }
+    }
+}
+
+/// The HTTP method of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WebhookMethod {
+    Get,
+    #[default]
+    Post,
+}
+
+impl WebhookMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            WebhookMethod::Get => "GET",
+            WebhookMethod::Post => "POST",
+        }
+    }
+
+    /// `GET` or `POST`, in any case.
+    pub fn parse(s: &str) -> Option<WebhookMethod> {
+        if s.eq_ignore_ascii_case("GET") {
+            Some(WebhookMethod::Get)
+        } else if s.eq_ignore_ascii_case("POST") {
+            Some(WebhookMethod::Post)
+        } else {
+            None
+        }
+    }
+}
+
+/// A service's webhook configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub service_sid: ServiceSid,
+    /// Stored and listed; pre-event hooks are never called.
+    pub pre_webhook_url: Option<String>,
+    /// Where events are sent.
+    pub post_webhook_url: Option<String>,
+    pub method: WebhookMethod,
+    /// Filter names, as given (each one of [`FILTERS`]).
+    pub filters: Vec<String>,
+}
+
+impl WebhookConfig {
+    /// The configuration of a service that never set one.
+    pub fn defaults(service_sid: ServiceSid) -> Self {
+        WebhookConfig {
+            service_sid,
+            pre_webhook_url: None,
+            post_webhook_url: None,
+            method: WebhookMethod::Post,
+            filters: Vec::new(),
+        }
+    }
+
+    /// Whether `event` is sent: a post-event URL is set and the filter is listed.
+    pub fn fires(&self, event: &str) -> bool {
+        self.post_webhook_url.is_some() && self.filters.iter().any(|f| f == event)
+    }
+
+    /// Applies an update.
+    pub fn apply(&mut self, update: &WebhookUpdate) {
+        if let Some(url) = &update.pre_webhook_url {
+            self.pre_webhook_url.clone_from(url);
+        }
+        if let Some(url) = &update.post_webhook_url {
+            self.post_webhook_url.clone_from(url);
+        }
+        if let Some(method) = update.method {
+            self.method = method;
+        }
+        if let Some(filters) = &update.filters {
+            self.filters.clone_from(filters);
+        }
+    }
+}
+
+/// Fields of a webhook update; `None` leaves a field unchanged, `Some(None)` clears a URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebhookUpdate {
+    pub pre_webhook_url: Option<Option<String>>,
+    pub post_webhook_url: Option<Option<String>>,
+    pub method: Option<WebhookMethod>,
+    pub filters: Option<Vec<String>>,
+}
+
+/// Filters as one column: names joined by `,` (no name holds one).
+pub(crate) fn join_filters(filters: &[String]) -> String {
+    filters.join(",")
+}
+
+pub(crate) fn split_filters(column: &str) -> Vec<String> {
+    column
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A change of a user's presence to record (see [`crate::Store::record_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub service_sid: ServiceSid,
+    pub identity: String,
+    pub online: bool,
+    /// When it changed, unix seconds (the last-seen time of an offline).
+    pub at: i64,
+    /// Newer changes have larger versions; an older one than the user's last is skipped.
+    pub version: i64,
+}
+
+/// Where a claimed event goes: the service's webhook as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub url: String,
+    pub method: WebhookMethod,
+    /// The service's account, whose auth token signs the request.
+    pub account_sid: AccountSid,
+}
+
+/// An event taken for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedEvent {
+    pub seq: i64,
+    /// `I-Twilio-Idempotency-Token`: the same on every attempt.
+    pub token: String,
+    pub service_sid: ServiceSid,
+    pub identity: String,
+    pub event_type: String,
+    /// The parameters, in the order they were recorded.
+    pub params: Vec<(String, String)>,
+    /// When it was recorded, unix milliseconds.
+    pub created_ms: i64,
+    /// Attempts so far, this one included.
+    pub attempts: i64,
+    /// `None` when the service no longer has a post-event URL, or no longer listens to this
+    /// event: the event is dropped.
+    pub target: Option<Target>,
+}
+
+/// What became of a claimed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// The receiver took it (2xx): deleted.
+    Delivered,
+    /// Given up, or nowhere to send it: deleted.
+    Dropped,
+    /// Failed; tried again at `at_ms` (unix milliseconds).
+    Retry { at_ms: i64, error: String },
+}
+
+/// The queue as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Events waiting (leased ones included).
+    pub depth: i64,
+    /// When the oldest waiting event was recorded, unix milliseconds.
+    pub oldest_created_ms: Option<i64>,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A service's switch from its configuration row.
+pub(crate) fn switch(cfg: &ServiceConfig) -> ServiceState {
+    ServiceState {
+        enabled: cfg.reachability_enabled,
+        epoch: cfg.reachability_epoch,
+    }
+}
+
+/// `true`, `false`, or empty for null.
+fn flag(value: Option<bool>) -> String {
+    value.map_or_else(String::new, |v| v.to_string())
+}
+
+/// The parameters of a user event (webhooks.md lists them): the user as `user` has it, with its
+/// flags by the null rules at `now` (unix seconds). `UpdateReasons` only for `onUserUpdated`.
+pub fn event_params(
+    event: UserEvent,
+    source: Source,
+    user: &UserRecord,
+    cfg: &ServiceConfig,
+    reasons: &[UpdateReason],
+    now: i64,
+) -> Vec<(String, String)> {
+    let svc = switch(cfg);
+    let is_online = is_online_flag(svc, user.presence_online, user.online_epoch);
+    let is_notifiable = is_notifiable_flag(svc, user.ever_had_binding, user.binding_count);
+    let mut params = vec![
+        ("EventType", event.filter().to_owned()),
+        ("AccountSid", user.account_sid.to_string()),
+        ("ChatServiceSid", user.service_sid.to_string()),
+        ("Source", source.name().to_owned()),
+        ("UserSid", user.sid.clone()),
+        ("Identity", user.identity.clone()),
+        (
+            "FriendlyName",
+            user.friendly_name.clone().unwrap_or_default(),
+        ),
+        ("Attributes", user.attributes.clone()),
+        ("RoleSid", user.role_sid.clone().unwrap_or_default()),
+        ("IsOnline", flag(is_online)),
+        ("IsNotifiable", flag(is_notifiable)),
+        ("DateCreated", iso8601(user.date_created)),
+        ("DateUpdated", iso8601(user.date_updated)),
+        (
+            "DateLastSeen",
+            last_seen(is_online, user.last_seen_at, now).map_or_else(String::new, iso8601),
+        ),
+    ];
+    if event == UserEvent::Updated {
+        let names: Vec<&str> = reasons.iter().map(|r| r.name()).collect();
+        params.push(("UpdateReasons", names.join(",")));
+    }
+    params
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+}
+
+/// What subscribers see change between two versions of a user: the reasons of an
+/// `onUserUpdated` (none: no event).
+pub(crate) fn profile_reasons(
+    before: &UserRecord,
+    after: &UserRecord,
+    cfg: &ServiceConfig,
+) -> Vec<UpdateReason> {
+    let svc = switch(cfg);
+    let mut reasons = Vec::new();
+    if before.friendly_name != after.friendly_name {
+        reasons.push(UpdateReason::FriendlyName);
+    }
+    if before.attributes != after.attributes {
+        reasons.push(UpdateReason::Attributes);
+    }
+    if is_notifiable_flag(svc, before.ever_had_binding, before.binding_count)
+        != is_notifiable_flag(svc, after.ever_had_binding, after.binding_count)
+    {
+        reasons.push(UpdateReason::ReachabilityNotifiable);
+    }
+    reasons
+}
+
+/// Parameters as stored: a JSON array of `[name, value]` pairs.
+pub(crate) fn encode_params(params: &[(String, String)]) -> String {
+    serde_json::to_string(params).unwrap_or_else(|_| "[]".to_owned())
+}
+
+pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// The SQL both backends share, for one sqlx database (see the module doc). `$lock` is what a
+/// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
+/// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
+/// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`).
+macro_rules! shared_sql {
+    ($conn:ty, $lock:literal, $skip:literal) => {
+        use reach_proto::{ServiceSid, SidKind, UpdateReason};
+        use sqlx::Row;
+
+        use crate::hooks::{
+            ClaimedEvent, Completion, PresenceRecord, QueueStats, Source, Target, UserEvent,
+            WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
+            join_filters, now_ms, profile_reasons, split_filters,
+        };
+        use crate::rows::{USER_COLS, config_row, db, user_row};
+        use crate::{Result, ServiceConfig, StoreError, UserRecord, now_unix};
+
+        /// The service's webhook, or the defaults.
+        pub(crate) async fn webhook(
+            conn: &mut $conn,
+            service_sid: &ServiceSid,
+        ) -> Result<WebhookConfig> {
+            let row = sqlx::query(
+                "SELECT pre_webhook_url, post_webhook_url, method, filters \
+                 FROM service_webhooks WHERE service_sid = $1",
+            )
+            .bind(service_sid.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+            let mut cfg = WebhookConfig::defaults(service_sid.clone());
+            if let Some(row) = row {
+                cfg.pre_webhook_url = row.try_get("pre_webhook_url").map_err(db)?;
+                cfg.post_webhook_url = row.try_get("post_webhook_url").map_err(db)?;
+                let method: String = row.try_get("method").map_err(db)?;
+                cfg.method = WebhookMethod::parse(&method).unwrap_or_default();
+                let filters: String = row.try_get("filters").map_err(db)?;
+                cfg.filters = split_filters(&filters);
+            }
+            Ok(cfg)
+        }
+
+        /// Writes the whole configuration.
+        pub(crate) async fn put_webhook(conn: &mut $conn, cfg: &WebhookConfig) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO service_webhooks (service_sid, pre_webhook_url, post_webhook_url, \
+                 method, filters, date_updated) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (service_sid) DO UPDATE SET \
+                 pre_webhook_url = excluded.pre_webhook_url, \
+                 post_webhook_url = excluded.post_webhook_url, method = excluded.method, \
+                 filters = excluded.filters, date_updated = excluded.date_updated",
+            )
+            .bind(cfg.service_sid.as_str())
+            .bind(&cfg.pre_webhook_url)
+            .bind(&cfg.post_webhook_url)
+            .bind(cfg.method.name())
+            .bind(join_filters(&cfg.filters))
+            .bind(now_unix())
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+            Ok(())
+        }
+
+        /// The service's configuration row.
+        async fn config(conn: &mut $conn, service_sid: &ServiceSid) -> Result<ServiceConfig> {
+            let row = sqlx::query(
+                "SELECT c.service_sid, c.reachability_enabled, c.reachability_epoch, \
+                 c.default_conversation_creator_role_sid, c.default_conversation_role_sid, \
+                 c.default_chat_service_role_sid FROM service_configs c WHERE c.service_sid = $1",
+            )
+            .bind(service_sid.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?
+            .ok_or(StoreError::NotFound)?;
+            config_row(&row).map_err(db)
+        }
+
+        /// Records `event` about `user` if the service's webhook listens to it.
+        pub(crate) async fn record_event(
+            conn: &mut $conn,
+            event: UserEvent,
+            source: Source,
+            user: &UserRecord,
+            cfg: &ServiceConfig,
+            reasons: &[UpdateReason],
+        ) -> Result<()> {
+            let hook = webhook(&mut *conn, &user.service_sid).await?;
+            if !hook.fires(event.filter()) {
+                return Ok(());
+            }
+            let params = event_params(event, source, user, cfg, reasons, now_unix());
+            let now = now_ms();
+            sqlx::query(
+                "INSERT INTO webhook_events (token, service_sid, identity, event_type, params, \
+                 created_ms, next_attempt_ms) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            )
+            .bind(SidKind::Event.generate())
+            .bind(user.service_sid.as_str())
+            .bind(&user.identity)
+            .bind(event.filter())
+            .bind(encode_params(&params))
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+            Ok(())
+        }
+
+        /// `onUserAdded` or `onUserRemoved` of `user`, if `fire`.
+        pub(crate) async fn notify(
+            conn: &mut $conn,
+            event: UserEvent,
+            fire: Option<Source>,
+            user: &UserRecord,
+        ) -> Result<()> {
+            let Some(source) = fire else {
+                return Ok(());
+            };
+            let cfg = config(&mut *conn, &user.service_sid).await?;
+            record_event(conn, event, source, user, &cfg, &[]).await
+        }
+
+        /// `onUserUpdated` for what subscribers see change from `before` to `after`, if
+        /// `fire` and anything did.
+        pub(crate) async fn notify_update(
+            conn: &mut $conn,
+            fire: Option<Source>,
+            before: &UserRecord,
+            after: &UserRecord,
+        ) -> Result<()> {
+            let Some(source) = fire else {
+                return Ok(());
+            };
+            let cfg = config(&mut *conn, &after.service_sid).await?;
+            let reasons = profile_reasons(before, after, &cfg);
+            if reasons.is_empty() {
+                return Ok(());
+            }
+            record_event(conn, UserEvent::Updated, source, after, &cfg, &reasons).await
+        }
+
+        /// One user's record by identity, with its presence version; locked with `$lock`.
+        async fn user_for_presence(
+            conn: &mut $conn,
+            service_sid: &ServiceSid,
+            identity: &str,
+        ) -> Result<Option<(UserRecord, i64)>> {
+            let sql = format!(
+                "SELECT {USER_COLS}, u.presence_version FROM users u \
+                 WHERE u.service_sid = $1 AND u.identity = $2 {}",
+                $lock
+            );
+            let row = sqlx::query(&sql)
+                .bind(service_sid.as_str())
+                .bind(identity)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+            match row {
+                None => Ok(None),
+                Some(row) => {
+                    let version: i64 = row.try_get("presence_version").map_err(db)?;
+                    Ok(Some((user_row(&row).map_err(db)?.1, version)))
+                }
+            }
+        }
+
+        /// Applies one presence change (see `Store::record_presence`).
+        pub(crate) async fn record_presence(
+            conn: &mut $conn,
+            change: &PresenceRecord,
+        ) -> Result<()> {
+            let Some((mut user, version)) =
+                user_for_presence(&mut *conn, &change.service_sid, &change.identity).await?
+            else {
+                return Ok(());
+            };
+            if change.version <= version {
+                return Ok(());
+            }
+            let cfg = config(&mut *conn, &change.service_sid).await?;
+            let flipped = user.presence_online != change.online;
+            user.presence_online = change.online;
+            if flipped && !change.online {
+                user.last_seen_at = Some(change.at);
+            }
+            if change.online && cfg.reachability_enabled {
+                user.online_epoch = user.online_epoch.max(cfg.reachability_epoch);
+            }
+            sqlx::query(
+                "UPDATE users SET presence_version = $1, presence_online = $2, \
+                 last_seen_at = $3, online_epoch = $4 WHERE sid = $5",
+            )
+            .bind(change.version)
+            .bind(user.presence_online)
+            .bind(user.last_seen_at)
+            .bind(user.online_epoch)
+            .bind(&user.sid)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+            if flipped && cfg.reachability_enabled {
+                record_event(
+                    conn,
+                    UserEvent::Updated,
+                    Source::Sdk,
+                    &user,
+                    &cfg,
+                    &[UpdateReason::ReachabilityOnline],
+                )
+                .await?;
+            }
+            Ok(())
+        }
+
+        pub(crate) async fn online_users(
+            conn: &mut $conn,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<(i64, ServiceSid, String)>> {
+            // `= TRUE` as the partial index `users_online` says it, so the index is used.
+            let rows = sqlx::query(
+                "SELECT seq, service_sid, identity FROM users \
+                 WHERE presence_online = TRUE AND seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+            rows.iter()
+                .map(|row| {
+                    let service: String = row.try_get("service_sid")?;
+                    let service = ServiceSid::parse(&service).map_err(|e| {
+                        sqlx::Error::ColumnDecode {
+                            index: "service_sid".into(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                    Ok((row.try_get("seq")?, service, row.try_get("identity")?))
+                })
+                .collect::<sqlx::Result<_>>()
+                .map_err(db)
+        }
+
+        pub(crate) async fn max_presence_version(conn: &mut $conn) -> Result<i64> {
+            sqlx::query_scalar("SELECT COALESCE(MAX(presence_version), 0) FROM users")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)
+        }
+
+        /// Claims (see `Store::claim_events`), without the targets.
+        pub(crate) async fn claim(
+            conn: &mut $conn,
+            node: &str,
+            now_ms: i64,
+            lease_ms: i64,
+            limit: i64,
+        ) -> Result<Vec<ClaimedEvent>> {
+            let sql = format!(
+                "UPDATE webhook_events SET lease_owner = $1, lease_until_ms = $2, \
+                 attempts = attempts + 1 \
+                 WHERE seq IN (SELECT e.seq FROM webhook_events e \
+                   WHERE e.next_attempt_ms <= $3 AND e.lease_until_ms <= $3 \
+                   AND NOT EXISTS (SELECT 1 FROM webhook_events p \
+                     WHERE p.service_sid = e.service_sid AND p.identity = e.identity \
+                     AND p.seq < e.seq) \
+                   ORDER BY e.seq LIMIT $4 {}) \
+                 RETURNING seq, token, service_sid, identity, event_type, params, created_ms, \
+                 attempts",
+                $skip
+            );
+            let rows = sqlx::query(&sql)
+                .bind(node)
+                .bind(now_ms.saturating_add(lease_ms))
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+            let mut events = rows
+                .iter()
+                .map(|row| {
+                    let service: String = row.try_get("service_sid")?;
+                    let service_sid = ServiceSid::parse(&service).map_err(|e| {
+                        sqlx::Error::ColumnDecode {
+                            index: "service_sid".into(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                    let params: String = row.try_get("params")?;
+                    Ok(ClaimedEvent {
+                        seq: row.try_get("seq")?,
+                        token: row.try_get("token")?,
+                        service_sid,
+                        identity: row.try_get("identity")?,
+                        event_type: row.try_get("event_type")?,
+                        params: decode_params(&params),
+                        created_ms: row.try_get("created_ms")?,
+                        attempts: row.try_get("attempts")?,
+                        target: None,
+                    })
+                })
+                .collect::<sqlx::Result<Vec<_>>>()
+                .map_err(db)?;
+            events.sort_by_key(|e| e.seq);
+            Ok(events)
+        }
+
+        /// Fills in each event's target from its service's webhook as it is now.
+        pub(crate) async fn targets(conn: &mut $conn, events: &mut [ClaimedEvent]) -> Result<()> {
+            let mut seen: Vec<(ServiceSid, Option<(WebhookConfig, reach_proto::AccountSid)>)> =
+                Vec::new();
+            for event in events.iter_mut() {
+                if !seen.iter().any(|(s, _)| *s == event.service_sid) {
+                    let account: Option<String> =
+                        sqlx::query_scalar("SELECT account_sid FROM services WHERE sid = $1")
+                            .bind(event.service_sid.as_str())
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(db)?;
+                    let account = account.and_then(|a| a.parse().ok());
+                    let hook = match account {
+                        Some(account) => {
+                            Some((webhook(&mut *conn, &event.service_sid).await?, account))
+                        }
+                        None => None,
+                    };
+                    seen.push((event.service_sid.clone(), hook));
+                }
+                let hook = seen
+                    .iter()
+                    .find(|(s, _)| *s == event.service_sid)
+                    .and_then(|(_, h)| h.as_ref());
+                event.target = hook.and_then(|(hook, account)| {
+                    hook.fires(&event.event_type).then(|| Target {
+                        url: hook.post_webhook_url.clone().unwrap_or_default(),
+                        method: hook.method,
+                        account_sid: account.clone(),
+                    })
+                });
+            }
+            Ok(())
+        }
+
+        /// Applies outcomes (see `Store::complete_events`).
+        pub(crate) async fn complete(
+            conn: &mut $conn,
+            node: &str,
+            outcomes: &[(i64, Completion)],
+        ) -> Result<()> {
+            for (seq, outcome) in outcomes {
+                match outcome {
+                    Completion::Delivered | Completion::Dropped => {
+                        sqlx::query(
+                            "DELETE FROM webhook_events WHERE seq = $1 AND lease_owner = $2",
+                        )
+                        .bind(seq)
+                        .bind(node)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                    }
+                    Completion::Retry { at_ms, error } => {
+                        sqlx::query(
+                            "UPDATE webhook_events SET next_attempt_ms = $1, last_error = $2, \
+                             lease_owner = NULL, lease_until_ms = 0 \
+                             WHERE seq = $3 AND lease_owner = $4",
+                        )
+                        .bind(at_ms)
+                        .bind(error)
+                        .bind(seq)
+                        .bind(node)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        pub(crate) async fn release(conn: &mut $conn, node: Option<&str>) -> Result<u64> {
+            let done = match node {
+                Some(node) => sqlx::query(
+                    "UPDATE webhook_events SET lease_owner = NULL, lease_until_ms = 0 \
+                     WHERE lease_owner = $1",
+                )
+                .bind(node)
+                .execute(&mut *conn)
+                .await,
+                None => sqlx::query(
+                    "UPDATE webhook_events SET lease_owner = NULL, lease_until_ms = 0 \
+                     WHERE lease_owner IS NOT NULL",
+                )
+                .execute(&mut *conn)
+                .await,
+            }
+            .map_err(db)?;
+            Ok(done.rows_affected())
+        }
+
+        pub(crate) async fn stats(conn: &mut $conn) -> Result<QueueStats> {
+            let row = sqlx::query("SELECT COUNT(*) AS depth, MIN(created_ms) AS oldest FROM webhook_events")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+            Ok(QueueStats {
+                depth: row.try_get("depth").map_err(db)?,
+                oldest_created_ms: row.try_get("oldest").map_err(db)?,
+            })
+        }
+
+        pub(crate) async fn touch_node(
+            conn: &mut $conn,
+            node: &str,
+            now: i64,
+        ) -> Result<Option<i64>> {
+            let before: Option<i64> =
+                sqlx::query_scalar("SELECT alive_at FROM nodes WHERE node_id = $1")
+                    .bind(node)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?;
+            sqlx::query(
+                "INSERT INTO nodes (node_id, alive_at) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET alive_at = excluded.alive_at",
+            )
+            .bind(node)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+            Ok(before)
+        }
+    };
+}
+
+pub(crate) use shared_sql;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> UserRecord {
+        UserRecord {
+            sid: "US00000000000000000000000000000001".into(),
+            account_sid: "AC00000000000000000000000000000001".parse().unwrap(),
+            service_sid: "IS00000000000000000000000000000001".parse().unwrap(),
+            identity: "alice".into(),
+            friendly_name: None,
+            attributes: "{}".into(),
+            role_sid: None,
+            date_created: 0,
+            date_updated: 60,
+            revision: 0,
+            online_epoch: 1,
+            ever_had_binding: false,
+            binding_count: 0,
+            presence_online: false,
+            last_seen_at: Some(30),
+        }
+    }
+
+    fn cfg(enabled: bool) -> ServiceConfig {
+        ServiceConfig {
+            service_sid: "IS00000000000000000000000000000001".parse().unwrap(),
+            reachability_enabled: enabled,
+            reachability_epoch: 1,
+            default_conversation_creator_role_sid: None,
+            default_conversation_role_sid: None,
+            default_chat_service_role_sid: None,
+        }
+    }
+
+    fn get<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn parameters_follow_the_null_rules() {
+        let p = event_params(
+            UserEvent::Updated,
+            Source::Sdk,
+            &user(),
+            &cfg(true),
+            &[UpdateReason::ReachabilityOnline],
+            100,
+        );
+        assert_eq!(get(&p, "EventType"), Some("onUserUpdated"));
+        assert_eq!(get(&p, "Source"), Some("SDK"));
+        assert_eq!(get(&p, "IsOnline"), Some("false"));
+        assert_eq!(get(&p, "IsNotifiable"), Some(""), "never had a binding");
+        assert_eq!(get(&p, "DateLastSeen"), Some("1970-01-01T00:00:30Z"));
+        assert_eq!(get(&p, "DateUpdated"), Some("1970-01-01T00:01:00Z"));
+        assert_eq!(get(&p, "FriendlyName"), Some(""));
+        assert_eq!(get(&p, "UpdateReasons"), Some("reachabilityOnline"));
+
+        let online = UserRecord {
+            presence_online: true,
+            ever_had_binding: true,
+            binding_count: 1,
+            ..user()
+        };
+        let p = event_params(UserEvent::Added, Source::Api, &online, &cfg(true), &[], 100);
+        assert_eq!(get(&p, "IsOnline"), Some("true"));
+        assert_eq!(get(&p, "IsNotifiable"), Some("true"));
+        assert_eq!(get(&p, "DateLastSeen"), Some("1970-01-01T00:01:40Z"), "now");
+        assert_eq!(get(&p, "UpdateReasons"), None, "only on onUserUpdated");
+
+        let p = event_params(
+            UserEvent::Removed,
+            Source::Api,
+            &online,
+            &cfg(false),
+            &[],
+            100,
+        );
+        assert_eq!(get(&p, "IsOnline"), Some(""));
+        assert_eq!(get(&p, "IsNotifiable"), Some(""));
+        assert_eq!(get(&p, "DateLastSeen"), Some(""));
+    }
+
+    #[test]
+    fn reasons_are_what_subscribers_see_change() {
+        let before = user();
+        let renamed = UserRecord {
+            friendly_name: Some("Alice".into()),
+            role_sid: Some("RL00000000000000000000000000000001".into()),
+            ..user()
+        };
+        assert_eq!(
+            profile_reasons(&before, &renamed, &cfg(true)),
+            [UpdateReason::FriendlyName]
+        );
+        let role_only = UserRecord {
+            role_sid: Some("RL00000000000000000000000000000001".into()),
+            ..user()
+        };
+        assert!(profile_reasons(&before, &role_only, &cfg(true)).is_empty());
+        let bound = UserRecord {
+            ever_had_binding: true,
+            binding_count: 1,
+            ..user()
+        };
+        assert_eq!(
+            profile_reasons(&before, &bound, &cfg(true)),
+            [UpdateReason::ReachabilityNotifiable]
+        );
+        assert!(
+            profile_reasons(&before, &bound, &cfg(false)).is_empty(),
+            "null before and after while disabled"
+        );
+    }
+
+    #[test]
+    fn filters_and_params_round_trip_through_their_columns() {
+        let filters = vec!["onUserAdded".to_owned(), "onMessageAdded".to_owned()];
+        assert_eq!(split_filters(&join_filters(&filters)), filters);
+        assert!(split_filters("").is_empty());
+        let params = vec![("A".to_owned(), "x,\"y\"".to_owned())];
+        assert_eq!(decode_params(&encode_params(&params)), params);
+    }
+
+    #[test]
+    fn a_webhook_fires_with_a_url_and_the_filter() {
+        let mut hook =
+            WebhookConfig::defaults("IS00000000000000000000000000000001".parse().unwrap());
+        hook.filters = vec!["onUserAdded".into()];
+        assert!(!hook.fires("onUserAdded"), "no URL");
+        hook.apply(&WebhookUpdate {
+            post_webhook_url: Some(Some("https://example.com/hook".into())),
+            ..WebhookUpdate::default()
+        });
+        assert!(hook.fires("onUserAdded"));
+        assert!(!hook.fires("onUserUpdated"));
+        hook.apply(&WebhookUpdate {
+            post_webhook_url: Some(None),
+            ..WebhookUpdate::default()
+        });
+        assert!(!hook.fires("onUserAdded"));
+    }
+}
