@@ -82,6 +82,7 @@ impl std::fmt::Display for ConnectionState {
 ///     attributes: "{}".into(),
 ///     is_online: Some(true),
 ///     is_notifiable: Some(false),
+///     last_seen_at: None,
 /// });
 /// let e = ClientEvent::UserUpdated {
 ///     user: alice,

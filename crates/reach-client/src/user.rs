@@ -77,6 +77,7 @@ impl UserCell {
 ///     attributes: "{}".into(),
 ///     is_online: Some(false),
 ///     is_notifiable: None,
+///     last_seen_at: None,
 /// };
 /// let after = reach_client::proto::User { is_online: Some(true), ..before.clone() };
 /// assert_eq!(reasons_between(&before, &after).to_vec(), vec![UpdateReason::ReachabilityOnline]);
@@ -116,14 +117,16 @@ pub fn reasons_between(old: &reach_proto::User, new: &reach_proto::User) -> Reas
 ///     attributes: r#"{"team":"blue"}"#.into(),
 ///     is_online: Some(true),
 ///     is_notifiable: None,
+///     last_seen_at: Some(1_795_639_384),
 /// });
 /// assert_eq!(user.identity(), "alice");
 /// assert_eq!(user.attributes()["team"], "blue");
+/// assert_eq!(user.last_seen_at(), Some(1_795_639_384));
 /// assert_eq!(
 ///     serde_json::to_value(&user).unwrap(),
 ///     serde_json::json!({"identity": "alice", "friendlyName": "Alice",
 ///         "attributes": {"team": "blue"}, "isOnline": true, "isNotifiable": null,
-///         "isSubscribed": false}),
+///         "lastSeenAt": 1_795_639_384, "isSubscribed": false}),
 /// );
 /// ```
 #[derive(Clone)]
@@ -140,6 +143,7 @@ impl std::fmt::Debug for User {
             .field("friendly_name", &u.friendly_name)
             .field("is_online", &u.is_online)
             .field("is_notifiable", &u.is_notifiable)
+            .field("last_seen_at", &u.last_seen_at)
             .field("is_subscribed", &self.is_subscribed())
             .finish()
     }
@@ -199,6 +203,14 @@ impl User {
         self.cell.read(|d| d.user.is_notifiable)
     }
 
+    /// When the user was last seen, in unix seconds: the time of the state the client holds
+    /// while the user is online, else when it went offline. `None` when
+    /// [`is_online`](User::is_online) is, or from a server that does not send it. A change of
+    /// this time alone is not an update (it has no reason).
+    pub fn last_seen_at(&self) -> Option<i64> {
+        self.cell.read(|d| d.user.last_seen_at)
+    }
+
     /// Whether this client currently holds a subscription for the user (always true for the
     /// client's own user).
     pub fn is_subscribed(&self) -> bool {
@@ -243,12 +255,13 @@ impl User {
 impl serde::Serialize for User {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let u = self.snapshot();
-        let mut st = s.serialize_struct("User", 6)?;
+        let mut st = s.serialize_struct("User", 7)?;
         st.serialize_field("identity", &u.identity)?;
         st.serialize_field("friendlyName", &u.friendly_name)?;
         st.serialize_field("attributes", &self.attributes())?;
         st.serialize_field("isOnline", &u.is_online)?;
         st.serialize_field("isNotifiable", &u.is_notifiable)?;
+        st.serialize_field("lastSeenAt", &u.last_seen_at)?;
         st.serialize_field("isSubscribed", &self.is_subscribed())?;
         st.end()
     }

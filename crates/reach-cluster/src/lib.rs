@@ -65,6 +65,17 @@
 //! - Events of one user come from the engine in order and go to Redis in order (one task, one
 //!   multiplexed connection, batches sent as pipelines).
 //!
+//! # Presence changes for the store
+//!
+//! Only the backplane knows when a user's presence changes for the whole cluster: when a hold
+//! is the first one anywhere (the hold script answers one holder) and when a release leaves
+//! none (also the releases of a dead node's holds, made by the node that cleans up after it).
+//! The node whose script made that change reports it, once, as a
+//! [`reach_core::PersistEvent::Presence`] on the channel the engine uses for the store, with
+//! the script's version (a change's version is its time in Redis, in microseconds), so the
+//! store keeps only newer ones. Presence is recorded once per change in the cluster, not per
+//! node: webhooks and last-seen times come from these reports.
+//!
 //! # Failures
 //!
 //! - Liveness: every `node_ttl_ms / 3` a node rewrites its liveness key (`SET ... PX ttl GET`)
@@ -96,7 +107,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use reach_core::{ClusterEvent, Engine, UserKey};
+use reach_core::{ClusterEvent, Engine, PersistEvent, PresenceChange, UserKey};
 use reach_proto::ServiceSid;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -207,7 +218,25 @@ pub(crate) struct Shared {
     pub metrics: ClusterMetrics,
     pub engine: Arc<Engine>,
     pub control: mpsc::UnboundedSender<Control>,
+    /// Where the presence changes this node made for the cluster go (to the store).
+    pub persist: mpsc::UnboundedSender<PersistEvent>,
     pub leaving: AtomicBool,
+}
+
+/// Reports a change of the user's presence in the whole cluster, made by a script of this node
+/// at `version`.
+pub(crate) fn report(
+    persist: &mpsc::UnboundedSender<PersistEvent>,
+    key: &UserKey,
+    online: bool,
+    version: u64,
+) {
+    let _ = persist.send(PersistEvent::Presence(PresenceChange {
+        key: key.clone(),
+        online,
+        at: i64::try_from(version / 1_000_000).unwrap_or(i64::MAX),
+        version: i64::try_from(version).unwrap_or(i64::MAX),
+    }));
 }
 
 /// Handle of the backplane. Cheap to clone.
@@ -241,12 +270,14 @@ pub fn valid_node_id(id: &str) -> bool {
 
 impl Cluster {
     /// Starts the backplane task. `events` is the receiving end of the channel given to
-    /// [`Engine::new_clustered`]. Returns at once (Redis may be down); the second value
-    /// receives the record changes other nodes announce.
+    /// [`Engine::new_clustered`]; `persist` receives the presence changes of the cluster that
+    /// this node made (see the module doc). Returns at once (Redis may be down); the second
+    /// value receives the record changes other nodes announce.
     pub fn start(
         config: ClusterConfig,
         engine: Arc<Engine>,
         events: mpsc::UnboundedReceiver<ClusterEvent>,
+        persist: mpsc::UnboundedSender<PersistEvent>,
         registry: &Registry,
     ) -> Result<(Cluster, mpsc::UnboundedReceiver<Control>), ClusterError> {
         let client = redis::Client::open(config.redis_url.as_str()).map_err(ClusterError::Url)?;
@@ -260,6 +291,7 @@ impl Cluster {
             metrics,
             engine,
             control: control_tx,
+            persist,
             leaving: AtomicBool::new(false),
         });
         tokio::spawn(session::run(Arc::clone(&shared), events));
@@ -297,6 +329,30 @@ impl Cluster {
         if let Err(e) = sent {
             tracing::debug!(error = %e, "could not announce a record change");
         }
+    }
+
+    /// Of each user, the version of its holder set and whether any node holds it, from Redis;
+    /// `None` while Redis is unreachable. (A user with no hash reads as not held, at Redis's
+    /// current time.)
+    pub async fn holders(&self, keys: &[UserKey]) -> Option<Vec<(u64, bool)>> {
+        let mut conn = self.connection()?;
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("EVALSHA")
+                .arg(scripts::peek().sha())
+                .arg(1)
+                .arg(session::holders_key(key));
+        }
+        self.shared.metrics.commands.inc_by(keys.len() as u64);
+        let replies: Vec<Vec<u8>> = pipe.query_async(&mut conn).await.ok()?;
+        replies
+            .iter()
+            .map(|r| {
+                scripts::decode_state(r)
+                    .ok()
+                    .map(|(v, nodes)| (v, !nodes.is_empty()))
+            })
+            .collect()
     }
 
     /// Whether any node holds the user, from Redis; `None` while Redis is unreachable.

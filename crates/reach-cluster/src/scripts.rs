@@ -5,6 +5,15 @@ use std::sync::OnceLock;
 
 use redis::Script;
 
+/// What a hold or release script answered: the version of the change it made (0: none) and
+/// the number of holders after it (-1: nothing was released).
+pub fn decode_count(value: &redis::Value) -> Option<(u64, i64)> {
+    match redis::from_redis_value_ref::<(i64, i64)>(value) {
+        Ok((version, holders)) => Some((u64::try_from(version).ok()?, holders)),
+        Err(_) => None,
+    }
+}
+
 /// A user's holder set as the scripts publish and return it: MessagePack
 /// `[version, [node id, ...]]`.
 pub fn decode_state(bytes: &[u8]) -> Result<(u64, Vec<String>), rmp_serde::decode::Error> {
@@ -29,26 +38,30 @@ local function publish_state(key, channel)
 end
 "#;
 
-/// Hold: ARGV = node, incarnation, channel. Returns the new version, or 0 if the node
-/// already held the user (its incarnation is updated; nothing is published).
+/// Hold: ARGV = node, incarnation, channel. Returns `[version, holders]`: the new version
+/// and how many nodes hold the user now, or `[0, holders]` if the node already held it (its
+/// incarnation is updated; nothing is published). `[v, 1]` is the user's first hold anywhere.
 const HOLD: &str = r#"
 local prev = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PERSIST', KEYS[1])
-if prev then return 0 end
-return publish_state(KEYS[1], ARGV[3])
+if prev then return {0, redis.call('HLEN', KEYS[1]) - 1} end
+local v = publish_state(KEYS[1], ARGV[3])
+return {v, redis.call('HLEN', KEYS[1]) - 1}
 "#;
 
 /// Release: ARGV = node, incarnation ('' = any), channel, ttl of an empty hash in ms.
-/// Returns the new version, or 0 if there was nothing to release.
+/// Returns `[version, holders left]`, or `[0, -1]` if there was nothing to release.
+/// `[v, 0]` is the user's last hold anywhere ending.
 const RELEASE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 0 end
-if ARGV[2] ~= '' and cur ~= ARGV[2] then return 0 end
+if not cur then return {0, -1} end
+if ARGV[2] ~= '' and cur ~= ARGV[2] then return {0, -1} end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local v = publish_state(KEYS[1], ARGV[3])
-if redis.call('HLEN', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return v
+local left = redis.call('HLEN', KEYS[1]) - 1
+if left == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return {v, left}
 "#;
 
 /// Peek: returns MessagePack `[version, [nodes...]]`. A missing hash reads as no holder at

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reach_core::{ClusterEvent, UserKey};
+use reach_core::{ClusterEvent, PersistEvent, UserKey};
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use redis::{AsyncConnectionConfig, RedisError, RedisResult};
 use tokio::sync::mpsc;
@@ -303,6 +303,8 @@ impl Session {
         let mut pipe = redis::pipe();
         let mut commands = 0u64;
         let mut watch: HashMap<UserKey, bool> = HashMap::new();
+        // The holds and releases whose answers say whether the cluster's presence changed.
+        let mut changes: Vec<(UserKey, bool)> = Vec::new();
         for event in batch {
             match event {
                 ClusterEvent::Held(key) => {
@@ -313,8 +315,8 @@ impl Session {
                         .arg(holders_key(&key))
                         .arg(node)
                         .arg(&self.incarnation)
-                        .arg(presence_channel(&key))
-                        .ignore();
+                        .arg(presence_channel(&key));
+                    changes.push((key, true));
                     commands += 2;
                 }
                 ClusterEvent::Released(key) => {
@@ -325,9 +327,9 @@ impl Session {
                         .arg(node)
                         .arg("")
                         .arg(presence_channel(&key))
-                        .arg(EMPTY_HASH_TTL_MS)
-                        .ignore();
+                        .arg(EMPTY_HASH_TTL_MS);
                     pipe.cmd("SREM").arg(&users).arg(key.as_str()).ignore();
+                    changes.push((key, false));
                     commands += 2;
                 }
                 ClusterEvent::Watch(key) => {
@@ -366,9 +368,18 @@ impl Session {
             commands += 1;
         }
         if commands > 0 {
-            let states: Vec<Vec<u8>> = pipe.query_async(&mut self.conn).await?;
+            let replies: Vec<redis::Value> = pipe.query_async(&mut self.conn).await?;
+            let (counts, states) = replies.split_at(changes.len().min(replies.len()));
+            for ((key, online), count) in changes.iter().zip(counts) {
+                report_change(&shared.persist, key, *online, count);
+            }
             for (key, state) in to_read.iter().zip(states) {
-                self.apply_state(shared, key, &state);
+                match redis::from_redis_value_ref::<Vec<u8>>(state) {
+                    Ok(state) => self.apply_state(shared, key, &state),
+                    Err(e) => {
+                        tracing::warn!(user = key.as_str(), error = %e, "unreadable presence state")
+                    }
+                }
             }
         }
         if !to_unsubscribe.is_empty() {
@@ -503,6 +514,7 @@ impl Session {
                     incarnation.clone(),
                     left,
                     shared.metrics.clone(),
+                    shared.persist.clone(),
                 ));
             }
         }
@@ -518,7 +530,14 @@ impl Session {
         let node = shared.config.node_id.clone();
         while let Some(i) = cleanups.iter().position(|c| c.due <= now) {
             let incarnation = cleanups[i].incarnation.clone();
-            release_all(&mut self.conn, &node, &incarnation, &shared.metrics).await?;
+            release_all(
+                &mut self.conn,
+                &node,
+                &incarnation,
+                &shared.metrics,
+                &shared.persist,
+            )
+            .await?;
             cleanups.swap_remove(i);
         }
         Ok(())
@@ -532,11 +551,12 @@ async fn release_all(
     node: &str,
     incarnation: &str,
     metrics: &crate::ClusterMetrics,
+    persist: &mpsc::UnboundedSender<PersistEvent>,
 ) -> RedisResult<usize> {
     let users = users_key(node, incarnation);
     let members: Vec<String> = redis::cmd("SMEMBERS").arg(&users).query_async(conn).await?;
     let mut pipe = redis::pipe();
-    let mut released = 0;
+    let mut keys = Vec::new();
     for member in &members {
         let Some(key) = UserKey::parse(member) else {
             continue;
@@ -548,18 +568,42 @@ async fn release_all(
             .arg(node)
             .arg(incarnation)
             .arg(presence_channel(&key))
-            .arg(EMPTY_HASH_TTL_MS)
-            .ignore();
-        released += 1;
+            .arg(EMPTY_HASH_TTL_MS);
+        keys.push(key);
     }
     pipe.cmd("DEL").arg(&users).ignore();
     pipe.cmd("SREM")
         .arg(incarnations_key(node))
         .arg(incarnation)
         .ignore();
-    pipe.query_async::<()>(conn).await?;
-    metrics.commands.inc_by(3 + released as u64);
-    Ok(released)
+    let counts: Vec<redis::Value> = pipe.query_async(conn).await?;
+    for (key, count) in keys.iter().zip(&counts) {
+        report_change(persist, key, false, count);
+    }
+    metrics.commands.inc_by(3 + keys.len() as u64);
+    Ok(keys.len())
+}
+
+/// Reports the cluster's presence change a hold (`online`) or release script made, if it made
+/// one: the first holder anywhere, or none left.
+fn report_change(
+    persist: &mpsc::UnboundedSender<PersistEvent>,
+    key: &UserKey,
+    online: bool,
+    reply: &redis::Value,
+) {
+    match scripts::decode_count(reply) {
+        Some((version, holders)) if version > 0 => {
+            if (online && holders == 1) || (!online && holders == 0) {
+                crate::report(persist, key, online, version);
+            }
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            user = key.as_str(),
+            "unreadable answer of a presence script"
+        ),
+    }
 }
 
 async fn release_claim(
@@ -583,6 +627,7 @@ async fn reap(
     incarnation: String,
     left: bool,
     metrics: crate::ClusterMetrics,
+    persist: mpsc::UnboundedSender<PersistEvent>,
 ) {
     tokio::time::sleep(grace).await;
     let result: RedisResult<()> = async {
@@ -609,7 +654,7 @@ async fn reap(
         }
         let mut released = 0;
         for inc in &incarnations {
-            released += release_all(&mut conn, &node, inc, &metrics).await?;
+            released += release_all(&mut conn, &node, inc, &metrics, &persist).await?;
         }
         if current.as_deref() == Some(incarnation.as_str()) {
             // Only if it did not come back with a new incarnation meanwhile.

@@ -23,6 +23,7 @@ fn profile() -> Profile {
         binding_count: 0,
         ever_had_binding: false,
         online_epoch: 0,
+        last_seen_at: None,
     }
 }
 

@@ -35,9 +35,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use reach_proto::flags::{is_notifiable_flag, is_online_flag, last_seen};
-use reach_proto::{CloseCode, Encoding, Reasons, ServerFrame, UpdateReason, User, encode, now_unix};
 pub use reach_proto::ServiceState;
+use reach_proto::flags::{is_notifiable_flag, is_online_flag, last_seen};
+use reach_proto::{
+    CloseCode, Encoding, Reasons, ServerFrame, UpdateReason, User, encode, now_unix,
+};
 use tokio::sync::mpsc;
 
 use crate::metrics::EngineMetrics;
@@ -164,6 +166,17 @@ impl PresenceClock {
     pub fn advance(&self, floor: i64) {
         self.0.fetch_max(floor, Ordering::Relaxed);
     }
+}
+
+/// A user's presence as the engine knows it ([`Engine::presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    /// Online as subscribers see it.
+    pub online: bool,
+    /// The latest reachability epoch the user was seen online in.
+    pub online_epoch: i64,
+    /// When it last went offline (unix seconds), if known here.
+    pub last_seen_at: Option<i64>,
 }
 
 /// What the engine tells the cluster backplane (cluster mode only).
@@ -938,13 +951,16 @@ impl Engine {
         }
     }
 
-    /// Presence of a user as REST reports it: `(online, online_epoch)`, if in memory. In
-    /// cluster mode `online` is what this node knows: held here, or by another node as last
-    /// reported for a watched user.
-    pub fn presence(&self, service_sid: &str, identity: &str) -> Option<(bool, i64)> {
+    /// Presence of a user as REST reports it, if in memory. In cluster mode `online` is what
+    /// this node knows: held here, or by another node as last reported for a watched user.
+    pub fn presence(&self, service_sid: &str, identity: &str) -> Option<Presence> {
         self.users
             .get(&UserKey::new(service_sid, identity))
-            .map(|e| (e.visible(), e.online_epoch))
+            .map(|e| Presence {
+                online: e.visible(),
+                online_epoch: e.online_epoch,
+                last_seen_at: e.profile.as_ref().and_then(|p| p.last_seen_at),
+            })
     }
 
     /// Sets a service's switch (at start, on create, on a configuration update). A change

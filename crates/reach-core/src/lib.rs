@@ -18,8 +18,8 @@ pub mod metrics;
 pub mod outbox;
 
 pub use engine::{
-    Attach, ClusterEvent, Conn, ConnId, Engine, EngineConfig, PersistEvent, PresenceChange,
-    PresenceClock, Profile, ServiceState, UserKey,
+    Attach, ClusterEvent, Conn, ConnId, Engine, EngineConfig, PersistEvent, Presence,
+    PresenceChange, PresenceClock, Profile, ServiceState, UserKey,
 };
 pub use metrics::EngineMetrics;
 pub use outbox::{Events, Outbox, Outgoing, SlotFrame, SlotGuard, SlotId, Update};

@@ -42,6 +42,7 @@ fn profile(rev: i64) -> Profile {
         binding_count: 0,
         ever_had_binding: false,
         online_epoch: 0,
+        last_seen_at: None,
     }
 }
 
@@ -134,7 +135,7 @@ async fn reconnect_inside_the_grace_is_not_a_flap() {
         drain(&watcher).is_empty(),
         "no offline-then-online inside the grace"
     );
-    assert_eq!(e.presence(SVC, "alice").map(|p| p.0), Some(true));
+    assert_eq!(e.presence(SVC, "alice").map(|p| p.online), Some(true));
 }
 
 #[tokio::test(start_paused = true)]
@@ -416,7 +417,7 @@ async fn a_user_held_elsewhere_does_not_flap_when_it_leaves_here() {
     // Leaves this node (bye): still held by another node, so nothing is published.
     e.detach(&a, &[], true);
     assert!(drain(&w).is_empty());
-    assert_eq!(e.presence(SVC, "alice").map(|p| p.0), Some(true));
+    assert_eq!(e.presence(SVC, "alice").map(|p| p.online), Some(true));
     // The other node releases: offline.
     e.apply_remote(&key("alice"), 2, false);
     assert_eq!(
@@ -680,7 +681,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
         // Final state: engine agrees with the model, and every live subscriber's view too.
         for name in USERS {
             let mu = &model.users[name];
-            let online = e.presence(SVC, name).map(|p| p.0).unwrap_or(false);
+            let online = e.presence(SVC, name).map(|p| p.online).unwrap_or(false);
             prop_assert_eq!(online, mu.online, "engine state of {}", name);
         }
         for (u, conn, watched) in &live {

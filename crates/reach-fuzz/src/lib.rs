@@ -1090,6 +1090,7 @@ pub mod engine {
                     binding_count: 0,
                     ever_had_binding: false,
                     online_epoch: 0,
+                    last_seen_at: None,
                 })
                 .clone()
         }

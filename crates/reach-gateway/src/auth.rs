@@ -72,6 +72,13 @@ impl Credentials {
     pub fn key(&self, sid: &str) -> Option<&ApiKeyConfig> {
         self.keys.get(sid)
     }
+
+    /// The auth token of an account (webhooks are signed with it).
+    pub fn auth_token(&self, account_sid: &str) -> Option<&str> {
+        self.accounts
+            .get(account_sid)
+            .map(|a| a.auth_token.as_str())
+    }
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {

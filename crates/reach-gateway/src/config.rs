@@ -22,6 +22,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub presence: PresenceConfig,
     pub limits: LimitsConfig,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     pub accounts: Vec<AccountConfig>,
     pub api_keys: Vec<ApiKeyConfig>,
@@ -219,6 +220,53 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Delivery of webhook events (`docs/webhooks.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// One attempt may take this long (connect, send, the receiver's answer); then it counts as
+    /// failed and is retried.
+    pub timeout_ms: u64,
+    /// Delay before the first retry; each next one doubles, up to `retry_max_ms`, with jitter.
+    pub retry_initial_ms: u64,
+    /// Longest delay between two attempts.
+    pub retry_max_ms: u64,
+    /// Attempts of one event, the first included, before it is given up.
+    pub max_attempts: u32,
+    /// An event not delivered this long after it was recorded is given up.
+    pub max_age_ms: u64,
+    /// Requests in flight from this node at once.
+    pub max_in_flight: usize,
+    /// How long a node holds an event it is delivering before another node may take it (the
+    /// node died): more than `timeout_ms`.
+    pub lease_ms: u64,
+    /// How often a node looks for events to deliver besides being woken by its own (new
+    /// events recorded by other nodes, retries that came due).
+    pub poll_interval_ms: u64,
+    /// Presence changes are written to the store in batches at most this far apart.
+    pub record_batch_ms: u64,
+    /// Allows webhook URLs on link-local addresses (169.254.0.0/16, fe80::/10) and the cloud
+    /// metadata endpoints, which are refused by default (server-side request forgery).
+    pub allow_link_local: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            timeout_ms: 5_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 600_000,
+            max_attempts: 20,
+            max_age_ms: 4 * 3_600_000,
+            max_in_flight: 64,
+            lease_ms: 30_000,
+            poll_interval_ms: 1_000,
+            record_batch_ms: 50,
+            allow_link_local: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -399,6 +447,16 @@ impl Config {
                 "limits.max_identities_per_request",
                 self.limits.max_identities_per_request as u64,
             ),
+            ("webhooks.timeout_ms", self.webhooks.timeout_ms),
+            ("webhooks.retry_initial_ms", self.webhooks.retry_initial_ms),
+            (
+                "webhooks.max_attempts",
+                u64::from(self.webhooks.max_attempts),
+            ),
+            ("webhooks.max_age_ms", self.webhooks.max_age_ms),
+            ("webhooks.max_in_flight", self.webhooks.max_in_flight as u64),
+            ("webhooks.poll_interval_ms", self.webhooks.poll_interval_ms),
+            ("webhooks.record_batch_ms", self.webhooks.record_batch_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -443,6 +501,25 @@ impl Config {
             return Err(invalid(
                 "limits.write_fragment_bytes",
                 "must be 0 (no fragments) or at least 64",
+            ));
+        }
+        let w = &self.webhooks;
+        if w.retry_max_ms < w.retry_initial_ms {
+            return Err(invalid(
+                "webhooks.retry_max_ms",
+                format!(
+                    "must be at least webhooks.retry_initial_ms ({})",
+                    w.retry_initial_ms
+                ),
+            ));
+        }
+        if w.lease_ms <= w.timeout_ms {
+            return Err(invalid(
+                "webhooks.lease_ms",
+                format!(
+                    "must be greater than webhooks.timeout_ms ({}): a node must finish an attempt before another may take the event",
+                    w.timeout_ms
+                ),
             ));
         }
         let url = &self.server.public_url;

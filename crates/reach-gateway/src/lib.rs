@@ -11,8 +11,11 @@
 //!   - [`rest`]: the REST API, one file per resource, with its error, extractors, JSON and
 //!     paging;
 //!   - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`sync`]: background tasks that keep the store and the other nodes in step (the online
-//!   record, record changes announced by other nodes).
+//! - [`sync`]: background tasks that keep the store and the other nodes in step (presence
+//!   changes written in batches, the recovery after a restart, record changes announced by
+//!   other nodes).
+//! - [`webhooks`]: delivery of the webhook events the store queues, signed, at least once and
+//!   in order per user.
 //! - [`drain`]: what happens on SIGTERM/SIGINT: no new sockets, `goodbye` to every
 //!   connection, a bounded wait for the socket tasks.
 //! - [`server`]: assembles the app and its tasks, binds and routes the listeners, serves them
@@ -44,6 +47,7 @@ pub mod sync;
 pub mod throttle;
 pub mod timers;
 pub mod tls;
+pub mod webhooks;
 pub mod ws;
 
 pub use config::Config;

@@ -7,6 +7,8 @@ use prometheus::{
 };
 use reach_core::EngineMetrics;
 
+use crate::webhooks::WebhookMetrics;
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -38,6 +40,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     /// Requests, authentications and frames refused by a rate limit, by reason.
     pub rate_limited: IntCounterVec,
+    /// Webhook deliveries, the queue, the presence changes waiting for the store.
+    pub webhooks: WebhookMetrics,
 }
 
 impl Metrics {
@@ -144,7 +148,9 @@ impl Metrics {
         }
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(hello_duration.clone()))?;
+        let webhooks = WebhookMetrics::register(&registry)?;
         Ok(Metrics {
+            webhooks,
             registry,
             engine,
             connections,

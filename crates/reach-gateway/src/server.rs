@@ -22,7 +22,8 @@ use crate::state::{App, StartError};
 use crate::timers::Timers;
 
 /// Builds the gateway over an opened store and starts its background tasks: the driver of
-/// the shared socket timers and the store and cluster sync of [`crate::sync`].
+/// the shared socket timers, the store and cluster sync of [`crate::sync`] (with, on a single
+/// node, the recovery after the previous process) and the webhook deliverer.
 pub async fn start(
     config: Config,
     creds: Credentials,
@@ -33,7 +34,15 @@ pub async fn start(
     if let Some(tls) = app.tls.clone() {
         tokio::spawn(reload_on_sighup(tls));
     }
+    if app.cluster.is_none() {
+        let previous = crate::sync::prepare_single(&app).await?;
+        app.background
+            .spawn(crate::sync::recover(Arc::downgrade(&app), previous));
+    }
     crate::sync::spawn(&app, feeds);
+    app.background
+        .spawn(crate::webhooks::run(Arc::clone(&app), app.node_id.clone()));
+    tokio::spawn(crate::webhooks::watch_queue(Arc::downgrade(&app)));
     tokio::spawn(sweep_throttles(Arc::downgrade(&app)));
     Ok(app)
 }
@@ -118,6 +127,19 @@ pub async fn run(
     crate::listener::serve(Arc::clone(&app), public, public_router(Arc::clone(&app))).await;
     // Draining: socket tasks saw the cancellation and are saying goodbye.
     crate::drain::wait(&app).await;
+    // The background writers write what they hold (presence changes, webhook outcomes).
+    app.stopping.cancel();
+    app.background.close();
+    let flush = app.config.webhooks.timeout_ms + 2_000;
+    if tokio::time::timeout(
+        std::time::Duration::from_millis(flush),
+        app.background.wait(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("background writers still busy at exit");
+    }
     if let Some(cluster) = &app.cluster {
         cluster.leave().await;
     }

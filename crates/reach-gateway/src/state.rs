@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use reach_cluster::{Cluster, ClusterConfig, Control};
 use reach_core::{Engine, EngineConfig, PersistEvent, Profile, ServiceState, UserKey};
+use reach_proto::flags;
 use reach_store::{Service, ServiceConfig, ServiceSid, Store, StoreError, UserRecord};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,6 +53,19 @@ pub struct App {
     pub throttles: Throttles,
     /// TLS of the public listener, when `server.tls_cert_path` is set.
     pub tls: Option<Arc<Tls>>,
+    /// This node's name in the store's webhook leases and liveness: the cluster node id, or
+    /// [`SINGLE_NODE`].
+    pub node_id: String,
+    /// Woken after a write that may have recorded webhook events ([`App::wake_webhooks`]).
+    pub webhook_wake: Arc<Notify>,
+    /// The channel the engine reports to the store on (also used by the recovery and the
+    /// cluster's sweep, so a user's changes stay in one order).
+    pub persist: mpsc::UnboundedSender<PersistEvent>,
+    /// Cancelled once the sockets are drained: the background writers write what they hold
+    /// and end.
+    pub stopping: CancellationToken,
+    /// The background writers the server waits for after the drain ([`App::stopping`]).
+    pub background: TaskTracker,
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
@@ -69,10 +83,32 @@ impl std::fmt::Debug for App {
 /// What the engine and the backplane report to the background tasks of [`crate::sync`].
 #[derive(Debug)]
 pub struct Feeds {
-    /// Users online in a new reachability epoch, to record in the store.
+    /// What to record in the store: users online in a new reachability epoch, and presence
+    /// changes as subscribers see them.
     pub persist: mpsc::UnboundedReceiver<PersistEvent>,
     /// Record changes announced by other nodes (cluster mode).
     pub control: Option<mpsc::UnboundedReceiver<Control>>,
+}
+
+/// The node name of a gateway that is not part of a cluster (its data folder has one process).
+pub const SINGLE_NODE: &str = "single";
+
+/// A user's flags as REST and webhooks report them (`is_online`, `is_notifiable`,
+/// `date_last_seen` in unix seconds), by the null rules of `reach_proto::flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flags {
+    pub is_online: Option<bool>,
+    pub is_notifiable: Option<bool>,
+    pub last_seen_at: Option<i64>,
+}
+
+impl Flags {
+    /// What a list shows: nothing.
+    pub const NONE: Flags = Flags {
+        is_online: None,
+        is_notifiable: None,
+        last_seen_at: None,
+    };
 }
 
 /// Converts a store record into what the engine keeps.
@@ -84,6 +120,7 @@ pub fn profile_of(rec: &UserRecord) -> Profile {
         binding_count: rec.binding_count,
         ever_had_binding: rec.ever_had_binding,
         online_epoch: rec.online_epoch,
+        last_seen_at: rec.last_seen_at,
     }
 }
 
@@ -137,29 +174,44 @@ impl App {
             offline_grace: config.offline_grace(),
             max_outbox_bytes: config.limits.max_outbox_bytes,
         };
+        let node_id = match (config.clustered(), config.cluster.node_id.as_str()) {
+            (false, _) => SINGLE_NODE.to_owned(),
+            (true, "") => reach_cluster::random_node_id(),
+            (true, id) => id.to_owned(),
+        };
         let (engine, cluster, control) = if config.clustered() {
             let (tx, rx) = mpsc::unbounded_channel();
-            let engine =
-                Engine::new_clustered(engine_config, metrics.engine.clone(), Some(persist_tx), tx);
-            let node_id = match config.cluster.node_id.as_str() {
-                "" => reach_cluster::random_node_id(),
-                id => id.to_owned(),
-            };
+            let engine = Engine::new_clustered(
+                engine_config,
+                metrics.engine.clone(),
+                Some(persist_tx.clone()),
+                tx,
+            );
             tracing::info!(node_id = %node_id, "joining the cluster");
             let (cluster, control) = Cluster::start(
                 ClusterConfig {
                     redis_url: config.cluster.redis_url.clone(),
-                    node_id,
+                    node_id: node_id.clone(),
                     node_ttl: Duration::from_millis(config.cluster.node_ttl_ms),
                     offline_grace: config.offline_grace(),
                 },
                 Arc::clone(&engine),
                 rx,
+                persist_tx.clone(),
                 &metrics.registry,
             )?;
             (engine, Some(cluster), Some(control))
         } else {
-            let engine = Engine::new(engine_config, metrics.engine.clone(), Some(persist_tx));
+            let engine = Engine::new(
+                engine_config,
+                metrics.engine.clone(),
+                Some(persist_tx.clone()),
+            );
+            // Versions of this node's presence changes continue from what the store holds,
+            // whatever the clock did meanwhile.
+            engine
+                .presence_clock()
+                .advance(store.max_presence_version().await?);
             (engine, None, None)
         };
         for cfg in store.list_configs().await? {
@@ -181,6 +233,11 @@ impl App {
             sockets: TaskTracker::new(),
             timers: Arc::new(Timers::default()),
             services: dashmap::DashMap::new(),
+            node_id,
+            webhook_wake: Arc::new(Notify::new()),
+            persist: persist_tx,
+            stopping: CancellationToken::new(),
+            background: TaskTracker::new(),
             pending,
             throttles,
             tls,
@@ -251,6 +308,18 @@ impl App {
         .await;
     }
 
+    /// Tells this node's webhook deliverer that events may have been recorded.
+    pub fn wake_webhooks(&self) {
+        self.webhook_wake.notify_one();
+    }
+
+    /// After a write made with `fire`: wakes the deliverer (the write may have recorded events).
+    pub fn events_recorded(&self, fire: Option<reach_store::Source>) {
+        if fire.is_some() {
+            self.wake_webhooks();
+        }
+    }
+
     async fn announce(&self, change: Control) {
         if let Some(cluster) = &self.cluster {
             cluster.announce(change).await;
@@ -262,19 +331,15 @@ impl App {
         !self.shutdown.is_cancelled() && self.cluster.as_ref().is_none_or(|c| c.is_up())
     }
 
-    /// `(is_online, is_notifiable)` of a user as REST and the socket report it. In a cluster,
-    /// online means held by any node (asked of Redis; what this node knows while Redis is
-    /// away).
-    pub async fn user_flags(
-        &self,
-        cfg: &ServiceConfig,
-        rec: &UserRecord,
-    ) -> (Option<bool>, Option<bool>) {
+    /// A user's flags as REST reports them. In a cluster, online means held by any node
+    /// (asked of Redis; what this node knows while Redis is away). The last-seen time is the
+    /// later of what this node's engine and the store know (the store is written in batches).
+    pub async fn user_flags(&self, cfg: &ServiceConfig, rec: &UserRecord) -> Flags {
         let svc = service_state(cfg);
-        let (mut online, epoch) = self
-            .engine
-            .presence(&cfg.service_sid, &rec.identity)
-            .unwrap_or((false, rec.online_epoch));
+        let here = self.engine.presence(&cfg.service_sid, &rec.identity);
+        let mut online = here.is_some_and(|p| p.online);
+        let epoch = here.map_or(rec.online_epoch, |p| p.online_epoch);
+        let went_offline = here.and_then(|p| p.last_seen_at).max(rec.last_seen_at);
         if let Some(cluster) = &self.cluster
             && svc.enabled
             && let Some(anywhere) = cluster
@@ -284,10 +349,12 @@ impl App {
             // This node's own hold may not have reached Redis yet.
             online = online || anywhere;
         }
-        let is_online = reach_core::is_online_flag(svc, online, epoch.max(rec.online_epoch));
-        let is_notifiable =
-            reach_core::is_notifiable_flag(svc, rec.ever_had_binding, rec.binding_count);
-        (is_online, is_notifiable)
+        let is_online = flags::is_online_flag(svc, online, epoch.max(rec.online_epoch));
+        Flags {
+            is_online,
+            is_notifiable: flags::is_notifiable_flag(svc, rec.ever_had_binding, rec.binding_count),
+            last_seen_at: flags::last_seen(is_online, went_offline, reach_proto::now_unix()),
+        }
     }
 }
 

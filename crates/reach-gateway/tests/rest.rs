@@ -44,6 +44,7 @@ const USER_FIELDS: &[&str] = &[
     "attributes",
     "chat_service_sid",
     "date_created",
+    "date_last_seen",
     "date_updated",
     "friendly_name",
     "identity",

@@ -525,7 +525,8 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"type":"user_updated","user":{"identity":"bob","friendly_name":null,
-                "attributes":"{}","is_online":true,"is_notifiable":null},"reasons":["reachabilityOnline"]})
+                "attributes":"{}","is_online":true,"is_notifiable":null,"last_seen_at":1_795_639_384_i64},
+                "reasons":["reachabilityOnline"]})
         );
         let e = ServerFrame::Error {
             id: None,

@@ -1131,7 +1131,10 @@ mod tests {
         let alice = store.get_user(&sid, "alice").await.unwrap();
         assert!(!alice.presence_online);
         assert_eq!(alice.last_seen_at, None);
-        assert_eq!(store.get_webhook(&sid).await.unwrap().post_webhook_url, None);
+        assert_eq!(
+            store.get_webhook(&sid).await.unwrap().post_webhook_url,
+            None
+        );
         store.close().await;
     }
 

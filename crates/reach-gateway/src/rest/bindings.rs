@@ -1,6 +1,7 @@
 //! `/v1/Services/{sid}/Bindings` and `/v1/Services/{sid}/Bindings/{binding}`: list (filtered
 //! by `BindingType` and `Identity`), fetch and delete push bindings. Clients register them over
-//! their socket (`register_push`); a delete is published as the user's new `is_notifiable`.
+//! their socket (`register_push`); a delete is published as the user's new `is_notifiable`
+//! (and, with `X-Twilio-Webhook-Enabled: true`, sent to the service's webhook).
 
 use axum::Json;
 use axum::Router;
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::RestState;
-use super::extract::{ApiPath, Ctx, QueryParams};
+use super::extract::{ApiPath, Ctx, QueryParams, WebhookEnabled};
 use super::json::{Urls, iso8601};
 use super::paging::{Paging, list_response};
 
@@ -91,14 +92,19 @@ async fn fetch_binding(ctx: Ctx, ApiPath((sid, binding)): ApiPath<(String, Strin
     Ok(Json(binding_json(&ctx.urls(), b)).into_response())
 }
 
-async fn delete_binding(ctx: Ctx, ApiPath((sid, binding)): ApiPath<(String, String)>) -> ApiResult {
+async fn delete_binding(
+    ctx: Ctx,
+    ApiPath((sid, binding)): ApiPath<(String, String)>,
+    WebhookEnabled(fire): WebhookEnabled,
+) -> ApiResult {
     let service = ctx.service(&sid).await?;
     let app = ctx.app();
     let b = app
         .store
-        .delete_binding(&service.sid, &binding)
+        .delete_binding(&service.sid, &binding, fire)
         .await
         .map_err(ctx.store_err())?;
+    app.events_recorded(fire);
     // The delete bumped the user's revision; publish the new notifiable state.
     match app.store.get_user(&service.sid, &b.identity).await {
         Ok(rec) => app.user_changed(&rec).await,

@@ -164,6 +164,29 @@ fn is_plain_host(host: &str) -> bool {
         })
 }
 
+/// `X-Twilio-Webhook-Enabled`: as in the hosted API, a REST write fires the service's
+/// webhook only when its request says `true` (so a backend that answers webhooks with REST
+/// calls does not loop); `false` or no header, no event. Another value is a 400.
+pub(super) struct WebhookEnabled(pub Option<reach_store::Source>);
+
+impl<S: Send + Sync> FromRequestParts<S> for WebhookEnabled {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> ApiResult<Self> {
+        const NAME: &str = "X-Twilio-Webhook-Enabled";
+        match parts.headers.get(NAME).map(|v| v.to_str()) {
+            None => Ok(WebhookEnabled(None)),
+            Some(Ok(v)) if v.trim().eq_ignore_ascii_case("true") => {
+                Ok(WebhookEnabled(Some(reach_store::Source::Api)))
+            }
+            Some(Ok(v)) if v.trim().eq_ignore_ascii_case("false") => Ok(WebhookEnabled(None)),
+            Some(_) => Err(ApiError::invalid(format!(
+                "The {NAME} header must be true or false"
+            ))),
+        }
+    }
+}
+
 /// Path parameters, with decoding failures (e.g. a segment that is not UTF-8) as error JSON.
 pub(super) struct ApiPath<T>(pub T);
 

@@ -1,15 +1,8 @@
 //! What the resources' JSON shapes share: absolute URLs ([`Urls`]) and timestamps
 //! ([`iso8601`]). Each shape is in its resource's file.
 
-/// `2026-11-25T20:43:04Z`.
-pub(super) fn iso8601(unix: i64) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
-        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(FORMAT).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
-}
+/// `2026-11-25T20:43:04Z` (the store's writing, also that of webhook parameters).
+pub(super) use reach_store::iso8601;
 
 /// Builds absolute URLs.
 pub(super) struct Urls<'a> {
@@ -37,6 +30,9 @@ impl Urls<'_> {
     }
     pub fn binding(&self, sid: &str, binding_sid: &str) -> String {
         format!("{}/Bindings/{binding_sid}", self.service(sid))
+    }
+    pub fn webhooks(&self, sid: &str) -> String {
+        format!("{}/Webhooks", self.config(sid))
     }
 }
 

@@ -3,8 +3,8 @@
 //! body and paging envelope (`docs/rest.md`).
 //!
 //! - one file per resource, with its routes, handlers and JSON shape: [`services`],
-//!   [`configuration`], [`users`], [`bindings`]; a new resource is a new file, merged into
-//!   [`router`];
+//!   [`configuration`], [`webhooks`] (the service's webhook), [`users`], [`bindings`]; a new
+//!   resource is a new file, merged into [`router`];
 //! - [`error`]: [`ApiError`] and its JSON body (the WebSocket upgrade's refusals use it too);
 //! - [`extract`]: the routes' state, the authenticated context ([`extract::Ctx`]) and the
 //!   strict decoding of the path, the query string and the form body;
@@ -25,6 +25,10 @@
 //!   re-read record (the store bumps the user's revision on both, so `friendlyName`,
 //!   `attributes` and `reachabilityNotifiable` changes are published).
 //!
+//! Writes made with `X-Twilio-Webhook-Enabled: true` record their webhook events in the same
+//! store transaction (so an answered write has its event) and wake the deliverer
+//! (`App::events_recorded`).
+//!
 //! In a cluster each `App` method also announces the change on the backplane, and the other
 //! nodes re-read the record and do the same for their sockets.
 
@@ -37,6 +41,7 @@ pub mod openapi;
 mod paging;
 mod services;
 mod users;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,6 +69,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(configuration::routes())
         .merge(users::routes())
         .merge(bindings::routes())
+        .merge(webhooks::routes())
         .merge(openapi::routes())
         // Applies to the routes above only (not to routes merged in later).
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,7 +1,9 @@
 //! `/v1/Services/{sid}/Users` and `/v1/Services/{sid}/Users/{user}` (by SID or identity):
-//! create, list, fetch, update and delete users. Fetches carry `is_online` and
-//! `is_notifiable` (lists do not, as in the hosted API); an update is published to the user's
-//! watchers, a delete closes the user's sockets with 4003.
+//! create, list, fetch, update and delete users. Fetches carry `is_online`, `is_notifiable`
+//! and Reach's own `date_last_seen` (lists do not, as in the hosted API); an update is
+//! published to the user's watchers, a delete closes the user's sockets with 4003. With
+//! `X-Twilio-Webhook-Enabled: true`, creates, updates and deletes also record their webhook
+//! events, in the same transaction.
 
 use axum::Json;
 use axum::Router;
@@ -14,9 +16,10 @@ use serde::Serialize;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::RestState;
-use super::extract::{ApiPath, Ctx, FormParams, QueryParams};
+use super::extract::{ApiPath, Ctx, FormParams, QueryParams, WebhookEnabled};
 use super::json::{Urls, iso8601};
 use super::paging::{Paging, list_response};
+use crate::state::Flags;
 
 pub(super) fn routes() -> Router<RestState> {
     Router::new()
@@ -33,6 +36,7 @@ pub(super) fn routes() -> Router<RestState> {
 async fn create_user(
     ctx: Ctx,
     ApiPath(sid): ApiPath<String>,
+    WebhookEnabled(fire): WebhookEnabled,
     FormParams(params): FormParams,
 ) -> ApiResult {
     let service = ctx.service(&sid).await?;
@@ -52,9 +56,10 @@ async fn create_user(
     let app = ctx.app();
     let rec = app
         .store
-        .create_user(&service, &user)
+        .create_user(&service, &user, fire)
         .await
         .map_err(ctx.store_err())?;
+    app.events_recorded(fire);
     let cfg = ctx.config(&service.sid).await?;
     let flags = app.user_flags(&cfg, &rec).await;
     Ok((
@@ -79,7 +84,7 @@ async fn list_users(
         .map_err(ctx.store_err())?;
     let urls = ctx.urls();
     // Lists never carry reachability flags.
-    let page = page.map(|u| user_json(&urls, u, (None, None)));
+    let page = page.map(|u| user_json(&urls, u, Flags::NONE));
     Ok(list_response(
         &paging,
         "users",
@@ -105,6 +110,7 @@ async fn fetch_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) -
 async fn update_user(
     ctx: Ctx,
     ApiPath((sid, user)): ApiPath<(String, String)>,
+    WebhookEnabled(fire): WebhookEnabled,
     FormParams(params): FormParams,
 ) -> ApiResult {
     let service = ctx.service(&sid).await?;
@@ -116,23 +122,29 @@ async fn update_user(
     let app = ctx.app();
     let rec = app
         .store
-        .update_user(&service.sid, &user, &update)
+        .update_user(&service.sid, &user, &update, fire)
         .await
         .map_err(ctx.store_err())?;
+    app.events_recorded(fire);
     app.user_changed(&rec).await;
     let cfg = ctx.config(&service.sid).await?;
     let flags = app.user_flags(&cfg, &rec).await;
     Ok(Json(user_json(&ctx.urls(), rec, flags)).into_response())
 }
 
-async fn delete_user(ctx: Ctx, ApiPath((sid, user)): ApiPath<(String, String)>) -> ApiResult {
+async fn delete_user(
+    ctx: Ctx,
+    ApiPath((sid, user)): ApiPath<(String, String)>,
+    WebhookEnabled(fire): WebhookEnabled,
+) -> ApiResult {
     let service = ctx.service(&sid).await?;
     let app = ctx.app();
     let rec = app
         .store
-        .delete_user(&service.sid, &user)
+        .delete_user(&service.sid, &user, fire)
         .await
         .map_err(ctx.store_err())?;
+    app.events_recorded(fire);
     app.user_deleted(&service.sid, &rec.identity).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -150,6 +162,9 @@ struct UserJson {
     is_notifiable: Option<bool>,
     date_created: String,
     date_updated: String,
+    /// Reach's own: when the user was last seen (now while online), by the null rules of
+    /// `is_online`.
+    date_last_seen: Option<String>,
     url: String,
     links: UserLinks,
 }
@@ -159,18 +174,19 @@ struct UserLinks {
     user_conversations: String,
 }
 
-/// A user with its reachability flags (`(None, None)` in lists).
-fn user_json(urls: &Urls<'_>, u: UserRecord, flags: (Option<bool>, Option<bool>)) -> UserJson {
+/// A user with its reachability flags ([`Flags::NONE`] in lists).
+fn user_json(urls: &Urls<'_>, u: UserRecord, flags: Flags) -> UserJson {
     let url = urls.user(&u.service_sid, &u.sid);
     UserJson {
         links: UserLinks {
             user_conversations: format!("{url}/Conversations"),
         },
         url,
-        is_online: flags.0,
-        is_notifiable: flags.1,
+        is_online: flags.is_online,
+        is_notifiable: flags.is_notifiable,
         date_created: iso8601(u.date_created),
         date_updated: iso8601(u.date_updated),
+        date_last_seen: flags.last_seen_at.map(iso8601),
         sid: u.sid,
         account_sid: u.account_sid,
         chat_service_sid: u.service_sid,

@@ -247,6 +247,8 @@ async fn start(
                 .await
             {
                 Ok(rec) if rec.identity == grant.identity => {
+                    // A user made by this hello recorded `onUserAdded`.
+                    app.wake_webhooks();
                     engine.load_profile(&service.sid, &grant.identity, profile_of(&rec));
                     engine.fill(&conn, &grant.identity, slot.id());
                 }

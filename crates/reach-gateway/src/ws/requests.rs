@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use reach_core::{Attach, SlotFrame};
 use reach_proto::{BindingType, ClientFrame, CloseCode, ErrorCode, IdentityError, ServerFrame};
-use reach_store::StoreError;
+use reach_store::{Source, StoreError};
 
 use super::connection::Session;
 use super::socket::error_frame;
@@ -284,6 +284,7 @@ impl Session {
             .await
         {
             Ok(binding) => {
+                self.app.events_recorded(Some(Source::Sdk));
                 self.refresh_own_profile().await;
                 self.push(&ServerFrame::PushRegistered {
                     id,
@@ -317,6 +318,7 @@ impl Session {
             .await
         {
             Ok(_) => {
+                self.app.events_recorded(Some(Source::Sdk));
                 self.refresh_own_profile().await;
                 self.push(&ServerFrame::PushUnregistered { id });
             }
