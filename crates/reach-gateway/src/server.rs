@@ -38,6 +38,8 @@ pub async fn start(
         let previous = crate::sync::prepare_single(&app).await?;
         app.background
             .spawn(crate::sync::recover(Arc::downgrade(&app), previous));
+        app.background
+            .spawn(crate::sync::alive(Arc::downgrade(&app)));
     }
     crate::sync::spawn(&app, feeds);
     app.background

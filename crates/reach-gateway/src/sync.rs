@@ -13,7 +13,7 @@
 //!   had online recorded as online. At the next start, after the offline grace (so a user that
 //!   reconnects in time shows no change), each of them that is not online again is reported
 //!   offline as of the last time the old process recorded itself alive, so a backend never keeps
-//!   a ghost. Then it records this process alive every few seconds.
+//!   a ghost. [`alive`] records the process alive every few seconds, and at its stop.
 //! - [`sweep`] (cluster): the other nodes report a dead node's users offline (the backplane's
 //!   clean-up); a report lost with a node that died while writing it, or a Redis that lost its
 //!   data, could still leave a user recorded online. Once after the node joins (and the
@@ -228,10 +228,17 @@ pub async fn prepare_single(app: &App) -> reach_store::Result<Option<i64>> {
 
 /// Single node: see the module doc. `previous` is when the last process recorded itself alive.
 pub async fn recover(app: Weak<App>, previous: Option<i64>) {
-    let Some(grace) = app.upgrade().map(|a| a.config.offline_grace()) else {
+    let Some((grace, stopping)) = app
+        .upgrade()
+        .map(|a| (a.config.offline_grace(), a.stopping.clone()))
+    else {
         return;
     };
-    tokio::time::sleep(grace).await;
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => {}
+        // Stopped within the grace: the next start does it.
+        _ = stopping.cancelled() => return,
+    }
     let mut after = 0;
     let mut reported = 0usize;
     loop {
@@ -259,14 +266,14 @@ pub async fn recover(app: Weak<App>, previous: Option<i64>) {
     if reported > 0 {
         tracing::info!(
             users = reported,
-            "users online when reachd last stopped and not back: reported offline unless online now"
+            "users online when reachd last stopped: reported offline unless back"
         );
     }
-    alive(app).await;
 }
 
-/// Single node: records this process alive every few seconds, and once more when it stops.
-async fn alive(app: Weak<App>) {
+/// Single node: records this process alive every few seconds, and once more when it stops
+/// (what the next start reads in [`prepare_single`]).
+pub async fn alive(app: Weak<App>) {
     let Some(stopping) = app.upgrade().map(|a| a.stopping.clone()) else {
         return;
     };
