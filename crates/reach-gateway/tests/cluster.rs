@@ -1,12 +1,14 @@
-//! Cluster mode against real Redis and PostgreSQL, with 2-3 real reachd processes.
+//! Cluster mode against real Redis and PostgreSQL, with 2-3 real reachd processes (and, for
+//! webhooks, real receivers).
 //!
 //! Needs `REACH_TEST_REDIS_URL` (e.g. `redis://127.0.0.1:6379`) and `REACH_TEST_POSTGRES_URL`
 //! (e.g. `postgres://postgres@127.0.0.1:5432/postgres`); without them each test says
 //! `skipped: ...` on stderr and passes. Each test gets a PostgreSQL database of its own and a
-//! Redis database number of its own (1-5) on the given server, except the Redis-restart test,
+//! Redis database number of its own (1-9) on the given server, except the Redis-restart test,
 //! which starts a private `redis-server` it can stop.
 
 mod common;
+mod receiver;
 mod ws_client;
 
 use std::io::Write;
@@ -639,4 +641,282 @@ async fn a_node_stopped_cleanly_is_cleaned_up_as_one_that_left_not_one_that_died
         metrics.contains("reach_cluster_reaped_nodes_total 0"),
         "a node that left is not counted as dead"
     );
+}
+
+/// A node whose webhook deliveries retry fast (and time out after 2 s).
+fn hook_node(redis: &str, db: &TestDb, id: &str) -> Reachd {
+    hook_node_with(redis, db, id, &[])
+}
+
+/// [`hook_node`] with more settings (variables).
+fn hook_node_with(redis: &str, db: &TestDb, id: &str, more: &[(&str, &str)]) -> Reachd {
+    let mut env = vec![
+        ("REACH_STORAGE__POSTGRES_URL", db.url.as_str()),
+        ("REACH_CLUSTER__REDIS_URL", redis),
+        ("REACH_CLUSTER__NODE_ID", id),
+        ("REACH_CLUSTER__NODE_TTL_MS", TTL_MS),
+        ("REACH_WEBHOOKS__TIMEOUT_MS", "2000"),
+        ("REACH_WEBHOOKS__LEASE_MS", "3000"),
+        ("REACH_WEBHOOKS__RETRY_INITIAL_MS", "200"),
+        ("REACH_WEBHOOKS__RETRY_MAX_MS", "1000"),
+        ("REACH_WEBHOOKS__POLL_INTERVAL_MS", "100"),
+        ("REACH_WEBHOOKS__MAX_ATTEMPTS", "50"),
+    ];
+    for (key, value) in more {
+        env.retain(|(k, _)| k != key);
+        env.push((key, value));
+    }
+    Reachd::start_with_env(FAST, &env)
+}
+
+/// Points the service's webhook at `url` for the three user events.
+async fn listen(d: &Reachd, svc: &str, url: &str) {
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Configuration/Webhooks"),
+            &[
+                ("PostWebhookUrl", url),
+                ("Filters", "onUserAdded"),
+                ("Filters", "onUserUpdated"),
+                ("Filters", "onUserRemoved"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// Creates a user over REST with X-Twilio-Webhook-Enabled: true.
+async fn create_user_firing(d: &Reachd, svc: &str, identity: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/Services/{svc}/Users", d.base()))
+        .basic_auth(ACCOUNT_SID, Some(AUTH_TOKEN))
+        .header("X-Twilio-Webhook-Enabled", "true")
+        .form(&[("Identity", identity)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+}
+
+#[tokio::test]
+async fn each_change_is_one_webhook_event_for_the_whole_cluster() {
+    let Some((redis, pg)) = servers("webhooks_once") else {
+        return;
+    };
+    let redis = redis_db(&redis, 7);
+    let db = TestDb::create(&pg).await;
+    let mut rx = receiver::Receiver::start().await;
+    let a = hook_node(&redis, &db, &node_id("once", 1));
+    let b = hook_node(&redis, &db, &node_id("once", 2));
+    let svc = enabled_service(&a).await;
+    listen(&a, &svc, &rx.url("/hook")).await;
+    create_user_firing(&b, &svc, "alice").await;
+    let added = rx.next().await;
+    assert_eq!(added.event(), "onUserAdded");
+    assert!(added.signature_valid(AUTH_TOKEN));
+
+    // Watchers on both nodes; alice on both nodes: one online, one offline.
+    let (mut bob, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "bob"), None).await;
+    let (mut carol, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "carol"), None).await;
+    for ws in [&mut bob, &mut carol] {
+        subscribe(ws, &["alice"]).await;
+    }
+    // bob and carol came online: one event each.
+    let mut others: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        let hook = rx.next().await;
+        others.push(format!("{} {}", hook.param("Identity"), hook.event()));
+    }
+    others.sort();
+    assert_eq!(
+        others,
+        [
+            "bob onUserAdded",
+            "bob onUserUpdated",
+            "carol onUserAdded",
+            "carol onUserUpdated"
+        ]
+    );
+    let (mut alice_a, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    let online = rx.next().await;
+    assert_eq!(
+        (online.param("Identity"), online.param("IsOnline")),
+        ("alice", "true")
+    );
+    let (mut alice_b, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
+    alice_a.send(&ClientFrame::Bye).await;
+    assert_eq!(alice_a.closed().await.code, Some(1000));
+    // Still online at B: nothing, on either node.
+    rx.none_within(GRACE * 2).await;
+    alice_b.send(&ClientFrame::Bye).await;
+    let left = now();
+    let offline = rx.next().await;
+    assert_eq!(
+        (offline.param("Identity"), offline.param("IsOnline")),
+        ("alice", "false")
+    );
+    let seen = offline.param("DateLastSeen");
+    assert!(!seen.is_empty());
+    rx.none_within(GRACE * 2).await;
+    // Last seen is the same at every node, REST and frames.
+    for d in [&a, &b] {
+        let r = d
+            .client()
+            .get(&format!("/v1/Services/{svc}/Users/alice"))
+            .await;
+        assert_eq!(r.body["is_online"], false);
+        assert_eq!(r.body["date_last_seen"].as_str(), Some(seen), "{}", r.text);
+    }
+    for ws in [&mut bob, &mut carol] {
+        let f = ws
+            .recv_until(|f| {
+                matches!(f, ServerFrame::UserUpdated { user, .. }
+                    if user.identity == "alice" && user.is_online == Some(false))
+            })
+            .await;
+        let ServerFrame::UserUpdated { user, .. } = f else {
+            unreachable!()
+        };
+        let at = user.last_seen_at.expect("offline: last seen");
+        assert!((at - left).abs() <= 2, "{at} vs {left}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_delivering_node_leaves_its_events_to_the_others() {
+    let Some((redis, pg)) = servers("webhooks_killed") else {
+        return;
+    };
+    let redis = redis_db(&redis, 8);
+    let db = TestDb::create(&pg).await;
+    let mut rx = receiver::Receiver::start().await;
+    // A alone: it takes the head event of each user, and the receiver holds those requests.
+    rx.script(std::iter::repeat_n(receiver::Reply::Hang, 4));
+    let slow = [
+        ("REACH_WEBHOOKS__TIMEOUT_MS", "4000"),
+        ("REACH_WEBHOOKS__LEASE_MS", "5000"),
+    ];
+    let a = hook_node_with(&redis, &db, &node_id("killed", 1), &slow);
+    let svc = enabled_service(&a).await;
+    listen(&a, &svc, &rx.url("/hook")).await;
+    for identity in ["u1", "u2", "u3"] {
+        create_user_firing(&a, &svc, identity).await;
+    }
+    let (alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(rx.next().await);
+    }
+    let mut who: Vec<&str> = held.iter().map(|h| h.param("Identity")).collect();
+    who.sort_unstable();
+    assert_eq!(who, ["alice", "u1", "u2", "u3"], "A is delivering");
+    // alice's online is recorded too (behind her first event).
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if n == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} events queued, not 5");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // B joins; A dies mid-delivery, with alice online.
+    let b = hook_node_with(&redis, &db, &node_id("killed", 2), &slow);
+    let stopped = a.kill9();
+    drop(alice);
+
+    // B delivers every event: the four A held (their tokens, after A's leases ran out),
+    // alice's online, and her offline once it has cleaned up after A.
+    let mut tokens = std::collections::HashMap::new();
+    let mut alice_offline = None;
+    while tokens.len() < 6 {
+        let hook = rx.next().await;
+        assert!(hook.signature_valid(AUTH_TOKEN));
+        let what = format!(
+            "{} {} {}",
+            hook.param("Identity"),
+            hook.event(),
+            hook.param("IsOnline")
+        );
+        if what == "alice onUserUpdated false" {
+            alice_offline = Some(hook.param("DateLastSeen").to_owned());
+        }
+        tokens.entry(hook.token().to_owned()).or_insert(what);
+    }
+    for hook in &held {
+        assert!(tokens.contains_key(hook.token()), "{:?} again", hook.params);
+    }
+    let mut seen: Vec<&str> = tokens.values().map(String::as_str).collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [
+            "alice onUserAdded ",
+            "alice onUserUpdated false",
+            "alice onUserUpdated true",
+            "u1 onUserAdded ",
+            "u2 onUserAdded ",
+            "u3 onUserAdded ",
+        ]
+    );
+    // B reported her offline after A's TTL and the grace, as of then.
+    let seen_at = alice_offline.expect("alice reported offline by B");
+    let r = b
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.body["is_online"], false);
+    assert_eq!(r.body["date_last_seen"].as_str(), Some(seen_at.as_str()));
+    drop(stopped);
+}
+
+#[tokio::test]
+async fn users_recorded_online_that_no_node_holds_are_swept_offline() {
+    let Some((redis, pg)) = servers("webhooks_sweep") else {
+        return;
+    };
+    let redis = redis_db(&redis, 9);
+    let db = TestDb::create(&pg).await;
+    let mut rx = receiver::Receiver::start().await;
+    let a = hook_node(&redis, &db, &node_id("sweep", 1));
+    let svc = enabled_service(&a).await;
+    listen(&a, &svc, &rx.url("/hook")).await;
+    let (alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    let added = rx.next().await;
+    assert_eq!(added.event(), "onUserAdded");
+    let online = rx.next().await;
+    assert_eq!(online.param("IsOnline"), "true");
+    // The whole cluster dies and Redis loses its data: nobody is left to release alice.
+    let stopped = a.kill9();
+    drop(alice);
+    let client = redis::Client::open(redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+    drop(stopped);
+    // A new node, once joined and past the clean-ups' time, finds her recorded online and
+    // held by nobody.
+    let b = hook_node(&redis, &db, &node_id("sweep", 2));
+    // (An event whose outcome A had not written yet may come again, with its token.)
+    let offline = loop {
+        let hook = rx.next().await;
+        if hook.token() != added.token() && hook.token() != online.token() {
+            break hook;
+        }
+    };
+    assert_eq!(
+        (offline.param("Identity"), offline.param("IsOnline")),
+        ("alice", "false")
+    );
+    let r = b
+        .client()
+        .get(&format!("/v1/Services/{svc}/Users/alice"))
+        .await;
+    assert_eq!(r.body["is_online"], false);
+    assert!(r.body["date_last_seen"].is_string(), "{}", r.text);
 }
