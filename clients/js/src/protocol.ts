@@ -37,6 +37,12 @@ export interface WireUser {
   attributes: string;
   is_online: boolean | null;
   is_notifiable: boolean | null;
+  /**
+   * When the user was last seen, in unix seconds: the time of this state while online, else
+   * when the user went offline; `null` whenever `is_online` is. Absent from servers that
+   * predate it (read as `null`).
+   */
+  last_seen_at?: number | null;
 }
 
 /** A per-identity failure in a `subscribed` reply. */

@@ -135,7 +135,7 @@ export class PresenceState {
   reachabilityDisabled(): PresenceEvent[] {
     const events: PresenceEvent[] = [];
     for (const user of [this.own, ...this.users.values()]) {
-      const nulled = { ...user.toJSON(), is_online: null, is_notifiable: null };
+      const nulled = { ...user.toJSON(), is_online: null, is_notifiable: null, last_seen_at: null };
       events.push(...updated(user, user._replace(nulled)));
     }
     return events;

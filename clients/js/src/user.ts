@@ -91,6 +91,16 @@ export class User extends Emitter<UserEvents> {
     return this.wire.is_notifiable;
   }
 
+  /**
+   * When the user was last seen: while online, the time of the state the client holds; after,
+   * when the user went offline. `null` whenever {@link User.isOnline} is (and from a server
+   * that does not send it). A change of this time alone is no update (it has no reason).
+   */
+  get lastSeenAt(): Date | null {
+    const seconds = this.wire.last_seen_at;
+    return typeof seconds === "number" ? new Date(seconds * 1000) : null;
+  }
+
   /** Whether the client is subscribed to this user (always `true` for the client's own). */
   get isSubscribed(): boolean {
     return this.subscribed;

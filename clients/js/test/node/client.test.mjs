@@ -55,6 +55,7 @@ for (const encoding of ["json", "msgpack"]) {
     assert.deepEqual(alice.attributes, { team: "blue" });
     assert.equal(alice.isOnline, null, "never online since reachability was enabled");
     assert.equal(alice.isNotifiable, null);
+    assert.equal(alice.lastSeenAt, null, "null as isOnline is");
     assert.equal(alice.isSubscribed, true);
     assert.equal(await bob.getUser("alice"), alice, "the same object again");
     assert.deepEqual(await bob.getSubscribedUsers(), [alice]);
@@ -67,6 +68,7 @@ for (const encoding of ["json", "msgpack"]) {
     assert.equal(user, alice);
     assert.deepEqual(updateReasons, ["reachabilityOnline"]);
     assert.equal(alice.isOnline, true);
+    assert.ok(Math.abs(alice.lastSeenAt.getTime() - Date.now()) < 5000, "online: seen now");
 
     // bye: offline at once, without the gateway's grace.
     const offline = next(alice, "updated");
@@ -74,6 +76,8 @@ for (const encoding of ["json", "msgpack"]) {
     assert.equal(aliceClient.connectionState, "disconnected");
     assert.deepEqual((await offline).updateReasons, ["reachabilityOnline"]);
     assert.equal(alice.isOnline, false);
+    const left = alice.lastSeenAt;
+    assert.ok(left instanceof Date && Math.abs(left.getTime() - Date.now()) < 5000, "when she left");
 
     await assert.rejects(bob.getUser("nobody"), (e) => e instanceof ReachError && e.code === 20404);
     const gone = next(bob, "userUnsubscribed");

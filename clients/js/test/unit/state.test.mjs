@@ -28,6 +28,18 @@ test("reasons are listed in the protocol's order", () => {
   assert.deepEqual(reasonsBetween(before, user("a", false)), []);
 });
 
+test("last seen is a Date, null with isOnline, and alone it is no update", () => {
+  const state = new PresenceState(user("me", true), owner);
+  const { users } = state.subscribe([user("alice", true, { last_seen_at: 1_795_639_384 })]);
+  assert.equal(users[0].lastSeenAt.getTime(), 1_795_639_384_000);
+  // The same state, seen later: the time moves, nothing is reported.
+  assert.deepEqual(state.subscribe([user("alice", true, { last_seen_at: 1_795_639_400 })]).events, []);
+  assert.equal(users[0].lastSeenAt.getTime(), 1_795_639_400_000);
+  assert.equal(state.subscribe([user("bob", null)]).users[0].lastSeenAt, null, "absent: null");
+  state.reachabilityDisabled();
+  assert.equal(users[0].lastSeenAt, null, "disabled: null, as isOnline");
+});
+
 test("a reply that repeats a user's state reports nothing", () => {
   const state = new PresenceState(user("me", true), owner);
   const first = state.subscribe([user("alice", true)]);
