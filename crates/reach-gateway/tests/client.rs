@@ -138,6 +138,7 @@ offline_grace_ms = 4000
 
         let alice = bob.subscribe_user("alice").await.unwrap();
         assert_eq!(alice.is_online(), None, "never online since enabling");
+        assert_eq!(alice.last_seen_at(), None, "null as is_online");
         assert!(alice.is_subscribed());
         assert_eq!(alice.attributes(), serde_json::json!({}));
         match events.recv().await {
@@ -156,6 +157,8 @@ offline_grace_ms = 4000
             Some(true),
             "every handle reads the latest"
         );
+        let seen = alice.last_seen_at().expect("online: seen now");
+        assert!((seen - common::now()).abs() <= 2, "{seen}");
         let up = tokio::time::timeout(WAIT, alice_updates.recv())
             .await
             .unwrap()
@@ -186,6 +189,8 @@ offline_grace_ms = 4000
         let (_, reasons) = update_of(&mut events, "alice").await;
         assert_eq!(reasons, vec![UpdateReason::ReachabilityOnline]);
         assert_eq!(alice.is_online(), Some(false));
+        let left = alice.last_seen_at().expect("offline: when she left");
+        assert!((left - common::now()).abs() <= 2, "{left}");
         assert!(
             started.elapsed() < Duration::from_millis(3000),
             "offline before the 4 s grace: {:?}",
