@@ -686,6 +686,22 @@ mod tests {
     }
 
     #[test]
+    fn webhook_settings_that_cannot_work_are_refused() {
+        let mut c = Config::default();
+        c.webhooks.lease_ms = c.webhooks.timeout_ms;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("webhooks.lease_ms"), "{e}");
+        let mut c = Config::default();
+        c.webhooks.retry_max_ms = c.webhooks.retry_initial_ms - 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("webhooks.retry_max_ms"), "{e}");
+        let mut c = Config::default();
+        c.webhooks.max_attempts = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("webhooks.max_attempts"), "{e}");
+    }
+
+    #[test]
     fn a_bad_value_names_its_key() {
         let mut c = Config::default();
         c.presence.heartbeat_timeout_ms = 100;
