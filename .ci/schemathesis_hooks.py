@@ -2,6 +2,10 @@
 
 `json-text` (the Attributes parameter) is JSON text, which no JSON Schema pattern can
 describe; positive cases get real JSON documents, negative ones break the other constraints.
+`webhook-url` (PreWebhookUrl, PostWebhookUrl) is an absolute http(s) URL that a URL parser
+accepts (or empty, to clear): positive cases get such URLs with generated paths and queries,
+on loopback hosts only (reachd sends events to them during the run: they must go nowhere
+else).
 """
 
 import json
@@ -25,3 +29,17 @@ schemathesis.openapi.format(
     "json-text",
     _documents.map(json.dumps).filter(lambda text: len(text.encode()) <= 16384),
 )
+
+_url_chars = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/%20",
+    max_size=40,
+).map(lambda t: t.replace("%", "%25"))
+_webhook_urls = st.builds(
+    lambda scheme, host, port, path, query: f"{scheme}://{host}{port}/{path}{query}",
+    st.sampled_from(["http", "https"]),
+    st.sampled_from(["127.0.0.1", "127.0.0.2", "localhost", "[::1]"]),
+    st.sampled_from(["", ":8000", ":443", ":65535"]),
+    _url_chars,
+    st.sampled_from(["", "?tenant=1", "?a=b&c=d"]),
+)
+schemathesis.openapi.format("webhook-url", st.just("") | _webhook_urls)
