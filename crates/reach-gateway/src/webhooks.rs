@@ -532,6 +532,7 @@ pub async fn run(app: Arc<App>, node: String) {
     let tasks = TaskTracker::new();
     let poll = Duration::from_millis(config.poll_interval_ms);
     let lease_ms = i64::try_from(config.lease_ms).unwrap_or(i64::MAX);
+    let mut claim_failures = 0u32;
     loop {
         loop {
             let free = slots.available_permits();
@@ -543,9 +544,16 @@ pub async fn run(app: Arc<App>, node: String) {
                 .claim_events(&node, now_ms(), lease_ms, free as i64)
                 .await
             {
-                Ok(events) => events,
+                Ok(events) => {
+                    claim_failures = 0;
+                    events
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot take webhook events from the store");
+                    // Once, then about once a minute while it lasts.
+                    if claim_failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, "cannot take webhook events from the store; retrying");
+                    }
+                    claim_failures = claim_failures.saturating_add(1);
                     break;
                 }
             };
