@@ -33,6 +33,7 @@
 //! | `reach:node:<node id>:incarnations` | set | the node's incarnations whose holds are not cleaned up yet |
 //! | `reach:reap:<node id>` | string, expires | the node cleaning up after a dead one |
 //! | `reach:left:<node id>` | string, expires | the node left in an orderly way (a drain) |
+//! | `reach:turn:<task>` | string, expires | the node whose turn it is to run a periodic task (the sweep of users recorded online) |
 //! | `reach:control` | channel | record changes made at one node (below) |
 //!
 //! An *incarnation* is a random token a node picks at each (re)connection to Redis. Holds are
@@ -96,7 +97,9 @@
 //! - A node leaving in an orderly way (drain) marks itself as left (`reach:left:<node id>`,
 //!   expiring) and deletes its liveness key, so the others clean up after the grace without
 //!   waiting for the TTL, as after a node that left: it is logged as such and not counted in
-//!   `reach_cluster_reaped_nodes_total`.
+//!   `reach_cluster_reaped_nodes_total`. From then on it writes no hold or release of its own:
+//!   the users it still holds are released, and their offline reported, by the node that
+//!   cleans up after it.
 
 mod scripts;
 mod session;
@@ -353,6 +356,23 @@ impl Cluster {
                     .map(|(v, nodes)| (v, !nodes.is_empty()))
             })
             .collect()
+    }
+
+    /// Takes the cluster-wide turn of a periodic task named `task` for `period` (`SET NX`):
+    /// true when this node is the one to run it now; `None` while Redis is unreachable.
+    pub async fn take_turn(&self, task: &str, period: Duration) -> Option<bool> {
+        let mut conn = self.connection()?;
+        self.shared.metrics.commands.inc();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(format!("reach:turn:{task}"))
+            .arg(&self.shared.config.node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        Some(taken.is_some())
     }
 
     /// Whether any node holds the user, from Redis; `None` while Redis is unreachable.

@@ -189,6 +189,12 @@ impl Session {
                             Err(_) => break,
                         }
                     }
+                    if shared.leaving.load(Ordering::Relaxed) {
+                        // Left: the holds still in Redis are the other nodes' to release
+                        // (after the grace), and theirs to report; a release made here now
+                        // could be reported too late for this node's store writer.
+                        batch.retain(|e| !matches!(e, ClusterEvent::Held(_) | ClusterEvent::Released(_)));
+                    }
                     self.apply(shared, batch).await?;
                 }
                 msg = self.stream.next() => {

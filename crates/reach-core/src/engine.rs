@@ -499,12 +499,27 @@ impl Engine {
     /// for the first time: the caller records it in the store (`Store::mark_online`) before
     /// acknowledging the connection, so `is_online` reads `false`, not `null`, after a crash.
     pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> (Attach, Option<i64>) {
+        self.attach_with(conn, slot, None)
+    }
+
+    /// [`Engine::attach`] with the user's profile as the caller just read it from the store
+    /// (kept unless a newer one is in memory), so the user exists in the store before its
+    /// presence is reported and the `welcome` slot is filled at once.
+    pub fn attach_with(
+        &self,
+        conn: &Arc<Conn>,
+        slot: SlotId,
+        profile: Option<Profile>,
+    ) -> (Attach, Option<i64>) {
         self.conns.insert(conn.id, Arc::clone(conn));
         let svc = self.service(conn.service());
         let mut entry = self
             .users
             .entry(conn.key.clone())
             .or_insert_with(Entry::new);
+        if let Some(profile) = profile {
+            Self::keep_newer(&mut entry, profile);
+        }
         let mut new_epoch = None;
         entry.conns += 1;
         if entry.conns == 1 {
@@ -903,16 +918,27 @@ impl Engine {
     pub fn load_profile(&self, service_sid: &str, identity: &str, profile: Profile) {
         let key = UserKey::new(service_sid, identity);
         if let Some(mut entry) = self.users.get_mut(&key) {
-            entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
-            if entry
-                .profile
-                .as_ref()
-                .is_none_or(|p| p.revision < profile.revision)
-            {
-                let seen = entry.profile.as_ref().and_then(|p| p.last_seen_at);
-                entry.profile = Some(profile);
-                entry.went_offline_at(seen);
-            }
+            Self::keep_newer(&mut entry, profile);
+        }
+    }
+
+    /// Whether the user's profile is in memory (a `hello` then needs no store read).
+    pub fn has_profile(&self, service_sid: &str, identity: &str) -> bool {
+        self.users
+            .get(&UserKey::new(service_sid, identity))
+            .is_some_and(|e| e.profile.is_some())
+    }
+
+    fn keep_newer(entry: &mut Entry, profile: Profile) {
+        entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
+        if entry
+            .profile
+            .as_ref()
+            .is_none_or(|p| p.revision < profile.revision)
+        {
+            let seen = entry.profile.as_ref().and_then(|p| p.last_seen_at);
+            entry.profile = Some(profile);
+            entry.went_offline_at(seen);
         }
     }
 

@@ -16,9 +16,10 @@
 //!   a ghost. [`alive`] records the process alive every few seconds, and at its stop.
 //! - [`sweep`] (cluster): the other nodes report a dead node's users offline (the backplane's
 //!   clean-up); a report lost with a node that died while writing it, or a Redis that lost its
-//!   data, could still leave a user recorded online. Once after the node joins (and the
-//!   clean-ups of nodes that died before had their time), each user recorded online that no
-//!   node holds is reported offline, with the version Redis has for it.
+//!   data, could still leave a user recorded online. After a node joins (once the clean-ups of
+//!   nodes that died before had their time) and then every [`SWEEP_EVERY`], one node of the
+//!   cluster (whose turn it is, in Redis) reports offline each user recorded online that no
+//!   node holds, with the version Redis has for it.
 //! - [`apply_control`] (cluster mode) applies the record changes other nodes announce on the
 //!   backplane: it re-reads them from the shared store and lets the engine notify this node's
 //!   sockets, as the REST handlers do for a change made here.
@@ -45,6 +46,8 @@ const MAX_PENDING: usize = 100_000;
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// Users read from the store at once by the recovery and the sweep.
 const PAGE: i64 = 500;
+/// How often one node of a cluster sweeps the users recorded online.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// Spawns the tasks over `feeds`; they end when their channel closes, the app stops or is gone.
 pub fn spawn(app: &Arc<App>, feeds: Feeds) {
@@ -188,6 +191,15 @@ async fn write(store: &dyn Store, batch: &[PersistEvent]) -> reach_store::Result
             }
         }
     }
+    // In one order of users (each user's changes keeping theirs), so two nodes' batches lock
+    // the same users' rows in the same order.
+    changes.sort_by(|a, b| {
+        (a.service_sid.as_str(), a.identity.as_str(), a.version).cmp(&(
+            b.service_sid.as_str(),
+            b.identity.as_str(),
+            b.version,
+        ))
+    });
     store.record_presence(&changes).await?;
     Ok(!changes.is_empty())
 }
@@ -248,15 +260,19 @@ pub async fn recover(app: Weak<App>, previous: Option<i64>) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the users recorded online; retrying");
                 drop(app);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopping.cancelled() => return,
+                }
             }
         };
-        let at = previous.unwrap_or_else(reach_proto::now_unix);
-        for (seq, service, identity) in &users {
-            after = *seq;
+        let last_alive = previous.unwrap_or_else(reach_proto::now_unix);
+        for user in &users {
+            after = user.seq;
+            // Seen until the old process's last sign of life, or its own login if later.
+            let at = last_alive.max(user.version / 1_000_000);
             app.engine
-                .report_offline_unless_online(service, identity, at);
+                .report_offline_unless_online(&user.service_sid, &user.identity, at);
             reported += 1;
         }
         if users.len() < PAGE as usize {
@@ -315,6 +331,19 @@ async fn sweep(app: Weak<App>) {
         return;
     };
     tokio::time::sleep(wait).await;
+    loop {
+        let Some(cluster) = app.upgrade().and_then(|a| a.cluster.clone()) else {
+            return;
+        };
+        if cluster.take_turn("sweep", SWEEP_EVERY).await == Some(true) {
+            sweep_once(&app).await;
+        }
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+/// One pass over the users recorded online.
+async fn sweep_once(app: &Weak<App>) {
     let mut after = 0;
     let mut reported = 0usize;
     loop {
@@ -331,7 +360,7 @@ async fn sweep(app: Weak<App>) {
         };
         let keys: Vec<UserKey> = users
             .iter()
-            .map(|(_, service, identity)| UserKey::new(service, identity))
+            .map(|u| UserKey::new(&u.service_sid, &u.identity))
             .collect();
         let Some(states) = cluster.holders(&keys).await else {
             tracing::debug!("cluster sweep: Redis unavailable; skipped");
@@ -348,8 +377,8 @@ async fn sweep(app: Weak<App>) {
                 }));
             }
         }
-        if let Some((seq, _, _)) = users.last() {
-            after = *seq;
+        if let Some(last) = users.last() {
+            after = last.seq;
         }
         if users.len() < PAGE as usize {
             break;

@@ -35,7 +35,7 @@ use hmac::{Hmac, Mac};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use rand::Rng;
 use reach_store::hooks::now_ms;
-use reach_store::{ClaimedEvent, Completion, Target, WebhookMethod};
+use reach_store::{Claim, ClaimedEvent, Completion, Target, WebhookMethod};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 
@@ -133,7 +133,8 @@ const METADATA_HOSTS: &[&str] = &[
     "instance-data.ec2.internal",
 ];
 
-/// Link-local addresses and the cloud metadata endpoints outside that range.
+/// Link-local addresses and the cloud metadata endpoints outside that range, also when an
+/// IPv6 address carries one of those IPv4 addresses (mapped, compatible, NAT64, 6to4).
 pub fn refused_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -142,13 +143,34 @@ pub fn refused_ip(ip: IpAddr) -> bool {
                 || v4.octets() == [100, 100, 100, 200]
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_v4(v6) {
                 return refused_ip(IpAddr::V4(v4));
             }
             // fe80::/10, and AWS's IPv6 metadata endpoint fd00:ec2::254.
             (v6.segments()[0] & 0xffc0) == 0xfe80
                 || v6.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254]
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address stands for: `::ffff:a.b.c.d` (mapped), `::a.b.c.d`
+/// (compatible), `64:ff9b::a.b.c.d` (NAT64) and `2002:aabb:ccdd::/48` (6to4).
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        std::net::Ipv4Addr::new(a, b, c, d)
+    };
+    if let Some(mapped) = v6.to_ipv4_mapped() {
+        Some(mapped)
+    } else if (s[..6] == [0; 6] && (s[6] != 0 || s[7] > 1)) || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
+        Some(v4(s[6], s[7]))
+    } else if s[0] == 0x2002 {
+        Some(v4(s[1], s[2]))
+    } else {
+        None
     }
 }
 
@@ -323,6 +345,9 @@ fn client(config: &WebhooksConfig) -> reqwest::Result<reqwest::Client> {
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("reachd/", env!("CARGO_PKG_VERSION"), " (webhooks)"))
         .pool_idle_timeout(Duration::from_secs(30))
+        // Straight to the receiver: a proxy from the environment would resolve the name
+        // itself, past the resolver below.
+        .no_proxy()
         .dns_resolver(Arc::new(Resolver {
             allow_link_local: config.allow_link_local,
         }))
@@ -398,12 +423,13 @@ async fn attempt(
             }
         }
         Err(e) => Attempt::Failed {
+            // Without the URL: its query string may hold a receiver's secret.
             error: if e.is_timeout() {
                 "timed out".into()
             } else if e.is_connect() {
-                format!("cannot connect: {}", source_chain(&e))
+                format!("cannot connect: {}", source_chain(&e.without_url()))
             } else {
-                source_chain(&e)
+                source_chain(&e.without_url())
             },
             retry_after: None,
         },
@@ -427,7 +453,7 @@ struct Deliverer {
     app: Arc<App>,
     client: reqwest::Client,
     policy: Policy,
-    outcomes: mpsc::UnboundedSender<(i64, Completion)>,
+    outcomes: mpsc::UnboundedSender<(Claim, Completion)>,
 }
 
 impl Deliverer {
@@ -438,15 +464,23 @@ impl Deliverer {
         let Some(target) = &event.target else {
             metrics.deliveries.with_label_values(&["dropped"]).inc();
             tracing::debug!(event = %event.token, service = %event.service_sid, "webhook event dropped: the service no longer sends it");
-            let _ = self.outcomes.send((event.seq, Completion::Dropped));
+            let _ = self.outcomes.send((event.claim(), Completion::Dropped));
             return;
         };
         let Some(auth_token) = self.app.creds.auth_token(target.account_sid.as_str()) else {
             metrics.deliveries.with_label_values(&["dropped"]).inc();
             tracing::warn!(event = %event.token, account = %target.account_sid, "webhook event dropped: its account is not configured, so it cannot be signed");
-            let _ = self.outcomes.send((event.seq, Completion::Dropped));
+            let _ = self.outcomes.send((event.claim(), Completion::Dropped));
             return;
         };
+        if now_ms().saturating_sub(event.created_ms)
+            > i64::try_from(config.max_age_ms).unwrap_or(i64::MAX)
+        {
+            // Too old to be worth sending (e.g. it waited behind its user's earlier events).
+            let completion = self.give_up(&event, "older than webhooks.max_age_ms");
+            let _ = self.outcomes.send((event.claim(), completion));
+            return;
+        }
         let started = Instant::now();
         let result = attempt(
             &self.client,
@@ -487,7 +521,7 @@ impl Deliverer {
             }
             Attempt::Refused { error } => self.give_up(&event, &error),
         };
-        let _ = self.outcomes.send((event.seq, completion));
+        let _ = self.outcomes.send((event.claim(), completion));
     }
 
     fn give_up(&self, event: &ClaimedEvent, error: &str) -> Completion {
@@ -595,7 +629,7 @@ pub async fn run(app: Arc<App>, node: String) {
 async fn write_outcomes(
     app: Arc<App>,
     node: String,
-    mut rx: mpsc::UnboundedReceiver<(i64, Completion)>,
+    mut rx: mpsc::UnboundedReceiver<(Claim, Completion)>,
 ) {
     const BATCH: usize = 256;
     let mut batch = Vec::new();
@@ -680,6 +714,9 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "http://[fe80::1]/",
             "http://[::ffff:169.254.169.254]/",
+            "http://[::a9fe:a9fe]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[2002:a9fe:a9fe::1]/",
             "http://[fd00:ec2::254]/",
             "http://100.100.100.200/",
             "http://metadata.google.internal/computeMetadata/v1/",
@@ -688,6 +725,13 @@ mod tests {
             assert!(check_url(bad, false).is_err(), "{bad}");
         }
         assert!(check_url("http://169.254.169.254/", true).is_ok());
+        for fine in [
+            "http://[::1]:8000/",
+            "http://[2001:db8::1]/",
+            "http://10.0.0.1/",
+        ] {
+            assert!(check_url(fine, false).is_ok(), "{fine}");
+        }
         assert!(check_url(&format!("https://e.com/{}", "a".repeat(MAX_URL_LEN)), false).is_err());
     }
 

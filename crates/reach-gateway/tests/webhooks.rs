@@ -956,3 +956,37 @@ async fn last_seen_in_rest_frames_and_across_a_restart() {
     let r = d.client().get(&user_url).await;
     assert_eq!(r.body["date_last_seen"], serde_json::Value::Null);
 }
+
+#[tokio::test]
+async fn a_first_hello_records_its_user_before_its_online() {
+    // Presence changes written 1 ms after they happen: had the user been created after its
+    // online was reported, the online would find no user and be lost.
+    let mut rx = Receiver::start().await;
+    let d = Reachd::start(&FAST.replace(
+        "poll_interval_ms = 100",
+        "poll_interval_ms = 100\nrecord_batch_ms = 1",
+    ));
+    let svc = service_with_webhook(&d, &rx.url("/hook")).await;
+    let mut sockets = Vec::new();
+    for i in 0..10 {
+        let (ws, _) = Ws::hello(&d.ws_url(), &d.token(&svc, &format!("new{i}")), None).await;
+        sockets.push(ws);
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 20 {
+        let hook = rx.next().await;
+        seen.insert(format!(
+            "{} {} {}",
+            hook.param("Identity"),
+            hook.event(),
+            hook.param("IsOnline")
+        ));
+    }
+    for i in 0..10 {
+        assert!(seen.contains(&format!("new{i} onUserAdded ")), "{seen:?}");
+        assert!(
+            seen.contains(&format!("new{i} onUserUpdated true")),
+            "{seen:?}"
+        );
+    }
+}

@@ -214,6 +214,17 @@ pub struct PresenceRecord {
     pub version: i64,
 }
 
+/// A user recorded online ([`crate::Store::online_users`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineUser {
+    /// The keyset cursor of the list.
+    pub seq: i64,
+    pub service_sid: ServiceSid,
+    pub identity: String,
+    /// The version of its recorded online (a single node's: unix microseconds).
+    pub version: i64,
+}
+
 /// Where a claimed event goes: the service's webhook as it is now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -241,6 +252,25 @@ pub struct ClaimedEvent {
     /// `None` when the service no longer has a post-event URL, or no longer listens to this
     /// event: the event is dropped.
     pub target: Option<Target>,
+}
+
+impl ClaimedEvent {
+    /// What identifies this claim of the event (see [`Claim`]).
+    pub fn claim(&self) -> Claim {
+        Claim {
+            seq: self.seq,
+            attempts: self.attempts,
+        }
+    }
+}
+
+/// One claim of an event: its `seq` and the attempt it is. An outcome applies only to the
+/// claim it answers: were the lease to run out and the event be claimed again (by another node,
+/// or by the same one), a late outcome of the earlier claim changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub seq: i64,
+    pub attempts: i64,
 }
 
 /// What became of a claimed event.
@@ -581,10 +611,10 @@ macro_rules! shared_sql {
             conn: &mut $conn,
             after: i64,
             limit: i64,
-        ) -> Result<Vec<(i64, ServiceSid, String)>> {
+        ) -> Result<Vec<crate::hooks::OnlineUser>> {
             // `= TRUE` as the partial index `users_online` says it, so the index is used.
             let rows = sqlx::query(
-                "SELECT seq, service_sid, identity FROM users \
+                "SELECT seq, service_sid, identity, presence_version FROM users \
                  WHERE presence_online = TRUE AND seq > $1 ORDER BY seq LIMIT $2",
             )
             .bind(after)
@@ -601,7 +631,12 @@ macro_rules! shared_sql {
                             source: Box::new(e),
                         }
                     })?;
-                    Ok((row.try_get("seq")?, service, row.try_get("identity")?))
+                    Ok(crate::hooks::OnlineUser {
+                        seq: row.try_get("seq")?,
+                        service_sid: service,
+                        identity: row.try_get("identity")?,
+                        version: row.try_get("presence_version")?,
+                    })
                 })
                 .collect::<sqlx::Result<_>>()
                 .map_err(db)
@@ -612,6 +647,20 @@ macro_rules! shared_sql {
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(db)
+        }
+
+        /// Whether any event may be claimable at `now_ms`: a plain read, so a node that looks
+        /// often (each wake-up) takes no write lock when there is nothing to send.
+        pub(crate) async fn any_due(conn: &mut $conn, now_ms: i64) -> Result<bool> {
+            let due: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM webhook_events \
+                 WHERE next_attempt_ms <= $1 AND lease_until_ms <= $1 LIMIT 1",
+            )
+            .bind(now_ms)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+            Ok(due.is_some())
         }
 
         /// Claims (see `Store::claim_events`), without the targets.
@@ -712,16 +761,18 @@ macro_rules! shared_sql {
         pub(crate) async fn complete(
             conn: &mut $conn,
             node: &str,
-            outcomes: &[(i64, Completion)],
+            outcomes: &[(crate::hooks::Claim, Completion)],
         ) -> Result<()> {
-            for (seq, outcome) in outcomes {
+            for (claim, outcome) in outcomes {
                 match outcome {
                     Completion::Delivered | Completion::Dropped => {
                         sqlx::query(
-                            "DELETE FROM webhook_events WHERE seq = $1 AND lease_owner = $2",
+                            "DELETE FROM webhook_events \
+                             WHERE seq = $1 AND lease_owner = $2 AND attempts = $3",
                         )
-                        .bind(seq)
+                        .bind(claim.seq)
                         .bind(node)
+                        .bind(claim.attempts)
                         .execute(&mut *conn)
                         .await
                         .map_err(db)?;
@@ -730,12 +781,13 @@ macro_rules! shared_sql {
                         sqlx::query(
                             "UPDATE webhook_events SET next_attempt_ms = $1, last_error = $2, \
                              lease_owner = NULL, lease_until_ms = 0 \
-                             WHERE seq = $3 AND lease_owner = $4",
+                             WHERE seq = $3 AND lease_owner = $4 AND attempts = $5",
                         )
                         .bind(at_ms)
                         .bind(error)
-                        .bind(seq)
+                        .bind(claim.seq)
                         .bind(node)
+                        .bind(claim.attempts)
                         .execute(&mut *conn)
                         .await
                         .map_err(db)?;

@@ -29,8 +29,8 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 pub use hooks::{
-    ClaimedEvent, Completion, PresenceRecord, QueueStats, Source, Target, UserEvent, WebhookConfig,
-    WebhookMethod, WebhookUpdate,
+    Claim, ClaimedEvent, Completion, OnlineUser, PresenceRecord, QueueStats, Source, Target,
+    UserEvent, WebhookConfig, WebhookMethod, WebhookUpdate,
 };
 pub use reach_proto::{AccountSid, ServiceSid, now_unix};
 
@@ -327,9 +327,9 @@ pub trait Store: Send + Sync + 'static {
     /// state flipped while reachability is enabled, `onUserUpdated` (source `SDK`) for the
     /// service's webhook. Changes of users that do not exist (any more) are skipped.
     async fn record_presence(&self, changes: &[PresenceRecord]) -> Result<()>;
-    /// Users recorded online, in `seq` order after `after` (a keyset cursor; 0 for the first
-    /// page), at most `limit`: `(seq, service, identity)`.
-    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>>;
+    /// Users recorded online, in `seq` order after `after` (a keyset cursor: the `seq` of the
+    /// previous page's last; 0 for the first page), at most `limit`.
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<OnlineUser>>;
     /// The largest presence version recorded (0 when none).
     async fn max_presence_version(&self) -> Result<i64>;
 
@@ -344,9 +344,9 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<ClaimedEvent>>;
-    /// Applies delivery outcomes of events `node` holds; an event whose lease passed to
-    /// another node meanwhile is left to it.
-    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()>;
+    /// Applies delivery outcomes of events `node` holds, each to the claim it answers; an
+    /// event claimed again meanwhile (its lease ran out) is left to that claim.
+    async fn complete_events(&self, node: &str, outcomes: &[(Claim, Completion)]) -> Result<()>;
     /// Gives back the leases of `node` (all leases with `None`), so the events are taken again
     /// at once. Returns how many.
     async fn release_events(&self, node: Option<&str>) -> Result<u64>;

@@ -70,6 +70,7 @@ use reach_proto::SidKind;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Transaction};
 
+use crate::hooks::{Claim, OnlineUser};
 use crate::{
     AccountSid, Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page,
     PageRequest, PresenceRecord, QueueStats, Result, Service, ServiceConfig, ServiceSid, Source,
@@ -1089,7 +1090,7 @@ impl Store for PgStore {
         tx.commit().await.map_err(db)
     }
 
-    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>> {
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<OnlineUser>> {
         let mut conn = self.pool.acquire().await.map_err(db)?;
         sq::online_users(&mut conn, after, limit).await
     }
@@ -1106,6 +1107,12 @@ impl Store for PgStore {
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<ClaimedEvent>> {
+        {
+            let mut conn = self.pool.acquire().await.map_err(db)?;
+            if !sq::any_due(&mut conn, now_ms).await? {
+                return Ok(Vec::new());
+            }
+        }
         let mut tx = self.begin().await?;
         let mut events = sq::claim(&mut tx, node, now_ms, lease_ms, limit).await?;
         sq::targets(&mut tx, &mut events).await?;
@@ -1113,7 +1120,7 @@ impl Store for PgStore {
         Ok(events)
     }
 
-    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()> {
+    async fn complete_events(&self, node: &str, outcomes: &[(Claim, Completion)]) -> Result<()> {
         if outcomes.is_empty() {
             return Ok(());
         }

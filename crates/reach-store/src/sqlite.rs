@@ -40,6 +40,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
+use crate::hooks::{Claim, OnlineUser};
 use crate::{
     AccountSid, Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page,
     PageRequest, PresenceRecord, QueueStats, Result, Service, ServiceConfig, ServiceSid, Source,
@@ -886,7 +887,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db)
     }
 
-    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<(i64, ServiceSid, String)>> {
+    async fn online_users(&self, after: i64, limit: i64) -> Result<Vec<OnlineUser>> {
         let mut conn = self.pool.acquire().await.map_err(db)?;
         sq::online_users(&mut conn, after, limit).await
     }
@@ -903,6 +904,12 @@ impl Store for SqliteStore {
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<ClaimedEvent>> {
+        {
+            let mut conn = self.pool.acquire().await.map_err(db)?;
+            if !sq::any_due(&mut conn, now_ms).await? {
+                return Ok(Vec::new());
+            }
+        }
         let mut tx = self.begin().await?;
         let mut events = sq::claim(&mut tx, node, now_ms, lease_ms, limit).await?;
         sq::targets(&mut tx, &mut events).await?;
@@ -910,7 +917,7 @@ impl Store for SqliteStore {
         Ok(events)
     }
 
-    async fn complete_events(&self, node: &str, outcomes: &[(i64, Completion)]) -> Result<()> {
+    async fn complete_events(&self, node: &str, outcomes: &[(Claim, Completion)]) -> Result<()> {
         if outcomes.is_empty() {
             return Ok(());
         }

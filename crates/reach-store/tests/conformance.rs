@@ -10,9 +10,9 @@ mod common;
 use common::{AC, Fixture, OTHER_AC, first, new_user};
 use reach_proto::sid::looks_like_sid;
 use reach_store::{
-    Binding, BindingFilter, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page, PageRequest,
-    PresenceRecord, Service, ServiceConfig, Source, Store, StoreError, UserRecord, UserUpdate,
-    WebhookMethod, WebhookUpdate,
+    Binding, BindingFilter, Claim, ClaimedEvent, Completion, ConfigUpdate, NewUser, Page,
+    PageRequest, PresenceRecord, Service, ServiceConfig, Source, Store, StoreError, UserRecord,
+    UserUpdate, WebhookMethod, WebhookUpdate,
 };
 
 /// One module per case, with a test per backend.
@@ -835,8 +835,10 @@ async fn pending(store: &dyn Store) -> Vec<ClaimedEvent> {
         if fresh.is_empty() {
             break;
         }
-        let done: Vec<(i64, Completion)> =
-            fresh.iter().map(|e| (e.seq, Completion::Dropped)).collect();
+        let done: Vec<(Claim, Completion)> = fresh
+            .iter()
+            .map(|e| (e.claim(), Completion::Dropped))
+            .collect();
         all.extend(fresh);
         // Dropping deletes them, so the next claim sees each user's next event.
         store.complete_events("lister", &done).await.unwrap();
@@ -1164,7 +1166,10 @@ async fn presence_changes_apply_in_version_order(fx: &Fixture) {
         .await
         .unwrap()
         .into_iter()
-        .map(|(_, _, identity)| identity)
+        .map(|u| {
+            assert_eq!(u.version, 5);
+            u.identity
+        })
         .collect();
     assert_eq!(online, ["bob"]);
     assert!(store.max_presence_version().await.unwrap() >= 21);
@@ -1237,13 +1242,13 @@ async fn claims_take_each_users_events_one_at_a_time_in_order(fx: &Fixture) {
             "n1",
             &[
                 (
-                    first[0].seq,
+                    first[0].claim(),
                     Completion::Retry {
                         at_ms: now + 1_000,
                         error: "HTTP 500".into(),
                     },
                 ),
-                (first[1].seq, Completion::Delivered),
+                (first[1].claim(), Completion::Delivered),
             ],
         )
         .await
@@ -1267,7 +1272,7 @@ async fn claims_take_each_users_events_one_at_a_time_in_order(fx: &Fixture) {
         "the same token on every attempt"
     );
     store
-        .complete_events("n2", &[(retry[0].seq, Completion::Delivered)])
+        .complete_events("n2", &[(retry[0].claim(), Completion::Delivered)])
         .await
         .unwrap();
     let second = store
@@ -1278,7 +1283,7 @@ async fn claims_take_each_users_events_one_at_a_time_in_order(fx: &Fixture) {
     assert_eq!(param(&second[0], "IsOnline"), "false");
     assert!(second[0].seq > first[0].seq);
     store
-        .complete_events("n1", &[(second[0].seq, Completion::Delivered)])
+        .complete_events("n1", &[(second[0].claim(), Completion::Delivered)])
         .await
         .unwrap();
     assert_eq!(store.queue_stats().await.unwrap().depth, 1);
@@ -1334,7 +1339,18 @@ async fn leases_expire_and_outcomes_of_a_lost_lease_are_ignored(fx: &Fixture) {
     );
     // The first holder's late outcome changes nothing.
     store
-        .complete_events("dead", &[(taken[0].seq, Completion::Delivered)])
+        .complete_events("dead", &[(taken[0].claim(), Completion::Delivered)])
+        .await
+        .unwrap();
+    assert_eq!(store.queue_stats().await.unwrap().depth, 1);
+    // Nor does a late outcome of the same node's earlier claim, once it claimed it again.
+    let later = store
+        .claim_events("n2", now + 10_000, 5_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(later[0].attempts, 3);
+    store
+        .complete_events("n2", &[(again[0].claim(), Completion::Delivered)])
         .await
         .unwrap();
     assert_eq!(store.queue_stats().await.unwrap().depth, 1);
@@ -1342,12 +1358,12 @@ async fn leases_expire_and_outcomes_of_a_lost_lease_are_ignored(fx: &Fixture) {
     assert_eq!(store.release_events(Some("n2")).await.unwrap(), 1);
     assert_eq!(store.release_events(None).await.unwrap(), 0);
     let third = store
-        .claim_events("n3", now + 5_000, 5_000, 10)
+        .claim_events("n3", now + 10_000, 5_000, 10)
         .await
         .unwrap();
     assert_eq!(third.len(), 1);
     store
-        .complete_events("n3", &[(third[0].seq, Completion::Delivered)])
+        .complete_events("n3", &[(third[0].claim(), Completion::Delivered)])
         .await
         .unwrap();
     assert_eq!(store.queue_stats().await.unwrap(), Default::default());
@@ -1379,9 +1395,9 @@ async fn concurrent_claims_never_take_an_event_twice(fx: &Fixture) {
                 if claimed.is_empty() && store.queue_stats().await.unwrap().depth == 0 {
                     break;
                 }
-                let done: Vec<(i64, Completion)> = claimed
+                let done: Vec<(Claim, Completion)> = claimed
                     .iter()
-                    .map(|e| (e.seq, Completion::Delivered))
+                    .map(|e| (e.claim(), Completion::Delivered))
                     .collect();
                 store.complete_events(node, &done).await.unwrap();
                 delivered.extend(claimed.into_iter().map(|e| (e.identity, e.seq)));

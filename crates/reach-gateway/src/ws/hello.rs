@@ -207,6 +207,34 @@ async fn authenticate(app: &App, token: &str) -> Result<(TokenGrant, Arc<Service
     }
 }
 
+/// The user's profile from the store, creating the user on its first `hello` (which records
+/// `onUserAdded` for the service's webhook: the deliverer is woken).
+async fn load_user(
+    app: &App,
+    service: &Service,
+    identity: &str,
+) -> Result<reach_core::Profile, HelloError> {
+    match app.store.get_or_create_user(service, identity).await {
+        Ok(rec) if rec.identity == identity => {
+            if rec.date_created >= reach_proto::now_unix() - 1 {
+                app.wake_webhooks();
+            }
+            Ok(profile_of(&rec))
+        }
+        other => {
+            if let Err(e) = other {
+                tracing::warn!(
+                    error = %e,
+                    service = %service.sid,
+                    identity = %identity,
+                    "cannot load the user at hello"
+                );
+            }
+            Err(HelloError::Internal)
+        }
+    }
+}
+
 /// Registers the connection in the engine and queues `welcome`.
 async fn start(
     app: &Arc<App>,
@@ -224,6 +252,13 @@ async fn start(
         service = %service.sid,
         "authenticated"
     );
+    // A user not in memory is read (or created, on its first hello) before it is attached, so
+    // the store has it before its presence is reported and recorded.
+    let profile = if engine.has_profile(&service.sid, &grant.identity) {
+        None
+    } else {
+        Some(load_user(app, &service, &grant.identity).await?)
+    };
     {
         let slot = conn.outbox.reserve_guarded(SlotFrame::Welcome {
             connection_id,
@@ -239,30 +274,17 @@ async fn start(
         let Some(slot) = slot else {
             return Err(HelloError::Internal);
         };
-        let (fill, new_epoch) = engine.attach(&conn, slot.id());
+        let (fill, new_epoch) = engine.attach_with(&conn, slot.id(), profile);
         if fill == Attach::NeedsProfile {
-            match app
-                .store
-                .get_or_create_user(&service, &grant.identity)
-                .await
-            {
-                Ok(rec) if rec.identity == grant.identity => {
-                    // A user made by this hello recorded `onUserAdded`.
-                    app.wake_webhooks();
-                    engine.load_profile(&service.sid, &grant.identity, profile_of(&rec));
+            // The profile left memory between the check and the attach: read it again.
+            match load_user(app, &service, &grant.identity).await {
+                Ok(profile) => {
+                    engine.load_profile(&service.sid, &grant.identity, profile);
                     engine.fill(&conn, &grant.identity, slot.id());
                 }
-                other => {
-                    if let Err(e) = other {
-                        tracing::warn!(
-                            error = %e,
-                            service = %service.sid,
-                            identity = %grant.identity,
-                            "cannot load the user at hello"
-                        );
-                    }
+                Err(e) => {
                     engine.detach(&conn, &[], false);
-                    return Err(HelloError::Internal);
+                    return Err(e);
                 }
             }
         }
