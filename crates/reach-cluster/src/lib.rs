@@ -223,6 +223,8 @@ pub(crate) struct Shared {
     pub control: mpsc::UnboundedSender<Control>,
     /// Where the presence changes this node made for the cluster go (to the store).
     pub persist: mpsc::UnboundedSender<PersistEvent>,
+    /// The other nodes alive at the last liveness scan.
+    pub peers: Mutex<Vec<String>>,
     pub leaving: AtomicBool,
 }
 
@@ -295,10 +297,25 @@ impl Cluster {
             engine,
             control: control_tx,
             persist,
+            peers: Mutex::new(Vec::new()),
             leaving: AtomicBool::new(false),
         });
         tokio::spawn(session::run(Arc::clone(&shared), events));
         Ok((Cluster { shared }, control_rx))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.config.node_id
+    }
+
+    /// The other nodes alive at the last liveness scan (every second), sorted.
+    pub fn peers(&self) -> Vec<String> {
+        self.shared
+            .peers
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
     }
 
     /// True while connected to Redis and in sync.

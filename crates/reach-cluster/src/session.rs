@@ -490,6 +490,16 @@ impl Session {
             .metrics
             .nodes
             .set(1 + states.iter().filter(|(alive, _)| *alive).count() as i64);
+        let mut alive: Vec<String> = others
+            .iter()
+            .zip(&states)
+            .filter(|(_, (up, _))| *up)
+            .map(|((n, _), _)| (*n).clone())
+            .collect();
+        alive.sort();
+        if let Ok(mut peers) = shared.peers.lock() {
+            *peers = alive;
+        }
         for ((other, incarnation), (alive, left)) in others.into_iter().zip(states) {
             if alive {
                 continue;

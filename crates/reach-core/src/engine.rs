@@ -480,6 +480,11 @@ impl Engine {
         self.conns.len()
     }
 
+    /// Number of services whose switch the engine knows.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     /// Creates a connection handle; [`Engine::attach`] registers it.
     pub fn new_conn(&self, service_sid: &str, identity: &str, encoding: Encoding) -> Arc<Conn> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);

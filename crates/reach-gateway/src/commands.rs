@@ -1,6 +1,7 @@
 //! The `reachd` subcommands besides running the gateway: `credentials` (print the generated
-//! account and API key) and `token` (mint an access token for trying things out), and the
-//! credentials that `run` uses (configured, or generated on the first start).
+//! account and API key), `token` (mint an access token for trying things out) and `probe`
+//! (ask a running node whether it is ready: a health check without curl), and the credentials
+//! that `run` uses (configured, or generated on the first start).
 
 use std::process::ExitCode;
 
@@ -113,4 +114,42 @@ pub fn token(
         mint_token(api_key, &service, identity, ttl, reach_proto::now_unix())
     );
     ExitCode::SUCCESS
+}
+
+/// `reachd probe`: asks this node's admin listener (`server.admin_listen`, on loopback when it
+/// listens on every address) for `/readyz` (or `/healthz` with `live`), within 2 s. Exit status
+/// 0 when it answers 200, 1 otherwise: a container health check or a probe that needs no curl.
+pub fn probe(config: &Config, live: bool) -> ExitCode {
+    let mut addr = config.server.admin_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let path = if live { "healthz" } else { "readyz" };
+    let url = format!("http://{addr}/{path}");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let answer = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .no_proxy()
+            .build()?;
+        let response = client.get(&url).send().await?;
+        Ok::<_, reqwest::Error>(response.status())
+    });
+    match answer {
+        Ok(status) if status.is_success() => {
+            println!("{url}: {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => fail(format!("{url}: {status}")),
+        Err(e) => fail(format!("{url}: {e}")),
+    }
 }

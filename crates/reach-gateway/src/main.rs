@@ -30,6 +30,12 @@ enum Command {
     Run,
     /// Print the account and API key generated on first start.
     Credentials,
+    /// Ask the running node (its admin listener) whether it is ready; exit 0 if so.
+    Probe {
+        /// Ask whether it is alive (`/healthz`) instead of ready (`/readyz`).
+        #[arg(long)]
+        live: bool,
+    },
     /// Mint an access token for trying things out.
     Token {
         /// The user's identity.
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config),
         Command::Credentials => commands::credentials(&config),
+        Command::Probe { live } => commands::probe(&config, live),
         Command::Token {
             identity,
             service,

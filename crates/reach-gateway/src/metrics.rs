@@ -1,9 +1,13 @@
 //! The gateway's Prometheus metrics, in a registry owned by the app (not a global). Labels are
 //! low-cardinality: a close reason, an auth failure reason, a route template, a status.
+//!
+//! Besides its own, the registry holds the process collector (`process_cpu_seconds_total`,
+//! `process_resident_memory_bytes`, `process_open_fds` against `process_max_fds`,
+//! `process_start_time_seconds`, ...) and `reach_build_info{version,commit}`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use reach_core::EngineMetrics;
 
@@ -43,6 +47,11 @@ pub struct Metrics {
     /// Webhook deliveries, the queue, the presence changes waiting for the store.
     pub webhooks: WebhookMetrics,
 }
+
+/// This build's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this build was made from (`build.rs`), or `unknown`.
+pub const COMMIT: &str = env!("REACH_COMMIT");
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
@@ -149,6 +158,19 @@ impl Metrics {
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(hello_duration.clone()))?;
         let webhooks = WebhookMetrics::register(&registry)?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "reach_build_info",
+                "Always 1; the labels name this build's version and commit",
+            ),
+            &["version", "commit"],
+        )?;
+        build_info.with_label_values(&[VERSION, COMMIT]).set(1);
+        registry.register(Box::new(build_info))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Metrics {
             webhooks,
             registry,

@@ -66,6 +66,8 @@ pub struct App {
     pub stopping: CancellationToken,
     /// The background writers the server waits for after the drain ([`App::stopping`]).
     pub background: TaskTracker,
+    /// When the app was built (`/debug/status`'s uptime).
+    pub started: std::time::Instant,
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
@@ -238,6 +240,7 @@ impl App {
             persist: persist_tx,
             stopping: CancellationToken::new(),
             background: TaskTracker::new(),
+            started: std::time::Instant::now(),
             pending,
             throttles,
             tls,

@@ -414,3 +414,31 @@ async fn the_documented_webhook_receiver_validates_and_prints_each_event() {
         lines[2]
     );
 }
+
+/// `reachd probe`: 0 while the node is ready (or alive, with `--live`), 1 once it is gone.
+#[tokio::test]
+async fn probe_answers_with_the_exit_status() {
+    let d = common::Reachd::start("");
+    let probe = |live: bool, admin: String| {
+        let mut cmd = reachd();
+        cmd.arg("probe")
+            .env("REACH_SERVER__ADMIN_LISTEN", admin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if live {
+            cmd.arg("--live");
+        }
+        cmd.output().unwrap()
+    };
+    let admin = d.admin.to_string();
+    assert!(probe(false, admin.clone()).status.success());
+    assert!(probe(true, admin.clone()).status.success());
+    // On every address: the probe asks loopback.
+    let any = format!("0.0.0.0:{}", d.admin.port());
+    assert!(probe(false, any).status.success());
+    drop(d);
+    let gone = probe(false, admin);
+    assert_eq!(gone.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(stderr.contains("/readyz"), "{stderr}");
+}

@@ -200,10 +200,26 @@ async fn presence_crosses_nodes_and_rest_reads_at_any_node() {
     };
     let redis = redis_db(&redis, 1);
     let db = TestDb::create(&pg).await;
-    let a = node(&redis, &db, &node_id("cross", 1));
-    let b = node(&redis, &db, &node_id("cross", 2));
+    let (id_a, id_b) = (node_id("cross", 1), node_id("cross", 2));
+    let a = node(&redis, &db, &id_a);
+    let b = node(&redis, &db, &id_b);
     let svc = enabled_service(&a).await;
     create_user(&a, &svc, "alice").await;
+    // Each node's status page names it and its live peer.
+    eventually(Duration::from_secs(10), "A sees B as a peer", || async {
+        let status: serde_json::Value = reqwest::get(format!("http://{}/debug/status", a.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status["node_id"] == id_a.as_str()
+            && status["cluster"]["redis_up"] == true
+            && status["cluster"]["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == id_b.as_str()))
+    })
+    .await;
 
     // bob at B watches alice, created at A (records are shared).
     let (mut bob, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "bob"), None).await;

@@ -929,9 +929,48 @@ async fn metrics_and_health_endpoints() {
         "reach_fanout_duration_seconds_bucket",
         "reach_http_requests_total{",
         "reach_http_request_duration_seconds_bucket{",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // The build: its version and the commit it was made from.
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("reach_build_info{"))
+        .unwrap_or_else(|| panic!("no reach_build_info in\n{text}"));
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{build}"
+    );
+    assert!(
+        build.contains("commit=\"") && build.ends_with(" 1"),
+        "{build}"
+    );
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let (open, max) = (value("process_open_fds"), value("process_max_fds"));
+    assert!(open > 3.0 && open < max, "{open} of {max}");
+
+    // The status page: what this node is and holds.
+    let status: serde_json::Value = get("/debug/status").await.unwrap().json().await.unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["node_id"], "single");
+    assert_eq!(status["cluster"], serde_json::Value::Null);
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["sockets"], 1);
+    assert_eq!(status["users_online"], 1);
+    assert_eq!(status["services"], 1);
+    assert_eq!(status["webhooks"]["queue_depth"], 0);
+    assert!(status["open_files"]["open"].as_u64().unwrap() > 3);
+    assert!(status["open_files"]["limit"].as_u64().unwrap() >= 1024);
+    assert!(status["commit"].as_str().is_some_and(|c| !c.is_empty()));
 }
 
 async fn metric(d: &Reachd, line: &str) -> bool {
