@@ -60,6 +60,7 @@ async fn status(State(app): State<Arc<App>>) -> axum::Json<serde_json::Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl axum::response::IntoResponse {
+    app.metrics.ready.set(i64::from(app.is_ready()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

@@ -28,6 +28,13 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Every reason.
+    pub const ALL: [Refused; 3] = [
+        Refused::OpenFiles,
+        Refused::PendingTotal,
+        Refused::PendingPerAddress,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Refused::OpenFiles => "open_files",

@@ -46,7 +46,12 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Webhook deliveries, the queue, the presence changes waiting for the store.
     pub webhooks: WebhookMetrics,
+    /// 1 while ready for traffic (what `/readyz` says), set at each scrape.
+    pub ready: IntGauge,
 }
+
+/// The `reason` of `reach_auth_failures_total` for refused REST credentials.
+pub const AUTH_FAILURE_REST: &str = "rest_basic";
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -158,6 +163,20 @@ impl Metrics {
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(hello_duration.clone()))?;
         let webhooks = WebhookMetrics::register(&registry)?;
+        let ready = IntGauge::new(
+            "reach_ready",
+            "1 while ready for traffic (/readyz answers 200): not draining and, in a cluster, in sync with Redis",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
+        // Series an alert or a dashboard reads exist from the start, at 0, so that a rate of
+        // them is 0 rather than no data until the first event.
+        for code in reach_proto::CloseCode::ALL {
+            connections_closed.with_label_values(&[code.label()]);
+        }
+        auth_failures.with_label_values(&[AUTH_FAILURE_REST]);
+        for refused in crate::admission::Refused::ALL {
+            connections_refused.with_label_values(&[refused.label()]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "reach_build_info",
@@ -173,6 +192,7 @@ impl Metrics {
         ))?;
         Ok(Metrics {
             webhooks,
+            ready,
             registry,
             engine,
             connections,

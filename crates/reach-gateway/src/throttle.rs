@@ -51,6 +51,14 @@ pub enum Limited {
 }
 
 impl Limited {
+    /// Every limit.
+    pub const ALL: [Limited; 4] = [
+        Limited::RestAccount,
+        Limited::AuthFailures,
+        Limited::SocketFrames,
+        Limited::RequestIdentities,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Limited::RestAccount => "rest_account",
@@ -115,6 +123,10 @@ fn quota(per: u32, period: Duration, burst: u32) -> Option<Quota> {
 
 impl Throttles {
     pub fn new(limits: &LimitsConfig, counter: IntCounterVec) -> Throttles {
+        // Every reason's series exists from the start, at 0 (dashboards and alerts read rates).
+        for limited in Limited::ALL {
+            counter.with_label_values(&[limited.label()]);
+        }
         let second = Duration::from_secs(1);
         Throttles {
             clock: MonotonicClock,

@@ -35,8 +35,6 @@ pub(super) struct Rest {
 
 pub(super) type RestState = Arc<Rest>;
 
-/// Label of `reach_auth_failures_total` for refused REST credentials.
-const AUTH_FAILURE_LABEL: &str = "rest_basic";
 /// Longest `Attributes` text accepted (the hosted API's limit for user attributes).
 const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
 
@@ -108,7 +106,7 @@ impl FromRequestParts<RestState> for Ctx {
         let Some(principal) = app.creds.basic(header) else {
             app.metrics
                 .auth_failures
-                .with_label_values(&[AUTH_FAILURE_LABEL])
+                .with_label_values(&[crate::metrics::AUTH_FAILURE_REST])
                 .inc();
             if let Some(ip) = peer {
                 throttles

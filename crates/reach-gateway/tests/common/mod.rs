@@ -418,3 +418,92 @@ pub fn urlencode(s: &str) -> String {
         .remove(b'~');
     percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
+
+// Redis and PostgreSQL of the cluster tests (tests/cluster.rs, tests/observability.rs).
+
+/// The servers named by the environment, or `None` after saying the test is skipped.
+pub fn servers(test: &str) -> Option<(String, String)> {
+    match (
+        std::env::var("REACH_TEST_REDIS_URL"),
+        std::env::var("REACH_TEST_POSTGRES_URL"),
+    ) {
+        (Ok(r), Ok(p)) if !r.is_empty() && !p.is_empty() => Some((r, p)),
+        _ => {
+            // Straight to stderr: the test harness would hide an eprintln! of a passing test.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "skipped: {test}: REACH_TEST_REDIS_URL and REACH_TEST_POSTGRES_URL are not both set\n"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A PostgreSQL database of the test's own, dropped at the end.
+pub struct TestDb {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create(admin_url: &str) -> TestDb {
+        let name = format!("reach_cluster_test_{:016x}", rand_u64());
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url)
+            .await
+            .expect("connect to REACH_TEST_POSTGRES_URL");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
+        TestDb {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await {
+                    let _ = sqlx::Executor::execute(
+                        &mut c,
+                        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                    )
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// `url` with its database number replaced by `db`: each test keeps its node registry in a
+/// Redis database of its own, so nodes of tests running at the same time never clean up after
+/// each other.
+pub fn redis_db(url: &str, db: u32) -> String {
+    let base = match url.rsplit_once('/') {
+        Some((base, last)) if !base.ends_with('/') && last.chars().all(|c| c.is_ascii_digit()) => {
+            base
+        }
+        _ => url.trim_end_matches('/'),
+    };
+    format!("{base}/{db}")
+}
