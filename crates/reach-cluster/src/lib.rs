@@ -44,8 +44,11 @@
 //! # Messages
 //!
 //! Presence (channel `reach:{<service>}:presence:<identity>`): MessagePack `[version,
-//! [node id, ...]]`, the complete holder set after the change. Written by a Lua script in the
-//! same step as the hash, so the messages of one user are in the order of its changes.
+//! ["<node id>@<incarnation>", ...]]`, the complete holder set after the change. A node
+//! restarted with the same id counts a hold of its previous incarnation as held elsewhere: its
+//! users stay online to its watchers until they come back or the old holds are released.
+//! Written by a Lua script in the same step as the hash, so the messages of one user are in the
+//! order of its changes.
 //! `version` is `max(last + 1, Redis TIME in microseconds + 1)`: it increases with every change
 //! and also across a Redis restart that lost the data. A node applies a message (or the answer
 //! to its own read of the hash) only if its version is newer than the one it has, so a late

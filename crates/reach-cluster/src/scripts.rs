@@ -15,12 +15,22 @@ pub fn decode_count(value: &redis::Value) -> Option<(u64, i64)> {
 }
 
 /// A user's holder set as the scripts publish and return it: MessagePack
-/// `[version, [node id, ...]]`.
+/// `[version, ["<node id>@<incarnation>", ...]]`. The incarnation tells a node's current life
+/// from the hold its previous life left (see [`holder`]); an entry without `@` (written by an
+/// older build) names the node only.
 pub fn decode_state(bytes: &[u8]) -> Result<(u64, Vec<String>), rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }
 
-/// Bumps the version, publishes `[version, [nodes...]]` and returns the version.
+/// One entry of a holder set: the node id and, when the entry carries it, the incarnation.
+pub fn holder(entry: &str) -> (&str, Option<&str>) {
+    match entry.split_once('@') {
+        Some((node, incarnation)) => (node, Some(incarnation)),
+        None => (entry, None),
+    }
+}
+
+/// Bumps the version, publishes `[version, ["node@incarnation", ...]]` and returns the version.
 /// KEYS[1] = holder hash; `channel` = the user's presence channel.
 const PUBLISH_STATE: &str = r#"
 local function publish_state(key, channel)
@@ -30,8 +40,9 @@ local function publish_state(key, channel)
   if v < now + 1 then v = now + 1 else v = v + 1 end
   redis.call('HSET', key, '~v', string.format('%.0f', v))
   local nodes = {}
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if f ~= '~v' then nodes[#nodes + 1] = f end
+  local h = redis.call('HGETALL', key)
+  for i = 1, #h, 2 do
+    if h[i] ~= '~v' then nodes[#nodes + 1] = h[i] .. '@' .. h[i + 1] end
   end
   redis.call('PUBLISH', channel, cmsgpack.pack({v, nodes}))
   return v
@@ -64,14 +75,14 @@ if left == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return {v, left}
 "#;
 
-/// Peek: returns MessagePack `[version, [nodes...]]`. A missing hash reads as no holder at
-/// the current Redis time, which every later change's version exceeds.
+/// Peek: returns MessagePack `[version, ["node@incarnation", ...]]`. A missing hash reads as
+/// no holder at the current Redis time, which every later change's version exceeds.
 const PEEK: &str = r#"
 local h = redis.call('HGETALL', KEYS[1])
 local v = nil
 local nodes = {}
 for i = 1, #h, 2 do
-  if h[i] == '~v' then v = tonumber(h[i + 1]) else nodes[#nodes + 1] = h[i] end
+  if h[i] == '~v' then v = tonumber(h[i + 1]) else nodes[#nodes + 1] = h[i] .. '@' .. h[i + 1] end
 end
 if not v then
   local t = redis.call('TIME')
@@ -112,4 +123,19 @@ pub fn release() -> &'static Lua {
 pub fn peek() -> &'static Lua {
     static S: OnceLock<Lua> = OnceLock::new();
     S.get_or_init(|| Lua::new(&[PEEK]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_entries() {
+        assert_eq!(holder("node-1@00ff"), ("node-1", Some("00ff")));
+        assert_eq!(holder("node-1"), ("node-1", None));
+        let state = rmp_serde::to_vec(&(7u64, vec!["a@1", "b@2"])).unwrap();
+        let (version, nodes) = decode_state(&state).unwrap();
+        assert_eq!(version, 7);
+        assert_eq!(holder(&nodes[1]), ("b", Some("2")));
+    }
 }

@@ -400,7 +400,13 @@ impl Session {
     fn apply_state(&self, shared: &Shared, key: &UserKey, state: &[u8]) {
         match scripts::decode_state(state) {
             Ok((version, nodes)) => {
-                let elsewhere = nodes.iter().any(|n| *n != shared.config.node_id);
+                // Held elsewhere: by another node, or by this node's previous life (a restart
+                // with the same id), whose holds stand until they are released after the grace.
+                let elsewhere = nodes.iter().any(|entry| {
+                    let (node, incarnation) = scripts::holder(entry);
+                    node != shared.config.node_id
+                        || incarnation.is_some_and(|i| i != self.incarnation)
+                });
                 shared.engine.apply_remote(key, version, elsewhere);
             }
             Err(e) => tracing::warn!(user = key.as_str(), error = %e, "unreadable presence state"),

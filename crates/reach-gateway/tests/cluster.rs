@@ -528,6 +528,57 @@ async fn restarts_in_a_row_leave_no_user_stuck_online() {
     drop(a);
 }
 
+/// A node restarted with the same id (a rolling update) counts the holds its previous life
+/// left as held elsewhere: a watcher on it sees those users online through the grace, and sees
+/// nothing at all when they come back at another node in time.
+#[tokio::test]
+async fn a_restarted_node_s_watchers_see_its_previous_life_s_users_online() {
+    let Some((redis, pg)) = servers("previous_life") else {
+        return;
+    };
+    let redis = redis_db(&redis, 11);
+    let db = TestDb::create(&pg).await;
+    let grace = Duration::from_secs(4);
+    let start = |id: &str| {
+        Reachd::start_with_env(
+            "[presence]\noffline_grace_ms = 4000\n",
+            &[
+                ("REACH_STORAGE__POSTGRES_URL", &db.url),
+                ("REACH_CLUSTER__REDIS_URL", &redis),
+                ("REACH_CLUSTER__NODE_ID", id),
+                ("REACH_CLUSTER__NODE_TTL_MS", TTL_MS),
+            ],
+        )
+    };
+    let a = start(&node_id("life", 1));
+    let b = start(&node_id("life", 2));
+    let svc = enabled_service(&a).await;
+    let (alice, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "alice"), None).await;
+    eventually(Duration::from_secs(5), "alice online", || async {
+        rest_online(&b, &svc, "alice").await == Some(true)
+    })
+    .await;
+
+    // A clean stop (SIGTERM: alice is sent away) and a start with the same id.
+    let a = a.stop();
+    drop(alice);
+    let a = a.restart();
+    let (mut carol, _) = Ws::hello(&a.ws_url(), &a.token(&svc, "carol"), None).await;
+    let state = subscribe(&mut carol, &["alice"]).await;
+    assert_eq!(
+        online_in(&state, "alice"),
+        Some(true),
+        "alice is held by the node's previous life"
+    );
+    let (alice, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
+    no_update_of(&mut carol, "alice", grace + Duration::from_secs(1)).await;
+
+    // Gone for good: offline at the restarted node after the grace.
+    drop(alice);
+    let off = carol.update_of("alice").await;
+    assert_eq!(online_in(&off, "alice"), Some(false));
+}
+
 #[tokio::test]
 async fn a_node_stopped_cleanly_is_cleaned_up_as_one_that_left_not_one_that_died() {
     let Some((redis, pg)) = servers("left_cleanly") else {

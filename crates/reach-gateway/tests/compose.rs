@@ -1,7 +1,9 @@
-//! deploy/compose.yaml brought up by docker-compose: three reachd nodes, Redis, PostgreSQL and
-//! Prometheus on the host's network. The nodes join one cluster (each lists the other two),
-//! presence crosses them, Prometheus scrapes all three with the alerting rules loaded; then
-//! everything is taken down with its volume.
+//! deploy/compose.yaml brought up by docker-compose: three reachd nodes behind HAProxy, Redis,
+//! PostgreSQL and Prometheus on the host's network. The nodes join one cluster (each lists the
+//! other two), presence crosses them, Prometheus scrapes all three with the alerting rules
+//! loaded; then a rolling update (each node restarted in turn, as docs/operations.md says) with
+//! 30 users and 3 watchers connected through HAProxy: no watcher sees anyone go offline, and the
+//! figures are printed. Then everything is taken down with its volume.
 //!
 //! Opt-in (`REACH_TEST_COMPOSE=1`, with the images of Redis, PostgreSQL and Prometheus named by
 //! `REACH_REDIS_IMAGE`, `REACH_POSTGRES_IMAGE`, `REACH_PROMETHEUS_IMAGE` when the official
@@ -17,6 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Rest, mint};
+use futures_util::StreamExt;
+use reach_client::{Client, ClientEvent, ConnectionState, ReconnectPolicy};
 use reach_proto::{ClientFrame, ServerFrame};
 use ws_client::Ws;
 
@@ -151,4 +155,111 @@ async fn the_compose_file_runs_a_cluster_that_prometheus_scrapes() {
         .as_array()
         .map_or(0, Vec::len);
     assert_eq!(loaded, 8, "{rules}");
+
+    rolling_update(&rest, &svc, &token).await;
+}
+
+/// docs/operations.md's upgrade of a cluster, measured: each node restarted in turn while 30
+/// users and 3 watchers of all of them stay connected through HAProxy.
+async fn rolling_update(rest: &Rest, svc: &str, token: &impl Fn(&str) -> String) {
+    const USERS: usize = 30;
+    let through = "ws://127.0.0.1:8090/v1/ws";
+    let connect = |identity: String| {
+        let t = token(&identity);
+        async move {
+            Client::builder(through, t)
+                .reconnect(ReconnectPolicy::exponential(
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                ))
+                .connect()
+                .await
+                .unwrap()
+        }
+    };
+    let names: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
+    let mut users = Vec::new();
+    for name in &names {
+        users.push(connect(name.clone()).await);
+    }
+    // Watchers record every user they see go offline.
+    let offline = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut watchers = Vec::new();
+    for w in 0..3 {
+        let watcher = connect(format!("watcher{w}")).await;
+        let mut events = watcher.events();
+        let subscribed = watcher.subscribe_users(names.clone()).await.unwrap();
+        assert!(subscribed.errors.is_empty(), "{:?}", subscribed.errors);
+        let seen = std::sync::Arc::clone(&offline);
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let ClientEvent::UserUpdated { user, .. } = event
+                    && user.is_online() == Some(false)
+                {
+                    seen.lock().unwrap().push(user.identity().to_owned());
+                }
+            }
+        });
+        watchers.push(watcher);
+    }
+    let all_online = || async {
+        for name in &names {
+            let r = rest.get(&format!("/v1/Services/{svc}/Users/{name}")).await;
+            if r.body["is_online"] != true {
+                return false;
+            }
+        }
+        true
+    };
+    eventually(Duration::from_secs(30), "every user online", all_online).await;
+
+    for node in ["reachd-1", "reachd-2", "reachd-3"] {
+        let admin = 9090 + node[7..].parse::<u16>().unwrap();
+        let started = Instant::now();
+        let restart = tokio::task::spawn_blocking(move || compose(&["restart", "-t", "20", node]));
+        // The node drains: its clients move to the other nodes.
+        let out = restart.await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let restarted = started.elapsed();
+        eventually(
+            Duration::from_secs(60),
+            "the node ready again",
+            || async move {
+                reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            },
+        )
+        .await;
+        let ready = started.elapsed();
+        eventually(
+            Duration::from_secs(60),
+            "every client connected",
+            || async {
+                users
+                    .iter()
+                    .chain(&watchers)
+                    .all(|c| c.connection_state() == ConnectionState::Connected)
+            },
+        )
+        .await;
+        eventually(Duration::from_secs(30), "every user online", all_online).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "rolling update: {node} restarted in {:.1} s, ready after {:.1} s, every client connected and online after {:.1} s; users seen offline so far: {}",
+            restarted.as_secs_f64(),
+            ready.as_secs_f64(),
+            started.elapsed().as_secs_f64(),
+            offline.lock().unwrap().len()
+        );
+    }
+    let seen = offline.lock().unwrap().clone();
+    assert!(
+        seen.is_empty(),
+        "users seen offline during the rolling update: {seen:?}"
+    );
 }

@@ -194,6 +194,22 @@ impl Reachd {
         }
     }
 
+    /// SIGTERM (a drain) and the exit; [`Stopped::restart`] starts it again on the same data
+    /// folder and settings.
+    pub fn stop(mut self) -> Stopped {
+        let dir = self.dir.clone();
+        let tmp = self._tmp.take();
+        let (extra, env) = (self.extra.clone(), self.env.clone());
+        let status = self.terminate();
+        assert!(status.success(), "reachd exited with {status}");
+        Stopped {
+            dir,
+            tmp,
+            extra,
+            env,
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
