@@ -2,8 +2,8 @@
 # Builds the reachd runtime image on this machine without pulling anything: the base is made
 # from Debian's packages (debootstrap --variant=minbase, with ca-certificates, docs and apt's
 # lists left out, then `docker import`ed as reach/debian-minbase:bookworm, once), reachd is
-# built here (cargo build --release) and deploy/Dockerfile's `runtime-local` target (the same
-# runtime stage as the multi-stage build) puts the two together.
+# built here (cargo build --release) and put on deploy/Dockerfile's `runtime-base` target (the
+# runtime stage of the multi-stage build) built on that base.
 #
 #   deploy/image.sh [TAG]        # default tag: reach/reachd:<version>; also tagged :local
 #
@@ -12,9 +12,9 @@
 #
 # Needs a running Docker daemon, debootstrap and root (or sudo) for debootstrap, and a Debian
 # mirror (DEBIAN_MIRROR, default deb.debian.org). Builds with BuildKit when the client has
-# buildx, else with the classic builder (the `runtime-local` target comes before the build
-# stage, so either builds only what it needs). REBUILD_BASE=1 makes the base again. The binary
-# is stripped of its debug information (symbols stay). Prints the images' sizes.
+# buildx, else with the classic builder (`runtime-base` is the first stage, so either builds
+# only what it needs). REBUILD_BASE=1 makes the base again. The binary is stripped of its
+# debug information (symbols stay). Prints the images' sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,9 +57,12 @@ cp "${CARGO_TARGET_DIR:-$PWD/target}/$profile/reachd" "$context/reachd"
 if command -v strip >/dev/null; then strip --strip-debug "$context/reachd"; fi
 if docker buildx version >/dev/null 2>&1; then export DOCKER_BUILDKIT=1; else export DOCKER_BUILDKIT=0; fi
 
-echo "== image $tag (deploy/Dockerfile, target runtime-local, base $base)"
-docker build --network host -f deploy/Dockerfile --target runtime-local \
-  --build-arg BASE_IMAGE="$base" --label "org.opencontainers.image.revision=$commit" \
-  --label "org.opencontainers.image.version=$version" -t "$tag" -t reach/reachd:local "$context"
+echo "== image $tag (deploy/Dockerfile's runtime-base on $base, plus this reachd)"
+# The runtime stage alone (it needs nothing from the build context), then the binary on top.
+docker build --network host -f deploy/Dockerfile --target runtime-base \
+  --build-arg BASE_IMAGE="$base" -t reach/reachd-runtime:base "$context" >/dev/null
+printf 'FROM reach/reachd-runtime:base\nCOPY reachd /usr/local/bin/reachd\n' \
+  | docker build --network host -f - --label "org.opencontainers.image.revision=$commit" \
+    --label "org.opencontainers.image.version=$version" -t "$tag" -t reach/reachd:local "$context"
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "$base"
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "$tag"
