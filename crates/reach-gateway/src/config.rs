@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+
+/// What a client sent away by a drain needs, after `goodbye.retry_after_ms`, to be back (its
+/// reconnect and `hello`) before its grace ends: [`Config::warnings`].
+pub const DRAIN_RECONNECT_MARGIN_MS: u64 = 1_000;
 use reach_proto::{AccountSid, ApiKeySid};
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +72,7 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9090".parse().expect("valid default"),
             public_url: String::new(),
             drain_grace_ms: 10_000,
-            drain_retry_max_ms: 5_000,
+            drain_retry_max_ms: 2_500,
             backlog: 4096,
             worker_threads: 0,
             header_read_timeout_ms: 10_000,
@@ -400,6 +404,23 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings that work but probably not as meant, for a warning at startup.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (grace, retry) = (
+            self.presence.offline_grace_ms,
+            self.server.drain_retry_max_ms,
+        );
+        // A client sent away by a drain comes back after up to `retry` plus its reconnect; if
+        // that can outlast the grace, its subscribers see it go offline and come back.
+        if grace > 0 && retry.saturating_add(DRAIN_RECONNECT_MARGIN_MS) > grace {
+            warnings.push(format!(
+                "server.drain_retry_max_ms ({retry}) leaves less than {DRAIN_RECONNECT_MARGIN_MS} ms of presence.offline_grace_ms ({grace}) for a reconnect: clients sent away by a drain may be seen offline"
+            ));
+        }
+        warnings
+    }
+
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.presence;
@@ -644,6 +665,18 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.presence.offline_grace_ms, 5000);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn a_drain_retry_that_outlasts_the_grace_is_warned_of() {
+        let mut c = Config::default();
+        c.server.drain_retry_max_ms = 4_500;
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("server.drain_retry_max_ms (4500)"), "{w:?}");
+        c.presence.offline_grace_ms = 0;
+        assert!(c.warnings().is_empty(), "no grace: nothing to outlast");
     }
 
     #[test]

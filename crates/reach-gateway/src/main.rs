@@ -101,6 +101,9 @@ fn run(config: Config) -> ExitCode {
         Err(e) => return fail(e),
     };
     init_logs(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.server.worker_threads > 0 {
         builder.worker_threads(config.server.worker_threads);
