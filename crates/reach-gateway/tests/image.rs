@@ -93,6 +93,7 @@ async fn the_image_serves_rest_and_presence_and_drains_on_sigterm() {
     let id = container.0.clone();
 
     // Ready, and healthy by its own health check.
+    let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
@@ -108,6 +109,7 @@ async fn the_image_serves_rest_and_presence_and_drains_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let ready = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let health = docker(&["inspect", "--format", "{{.State.Health.Status}}", &id]);
@@ -117,6 +119,7 @@ async fn the_image_serves_rest_and_presence_and_drains_on_sigterm() {
         assert!(Instant::now() < deadline, "never healthy");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let healthy = started.elapsed();
     // It runs as its unprivileged user, with its data in the volume.
     let user = docker(&["exec", &id, "id", "-u"]);
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "10001");
@@ -195,5 +198,9 @@ async fn the_image_serves_rest_and_presence_and_drains_on_sigterm() {
     assert!(
         logs.contains("SIGTERM: draining") && logs.contains("drained; bye"),
         "{logs}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "image {image}: /readyz 200 after {ready:.1?}, healthy (the first health check runs at its 10 s interval) after {healthy:.1?}, drained and exited 0 {took:.1?} after SIGTERM"
     );
 }
