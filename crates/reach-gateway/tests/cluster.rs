@@ -104,6 +104,29 @@ async fn readyz(d: &Reachd) -> u16 {
     }
 }
 
+/// The nodes holding `identity` in Redis (the fields of its holder hash).
+async fn holders(redis: &str, svc: &str, identity: &str) -> Vec<String> {
+    let client = redis::Client::open(redis).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("reach:{{{svc}}}:holders:{identity}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    fields.into_iter().filter(|f| f != "~v").collect()
+}
+
+/// A node's id, from its `/debug/status`.
+async fn node_id_of(d: &Reachd) -> String {
+    let status: serde_json::Value = reqwest::get(format!("http://{}/debug/status", d.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["node_id"].as_str().unwrap().to_owned()
+}
+
 /// Asserts that no `user_updated` of `identity` arrives within `wait`.
 async fn no_update_of(ws: &mut Ws, identity: &str, wait: Duration) {
     let got = tokio::time::timeout(wait, ws.update_of(identity)).await;
@@ -189,7 +212,14 @@ async fn one_user_on_two_nodes_stays_online_until_both_leave() {
         Some(true)
     );
     let (mut alice_b, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
-    // Leaving A (even with bye) changes nothing while B holds her.
+    // B's hold reaches Redis just after its `welcome` (in a batch off the hello path); a bye at
+    // A before it would be a real change (seen offline, then online again). Once it is there,
+    // leaving A (even with bye) changes nothing while B holds her.
+    let b_id = node_id_of(&b).await;
+    eventually(Duration::from_secs(5), "B's hold in Redis", || async {
+        holders(&redis, &svc, "alice").await.contains(&b_id)
+    })
+    .await;
     alice_a.send(&ClientFrame::Bye).await;
     assert_eq!(alice_a.closed().await.code, Some(1000));
     no_update_of(&mut bob, "alice", GRACE * 2).await;
