@@ -500,22 +500,17 @@ impl Engine {
     /// is reserved), counts it (0 -> 1 publishes online, or cancels a pending offline grace),
     /// subscribes it to its own user and fills `slot` with the user's state.
     ///
-    /// The second value is the reachability epoch in which this attach found the user online
-    /// for the first time: the caller records it in the store (`Store::mark_online`) before
-    /// acknowledging the connection, so `is_online` reads `false`, not `null`, after a crash.
-    pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> (Attach, Option<i64>) {
+    /// The first time a user is online in a reachability epoch, the epoch goes down the
+    /// persist channel (`PersistEvent::Online`): the store learns it in the next batch, so that
+    /// `is_online` reads `false`, not `null`, after a restart. Nothing here waits on the store.
+    pub fn attach(&self, conn: &Arc<Conn>, slot: SlotId) -> Attach {
         self.attach_with(conn, slot, None)
     }
 
     /// [`Engine::attach`] with the user's profile as the caller just read it from the store
     /// (kept unless a newer one is in memory), so the user exists in the store before its
     /// presence is reported and the `welcome` slot is filled at once.
-    pub fn attach_with(
-        &self,
-        conn: &Arc<Conn>,
-        slot: SlotId,
-        profile: Option<Profile>,
-    ) -> (Attach, Option<i64>) {
+    pub fn attach_with(&self, conn: &Arc<Conn>, slot: SlotId, profile: Option<Profile>) -> Attach {
         self.conns.insert(conn.id, Arc::clone(conn));
         let svc = self.service(conn.service());
         let mut entry = self
@@ -525,7 +520,6 @@ impl Engine {
         if let Some(profile) = profile {
             Self::keep_newer(&mut entry, profile);
         }
-        let mut new_epoch = None;
         entry.conns += 1;
         if entry.conns == 1 {
             entry.grace_gen = 0;
@@ -534,10 +528,7 @@ impl Engine {
                 entry.online = true;
                 self.metrics.online_users.inc();
                 self.tell_cluster(|| ClusterEvent::Held(conn.key.clone()));
-                if svc.enabled && entry.online_epoch < svc.epoch {
-                    entry.online_epoch = svc.epoch;
-                    new_epoch = Some(svc.epoch);
-                }
+                self.note_online(&conn.key, &mut entry, svc);
                 if !was_visible {
                     self.report_presence(&conn.key, true, now_unix());
                     self.publish(
@@ -552,10 +543,7 @@ impl Engine {
         if entry.subscribers.insert(conn) {
             self.metrics.subscriptions.inc();
         }
-        (
-            self.fill_locked(&entry, conn.identity(), conn, slot, svc),
-            new_epoch,
-        )
+        self.fill_locked(&entry, conn.identity(), conn, slot, svc)
     }
 
     /// Subscribes `conn` to a user and fills `slot` with its state.

@@ -60,7 +60,7 @@ fn connect(e: &Arc<Engine>, identity: &str) -> Arc<Conn> {
             user: None,
         })
         .unwrap();
-    if e.attach(&conn, slot).0 == Attach::NeedsProfile {
+    if e.attach(&conn, slot) == Attach::NeedsProfile {
         e.load_profile(SVC, identity, profile(1));
         assert_eq!(e.fill(&conn, identity, slot), Attach::Filled);
     }

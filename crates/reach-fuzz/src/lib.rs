@@ -1338,7 +1338,7 @@ pub mod engine {
                             user: None,
                         })
                         .expect("a new outbox takes a slot");
-                    let (found, _) = self.engine.attach(&conn, slot.id());
+                    let found = self.engine.attach(&conn, slot.id());
                     self.fill(c, &id, slot.id(), found);
                     drop(slot);
                 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     /// Frames read from sockets.
     pub frames_received: IntCounter,
     pub heartbeat_timeouts: IntCounter,
+    /// Quiet sockets whose WebSocket stream was rebuilt to give its buffers back.
+    pub streams_rebuilt: IntCounter,
     /// Refused hellos and token updates by reason.
     pub auth_failures: IntCounterVec,
     /// REST requests by route template, method and status.
@@ -80,6 +82,10 @@ impl Metrics {
         let heartbeat_timeouts = IntCounter::new(
             "reach_heartbeat_timeouts_total",
             "Connections closed with 4008 after hearing nothing for heartbeat_timeout",
+        )?;
+        let streams_rebuilt = IntCounter::new(
+            "reach_ws_streams_rebuilt_total",
+            "Quiet sockets whose WebSocket stream was rebuilt with fresh buffers (its read and write buffers given back)",
         )?;
         let auth_failures = IntCounterVec::new(
             Opts::new(
@@ -154,6 +160,7 @@ impl Metrics {
             &frames_sent,
             &frames_received,
             &heartbeat_timeouts,
+            &streams_rebuilt,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -201,6 +208,7 @@ impl Metrics {
             frames_sent,
             frames_received,
             heartbeat_timeouts,
+            streams_rebuilt,
             auth_failures,
             http_requests,
             http_duration,

@@ -166,9 +166,26 @@ fn coalesce(pending: &mut Vec<PersistEvent>) {
 /// Writes one batch; true when it held presence changes (webhook events may have been
 /// recorded).
 async fn write(store: &dyn Store, batch: &[PersistEvent]) -> reach_store::Result<bool> {
+    // A change to online records the service's current epoch with it, in the batch's one
+    // transaction (`Store::record_presence`): the users it covers need no write of their own
+    // (a user's first `hello` in an epoch sends both).
+    let covered: std::collections::HashSet<(&str, &str)> = batch
+        .iter()
+        .filter_map(|event| match event {
+            PersistEvent::Presence(change) if change.online => {
+                Some((change.key.service(), change.key.identity()))
+            }
+            _ => None,
+        })
+        .collect();
     let mut changes = Vec::new();
     for event in batch {
         match event {
+            PersistEvent::Online {
+                service_sid,
+                identity,
+                ..
+            } if covered.contains(&(service_sid.as_str(), identity.as_str())) => {}
             PersistEvent::Online {
                 service_sid,
                 identity,

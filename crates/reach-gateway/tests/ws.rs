@@ -894,6 +894,29 @@ async fn users_and_bindings_survive_kill_9() {
         })
         .await;
     assert!(matches!(reg, ServerFrame::PushRegistered { .. }));
+    // `hello` does not wait on the store for the user's online epoch: it is written in the
+    // next presence batch. Wait for it in the file, as the next process will read it.
+    let db = format!("sqlite://{}?mode=ro", d.dir.join("reach.db").display());
+    let mut file = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let epoch: i64 =
+            sqlx::query_scalar("SELECT online_epoch FROM users WHERE identity = 'alice'")
+                .fetch_one(&mut file)
+                .await
+                .unwrap();
+        if epoch > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's online epoch never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(file);
     let d = d.kill9_and_restart();
     let rest = d.client();
     let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
@@ -1217,4 +1240,121 @@ async fn pipelined_frames_and_requests_after_deliveries_are_answered() {
         subscribe(&mut bob, 4, &["carol"]).await,
         ServerFrame::Subscribed { id: 4, users, .. } if users.len() == 1
     ));
+}
+
+/// `reach_ws_streams_rebuilt_total` from the admin listener.
+async fn streams_rebuilt(d: &Reachd) -> u64 {
+    let text = d.metrics().await;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("reach_ws_streams_rebuilt_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no reach_ws_streams_rebuilt_total in\n{text}"))
+}
+
+/// Waits until at least `n` streams were rebuilt.
+async fn wait_rebuilt(d: &Reachd, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rebuilt = streams_rebuilt(d).await;
+        if rebuilt >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rebuilt} streams rebuilt, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn quiet_sockets_get_fresh_buffers_and_keep_working() {
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let (mut alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), Some(Encoding::MsgPack)).await;
+    let ServerFrame::Subscribed { users, .. } = subscribe(&mut bob, 1, &["alice"]).await else {
+        panic!("expected subscribed");
+    };
+    assert_eq!(users[0].is_online, Some(true));
+    // Both go quiet (server pings and their pongs do not count) and are rebuilt.
+    wait_rebuilt(&d, 2).await;
+    let rebuilt = streams_rebuilt(&d).await;
+    // Requests, replies and pushes go on over the rebuilt streams, in both encodings.
+    let ServerFrame::Subscribed { users, .. } = subscribe(&mut alice, 2, &["bob"]).await else {
+        panic!("expected subscribed");
+    };
+    assert_eq!(users[0].is_online, Some(true));
+    alice.send(&ClientFrame::Bye).await;
+    let update = bob.update_of("alice").await;
+    assert_eq!(user_of(&update).is_online, Some(false));
+    // Bob went quiet again after that update: rebuilt once more.
+    wait_rebuilt(&d, rebuilt + 1).await;
+    // carol has never connected: she is reported as not found, in the reply to request 3.
+    let ServerFrame::Subscribed { id, users, errors } = subscribe(&mut bob, 3, &["carol"]).await
+    else {
+        panic!("expected subscribed");
+    };
+    assert_eq!((id, users.len(), errors.len()), (3, 0, 1), "{errors:?}");
+    // Server pings kept being answered across the rebuilds: bob is still connected.
+    bob.send(&ClientFrame::Ping { id: 4 }).await;
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 4 }));
+}
+
+#[tokio::test]
+async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let d = Reachd::start(FAST);
+    let svc = enabled_service(&d).await;
+    let raw = RawWs::hello(d.http, &d.token(&svc, "alice")).await;
+    let mut ws = WebSocketStream::from_raw_socket(raw.tcp, Role::Client, None).await;
+    let next_text = async |ws: &mut WebSocketStream<tokio::net::TcpStream>| loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("socket open")
+            .expect("no socket error");
+        if let Message::Text(t) = msg {
+            return t.to_string();
+        }
+    };
+    assert!(next_text(&mut ws).await.contains("\"welcome\""));
+    // Half of a masked `subscribe` frame: header, mask and part of the payload.
+    let payload = br#"{"type":"subscribe","id":7,"identities":["bob","carol"]}"#;
+    let mask = [9u8, 8, 7, 6];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let half = frame.len() / 2;
+    ws.get_mut().write_all(&frame[..half]).await.unwrap();
+    // Alice's quiet period ends before that of a socket opened after her half frame (by 4
+    // ticks of the shared timer at least): once that socket is rebuilt, alice's stream was
+    // checked, and kept (tungstenite holds her partial frame).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = streams_rebuilt(&d).await;
+    let (_carol, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "carol"), None).await;
+    wait_rebuilt(&d, before + 1).await;
+    ws.get_mut().write_all(&frame[half..]).await.unwrap();
+    let reply = next_text(&mut ws).await;
+    assert!(
+        reply.contains("\"subscribed\"") && reply.contains("\"id\":7"),
+        "{reply}"
+    );
+    assert!(reply.contains("\"carol\""), "{reply}");
+    // Then it goes quiet too, is rebuilt, and keeps answering.
+    wait_rebuilt(&d, streams_rebuilt(&d).await + 1).await;
+    ws.send(Message::text(r#"{"type":"ping","id":8}"#))
+        .await
+        .unwrap();
+    let pong = next_text(&mut ws).await;
+    assert!(
+        pong.contains("\"pong\"") && pong.contains("\"id\":8"),
+        "{pong}"
+    );
 }

@@ -69,6 +69,24 @@ impl Watched {
     }
 }
 
+/// Write-side bookkeeping that survives across wake-ups.
+#[derive(Default)]
+pub(super) struct WriteState {
+    /// Frames written to the sink but not flushed yet.
+    pub(super) dirty: bool,
+    /// Since when the socket has refused to take more bytes.
+    pub(super) blocked_since: Option<Instant>,
+    pub(super) ping_due: bool,
+    /// The last read or write that may have grown tungstenite's buffers since its stream was
+    /// built (a message other than a ping or pong); None while they are as built. The stream
+    /// is rebuilt once the socket has been quiet for [`QUIET`] after it.
+    pub(super) grown_at: Option<Instant>,
+}
+
+/// How long a socket stays quiet (nothing but pings and pongs) before its stream is rebuilt
+/// with fresh buffers.
+pub(super) const QUIET: Duration = Duration::from_millis(1000);
+
 /// An authenticated connection. Kept small: every idle socket holds one (its identity and
 /// service are in `conn`'s key, the service record is shared).
 pub(super) struct Session {
@@ -94,6 +112,7 @@ pub(super) struct Session {
     pub(super) must_read: bool,
     /// `limits.socket_frames_per_second` (None: no limit).
     pub(super) frames: Option<FrameBucket>,
+    pub(super) w: WriteState,
 }
 
 impl Session {
@@ -120,6 +139,11 @@ impl Session {
             push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
             token_expires_at: grant.expires_at,
             frames: app.throttles.frame_bucket(),
+            // The `hello` was just read and the `welcome` is to be written.
+            w: WriteState {
+                grown_at: Some(now),
+                ..WriteState::default()
+            },
         };
         s.set_expiry();
         s

@@ -15,7 +15,7 @@ use reach_store::{Service, StoreError};
 use tokio::time::Instant;
 
 use super::connection::Session;
-use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, error_frame};
+use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, error_frame, took};
 use crate::admission::Slot;
 use crate::auth::{TokenError, TokenGrant, verify_token};
 use crate::state::{App, profile_of};
@@ -159,7 +159,10 @@ async fn await_hello(
     let deadline = Instant::now() + app.config.auth_timeout();
     loop {
         let read = tokio::select! {
-            item = ws.next() => classify(item, encoding, app.config.limits.max_frame_bytes),
+            item = ws.next() => {
+                took(ws, &item);
+                classify(item, encoding, app.config.limits.max_frame_bytes)
+            }
             _ = tokio::time::sleep_until(deadline) => return Err(HelloError::Timeout),
             _ = app.shutdown.cancelled() => return Err(HelloError::Draining),
         };
@@ -274,7 +277,7 @@ async fn start(
         let Some(slot) = slot else {
             return Err(HelloError::Internal);
         };
-        let (fill, new_epoch) = engine.attach_with(&conn, slot.id(), profile);
+        let fill = engine.attach_with(&conn, slot.id(), profile);
         if fill == Attach::NeedsProfile {
             // The profile left memory between the check and the attach: read it again.
             match load_user(app, &service, &grant.identity).await {
@@ -287,19 +290,6 @@ async fn start(
                     return Err(e);
                 }
             }
-        }
-        if let Some(epoch) = new_epoch
-            && let Err(e) = app
-                .store
-                .mark_online(&service.sid, &grant.identity, epoch)
-                .await
-        {
-            tracing::warn!(
-                error = %e,
-                service = %service.sid,
-                identity = %grant.identity,
-                "cannot record the user online"
-            );
         }
         // `slot` is dropped here: the welcome is sealed.
     }

@@ -10,7 +10,9 @@
 //! - [`session`]: the socket task and the session loop: writes from the connection's outbox,
 //!   deadlines on the shared timers, reads, the end;
 //! - [`requests`]: the requests a session answers (`subscribe`, `unsubscribe`, `update_token`,
-//!   push registration, ...), one function each.
+//!   push registration, ...), one function each;
+//! - [`wire`]: the byte stream under tungstenite, which follows the client's frame
+//!   boundaries so that a quiet socket's stream can be rebuilt with fresh buffers.
 //!
 //! Modules depend one way: `upgrade` → `session` → `hello` → `connection` → `socket`, and
 //! `requests` → `connection` (the session loop calls `Session::handle`, which `requests` adds).
@@ -27,5 +29,6 @@ mod requests;
 mod session;
 mod socket;
 mod upgrade;
+mod wire;
 
 pub use upgrade::router;

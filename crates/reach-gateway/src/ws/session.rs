@@ -13,6 +13,7 @@
 //! [`super::connection`], the requests it answers in [`super::requests`].
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -21,27 +22,40 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use reach_core::{Conn, Outgoing};
 use reach_proto::{CloseCode, Encoding, ErrorCode, ServerFrame};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::connection::Session;
+use super::connection::{QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    End, Gone, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
+    End, Gone, Read, Socket, answer_close, classify, close_direct, error_frame, send_message, took,
+    ws_config,
 };
 use crate::admission::Slot;
 use crate::state::App;
 use crate::throttle::{FrameVerdict, Limited};
 
-/// The socket task: admission and `hello`, the session, the close; counted in the metrics.
+/// The upgrade of a socket and its stream's construction; `None` when the upgrade failed.
+pub(super) type Setup = Pin<Box<dyn Future<Output = Option<Box<Socket>>> + Send>>;
+
+/// The socket task: the upgrade, admission and `hello`, the session, the close; counted in
+/// the metrics. `permit` is the connection's place under `limits.max_connections` (`None`:
+/// past it, refused after the upgrade), held for the socket's life.
 pub(super) async fn serve_socket(
     app: Arc<App>,
-    mut ws: Box<Socket>,
+    setup: Setup,
     encoding: Encoding,
-    admitted: bool,
+    permit: Option<OwnedSemaphorePermit>,
     pending: Option<Slot>,
     peer: IpAddr,
 ) {
+    let Some(mut ws) = setup.await else {
+        return;
+    };
+    let admitted = permit.is_some();
     let m = &app.metrics;
     m.connections.inc();
     m.connections_opened.inc();
@@ -51,7 +65,16 @@ pub(super) async fn serve_socket(
     let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted, pending, peer)).await;
     let end = match prepared {
         Ok(mut session) => {
-            let end = session.run(&mut ws).await;
+            let end = loop {
+                match session.run(&mut ws).await {
+                    Step::End(end) => break end,
+                    Step::Quiet => {
+                        ws = Box::pin(rebuild(ws, &app)).await;
+                        // The new stream's read side is not registered with the socket yet.
+                        session.must_read = true;
+                    }
+                }
+            };
             Box::pin(session.finish(&mut ws, end)).await;
             end
         }
@@ -65,14 +88,28 @@ pub(super) async fn serve_socket(
     tracing::debug!(reason = end.label(), "socket closed");
 }
 
-/// Write-side bookkeeping that survives across wake-ups.
-#[derive(Default)]
-pub(super) struct WriteState {
-    /// Frames written to the sink but not flushed yet.
-    dirty: bool,
-    /// Since when the socket has refused to take more bytes.
-    blocked_since: Option<Instant>,
-    ping_due: bool,
+/// How a session's loop returned.
+pub(super) enum Step {
+    /// The connection ended.
+    End(End),
+    /// The socket is quiet: its stream can be rebuilt with fresh buffers ([`rebuild`]).
+    Quiet,
+}
+
+/// Rebuilds a quiet socket's tungstenite stream over the same connection, so its read and
+/// write buffers start again at their initial sizes (tungstenite keeps both at their
+/// high-water marks: the `hello` with its token, the largest batch written). Called only when
+/// tungstenite holds no unread input ([`Session::quiet`]); anything it still has to write (an
+/// automatic pong) is flushed first, and a socket that does not take it keeps its stream.
+async fn rebuild(mut ws: Box<Socket>, app: &App) -> Box<Socket> {
+    let flushed = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await;
+    if !matches!(flushed, Poll::Ready(Ok(()))) {
+        return ws;
+    }
+    let io = ws.into_inner();
+    let config = ws_config(&app.config.limits);
+    app.metrics.streams_rebuilt.inc();
+    Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }
 
 /// What one wake-up of a socket produced.
@@ -86,7 +123,8 @@ enum Io {
 }
 
 impl Session {
-    fn next_deadline(&self, w: &WriteState) -> Instant {
+    fn next_deadline(&self) -> Instant {
+        let w = &self.w;
         let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
         let mut d = self
             .next_ping
@@ -98,30 +136,40 @@ impl Session {
         if let Some(b) = w.blocked_since {
             d = d.min(b + stall);
         }
+        if let Some(t) = w.grown_at {
+            d = d.min(t + QUIET);
+        }
         d
     }
 
-    /// The main loop; returns how the connection ends.
-    pub(super) async fn run(&mut self, ws: &mut Socket) -> End {
-        let mut w = WriteState::default();
+    /// The main loop; returns how the connection ends, or that the socket is quiet and its
+    /// stream can be rebuilt (then it is called again).
+    pub(super) async fn run(&mut self, ws: &mut Socket) -> Step {
         let encoding = self.conn.outbox.encoding();
         loop {
-            let item = match self.next_io(ws, &mut w).await {
-                Io::Closing(Ok(code)) => return End::Close(code),
-                Io::Closing(Err(_)) => return End::Gone(Gone::Transport),
+            let item = match self.next_io(ws).await {
+                Io::Closing(Ok(code)) => return Step::End(End::Close(code)),
+                Io::Closing(Err(_)) => return Step::End(End::Gone(Gone::Transport)),
                 Io::Timer => {
                     // The registration that fired is the armed one (or a later, stale one).
                     if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
                         self.armed = None;
                     }
-                    if let Some(end) = self.tick(&mut w) {
-                        return end;
+                    if let Some(end) = self.tick() {
+                        return Step::End(end);
+                    }
+                    if self.quiet(ws) {
+                        return Step::Quiet;
                     }
                     continue;
                 }
                 Io::Read(item) => item,
             };
+            took(ws, &item);
             self.last_heard = Instant::now();
+            if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &item {
+                self.w.grown_at = Some(self.last_heard);
+            }
             self.app.metrics.frames_received.inc();
             let read = classify(item, encoding, self.app.config.limits.max_frame_bytes);
             if matches!(read, Read::Frame(_) | Read::Nothing) && !self.take_frame(&read) {
@@ -129,7 +177,7 @@ impl Session {
             }
             match read {
                 Read::Nothing => {}
-                Read::Gone(label) => return End::Gone(label),
+                Read::Gone(label) => return Step::End(End::Gone(label)),
                 Read::Fail(r) => self.fail(r.code, r.message, r.close),
                 // Boxed: a frame's handling (store calls) lives on the heap only while it
                 // runs, instead of widening every idle socket's task.
@@ -180,16 +228,12 @@ impl Session {
     /// polled with the connection as waker (`Conn` is `Wake`): their readiness reaches the
     /// task through the outbox as a read event, so a wake-up for writes alone (every
     /// delivery) does not poll the read side again.
-    fn next_io<'a>(
-        &'a mut self,
-        ws: &'a mut Socket,
-        w: &'a mut WriteState,
-    ) -> impl Future<Output = Io> + 'a {
+    fn next_io<'a>(&'a mut self, ws: &'a mut Socket) -> impl Future<Output = Io> + 'a {
         std::future::poll_fn(move |cx| {
-            if let Poll::Ready(r) = poll_write(ws, &self.conn, w, &self.app, cx) {
+            if let Poll::Ready(r) = poll_write(ws, &self.conn, &mut self.w, &self.app, cx) {
                 return Poll::Ready(Io::Closing(r));
             }
-            self.arm(w);
+            self.arm();
             let events = self.conn.outbox.take_events(cx.waker());
             self.must_read |= events.read;
             if events.timer {
@@ -213,20 +257,41 @@ impl Session {
     /// or equal registration is still to come (a later one left behind by a deadline that
     /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
     /// tick fires (`Io::Timer`), so this reads no clock: it runs on every wake-up.
-    fn arm(&mut self, w: &WriteState) {
+    fn arm(&mut self) {
         let timers = &self.app.timers;
-        let tick = timers.tick_of(self.next_deadline(w));
+        let tick = timers.tick_of(self.next_deadline());
         if self.armed.is_none_or(|t| tick < t) {
             timers.arm(tick, &self.conn);
             self.armed = Some(tick);
         }
     }
 
+    /// Whether the socket has been quiet for [`QUIET`] since its buffers last grew, with
+    /// everything written and flushed and nothing read left inside tungstenite: then its
+    /// stream can be rebuilt. When only the state is wrong (a partial frame read, a blocked
+    /// write), it asks again after another quiet period.
+    fn quiet(&mut self, ws: &Socket) -> bool {
+        let Some(grown) = self.w.grown_at else {
+            return false;
+        };
+        let now = Instant::now();
+        if now < grown + QUIET {
+            return false;
+        }
+        let w = &self.w;
+        if w.dirty || w.blocked_since.is_some() || w.ping_due || !ws.get_ref().at_boundary() {
+            self.w.grown_at = Some(now);
+            return false;
+        }
+        self.w.grown_at = None;
+        true
+    }
+
     /// Timers; returns an end when the socket must go now.
-    fn tick(&mut self, w: &mut WriteState) -> Option<End> {
+    fn tick(&mut self) -> Option<End> {
         let now = Instant::now();
         let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
-        if w.blocked_since.is_some_and(|b| now >= b + stall) {
+        if self.w.blocked_since.is_some_and(|b| now >= b + stall) {
             // The socket takes nothing: no error frame could reach the client.
             return Some(End::Close(CloseCode::SlowConsumer));
         }
@@ -262,7 +327,7 @@ impl Session {
             });
         }
         if now >= self.next_ping {
-            w.ping_due = true;
+            self.w.ping_due = true;
             self.next_ping = now + self.app.config.heartbeat_interval();
         }
         None
@@ -314,6 +379,7 @@ fn poll_write(
                 send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                 app.metrics.frames_sent.inc();
                 w.dirty = true;
+                w.grown_at = Some(Instant::now());
             }
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);

@@ -17,10 +17,18 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
+use super::wire::Wire;
 use crate::config::LimitsConfig;
 
-/// The upgraded connection of one client.
-pub(super) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// The upgraded connection of one client, its frames followed by [`Wire`].
+pub(super) type Socket = WebSocketStream<Wire<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// Notes that the session took a message tungstenite read (see [`Wire::at_boundary`]).
+pub(super) fn took(ws: &mut Socket, item: &Option<Result<Message, tungstenite::Error>>) {
+    if let Some(Ok(_)) = item {
+        ws.get_mut().taken();
+    }
+}
 
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -18,8 +18,9 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
-use super::session::serve_socket;
+use super::session::{Setup, serve_socket};
 use super::socket::ws_config;
+use super::wire::Wire;
 use crate::admission::Slot;
 use crate::rest::ApiError;
 use crate::state::App;
@@ -93,37 +94,35 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
     // The connection stays pending (capped per address) until its socket is welcomed.
     let pending = req.extensions_mut().remove::<Slot>();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let task_app = Arc::clone(&app);
-    app.sockets.spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed");
-                    return;
-                }
-            };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                // Built here, not captured: a captured value stays in the task for its life.
-                Some(ws_config(&task_app.config.limits)),
-            )
-            .await;
-            let _permit = permit.as_ref();
-            // Boxed: the stream would otherwise widen every socket's task.
-            serve_socket(
-                task_app,
-                Box::new(ws),
-                encoding,
-                permit.is_some(),
-                pending,
-                peer.ip(),
-            )
-            .await;
-        }
-        .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty)),
-    );
+    // The upgrade and the stream's construction run boxed, and are gone once done: an idle
+    // socket's task keeps only the session's loop (see docs/benchmarks.md, memory).
+    let limits_app = Arc::clone(&app);
+    let setup: Setup = Box::pin(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return None;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            Wire::new(TokioIo::new(upgraded)),
+            Role::Server,
+            Some(ws_config(&limits_app.config.limits)),
+        )
+        .await;
+        Some(Box::new(ws))
+    });
+    let task = serve_socket(
+        Arc::clone(&app),
+        setup,
+        encoding,
+        permit,
+        pending,
+        peer.ip(),
+    )
+    .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty));
+    app.sockets.spawn(task);
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();

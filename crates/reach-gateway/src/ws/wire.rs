@@ -1,0 +1,287 @@
+//! The socket's byte stream under tungstenite ([`Wire`]), which follows the client's frame
+//! boundaries in the bytes it hands over, so the session knows when tungstenite holds no
+//! unread input and its stream can be rebuilt with fresh buffers (see
+//! [`super::session`], "quiet sockets").
+//!
+//! tungstenite keeps its read buffer at the size of the largest frame it has read (the `hello`
+//! with its token) and its write buffer at the size of the largest batch, for the life of the
+//! socket. Rebuilding the stream over the same connection releases both, but is only safe
+//! when nothing read is still inside it: every message whose bytes were handed over has been
+//! taken, and no byte of a later frame was. [`Wire::at_boundary`] says exactly that.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The longest client frame header: 2 bytes, 8 of extended length, 4 of mask.
+const MAX_HEADER: usize = 14;
+
+/// A byte stream that counts the complete client messages read through it.
+pub(super) struct Wire<S> {
+    io: S,
+    /// The bytes of the header being read (`head_len` of them).
+    head: [u8; MAX_HEADER],
+    head_len: u8,
+    /// The first header byte of the frame whose payload is being read (FIN and opcode).
+    first: u8,
+    /// Payload bytes of that frame not handed over yet.
+    payload_left: u64,
+    /// A data frame without FIN was seen: a fragmented message is in progress.
+    fragmented: bool,
+    /// Messages whose last byte was handed over and that the session has not taken yet.
+    unread: u32,
+}
+
+impl<S> Wire<S> {
+    pub(super) fn new(io: S) -> Wire<S> {
+        Wire {
+            io,
+            head: [0; MAX_HEADER],
+            head_len: 0,
+            first: 0,
+            payload_left: 0,
+            fragmented: false,
+            unread: 0,
+        }
+    }
+
+    /// The session took a message from tungstenite.
+    pub(super) fn taken(&mut self) {
+        self.unread = self.unread.saturating_sub(1);
+    }
+
+    /// Every byte handed over belongs to a message the session has taken: tungstenite holds
+    /// no unread input.
+    pub(super) fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.payload_left == 0 && !self.fragmented && self.unread == 0
+    }
+
+    /// Follows the frames in `bytes`, the next bytes handed to tungstenite.
+    fn scan(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = (bytes.len() as u64).min(self.payload_left);
+                self.payload_left -= n;
+                bytes = &bytes[n as usize..];
+                if self.payload_left == 0 {
+                    self.frame_done();
+                }
+                continue;
+            }
+            let need = self.header_len();
+            let have = usize::from(self.head_len);
+            let n = (need - have).min(bytes.len());
+            self.head[have..have + n].copy_from_slice(&bytes[..n]);
+            self.head_len += n as u8;
+            bytes = &bytes[n..];
+            // The length byte may tell that the header is longer than first thought.
+            if usize::from(self.head_len) == self.header_len() {
+                self.header_done();
+            }
+        }
+    }
+
+    /// The length of the header being read, as far as its bytes so far tell.
+    fn header_len(&self) -> usize {
+        if self.head_len < 2 {
+            return 2;
+        }
+        let extended = match self.head[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+        2 + extended + mask
+    }
+
+    fn header_done(&mut self) {
+        let h = &self.head;
+        self.payload_left = match h[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+            127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+            n => u64::from(n),
+        };
+        self.first = h[0];
+        self.head_len = 0;
+        if self.payload_left == 0 {
+            self.frame_done();
+        }
+    }
+
+    fn frame_done(&mut self) {
+        let fin = self.first & 0x80 != 0;
+        let control = self.first & 0x08 != 0;
+        if control {
+            // Control frames are whole messages, also between a message's fragments.
+            self.unread += 1;
+        } else if fin {
+            self.unread += 1;
+            self.fragmented = false;
+        } else {
+            self.fragmented = true;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.scan(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn frame(first: u8, payload_len: usize) -> Vec<u8> {
+        let mut f = vec![first];
+        match payload_len {
+            0..=125 => f.push(0x80 | payload_len as u8),
+            126..=65535 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(payload_len as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(0x55, payload_len));
+        f
+    }
+
+    const TEXT: u8 = 0x81;
+    const TEXT_FIRST: u8 = 0x01;
+    const CONTINUATION: u8 = 0x00;
+    const CONTINUATION_LAST: u8 = 0x80;
+    const PING: u8 = 0x89;
+
+    /// Feeds `bytes` in pieces of `step`; returns the wire after each piece.
+    fn feed(bytes: &[u8], step: usize) -> Vec<(usize, bool, u32)> {
+        let mut wire = Wire::new(());
+        let mut seen = Vec::new();
+        for (i, piece) in bytes.chunks(step).enumerate() {
+            wire.scan(piece);
+            seen.push(((i + 1) * step, wire.at_boundary(), wire.unread));
+        }
+        seen
+    }
+
+    #[test]
+    fn counts_whole_messages_whatever_the_read_sizes() {
+        let mut bytes = frame(TEXT, 5);
+        bytes.extend(frame(TEXT, 300));
+        bytes.extend(frame(TEXT, 70_000));
+        bytes.extend(frame(PING, 0));
+        for step in [1, 2, 3, 7, 13, 14, 100, 4096, bytes.len()] {
+            let mut wire = Wire::new(());
+            for piece in bytes.chunks(step) {
+                wire.scan(piece);
+            }
+            assert_eq!(wire.unread, 4, "step {step}");
+            assert_eq!(wire.head_len, 0, "step {step}");
+            assert_eq!(wire.payload_left, 0, "step {step}");
+        }
+    }
+
+    #[test]
+    fn at_a_boundary_only_when_every_message_handed_over_was_taken() {
+        let mut wire = Wire::new(());
+        assert!(wire.at_boundary(), "nothing read yet");
+        let two = [frame(TEXT, 10), frame(TEXT, 3)].concat();
+        // The first message and part of the second's header.
+        wire.scan(&two[..17]);
+        assert_eq!(wire.unread, 1);
+        wire.taken();
+        assert!(!wire.at_boundary(), "a header is half read");
+        wire.scan(&two[17..]);
+        assert!(!wire.at_boundary(), "the second message is not taken");
+        wire.taken();
+        assert!(wire.at_boundary());
+        // A header without its payload.
+        wire.scan(&frame(TEXT, 10)[..6]);
+        assert!(!wire.at_boundary(), "payload still to come");
+    }
+
+    #[test]
+    fn fragments_make_one_message_and_control_frames_between_them_count() {
+        let bytes = [
+            frame(TEXT_FIRST, 4),
+            frame(CONTINUATION, 4),
+            frame(PING, 2),
+            frame(CONTINUATION_LAST, 4),
+        ]
+        .concat();
+        let seen = feed(&bytes, 1);
+        let after = |n: usize| seen[n - 1];
+        let first_two = frame(TEXT_FIRST, 4).len() + frame(CONTINUATION, 4).len();
+        // After two fragments: no whole message, not at a boundary.
+        assert_eq!(after(first_two), (first_two, false, 0));
+        // The ping is a whole message, but the text message is still open.
+        let with_ping = first_two + frame(PING, 2).len();
+        assert_eq!(after(with_ping), (with_ping, false, 1));
+        // The last fragment closes the message.
+        assert_eq!(seen.last().unwrap().2, 2);
+        let mut wire = Wire::new(());
+        wire.scan(&bytes);
+        wire.taken();
+        wire.taken();
+        assert!(wire.at_boundary());
+    }
+
+    #[test]
+    fn empty_frames_and_unmasked_headers_end_at_their_header() {
+        let mut wire = Wire::new(());
+        wire.scan(&frame(TEXT, 0));
+        assert_eq!(wire.unread, 1);
+        // Unmasked (refused by tungstenite, but followed all the same): 2-byte header.
+        wire.scan(&[0x81, 0x02, b'h', b'i']);
+        assert_eq!(wire.unread, 2);
+        assert_eq!((wire.head_len, wire.payload_left), (0, 0));
+    }
+}
