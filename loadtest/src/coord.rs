@@ -110,6 +110,8 @@ async fn spawn_reachd(args: &RunArgs, bin: &Path, out: &Path) -> Result<Server, 
     cmd.arg("--config")
         .arg(&args.reachd_config)
         .env("REACH_STORAGE__SQLITE_PATH", data.join("reach.db"))
+        // As the image runs it (deploy/Dockerfile); `--reachd-env MALLOC_ARENA_MAX=8` undoes it.
+        .env("MALLOC_ARENA_MAX", "2")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -171,10 +171,11 @@ pub struct LimitsConfig {
     pub write_stall_timeout_ms: u64,
     /// Read buffer of each socket (tungstenite's `read_buffer_size`).
     pub read_buffer_bytes: usize,
-    /// Messages longer than this go out as WebSocket fragments of this size, and a socket
-    /// writes whenever this much is buffered, so its write buffer (kept at its high-water mark
-    /// for the socket's life) stays near twice this. 0: whole messages, written once per
-    /// batch (fewer write calls, a larger write buffer per idle socket).
+    /// 0 (the default): whole messages, written once per batch. Otherwise messages longer
+    /// than this go out as WebSocket fragments of this size, and a socket writes whenever
+    /// this much is buffered, so its write buffer stays near twice this while it is busy
+    /// (more write calls, less memory per busy socket; a quiet socket's stream is rebuilt
+    /// with fresh buffers either way).
     pub write_fragment_bytes: usize,
     /// Connections that are not authenticated sockets yet (HTTP connections, and upgraded
     /// sockets before `welcome`), in all; one more is closed at once.
@@ -210,7 +211,7 @@ impl Default for LimitsConfig {
             max_outbox_bytes: 1 << 20,
             write_stall_timeout_ms: 10_000,
             read_buffer_bytes: 128,
-            write_fragment_bytes: 128,
+            write_fragment_bytes: 0,
             max_pending_connections: 4_096,
             max_pending_per_address: 512,
             rest_requests_per_second: 500,

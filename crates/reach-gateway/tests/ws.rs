@@ -1098,8 +1098,8 @@ async fn a_client_close_frame_is_answered() {
 }
 
 /// Server messages longer than `limits.write_fragment_bytes` go out as RFC 6455 fragments
-/// (this keeps the per-socket write buffer small), and reassemble into the same message; with
-/// 0 they go out whole. Read at the frame level, below any client library.
+/// (this keeps a busy socket's write buffer small), and reassemble into the same message; with
+/// 0, the default, they go out whole. Read at the frame level, below any client library.
 #[tokio::test]
 async fn long_messages_are_fragmented_on_the_wire_and_reassemble() {
     use std::io::{Read, Write};
@@ -1107,8 +1107,11 @@ async fn long_messages_are_fragmented_on_the_wire_and_reassemble() {
     use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameSocket};
 
     for (fragment, config) in [
-        (128usize, FAST.to_owned()),
-        (0, format!("{FAST}\n[limits]\nwrite_fragment_bytes = 0\n")),
+        (
+            128usize,
+            format!("{FAST}\n[limits]\nwrite_fragment_bytes = 128\n"),
+        ),
+        (0, FAST.to_owned()),
     ] {
         let d = Reachd::start(&config);
         let svc = enabled_service(&d).await;

@@ -394,13 +394,37 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
 /// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
 /// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
 /// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`).
+/// What one batch of presence changes reads of each service once (its configuration, and its
+/// webhook when an event may be recorded), instead of once per change: inside the batch's
+/// transaction they are taken as of its first change of the service.
+/// Splits a presence batch's users (or events) into pieces of 64, 8 and 1 rows, one statement
+/// each: a batch of any size takes few statements, and only three texts per statement kind
+/// exist, so the prepared statements the driver keeps per connection stay few and small.
+pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut pieces = Vec::new();
+    for size in [64, 8, 1] {
+        while items.len() >= size {
+            let (piece, rest) = items.split_at(size);
+            pieces.push(piece);
+            items = rest;
+        }
+    }
+    pieces
+}
+
+#[derive(Default)]
+pub(crate) struct BatchServices {
+    pub(crate) services: std::collections::HashMap<String, (ServiceConfig, Option<WebhookConfig>)>,
+}
+
 macro_rules! shared_sql {
     ($conn:ty, $lock:literal, $skip:literal) => {
         use reach_proto::{ServiceSid, SidKind, UpdateReason};
         use sqlx::Row;
 
         use crate::hooks::{
-            ClaimedEvent, Completion, PresenceRecord, QueueStats, Source, Target, UserEvent,
+            BatchServices, ClaimedEvent, Completion, PresenceRecord, QueueStats,
+            Source, Target, UserEvent, presence_pieces,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
@@ -479,6 +503,19 @@ macro_rules! shared_sql {
             reasons: &[UpdateReason],
         ) -> Result<()> {
             let hook = webhook(&mut *conn, &user.service_sid).await?;
+            record_event_for(conn, &hook, event, source, user, cfg, reasons).await
+        }
+
+        /// [`record_event`] with the service's webhook as read already.
+        async fn record_event_for(
+            conn: &mut $conn,
+            hook: &WebhookConfig,
+            event: UserEvent,
+            source: Source,
+            user: &UserRecord,
+            cfg: &ServiceConfig,
+            reasons: &[UpdateReason],
+        ) -> Result<()> {
             if !hook.fires(event.filter()) {
                 return Ok(());
             }
@@ -533,76 +570,167 @@ macro_rules! shared_sql {
             record_event(conn, UserEvent::Updated, source, after, &cfg, &reasons).await
         }
 
-        /// One user's record by identity, with its presence version; locked with `$lock`.
-        async fn user_for_presence(
+        /// Applies a batch of presence changes (see `Store::record_presence`) in a few
+        /// statements whatever its size: the batch's users are read in one query per
+        /// piece of them ([`presence_pieces`]), each user's changes are applied in order in
+        /// memory (a change no newer than the user's last is skipped), and the users that
+        /// changed are written back with one `UPDATE` per piece, the `onUserUpdated` events
+        /// with one `INSERT` per piece. Each service's configuration and webhook are read once.
+        pub(crate) async fn record_presence_batch(
             conn: &mut $conn,
-            service_sid: &ServiceSid,
-            identity: &str,
-        ) -> Result<Option<(UserRecord, i64)>> {
-            let sql = format!(
-                "SELECT {USER_COLS}, u.presence_version FROM users u \
-                 WHERE u.service_sid = $1 AND u.identity = $2 {}",
-                $lock
-            );
-            let row = sqlx::query(&sql)
-                .bind(service_sid.as_str())
-                .bind(identity)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db)?;
-            match row {
-                None => Ok(None),
-                Some(row) => {
-                    let version: i64 = row.try_get("presence_version").map_err(db)?;
-                    Ok(Some((user_row(&row).map_err(db)?.1, version)))
+            changes: &[PresenceRecord],
+        ) -> Result<()> {
+            // The batch's users, each once, in the batch's order of first appearance.
+            let mut order: Vec<(&str, &str)> = Vec::new();
+            let mut users: std::collections::HashMap<(&str, &str), (UserRecord, i64, bool)> =
+                std::collections::HashMap::new();
+            {
+                let mut seen = std::collections::HashSet::new();
+                for c in changes {
+                    let key = (c.service_sid.as_str(), c.identity.as_str());
+                    if seen.insert(key) {
+                        order.push(key);
+                    }
                 }
             }
-        }
-
-        /// Applies one presence change (see `Store::record_presence`).
-        pub(crate) async fn record_presence(
-            conn: &mut $conn,
-            change: &PresenceRecord,
-        ) -> Result<()> {
-            let Some((mut user, version)) =
-                user_for_presence(&mut *conn, &change.service_sid, &change.identity).await?
-            else {
-                return Ok(());
-            };
-            if change.version <= version {
-                return Ok(());
+            for chunk in presence_pieces(&order) {
+                let pairs: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                    .collect();
+                let sql = format!(
+                    "SELECT {USER_COLS}, u.presence_version FROM users u \
+                     WHERE (u.service_sid, u.identity) IN (VALUES {}) {}",
+                    pairs.join(", "),
+                    $lock
+                );
+                let mut query = sqlx::query(&sql);
+                for (service, identity) in chunk {
+                    query = query.bind(*service).bind(*identity);
+                }
+                let rows = query.fetch_all(&mut *conn).await.map_err(db)?;
+                for row in &rows {
+                    let version: i64 = row.try_get("presence_version").map_err(db)?;
+                    let user = user_row(row).map_err(db)?.1;
+                    // Borrow the key from the batch, not the row.
+                    if let Some(key) = chunk.iter().find(|(s, i)| {
+                        *s == user.service_sid.as_str() && *i == user.identity.as_str()
+                    }) {
+                        users.insert(*key, (user, version, false));
+                    }
+                }
             }
-            let cfg = config(&mut *conn, &change.service_sid).await?;
-            let flipped = user.presence_online != change.online;
-            user.presence_online = change.online;
-            if flipped && !change.online {
-                user.last_seen_at = Some(change.at);
+            let mut services = BatchServices::default();
+            let mut events: Vec<(String, String, &'static str, String)> = Vec::new();
+            for change in changes {
+                let key = (change.service_sid.as_str(), change.identity.as_str());
+                // Users that do not exist (any more) are skipped.
+                let Some((user, version, dirty)) = users.get_mut(&key) else {
+                    continue;
+                };
+                if change.version <= *version {
+                    continue;
+                }
+                let sid = change.service_sid.as_str();
+                if !services.services.contains_key(sid) {
+                    let cfg = config(&mut *conn, &change.service_sid).await?;
+                    services.services.insert(sid.to_owned(), (cfg, None));
+                }
+                let (cfg, hook) = services.services.get_mut(sid).expect("inserted above");
+                let flipped = user.presence_online != change.online;
+                user.presence_online = change.online;
+                if flipped && !change.online {
+                    user.last_seen_at = Some(change.at);
+                }
+                if change.online && cfg.reachability_enabled {
+                    user.online_epoch = user.online_epoch.max(cfg.reachability_epoch);
+                }
+                *version = change.version;
+                *dirty = true;
+                if flipped && cfg.reachability_enabled {
+                    if hook.is_none() {
+                        *hook = Some(webhook(&mut *conn, &change.service_sid).await?);
+                    }
+                    let event = UserEvent::Updated;
+                    if hook.as_ref().is_some_and(|h| h.fires(event.filter())) {
+                        let params = event_params(
+                            event,
+                            Source::Sdk,
+                            user,
+                            cfg,
+                            &[UpdateReason::ReachabilityOnline],
+                            now_unix(),
+                        );
+                        events.push((
+                            user.service_sid.to_string(),
+                            user.identity.clone(),
+                            event.filter(),
+                            encode_params(&params),
+                        ));
+                    }
+                }
             }
-            if change.online && cfg.reachability_enabled {
-                user.online_epoch = user.online_epoch.max(cfg.reachability_epoch);
+            let changed: Vec<&(UserRecord, i64, bool)> = order
+                .iter()
+                .filter_map(|key| users.get(key))
+                .filter(|(_, _, dirty)| *dirty)
+                .collect();
+            for chunk in presence_pieces(&changed) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let n = 5 * i;
+                        format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5)
+                    })
+                    .collect();
+                let sql = format!(
+                    "WITH v (sid, version, online, seen, epoch) AS (VALUES {}) \
+                     UPDATE users SET presence_version = v.version, presence_online = v.online, \
+                     last_seen_at = v.seen, online_epoch = v.epoch FROM v WHERE users.sid = v.sid",
+                    rows.join(", ")
+                );
+                let mut query = sqlx::query(&sql);
+                for (user, version, _) in chunk {
+                    query = query
+                        .bind(&user.sid)
+                        .bind(*version)
+                        .bind(user.presence_online)
+                        .bind(user.last_seen_at)
+                        .bind(user.online_epoch);
+                }
+                query.execute(&mut *conn).await.map_err(db)?;
             }
-            sqlx::query(
-                "UPDATE users SET presence_version = $1, presence_online = $2, \
-                 last_seen_at = $3, online_epoch = $4 WHERE sid = $5",
-            )
-            .bind(change.version)
-            .bind(user.presence_online)
-            .bind(user.last_seen_at)
-            .bind(user.online_epoch)
-            .bind(&user.sid)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-            if flipped && cfg.reachability_enabled {
-                record_event(
-                    conn,
-                    UserEvent::Updated,
-                    Source::Sdk,
-                    &user,
-                    &cfg,
-                    &[UpdateReason::ReachabilityOnline],
-                )
-                .await?;
+            let now = now_ms();
+            for chunk in presence_pieces(&events) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let n = 6 * i;
+                        format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                            n + 1,
+                            n + 2,
+                            n + 3,
+                            n + 4,
+                            n + 5,
+                            n + 6,
+                            n + 6
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO webhook_events (token, service_sid, identity, event_type, \
+                     params, created_ms, next_attempt_ms) VALUES {}",
+                    rows.join(", ")
+                );
+                let mut query = sqlx::query(&sql);
+                for (service, identity, filter, params) in chunk {
+                    query = query
+                        .bind(SidKind::Event.generate())
+                        .bind(service)
+                        .bind(identity)
+                        .bind(*filter)
+                        .bind(params)
+                        .bind(now);
+                }
+                query.execute(&mut *conn).await.map_err(db)?;
             }
             Ok(())
         }
@@ -857,6 +985,17 @@ pub(crate) use shared_sql;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn presence_batches_split_into_pieces_of_64_8_and_1() {
+        let items: Vec<u32> = (0..139).collect();
+        let pieces = super::presence_pieces(&items);
+        let sizes: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [64, 64, 8, 1, 1, 1]);
+        let again: Vec<u32> = pieces.concat();
+        assert_eq!(again, items, "in order, each once");
+        assert!(super::presence_pieces::<u32>(&[]).is_empty());
+    }
+
     use super::*;
 
     fn user() -> UserRecord {

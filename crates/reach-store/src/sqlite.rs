@@ -881,9 +881,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut tx = self.begin().await?;
-        for change in changes {
-            sq::record_presence(&mut tx, change).await?;
-        }
+        sq::record_presence_batch(&mut tx, changes).await?;
         tx.commit().await.map_err(db)
     }
 

@@ -53,6 +53,7 @@ conformance!(
     events_are_recorded_only_when_the_webhook_listens,
     writes_record_what_subscribers_see_change,
     presence_changes_apply_in_version_order,
+    a_presence_batch_larger_than_one_statement_applies_whole,
     claims_take_each_users_events_one_at_a_time_in_order,
     leases_expire_and_outcomes_of_a_lost_lease_are_ignored,
     concurrent_claims_never_take_an_event_twice,
@@ -1193,6 +1194,66 @@ async fn presence_changes_apply_in_version_order(fx: &Fixture) {
         ("false", "1970-01-01T00:17:40Z", "reachabilityOnline")
     );
     assert!(events.iter().all(|e| param(e, "Source") == "SDK"));
+}
+
+/// A batch is written a few hundred users per statement: one that spans several statements
+/// applies every change, in order, with every event, like a small one.
+async fn a_presence_batch_larger_than_one_statement_applies_whole(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    enable(store.as_ref(), &svc).await;
+    listen(store.as_ref(), &svc).await;
+    let n = 1_203;
+    for i in 0..n {
+        store
+            .get_or_create_user(&svc, &format!("u{i}"))
+            .await
+            .unwrap();
+    }
+    // Every user comes online; the last 3 go offline again within the batch.
+    let mut changes: Vec<PresenceRecord> = (0..n)
+        .map(|i| presence(&svc, &format!("u{i}"), true, 1_000, 10 + i))
+        .collect();
+    for i in n - 3..n {
+        changes.push(presence(&svc, &format!("u{i}"), false, 1_050, 10_000 + i));
+    }
+    // Nobody: skipped, the rest goes on.
+    changes.push(presence(&svc, "nobody", true, 1_000, 20_000));
+    store.record_presence(&changes).await.unwrap();
+    for i in [0, 499, 500, 501, 999, 1_000, n - 4] {
+        let user = store.get_user(&svc.sid, &format!("u{i}")).await.unwrap();
+        assert!(user.presence_online, "u{i}");
+        assert_eq!(user.online_epoch, 1, "u{i}");
+    }
+    for i in n - 3..n {
+        let user = store.get_user(&svc.sid, &format!("u{i}")).await.unwrap();
+        assert!(!user.presence_online, "u{i}");
+        assert_eq!(user.last_seen_at, Some(1_050), "u{i}");
+    }
+    let online = store.online_users(0, 2 * n).await.unwrap();
+    assert_eq!(online.len() as i64, n - 3);
+    assert!(
+        online
+            .iter()
+            .all(|u| u.version == 10 + u.identity[1..].parse::<i64>().unwrap())
+    );
+    // onUserAdded for each user created, then onUserUpdated for each flip, in batch order.
+    let updated: Vec<(String, String)> = pending(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "onUserUpdated")
+        .map(|e| (e.identity.clone(), param(&e, "IsOnline").to_owned()))
+        .collect();
+    assert_eq!(updated.len() as i64, n + 3);
+    assert_eq!(updated[0], ("u0".to_owned(), "true".to_owned()));
+    assert_eq!(
+        updated[n as usize],
+        (format!("u{}", n - 3), "false".to_owned())
+    );
+    assert_eq!(
+        updated.last().unwrap(),
+        &(format!("u{}", n - 1), "false".to_owned())
+    );
 }
 
 /// Records `n` presence flips of `identity` (online, offline, ...), each an event.
