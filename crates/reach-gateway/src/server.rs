@@ -126,7 +126,17 @@ pub async fn run(
                 .await;
         }
     });
-    crate::listener::serve(Arc::clone(&app), public, public_router(Arc::clone(&app))).await;
+    // Spawned, not run on the thread that called `block_on`: the accept loop then runs on a
+    // worker, and the connections it spawns start on that worker's own queue instead of
+    // waking another thread for each (docs/benchmarks.md, connection churn).
+    let accept = tokio::spawn(crate::listener::serve(
+        Arc::clone(&app),
+        public,
+        public_router(Arc::clone(&app)),
+    ));
+    if let Err(e) = accept.await {
+        tracing::error!(error = %e, "the public listener's task failed");
+    }
     // Draining: socket tasks saw the cancellation and are saying goodbye.
     crate::drain::wait(&app).await;
     // The background writers write what they hold (presence changes, webhook outcomes).
