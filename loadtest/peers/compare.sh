@@ -6,6 +6,7 @@
 #
 #   loadtest/peers/compare.sh [REACHD] [OUT]      (defaults: target/release/reachd, /tmp/peers-<time>)
 #   ONLY="idle rooms" TARGETS="pusher mqtt" loadtest/peers/compare.sh ...   (a subset)
+#   QUIET_LOAD=1.0 ...     (the 1-minute load each run waits for; default 0.7)
 #
 # Needs: cargo build --release -p loadtest -p reach-gateway; loadtest/peers/install.sh;
 # sysctl -w net.core.somaxconn=65535. Run from the repository's root.
@@ -21,7 +22,7 @@ wait_quiet() {
   local load
   for _ in $(seq 1 120); do
     load="$(cut -d' ' -f1 /proc/loadavg)"
-    awk -v l="$load" 'BEGIN { exit !(l < 0.7) }' && break
+    awk -v l="$load" -v q="${QUIET_LOAD:-0.7}" 'BEGIN { exit !(l < q) }' && break
     sleep 5
   done
   echo "$(date -u +%H:%M:%S) load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
@@ -31,6 +32,8 @@ wait_quiet() {
 declare -A flags=(
   [idle]="-s loadtest/scenarios/idle-rooms.toml"
   [rooms]="-s loadtest/scenarios/rooms.toml"
+  # Connection churn: 1,000 leave (bye) + reconnect + rejoin cycles/s.
+  [churn]="-s loadtest/scenarios/rooms.toml --churn-per-s 1000"
   [rooms-abrupt]="-s loadtest/scenarios/rooms.toml --mix 0,1,0 --abrupt-rejoin-ms 2500 --offline-grace-ms 1000"
   # Soketi answers a join to a 10,000-member presence channel in O(members): let the
   # subscriptions take their time, so the active phase starts on a server that has finished.
@@ -41,7 +44,7 @@ declare -A reach_env=(
   [rooms-abrupt]="--reachd-env REACH_PRESENCE__OFFLINE_GRACE_MS=1000"
 )
 
-for name in ${ONLY:-idle rooms rooms-abrupt fanout}; do
+for name in ${ONLY:-idle churn rooms rooms-abrupt fanout}; do
   for target in ${TARGETS:-reach pusher mqtt}; do
     dir="$out/$name-$target"
     wait_quiet

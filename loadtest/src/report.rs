@@ -233,6 +233,20 @@ pub fn markdown(r: &Results) -> String {
         "| server CPU per delivery (us) | {} |",
         opt(sv.cpu_us_per_delivery, 2)
     );
+    if r.scenario.kind == crate::scenario::Kind::Rooms {
+        // Every connect after the first of each socket is a leave + reconnect + rejoin cycle.
+        let cycles = r.connects.saturating_sub(u64::from(r.scenario.sockets));
+        let per_cycle = sv
+            .run_cpu_s
+            .filter(|_| cycles > 0)
+            .map(|cpu| cpu * 1e6 / cycles as f64);
+        let _ = writeln!(
+            m,
+            "| leave + reconnect + rejoin cycles / server CPU per cycle (us) | {} / {} |",
+            cycles,
+            opt(per_cycle, 1)
+        );
+    }
     let _ = writeln!(
         m,
         "| notifications received in the active phase / per s / server CPU per one (us) | {} / {} / {} |",

@@ -1328,29 +1328,40 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
         }
     };
     assert!(next_text(&mut ws).await.contains("\"welcome\""));
-    // Half of a masked `subscribe` frame: header, mask and part of the payload.
-    let payload = br#"{"type":"subscribe","id":7,"identities":["bob","carol"]}"#;
-    let mask = [9u8, 8, 7, 6];
-    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    let half = frame.len() / 2;
-    ws.get_mut().write_all(&frame[..half]).await.unwrap();
-    // Alice's quiet period ends before that of a socket opened after her half frame (by 4
-    // ticks of the shared timer at least): once that socket is rebuilt, alice's stream was
-    // checked, and kept (tungstenite holds her partial frame).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    // Both were rebuilt once their welcome (after the long hello) was flushed.
+    wait_rebuilt(&d, 2).await;
     let before = streams_rebuilt(&d).await;
-    let (_carol, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "carol"), None).await;
+    let masked = |payload: &[u8]| {
+        let mask = [9u8, 8, 7, 6];
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    };
+    // A whole `ping` request, then half of a `subscribe` (header, mask, part of the
+    // payload), in one write: alice's socket is due for a quiet check a second after the
+    // ping, with tungstenite holding the half frame.
+    let subscribe = masked(br#"{"type":"subscribe","id":7,"identities":["bob","carol"]}"#);
+    let half = subscribe.len() / 2;
+    let mut bytes = masked(br#"{"type":"ping","id":6}"#);
+    bytes.extend_from_slice(&subscribe[..half]);
+    ws.get_mut().write_all(&bytes).await.unwrap();
+    assert!(next_text(&mut ws).await.contains("\"pong\""));
+    // Bob's ping comes later (by 4 ticks of the shared timer at least), so his quiet check
+    // comes after alice's: once his stream is rebuilt, alice's was checked, and kept.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bob.send(&ClientFrame::Ping { id: 1 }).await;
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 1 }));
     wait_rebuilt(&d, before + 1).await;
-    ws.get_mut().write_all(&frame[half..]).await.unwrap();
+    ws.get_mut().write_all(&subscribe[half..]).await.unwrap();
     let reply = next_text(&mut ws).await;
     assert!(
         reply.contains("\"subscribed\"") && reply.contains("\"id\":7"),
         "{reply}"
     );
     assert!(reply.contains("\"carol\""), "{reply}");
-    // Then it goes quiet too, is rebuilt, and keeps answering.
+    // Then it is rebuilt too, and keeps answering.
     wait_rebuilt(&d, streams_rebuilt(&d).await + 1).await;
     ws.send(Message::text(r#"{"type":"ping","id":8}"#))
         .await

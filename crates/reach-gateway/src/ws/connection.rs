@@ -81,7 +81,17 @@ pub(super) struct WriteState {
     /// built (a message other than a ping or pong); None while they are as built. The stream
     /// is rebuilt once the socket has been quiet for [`QUIET`] after it.
     pub(super) grown_at: Option<Instant>,
+    /// Bytes of messages written since the last flush.
+    pub(super) batch_bytes: usize,
+    /// tungstenite's buffers surely grew past their initial sizes (a message read longer than
+    /// the read buffer, a batch of at least [`BIG_BATCH`] written): the stream is rebuilt as
+    /// soon as everything is flushed, without waiting for a quiet second.
+    pub(super) big: bool,
 }
+
+/// A batch this large leaves tungstenite's write buffer at least this large (a `subscribed`
+/// reply): worth rebuilding the stream at once.
+pub(super) const BIG_BATCH: usize = 512;
 
 /// How long a socket stays quiet (nothing but pings and pongs) before its stream is rebuilt
 /// with fresh buffers.
@@ -139,9 +149,11 @@ impl Session {
             push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
             token_expires_at: grant.expires_at,
             frames: app.throttles.frame_bucket(),
-            // The `hello` was just read and the `welcome` is to be written.
+            // The `hello` (with its token, longer than the read buffer) was just read and the
+            // `welcome` is to be written.
             w: WriteState {
                 grown_at: Some(now),
+                big: true,
                 ..WriteState::default()
             },
         };

@@ -28,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::connection::{QUIET, Session, WriteState};
+use super::connection::{BIG_BATCH, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
     End, Gone, Read, Socket, answer_close, classify, close_direct, error_frame, send_message, took,
@@ -118,6 +118,9 @@ enum Io {
     Closing(Result<CloseCode, tungstenite::Error>),
     /// A deadline registered with the shared timers has come.
     Timer,
+    /// Everything is written and flushed after the stream's buffers grew, and tungstenite holds
+    /// no unread input: the stream can be rebuilt now.
+    Rebuild,
     /// A read from the socket.
     Read(Option<Result<Message, tungstenite::Error>>),
 }
@@ -163,12 +166,20 @@ impl Session {
                     }
                     continue;
                 }
+                Io::Rebuild => {
+                    self.w.big = false;
+                    self.w.grown_at = None;
+                    return Step::Quiet;
+                }
                 Io::Read(item) => item,
             };
             took(ws, &item);
             self.last_heard = Instant::now();
-            if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &item {
+            if let Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) = &item {
                 self.w.grown_at = Some(self.last_heard);
+                if m.len() > self.app.config.limits.read_buffer_bytes {
+                    self.w.big = true;
+                }
             }
             self.app.metrics.frames_received.inc();
             let read = classify(item, encoding, self.app.config.limits.max_frame_bytes);
@@ -232,6 +243,10 @@ impl Session {
         std::future::poll_fn(move |cx| {
             if let Poll::Ready(r) = poll_write(ws, &self.conn, &mut self.w, &self.app, cx) {
                 return Poll::Ready(Io::Closing(r));
+            }
+            let w = &self.w;
+            if w.big && !w.dirty && w.blocked_since.is_none() && ws.get_ref().at_boundary() {
+                return Poll::Ready(Io::Rebuild);
             }
             self.arm();
             let events = self.conn.outbox.take_events(cx.waker());
@@ -376,6 +391,7 @@ fn poll_write(
         }
         match conn.outbox.pop(cx.waker()) {
             Some(Outgoing::Message(bytes)) => {
+                w.batch_bytes += bytes.len();
                 send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                 app.metrics.frames_sent.inc();
                 w.dirty = true;
@@ -414,6 +430,8 @@ fn flush_dirty(
         Poll::Ready(result) => {
             if result.is_ok() {
                 w.dirty = false;
+                w.big |= w.batch_bytes >= BIG_BATCH;
+                w.batch_bytes = 0;
             }
             Poll::Ready(result)
         }
