@@ -597,9 +597,12 @@ macro_rules! shared_sql {
                 let pairs: Vec<String> = (0..chunk.len())
                     .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
                     .collect();
+                // A join with the keys, not `(service_sid, identity) IN (VALUES ...)`: SQLite
+                // scans the whole table for that one, and looks each key up for this one.
                 let sql = format!(
-                    "SELECT {USER_COLS}, u.presence_version FROM users u \
-                     WHERE (u.service_sid, u.identity) IN (VALUES {}) {}",
+                    "WITH k (service_sid, identity) AS (VALUES {}) \
+                     SELECT {USER_COLS}, u.presence_version FROM k JOIN users u \
+                     ON u.service_sid = k.service_sid AND u.identity = k.identity {}",
                     pairs.join(", "),
                     $lock
                 );

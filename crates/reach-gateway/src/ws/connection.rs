@@ -150,10 +150,10 @@ impl Session {
             token_expires_at: grant.expires_at,
             frames: app.throttles.frame_bucket(),
             // The `hello` (with its token, longer than the read buffer) was just read and the
-            // `welcome` is to be written.
+            // `welcome` is to be written. Most clients subscribe next, and the `subscribed`
+            // reply's rebuild gives back both; one that does not is rebuilt when quiet.
             w: WriteState {
                 grown_at: Some(now),
-                big: true,
                 ..WriteState::default()
             },
         };
