@@ -246,6 +246,9 @@ struct Entry {
     /// This node holds the user: true while `conns > 0` or inside the offline grace. Without a
     /// cluster, this is the published presence.
     online: bool,
+    /// `online_epoch` went down the persist channel and the store may not have it yet: the
+    /// entry stays in memory (REST reads the epoch from it) until `Engine::epoch_recorded`.
+    epoch_pending: bool,
     /// Cluster mode: subscribers that are not the user's own connections.
     watchers: u32,
     /// Cluster mode, while the user is watched here: what the backplane said. Boxed, so a
@@ -320,13 +323,14 @@ impl Entry {
             backplane: None,
             grace_gen: 0,
             online_epoch: 0,
+            epoch_pending: false,
             profile: None,
             subscribers: Subscribers::default(),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.conns == 0 && !self.online && self.subscribers.is_empty()
+        self.conns == 0 && !self.online && self.subscribers.is_empty() && !self.epoch_pending
     }
 
     /// The presence subscribers see: held here or by another node.
@@ -829,8 +833,21 @@ impl Engine {
     fn note_online(&self, key: &UserKey, entry: &mut Entry, svc: ServiceState) {
         if svc.enabled && entry.online_epoch < svc.epoch {
             entry.online_epoch = svc.epoch;
+            entry.epoch_pending = self.persist.is_some();
             self.persist_online(key, svc.epoch);
         }
+    }
+
+    /// The store has recorded that the user was online in `epoch` (the persist channel's
+    /// `PersistEvent::Online` was written): its entry may leave memory once idle.
+    pub fn epoch_recorded(&self, service_sid: &str, identity: &str, epoch: i64) {
+        let key = UserKey::new(service_sid, identity);
+        if let Some(mut entry) = self.users.get_mut(&key)
+            && entry.online_epoch <= epoch
+        {
+            entry.epoch_pending = false;
+        }
+        self.users.remove_if(&key, |_, e| e.is_idle());
     }
 
     fn persist_online(&self, key: &UserKey, epoch: i64) {

@@ -96,6 +96,16 @@ pub async fn record(app: Arc<App>, mut rx: mpsc::UnboundedReceiver<PersistEvent>
         metrics.presence_pending.set(pending.len() as i64);
         match write(app.store.as_ref(), &pending).await {
             Ok(presence) => {
+                for event in &pending {
+                    if let PersistEvent::Online {
+                        service_sid,
+                        identity,
+                        epoch,
+                    } = event
+                    {
+                        app.engine.epoch_recorded(service_sid, identity, *epoch);
+                    }
+                }
                 pending.clear();
                 failures = 0;
                 if presence {

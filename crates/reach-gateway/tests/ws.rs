@@ -1372,3 +1372,42 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
         "{pong}"
     );
 }
+
+/// `hello` does not wait for the user's online epoch to be written: it goes with the next
+/// presence batch (here 2 s later). Meanwhile a user who has left reads `false`, not `null`,
+/// over REST: the engine keeps her entry until the store has the epoch; and after.
+#[tokio::test]
+async fn a_user_gone_before_her_epoch_is_written_reads_offline_not_null() {
+    let d = Reachd::start(&format!("{FAST}\n[webhooks]\nrecord_batch_ms = 2000\n"));
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    let (mut alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    alice.send(&ClientFrame::Bye).await;
+    let _ = alice.closed().await;
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["is_online"], false, "before the batch: {}", r.text);
+    // Once the batch is written, the same from the store.
+    let db = format!("sqlite://{}?mode=ro", d.dir.join("reach.db").display());
+    let mut file = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let epoch: i64 =
+            sqlx::query_scalar("SELECT online_epoch FROM users WHERE identity = 'alice'")
+                .fetch_one(&mut file)
+                .await
+                .unwrap();
+        if epoch > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the epoch never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
+    assert_eq!(r.body["is_online"], false, "after the batch: {}", r.text);
+}
