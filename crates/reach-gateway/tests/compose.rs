@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{Rest, mint};
 use futures_util::StreamExt;
 use reach_client::{Client, ClientEvent, ConnectionState, ReconnectPolicy};
-use reach_proto::{ClientFrame, ServerFrame};
+use reach_proto::ClientFrame;
 use ws_client::Ws;
 
 /// The example credentials of config/cluster.toml, which the compose file mounts.
@@ -122,15 +122,9 @@ async fn the_compose_file_runs_a_cluster_that_prometheus_scrapes() {
     })
     .await;
     let (mut alice, _) = Ws::hello("ws://127.0.0.1:8082/v1/ws", &token("alice"), None).await;
-    let on = bob.update_of("alice").await;
-    assert!(
-        matches!(on, ServerFrame::UserUpdated { ref user, .. } if user.is_online == Some(true))
-    );
+    assert_eq!(bob.is_online_of("alice").await, Some(true));
     alice.send(&ClientFrame::Bye).await;
-    let off = bob.update_of("alice").await;
-    assert!(
-        matches!(off, ServerFrame::UserUpdated { ref user, .. } if user.is_online == Some(false))
-    );
+    assert_eq!(bob.is_online_of("alice").await, Some(false));
 
     // Prometheus scrapes the three, with the alerting rules loaded.
     eventually(Duration::from_secs(60), "3 targets up", || async {

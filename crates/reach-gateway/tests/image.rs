@@ -158,15 +158,9 @@ async fn the_image_serves_rest_and_presence_and_drains_on_sigterm() {
     })
     .await;
     let (mut alice, _) = Ws::hello(&url, &token("alice"), None).await;
-    let on = bob.update_of("alice").await;
-    assert!(
-        matches!(on, ServerFrame::UserUpdated { ref user, .. } if user.is_online == Some(true))
-    );
+    assert_eq!(bob.is_online_of("alice").await, Some(true));
     alice.send(&ClientFrame::Bye).await;
-    let off = bob.update_of("alice").await;
-    assert!(
-        matches!(off, ServerFrame::UserUpdated { ref user, .. } if user.is_online == Some(false))
-    );
+    assert_eq!(bob.is_online_of("alice").await, Some(false));
     let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
     assert_eq!(r.body["is_online"], false);
 

@@ -881,6 +881,31 @@ async fn sigterm_drains_with_goodbye_and_1001() {
     assert!(status.success(), "exit 0 after draining: {status:?}");
 }
 
+/// Waits until reachd's SQLite file holds an online epoch for `identity` (written with a
+/// presence batch, after the `hello`), reading the file as the next process would.
+async fn wait_epoch_stored(d: &Reachd, identity: &str) {
+    let db = format!("sqlite://{}?mode=ro", d.dir.join("reach.db").display());
+    let mut file = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let epoch: i64 = sqlx::query_scalar("SELECT online_epoch FROM users WHERE identity = ?")
+            .bind(identity)
+            .fetch_one(&mut file)
+            .await
+            .unwrap();
+        if epoch > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{identity}'s online epoch never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn users_and_bindings_survive_kill_9() {
     let d = Reachd::start(FAST);
@@ -896,27 +921,7 @@ async fn users_and_bindings_survive_kill_9() {
     assert!(matches!(reg, ServerFrame::PushRegistered { .. }));
     // `hello` does not wait on the store for the user's online epoch: it is written in the
     // next presence batch. Wait for it in the file, as the next process will read it.
-    let db = format!("sqlite://{}?mode=ro", d.dir.join("reach.db").display());
-    let mut file = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let epoch: i64 =
-            sqlx::query_scalar("SELECT online_epoch FROM users WHERE identity = 'alice'")
-                .fetch_one(&mut file)
-                .await
-                .unwrap();
-        if epoch > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "alice's online epoch never reached the store"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(file);
+    wait_epoch_stored(&d, "alice").await;
     let d = d.kill9_and_restart();
     let rest = d.client();
     let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
@@ -1391,26 +1396,7 @@ async fn a_user_gone_before_her_epoch_is_written_reads_offline_not_null() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["is_online"], false, "before the batch: {}", r.text);
     // Once the batch is written, the same from the store.
-    let db = format!("sqlite://{}?mode=ro", d.dir.join("reach.db").display());
-    let mut file = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let epoch: i64 =
-            sqlx::query_scalar("SELECT online_epoch FROM users WHERE identity = 'alice'")
-                .fetch_one(&mut file)
-                .await
-                .unwrap();
-        if epoch > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the epoch never reached the store"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_epoch_stored(&d, "alice").await;
     let r = rest.get(&format!("/v1/Services/{svc}/Users/alice")).await;
     assert_eq!(r.body["is_online"], false, "after the batch: {}", r.text);
 }

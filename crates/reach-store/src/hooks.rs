@@ -412,18 +412,13 @@ pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     pieces
 }
 
-#[derive(Default)]
-pub(crate) struct BatchServices {
-    pub(crate) services: std::collections::HashMap<String, (ServiceConfig, Option<WebhookConfig>)>,
-}
-
 macro_rules! shared_sql {
     ($conn:ty, $lock:literal, $skip:literal) => {
         use reach_proto::{ServiceSid, SidKind, UpdateReason};
         use sqlx::Row;
 
         use crate::hooks::{
-            BatchServices, ClaimedEvent, Completion, PresenceRecord, QueueStats,
+            ClaimedEvent, Completion, PresenceRecord, QueueStats,
             Source, Target, UserEvent, presence_pieces,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
@@ -503,19 +498,6 @@ macro_rules! shared_sql {
             reasons: &[UpdateReason],
         ) -> Result<()> {
             let hook = webhook(&mut *conn, &user.service_sid).await?;
-            record_event_for(conn, &hook, event, source, user, cfg, reasons).await
-        }
-
-        /// [`record_event`] with the service's webhook as read already.
-        async fn record_event_for(
-            conn: &mut $conn,
-            hook: &WebhookConfig,
-            event: UserEvent,
-            source: Source,
-            user: &UserRecord,
-            cfg: &ServiceConfig,
-            reasons: &[UpdateReason],
-        ) -> Result<()> {
             if !hook.fires(event.filter()) {
                 return Ok(());
             }
@@ -622,7 +604,12 @@ macro_rules! shared_sql {
                     }
                 }
             }
-            let mut services = BatchServices::default();
+            // Each service's configuration, and its webhook once an event may be recorded, read
+            // once per batch (as of its first change of the service in the transaction).
+            let mut services: std::collections::HashMap<
+                &str,
+                (ServiceConfig, Option<WebhookConfig>),
+            > = std::collections::HashMap::new();
             let mut events: Vec<(String, String, &'static str, String)> = Vec::new();
             for change in changes {
                 let key = (change.service_sid.as_str(), change.identity.as_str());
@@ -634,11 +621,11 @@ macro_rules! shared_sql {
                     continue;
                 }
                 let sid = change.service_sid.as_str();
-                if !services.services.contains_key(sid) {
+                if !services.contains_key(sid) {
                     let cfg = config(&mut *conn, &change.service_sid).await?;
-                    services.services.insert(sid.to_owned(), (cfg, None));
+                    services.insert(sid, (cfg, None));
                 }
-                let (cfg, hook) = services.services.get_mut(sid).expect("inserted above");
+                let (cfg, hook) = services.get_mut(sid).expect("inserted above");
                 let flipped = user.presence_online != change.online;
                 user.presence_online = change.online;
                 if flipped && !change.online {

@@ -140,6 +140,14 @@ impl Ws {
         .await
     }
 
+    /// `is_online` in the next `user_updated` for `identity`.
+    pub async fn is_online_of(&mut self, identity: &str) -> Option<bool> {
+        match self.update_of(identity).await {
+            ServerFrame::UserUpdated { user, .. } => user.is_online,
+            other => unreachable!("update_of returned {other:?}"),
+        }
+    }
+
     /// Reads until the server closes; returns the frames before the close and its code.
     pub async fn closed(mut self) -> Closed {
         let mut frames = Vec::new();
