@@ -77,14 +77,10 @@ pub(super) struct WriteState {
     /// Since when the socket has refused to take more bytes.
     pub(super) blocked_since: Option<Instant>,
     pub(super) ping_due: bool,
-    /// When tungstenite's buffers may have grown since its stream was built (the last message
-    /// read other than a ping or pong, or the first written since); None while they are as
-    /// built. The stream is rebuilt once the socket has been quiet for [`QUIET`] after it.
+    /// The last read or write that may have grown tungstenite's buffers since its stream was
+    /// built (a message other than a ping or pong); None while they are as built. The stream
+    /// is rebuilt once the socket has been quiet for [`QUIET`] after it.
     pub(super) grown_at: Option<Instant>,
-    /// A message was written since `grown_at` was set: the quiet check moves `grown_at` to its
-    /// own time instead (so a write costs no clock read; the socket is then rebuilt one to
-    /// two quiet periods after its last write).
-    pub(super) wrote: bool,
     /// Bytes of messages written since the last flush.
     pub(super) batch_bytes: usize,
     /// tungstenite's buffers surely grew past their initial sizes (a message read longer than

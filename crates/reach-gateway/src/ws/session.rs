@@ -169,7 +169,6 @@ impl Session {
                 Io::Rebuild => {
                     self.w.big = false;
                     self.w.grown_at = None;
-                    self.w.wrote = false;
                     return Step::Quiet;
                 }
                 Io::Read(item) => item,
@@ -284,8 +283,8 @@ impl Session {
 
     /// Whether the socket has been quiet for [`QUIET`] since its buffers last grew, with
     /// everything written and flushed and nothing read left inside tungstenite: then its
-    /// stream can be rebuilt. When it wrote since, or only the state is wrong (a partial frame
-    /// read, a blocked write), it asks again after another quiet period.
+    /// stream can be rebuilt. When only the state is wrong (a partial frame read, a blocked
+    /// write), it asks again after another quiet period.
     fn quiet(&mut self, ws: &Socket) -> bool {
         let Some(grown) = self.w.grown_at else {
             return false;
@@ -295,14 +294,8 @@ impl Session {
             return false;
         }
         let w = &self.w;
-        if w.wrote
-            || w.dirty
-            || w.blocked_since.is_some()
-            || w.ping_due
-            || !ws.get_ref().at_boundary()
-        {
+        if w.dirty || w.blocked_since.is_some() || w.ping_due || !ws.get_ref().at_boundary() {
             self.w.grown_at = Some(now);
-            self.w.wrote = false;
             return false;
         }
         self.w.grown_at = None;
@@ -402,10 +395,7 @@ fn poll_write(
                 send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                 app.metrics.frames_sent.inc();
                 w.dirty = true;
-                w.wrote = true;
-                if w.grown_at.is_none() {
-                    w.grown_at = Some(Instant::now());
-                }
+                w.grown_at = Some(Instant::now());
             }
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);
