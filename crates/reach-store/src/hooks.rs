@@ -33,6 +33,7 @@
 use reach_proto::flags::{ServiceState, is_notifiable_flag, is_online_flag, last_seen};
 use reach_proto::{AccountSid, ServiceSid, UpdateReason};
 
+use crate::rows::USER_COLS;
 use crate::{ServiceConfig, UserRecord, iso8601};
 
 /// What a webhook event says happened to a user: the hosted post-event user filters.
@@ -400,6 +401,21 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
 /// Splits a presence batch's users (or events) into pieces of 64, 8 and 1 rows, one statement
 /// each: a batch of any size takes few statements, and only three texts per statement kind
 /// exist, so the prepared statements the driver keeps per connection stay few and small.
+/// The users of a presence batch, `n` keys bound as `$1, $2` (service, identity) and so on,
+/// with the backend's row lock. A join with the keys, not `(service_sid, identity) IN (VALUES
+/// ...)`: SQLite scans the whole table for that one, and looks each key up for this one.
+pub(crate) fn presence_select_sql(n: usize, lock: &str) -> String {
+    let pairs: Vec<String> = (0..n)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    format!(
+        "WITH k (service_sid, identity) AS (VALUES {}) \
+         SELECT {USER_COLS}, u.presence_version FROM k JOIN users u \
+         ON u.service_sid = k.service_sid AND u.identity = k.identity {lock}",
+        pairs.join(", "),
+    )
+}
+
 pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     let mut pieces = Vec::new();
     for size in [64, 8, 1] {
@@ -419,11 +435,11 @@ macro_rules! shared_sql {
 
         use crate::hooks::{
             ClaimedEvent, Completion, PresenceRecord, QueueStats,
-            Source, Target, UserEvent, presence_pieces,
+            Source, Target, UserEvent, presence_pieces, presence_select_sql,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
-        use crate::rows::{USER_COLS, config_row, db, user_row};
+        use crate::rows::{config_row, db, user_row};
         use crate::{Result, ServiceConfig, StoreError, UserRecord, now_unix};
 
         /// The service's webhook, or the defaults.
@@ -576,18 +592,7 @@ macro_rules! shared_sql {
                 }
             }
             for chunk in presence_pieces(&order) {
-                let pairs: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                    .collect();
-                // A join with the keys, not `(service_sid, identity) IN (VALUES ...)`: SQLite
-                // scans the whole table for that one, and looks each key up for this one.
-                let sql = format!(
-                    "WITH k (service_sid, identity) AS (VALUES {}) \
-                     SELECT {USER_COLS}, u.presence_version FROM k JOIN users u \
-                     ON u.service_sid = k.service_sid AND u.identity = k.identity {}",
-                    pairs.join(", "),
-                    $lock
-                );
+                let sql = presence_select_sql(chunk.len(), $lock);
                 let mut query = sqlx::query(&sql);
                 for (service, identity) in chunk {
                     query = query.bind(*service).bind(*identity);

@@ -990,6 +990,47 @@ mod tests {
         }
     }
 
+    /// The detail lines of SQLite's plan for `sql` (its `$n` parameters left unbound).
+    async fn plan(store: &SqliteStore, sql: &str) -> Vec<String> {
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .fetch_all(&store.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}: {sql}"));
+        rows.iter()
+            .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reads_by_user_look_up_keys_instead_of_scanning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("reach.db"))
+            .await
+            .unwrap();
+        let one =
+            format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2");
+        let batch = crate::hooks::presence_select_sql(8, "");
+        for sql in [one, batch] {
+            let lines = plan(&store, &sql).await;
+            // `k` is the batch's own keys; a scan of users (u) or bindings (b) grows with the
+            // table, or with the service (`bindings_by_service` searched, then filtered).
+            assert!(
+                !lines
+                    .iter()
+                    .any(|l| l.starts_with("SCAN u") || l.starts_with("SCAN b")),
+                "{lines:?}"
+            );
+            assert!(
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("SEARCH"))
+                    .all(|l| l.contains("identity=?")),
+                "{lines:?}"
+            );
+        }
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn open_sets_durability_pragmas_and_schema_version() {
         let (_dir, store) = open_temp().await;

@@ -266,3 +266,45 @@ fn the_database_is_swapped_in_the_url() {
     );
     assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growing_users_table_gets_fresh_statistics() {
+    let Some(db) = TestDb::create("a_growing_users_table_gets_fresh_statistics").await else {
+        return;
+    };
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let raw = PgPool::connect(&db.url).await.unwrap();
+    // A table never analyzed has reltuples -1; the planner then guesses from its size when a
+    // statement is first planned, and keeps that plan.
+    let reltuples = || {
+        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE relname = 'users'")
+            .fetch_one(&raw)
+    };
+    assert_eq!(reltuples().await.unwrap(), -1.0);
+    let svc = store.create_service(&AC, "growing").await.unwrap();
+    let mut tasks = Vec::new();
+    for part in 0..8 {
+        let (store, svc) = (store.clone(), svc.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..125 {
+                let identity = format!("u{part}-{i}");
+                store.get_or_create_user(&svc, &identity).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The 1,000th insert starts an ANALYZE in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n = reltuples().await.unwrap();
+        if n >= 900.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "reltuples still {n}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    raw.close().await;
+    store.close().await;
+}
