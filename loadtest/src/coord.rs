@@ -20,7 +20,9 @@ use crate::ipc::{EventKind, FromWorker, Phase, Plan, ToWorker, WorkerResult};
 use crate::peer::{self, Target};
 use crate::report::{self, Correctness, Point, Results, ServerFigures};
 use crate::scenario::{Kind, Scenario};
-use crate::stats::{ProcSample, decode_hist, find_pid, new_hist, now_ns, proc_sample, summarize};
+use crate::stats::{
+    ProcSample, decode_hist, find_pid, new_hist, now_ns, proc_sample, proc_sample_sum, summarize,
+};
 
 pub fn main(scenario: Scenario, args: RunArgs) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -337,21 +339,24 @@ async fn run(scenario: Scenario, args: RunArgs) -> Result<bool, String> {
         Some(bin) => Some(spawn_reachd(&args, bin, &out).await?),
         None => None,
     };
-    let server_pid = args
-        .server_pid
-        .or_else(|| {
-            server
-                .as_ref()
-                .and_then(|s| s.child.as_ref().and_then(Child::id))
-        })
-        .or_else(|| find_pid(args.target.process_name()))
-        .map(|p| p.to_string());
-    if server_pid.is_none() {
+    let server_pids: Vec<String> = if args.server_pid.is_empty() {
+        server
+            .as_ref()
+            .and_then(|s| s.child.as_ref().and_then(Child::id))
+            .or_else(|| find_pid(args.target.process_name()))
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    } else {
+        args.server_pid.iter().map(u32::to_string).collect()
+    };
+    if server_pids.is_empty() {
         eprintln!(
             "reach-loadtest: no server PID (give --server-pid): no server memory or CPU figures"
         );
     }
-    let sample = || server_pid.as_deref().and_then(proc_sample);
+    let server_pid = (!server_pids.is_empty()).then(|| server_pids.join(","));
+    let sample = || proc_sample_sum(&server_pids);
     let service_sid = if reach {
         create_service(&args, &url, &format!("loadtest-{}", scenario.name)).await?
     } else {

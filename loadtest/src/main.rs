@@ -19,6 +19,7 @@ mod coord;
 mod ipc;
 mod peer;
 mod report;
+mod scaling;
 mod scenario;
 mod stats;
 mod worker;
@@ -46,6 +47,9 @@ struct Cli {
 enum Command {
     /// Run a scenario against reachd.
     Run(Box<RunArgs>),
+    /// How cost grows: one table (stdout) and one SVG chart from the result folders of `idle`
+    /// and `fanout` runs at several sizes, one node or a cluster, reachd or a peer.
+    Scaling(ScalingArgs),
     /// (internal) A worker process, started by `run`.
     #[command(hide = true)]
     Worker,
@@ -159,6 +163,16 @@ impl Overrides {
 }
 
 #[derive(Args, Debug)]
+struct ScalingArgs {
+    /// Where to write the chart.
+    #[arg(long, default_value = "scaling.svg")]
+    svg: PathBuf,
+    /// Result folders (each with the result.json of one run).
+    #[arg(required = true)]
+    results: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct RunArgs {
     /// Scenario file (TOML), e.g. loadtest/scenarios/rooms.toml; flags override its fields.
     #[arg(long, short)]
@@ -199,9 +213,10 @@ pub struct RunArgs {
     pub worker_cpus: Option<String>,
     /// PID of a server started elsewhere (default: the spawned reachd, or the only process
     /// named `reachd` / `soketi-server` / `mosquitto`; loadtest/peers/start.sh writes the
-    /// peers' PIDs to loadtest/peers/run/<peer>.pid).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// peers' PIDs to loadtest/peers/run/<peer>.pid). The nodes of a cluster: comma-separated;
+    /// their CPU and memory are added up.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Account, auth token and API key configured in reachd (defaults: the test fixtures of
     /// loadtest/reachd-bench.toml).
     #[arg(long, default_value = "AC10ad7e5710ad7e5710ad7e5710ad7e57")]
@@ -234,6 +249,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Worker => worker::main(),
+        Command::Scaling(a) => match scaling::run(&a.results, &a.svg) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("reach-loadtest: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Run(args) => {
             let mut args = *args;
             let mut scenario = match &args.scenario {

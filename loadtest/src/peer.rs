@@ -29,7 +29,19 @@ use sha2::Sha256;
 use crate::scenario::{Scenario, Topology, identity};
 
 /// Which server the harness drives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// reachd (its own protocol).

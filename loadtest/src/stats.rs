@@ -104,6 +104,19 @@ pub fn proc_sample(pid: &str) -> Option<ProcSample> {
     })
 }
 
+/// The sum over several processes (the nodes of a cluster); `None` if any is gone or none is
+/// given.
+pub fn proc_sample_sum(pids: &[String]) -> Option<ProcSample> {
+    let mut sum: Option<ProcSample> = None;
+    for pid in pids {
+        let s = proc_sample(pid)?;
+        let t = sum.get_or_insert_with(ProcSample::default);
+        t.cpu_s += s.cpu_s;
+        t.rss_bytes += s.rss_bytes;
+    }
+    sum
+}
+
 /// The PID of the only process whose command name is `name`, if exactly one runs.
 pub fn find_pid(name: &str) -> Option<u32> {
     let mut found = None;
