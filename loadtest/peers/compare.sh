@@ -7,6 +7,9 @@
 #   loadtest/peers/compare.sh [REACHD] [OUT]      (defaults: target/release/reachd, /tmp/peers-<time>)
 #   ONLY="idle rooms" TARGETS="pusher mqtt" loadtest/peers/compare.sh ...   (a subset)
 #   QUIET_LOAD=1.0 ...     (the 1-minute load each run waits for; default 0.7)
+#   EXTRA="--sockets 2000" ...   (flags added to every run, e.g. another size)
+#   TARGETS="reach reach2 reach3" ...   (reachN: a cluster of N nodes, loadtest/cluster.sh, all
+#                                        nodes on CPU 0; needs PostgreSQL and Redis)
 #
 # Needs: cargo build --release -p loadtest -p reach-gateway; loadtest/peers/install.sh;
 # sysctl -w net.core.somaxconn=65535. Run from the repository's root.
@@ -53,19 +56,23 @@ for name in ${ONLY:-idle churn rooms rooms-abrupt fanout}; do
       reach)
         # Ports of its own, away from reachd-bench.toml's 18080/19090 that other runs use.
         ports="--reachd-env REACH_SERVER__LISTEN=127.0.0.1:28080 --reachd-env REACH_SERVER__ADMIN_LISTEN=127.0.0.1:29090 --url ws://127.0.0.1:28080/v1/ws --admin http://127.0.0.1:29090"
-        cmd="$lt run ${flags[$name]} --spawn-reachd $reachd $ports ${reach_env[$name]:-} --server-cpus 0 --worker-cpus 1 --quiet --out $dir"
+        cmd="$lt run ${flags[$name]} ${EXTRA:-} --spawn-reachd $reachd $ports ${reach_env[$name]:-} --server-cpus 0 --worker-cpus 1 --quiet --out $dir"
+        ;;
+      reach[0-9]*)
+        # The nodes get no extra environment (reach_env): for idle, churn, rooms and fanout.
+        cmd="$peers/../cluster.sh ${target#reach} $reachd -- ${flags[$name]} ${EXTRA:-} --worker-cpus 1 --quiet --out $dir"
         ;;
       pusher|mqtt)
         peer=soketi; [ "$target" = mqtt ] && peer=mosquitto
         "$peers/start.sh" "$peer" --cpus 0 >>"$log" 2>&1 || { echo "cannot start $peer" | tee -a "$log"; continue; }
         sleep 2
-        cmd="$lt run ${flags[$name]} --target $target --server-pid $(cat "$peers/run/$peer.pid") --worker-cpus 1 --quiet --out $dir"
+        cmd="$lt run ${flags[$name]} ${EXTRA:-} --target $target --server-pid $(cat "$peers/run/$peer.pid") --worker-cpus 1 --quiet --out $dir"
         ;;
     esac
     echo "$(date -u +%H:%M:%S) $cmd" | tee -a "$log"
     timeout 900 $cmd >"$dir.stdout" 2>"$dir.stderr"
     echo "$(date -u +%H:%M:%S) exit $? ($name, $target)" | tee -a "$log"
-    [ "$target" != reach ] && "$peers/stop.sh" "$peer" >>"$log" 2>&1
+    case "$target" in pusher|mqtt) "$peers/stop.sh" "$peer" >>"$log" 2>&1 ;; esac
   done
 done
 echo "results: $out" | tee -a "$log"
