@@ -139,7 +139,7 @@ fn chart(path: &Path, table: &Table) -> Result<(), Box<dyn std::error::Error>> {
         * 1.05;
     let specs: [(&str, &str, Pick); 2] = [
         (
-            "idle: bytes per socket, 10 subscriptions each",
+            "idle: bytes per socket (each watching the 9 others of its room)",
             "bytes",
             |c| c.bytes_per_socket,
         ),
