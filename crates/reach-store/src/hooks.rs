@@ -439,7 +439,7 @@ macro_rules! shared_sql {
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
-        use crate::rows::{config_row, db, user_row};
+        use crate::rows::{USER_COLS, config_row, db, user_row};
         use crate::{Result, ServiceConfig, StoreError, UserRecord, now_unix};
 
         /// The service's webhook, or the defaults.
@@ -728,6 +728,33 @@ macro_rules! shared_sql {
                 query.execute(&mut *conn).await.map_err(db)?;
             }
             Ok(())
+        }
+
+        /// The users of `service_sid` among `identities` (distinct; missing ones are left
+        /// out, the order is the database's): one query per piece of 64, 8 or 1 identities,
+        /// each a join with the keys, like a presence batch's read.
+        pub(crate) async fn users_by_identity(
+            conn: &mut $conn,
+            service_sid: &ServiceSid,
+            identities: &[String],
+        ) -> Result<Vec<UserRecord>> {
+            let mut users = Vec::with_capacity(identities.len());
+            for chunk in presence_pieces(identities) {
+                let keys: Vec<String> = (0..chunk.len()).map(|i| format!("(${})", i + 2)).collect();
+                let sql = format!(
+                    "WITH k (identity) AS (VALUES {}) SELECT {USER_COLS} FROM k JOIN users u \
+                     ON u.service_sid = $1 AND u.identity = k.identity",
+                    keys.join(", ")
+                );
+                let mut query = sqlx::query(&sql).bind(service_sid.as_str());
+                for identity in chunk {
+                    query = query.bind(identity.as_str());
+                }
+                for row in query.fetch_all(&mut *conn).await.map_err(db)? {
+                    users.push(user_row(&row).map_err(db)?.1);
+                }
+            }
+            Ok(users)
         }
 
         pub(crate) async fn online_users(

@@ -248,6 +248,13 @@ pub trait Store: Send + Sync + 'static {
     /// By SID (`US...`) or identity.
     async fn get_user(&self, service_sid: &ServiceSid, sid_or_identity: &str)
     -> Result<UserRecord>;
+    /// The users with these identities (distinct; missing ones are left out, in no particular
+    /// order), in one query per 64 of them: what a `subscribe` to users not in memory reads.
+    async fn get_users_by_identity(
+        &self,
+        service_sid: &ServiceSid,
+        identities: &[String],
+    ) -> Result<Vec<UserRecord>>;
     async fn list_users(
         &self,
         service_sid: &ServiceSid,

@@ -837,6 +837,15 @@ impl Store for PgStore {
         fetch_user(&self.pool, service_sid, sid_or_identity, Lock::None).await
     }
 
+    async fn get_users_by_identity(
+        &self,
+        service_sid: &ServiceSid,
+        identities: &[String],
+    ) -> Result<Vec<UserRecord>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::users_by_identity(&mut conn, service_sid, identities).await
+    }
+
     async fn list_users(
         &self,
         service_sid: &ServiceSid,

@@ -593,6 +593,15 @@ impl Store for SqliteStore {
         fetch_user(&self.pool, service_sid, sid_or_identity).await
     }
 
+    async fn get_users_by_identity(
+        &self,
+        service_sid: &ServiceSid,
+        identities: &[String],
+    ) -> Result<Vec<UserRecord>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sq::users_by_identity(&mut conn, service_sid, identities).await
+    }
+
     async fn list_users(
         &self,
         service_sid: &ServiceSid,

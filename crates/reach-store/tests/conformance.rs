@@ -42,6 +42,7 @@ conformance!(
     config_epoch_bumps_only_when_enabling,
     users_lifecycle,
     identity_shaped_like_a_sid_is_still_found,
+    users_read_by_identity_in_one_call,
     get_or_create_returns_the_same_user,
     paging_by_cursor_and_by_offset,
     bindings_upsert_delete_and_filter,
@@ -1198,6 +1199,40 @@ async fn presence_changes_apply_in_version_order(fx: &Fixture) {
 
 /// A batch is written a few hundred users per statement: one that spans several statements
 /// applies every change, in order, with every event, like a small one.
+async fn users_read_by_identity_in_one_call(fx: &Fixture) {
+    let store = &fx.store;
+    let svc = store.create_service(&AC, "s").await.unwrap();
+    let other = store.create_service(&AC, "other").await.unwrap();
+    // 75 users: pieces of 64, 8, 1, 1 and 1; "ghost" and the other service's "x" are not here.
+    let mut asked = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..75 {
+        let identity = format!("u{i}");
+        want.push(store.get_or_create_user(&svc, &identity).await.unwrap());
+        asked.push(identity);
+    }
+    store.get_or_create_user(&other, "x").await.unwrap();
+    asked.insert(40, "ghost".into());
+    asked.push("x".into());
+    let mut got = store.get_users_by_identity(&svc.sid, &asked).await.unwrap();
+    got.sort_by(|a, b| a.sid.cmp(&b.sid));
+    want.sort_by(|a, b| a.sid.cmp(&b.sid));
+    assert_eq!(got, want);
+    assert!(
+        store
+            .get_users_by_identity(&svc.sid, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let one = store
+        .get_users_by_identity(&other.sid, &["x".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].identity, "x");
+}
+
 async fn a_presence_batch_larger_than_one_statement_applies_whole(fx: &Fixture) {
     let store = &fx.store;
     let svc = store.create_service(&AC, "s").await.unwrap();

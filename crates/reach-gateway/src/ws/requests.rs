@@ -137,38 +137,52 @@ impl Session {
             }
         }
         self.watched.shrink();
-        for identity in cold {
-            match self.app.store.get_user(&self.service.sid, &identity).await {
-                Ok(rec) if rec.identity == identity => {
-                    engine.load_profile(&self.service.sid, &identity, profile_of(&rec));
-                    engine.fill(&conn, &identity, slot.id());
-                }
-                Ok(_) | Err(StoreError::NotFound) => {
+        if cold.is_empty() {
+            return;
+        }
+        // One read for every user not in memory (a cluster's remote users, a user offline
+        // and watched by nobody), not one per user.
+        let found = match self
+            .app
+            .store
+            .get_users_by_identity(&self.service.sid, &cold)
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    service = %self.service.sid,
+                    identity = %conn.identity(),
+                    watched = cold.len(),
+                    "store failure during subscribe"
+                );
+                for identity in &cold {
                     self.watched.remove(identity.as_str());
-                    engine.unsubscribe(&conn, &identity);
-                    let msg = format!("User {identity} not found in service {}", self.service.sid);
-                    outbox.add_error(slot.id(), err(&identity, ErrorCode::NotFound, &msg));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        service = %self.service.sid,
-                        identity = %conn.identity(),
-                        watched = %identity,
-                        "store failure during subscribe"
-                    );
-                    self.watched.remove(identity.as_str());
-                    engine.unsubscribe(&conn, &identity);
+                    engine.unsubscribe(&conn, identity);
                     outbox.add_error(
                         slot.id(),
-                        err(
-                            &identity,
-                            ErrorCode::Internal,
-                            "internal error; retry later",
-                        ),
+                        err(identity, ErrorCode::Internal, "internal error; retry later"),
                     );
                 }
+                return;
             }
+        };
+        let mut missing: std::collections::HashSet<&str> =
+            cold.iter().map(String::as_str).collect();
+        for rec in &found {
+            engine.load_profile(&self.service.sid, &rec.identity, profile_of(rec));
+            engine.fill(&conn, &rec.identity, slot.id());
+            missing.remove(rec.identity.as_str());
+        }
+        for identity in &cold {
+            if !missing.contains(identity.as_str()) {
+                continue;
+            }
+            self.watched.remove(identity.as_str());
+            engine.unsubscribe(&conn, identity);
+            let msg = format!("User {identity} not found in service {}", self.service.sid);
+            outbox.add_error(slot.id(), err(identity, ErrorCode::NotFound, &msg));
         }
         // Dropping `slot` seals the reply.
     }
