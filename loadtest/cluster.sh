@@ -50,11 +50,13 @@ for i in $(seq 0 $((nodes - 1))); do
   urls+=("ws://127.0.0.1:$((18080 + i))/v1/ws")
 done
 for i in $(seq 0 $((nodes - 1))); do
-  for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$((19090 + i))/readyz" >/dev/null && break
+  ready=
+  for _ in $(seq 1 600); do
+    curl -fs "http://127.0.0.1:$((19090 + i))/readyz" >/dev/null && { ready=1; break; }
     kill -0 "${pids[$i]}" 2>/dev/null || { echo "node $i exited: $logs/node-$i.log" >&2; exit 1; }
     sleep 0.1
   done
+  [ -n "$ready" ] || { echo "node $i not ready after 60 s: $logs/node-$i.log" >&2; exit 1; }
 done
 
 redis_cpu() {
