@@ -395,12 +395,6 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
 /// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
 /// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
 /// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`).
-/// What one batch of presence changes reads of each service once (its configuration, and its
-/// webhook when an event may be recorded), instead of once per change: inside the batch's
-/// transaction they are taken as of its first change of the service.
-/// Splits a presence batch's users (or events) into pieces of 64, 8 and 1 rows, one statement
-/// each: a batch of any size takes few statements, and only three texts per statement kind
-/// exist, so the prepared statements the driver keeps per connection stay few and small.
 /// The users of a presence batch, `n` keys bound as `$1, $2` (service, identity) and so on,
 /// with the backend's row lock. A join with the keys, not `(service_sid, identity) IN (VALUES
 /// ...)`: SQLite scans the whole table for that one, and looks each key up for this one.
@@ -416,6 +410,21 @@ pub(crate) fn presence_select_sql(n: usize, lock: &str) -> String {
     )
 }
 
+/// The users of one service with `n` identities, bound as `$1` (the service) and `$2`... (the
+/// identities): a join with the keys, as [`presence_select_sql`].
+pub(crate) fn identities_select_sql(n: usize) -> String {
+    let keys: Vec<String> = (0..n).map(|i| format!("(${})", i + 2)).collect();
+    format!(
+        "WITH k (identity) AS (VALUES {}) SELECT {USER_COLS} FROM k JOIN users u \
+         ON u.service_sid = $1 AND u.identity = k.identity",
+        keys.join(", ")
+    )
+}
+
+/// Splits a batch's keys (a presence batch's users or events, a subscribe's identities) into
+/// pieces of 64, 8 and 1, one statement each: a batch of any size takes few statements, and
+/// only three texts per statement kind exist, so the prepared statements the driver keeps per
+/// connection stay few and small.
 pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     let mut pieces = Vec::new();
     for size in [64, 8, 1] {
@@ -435,11 +444,11 @@ macro_rules! shared_sql {
 
         use crate::hooks::{
             ClaimedEvent, Completion, PresenceRecord, QueueStats,
-            Source, Target, UserEvent, presence_pieces, presence_select_sql,
+            Source, Target, UserEvent, identities_select_sql, presence_pieces, presence_select_sql,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
-        use crate::rows::{USER_COLS, config_row, db, user_row};
+        use crate::rows::{config_row, db, user_row};
         use crate::{Result, ServiceConfig, StoreError, UserRecord, now_unix};
 
         /// The service's webhook, or the defaults.
@@ -740,12 +749,7 @@ macro_rules! shared_sql {
         ) -> Result<Vec<UserRecord>> {
             let mut users = Vec::with_capacity(identities.len());
             for chunk in presence_pieces(identities) {
-                let keys: Vec<String> = (0..chunk.len()).map(|i| format!("(${})", i + 2)).collect();
-                let sql = format!(
-                    "WITH k (identity) AS (VALUES {}) SELECT {USER_COLS} FROM k JOIN users u \
-                     ON u.service_sid = $1 AND u.identity = k.identity",
-                    keys.join(", ")
-                );
+                let sql = identities_select_sql(chunk.len());
                 let mut query = sqlx::query(&sql).bind(service_sid.as_str());
                 for identity in chunk {
                     query = query.bind(identity.as_str());

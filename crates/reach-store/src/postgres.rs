@@ -217,7 +217,7 @@ pub struct PgStore {
 /// keeps that plan until the table's statistics change. Planned while `users` is nearly empty
 /// (a fresh database), a lookup by identity may keep scanning `users_by_service`, every user of
 /// the service per lookup, until autovacuum's next ANALYZE, up to a minute or more later:
-/// measured on a fresh cluster, 2,000 new users subscribing to 10 each waited 6.9 s (p50) for
+/// measured on a fresh cluster, 2,000 new users subscribing to 10 each waited 6.3-7.8 s (p50) for
 /// `subscribed`, against 0.85 s after an ANALYZE. So the store runs `ANALYZE` itself
 /// when the users it inserted reach 1,000, then 2,000, 4,000 and so on; the new statistics
 /// invalidate the cached plans. `bindings` has the same two candidate indexes for a user's

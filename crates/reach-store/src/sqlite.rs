@@ -1019,9 +1019,10 @@ mod tests {
         let one =
             format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2");
         let batch = crate::hooks::presence_select_sql(8, "");
-        for sql in [one, batch] {
+        let identities = crate::hooks::identities_select_sql(8);
+        for sql in [one, batch, identities] {
             let lines = plan(&store, &sql).await;
-            // `k` is the batch's own keys; a scan of users (u) or bindings (b) grows with the
+            // `k` is the keys asked for; a scan of users (u) or bindings (b) grows with the
             // table, or with the service (`bindings_by_service` searched, then filtered).
             assert!(
                 !lines
