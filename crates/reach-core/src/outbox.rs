@@ -193,6 +193,24 @@ struct Inner {
 }
 
 impl Inner {
+    /// The head of the queue can be sent (a slot only once sealed and answered).
+    fn front_ready(&self) -> bool {
+        match self.items.front() {
+            Some(Item::Slot {
+                sealed, awaiting, ..
+            }) => *sealed && *awaiting == 0,
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// The close to send now that nothing at the head can go: once the queue is empty, or at
+    /// once for a slow consumer.
+    fn close_due(&self) -> Option<CloseCode> {
+        self.close
+            .filter(|&code| self.items.is_empty() || code == CloseCode::SlowConsumer)
+    }
+
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -511,17 +529,8 @@ impl Outbox {
     /// Returns `None` when nothing can be sent now (empty, or an unsealed slot at the head).
     pub fn pop(&self, waker: &Waker) -> Option<Outgoing> {
         let mut inner = self.lock();
-        let ready = match inner.items.front() {
-            Some(Item::Slot {
-                sealed, awaiting, ..
-            }) => *sealed && *awaiting == 0,
-            Some(_) => true,
-            None => false,
-        };
-        if !ready {
-            if let Some(code) = inner.close
-                && (inner.items.is_empty() || code == CloseCode::SlowConsumer)
-            {
+        if !inner.front_ready() {
+            if let Some(code) = inner.close_due() {
                 return Some(Outgoing::Close(code));
             }
             if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
@@ -565,6 +574,13 @@ impl Outbox {
             inner.bytes = 0;
         }
         Some(Outgoing::Message(bytes))
+    }
+
+    /// Whether [`Outbox::pop`] would return something now (a message or the close), without
+    /// taking it or registering a waker.
+    pub fn has_outgoing(&self) -> bool {
+        let inner = self.lock();
+        inner.front_ready() || inner.close_due().is_some()
     }
 
     /// Number of queued items (for tests and diagnostics).
@@ -773,6 +789,34 @@ mod tests {
             matches!(&rest[0], ServerFrame::Subscribed { id: 9, users, .. } if users[0].is_online == Some(true))
         );
         assert_eq!(reasons_of(&rest[1]), vec![UpdateReason::FriendlyName]);
+    }
+
+    /// `has_outgoing` (what a parked socket checks) says what `pop` would do, and takes nothing.
+    #[test]
+    fn has_outgoing_answers_as_pop_would() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        assert!(!outbox.has_outgoing(), "empty");
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 1,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        outbox.push_frame(&ServerFrame::Pong { id: 2 });
+        assert!(!outbox.has_outgoing(), "an unsealed slot at the head");
+        assert!(outbox.pop(Waker::noop()).is_none());
+        outbox.seal(slot);
+        assert!(outbox.has_outgoing());
+        assert!(outbox.has_outgoing(), "nothing was taken");
+        assert_eq!(drain(&outbox).len(), 2);
+        assert!(!outbox.has_outgoing(), "drained");
+        outbox.close(CloseCode::Normal);
+        assert!(outbox.has_outgoing(), "the close is due");
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Close(CloseCode::Normal))
+        ));
     }
 
     #[test]

@@ -174,8 +174,8 @@ pub struct LimitsConfig {
     /// 0 (the default): whole messages, written once per batch. Otherwise messages longer
     /// than this go out as WebSocket fragments of this size, and a socket writes whenever
     /// this much is buffered, so its write buffer stays near twice this while it is busy
-    /// (more write calls, less memory per busy socket; a quiet socket's stream is rebuilt
-    /// with fresh buffers either way).
+    /// (more write calls, less memory per busy socket; a quiet socket is parked
+    /// without buffers either way).
     pub write_fragment_bytes: usize,
     /// Connections that are not authenticated sockets yet (HTTP connections, and upgraded
     /// sockets before `welcome`), in all; one more is closed at once.

@@ -27,8 +27,10 @@ pub struct Metrics {
     /// Frames read from sockets.
     pub frames_received: IntCounter,
     pub heartbeat_timeouts: IntCounter,
-    /// Quiet sockets whose WebSocket stream was rebuilt to give its buffers back.
-    pub streams_rebuilt: IntCounter,
+    /// Quiet sockets parked: their WebSocket stream taken apart to give its buffers back.
+    pub streams_parked: IntCounter,
+    /// Sockets parked now.
+    pub sockets_parked: IntGauge,
     /// Refused hellos and token updates by reason.
     pub auth_failures: IntCounterVec,
     /// REST requests by route template, method and status.
@@ -83,9 +85,13 @@ impl Metrics {
             "reach_heartbeat_timeouts_total",
             "Connections closed with 4008 after hearing nothing for heartbeat_timeout",
         )?;
-        let streams_rebuilt = IntCounter::new(
-            "reach_ws_streams_rebuilt_total",
-            "Quiet sockets whose WebSocket stream was rebuilt with fresh buffers (its read and write buffers given back)",
+        let streams_parked = IntCounter::new(
+            "reach_ws_streams_parked_total",
+            "Quiet sockets parked: their WebSocket stream taken apart (its buffers given back) until they have something to write or read",
+        )?;
+        let sockets_parked = IntGauge::new(
+            "reach_ws_sockets_parked",
+            "Sockets parked now: holding no WebSocket stream and no buffer",
         )?;
         let auth_failures = IntCounterVec::new(
             Opts::new(
@@ -151,6 +157,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(sockets_parked.clone()))?;
         registry.register(Box::new(pending_connections.clone()))?;
         registry.register(Box::new(accept_errors.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
@@ -160,7 +167,7 @@ impl Metrics {
             &frames_sent,
             &frames_received,
             &heartbeat_timeouts,
-            &streams_rebuilt,
+            &streams_parked,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -208,7 +215,8 @@ impl Metrics {
             frames_sent,
             frames_received,
             heartbeat_timeouts,
-            streams_rebuilt,
+            streams_parked,
+            sockets_parked,
             auth_failures,
             http_requests,
             http_duration,

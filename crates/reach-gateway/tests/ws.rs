@@ -1250,36 +1250,53 @@ async fn pipelined_frames_and_requests_after_deliveries_are_answered() {
     ));
 }
 
-/// `reach_ws_streams_rebuilt_total` from the admin listener.
-async fn streams_rebuilt(d: &Reachd) -> u64 {
+/// A metric's value from the admin listener.
+async fn metric_value(d: &Reachd, name: &str) -> i64 {
     let text = d.metrics().await;
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix("reach_ws_streams_rebuilt_total ")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no reach_ws_streams_rebuilt_total in\n{text}"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
-/// Waits until at least `n` streams were rebuilt.
-async fn wait_rebuilt(d: &Reachd, n: u64) {
+/// `reach_ws_streams_parked_total`: how many times a quiet socket was parked.
+async fn streams_parked(d: &Reachd) -> i64 {
+    metric_value(d, "reach_ws_streams_parked_total").await
+}
+
+/// Waits until sockets were parked at least `n` times.
+async fn wait_parked(d: &Reachd, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rebuilt = streams_rebuilt(d).await;
-        if rebuilt >= n {
+        let parked = streams_parked(d).await;
+        if parked >= n {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{rebuilt} streams rebuilt, expected {n}"
+            "{parked} sockets parked, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until exactly `n` sockets are parked now (`reach_ws_sockets_parked`).
+async fn wait_parked_now(d: &Reachd, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let parked = metric_value(d, "reach_ws_sockets_parked").await;
+        if parked == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{parked} sockets parked now, expected {n}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test]
-async fn quiet_sockets_get_fresh_buffers_and_keep_working() {
+async fn quiet_sockets_are_parked_and_keep_working() {
     let d = Reachd::start(FAST);
     let svc = enabled_service(&d).await;
     let (mut alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
@@ -1288,10 +1305,10 @@ async fn quiet_sockets_get_fresh_buffers_and_keep_working() {
         panic!("expected subscribed");
     };
     assert_eq!(users[0].is_online, Some(true));
-    // Both go quiet (server pings and their pongs do not count) and are rebuilt.
-    wait_rebuilt(&d, 2).await;
-    let rebuilt = streams_rebuilt(&d).await;
-    // Requests, replies and pushes go on over the rebuilt streams, in both encodings.
+    // Both go quiet (server pings and their pongs do not count) and are parked.
+    wait_parked(&d, 2).await;
+    let parked = streams_parked(&d).await;
+    // Requests, replies and pushes wake them and go on over new streams, in both encodings.
     let ServerFrame::Subscribed { users, .. } = subscribe(&mut alice, 2, &["bob"]).await else {
         panic!("expected subscribed");
     };
@@ -1299,17 +1316,88 @@ async fn quiet_sockets_get_fresh_buffers_and_keep_working() {
     alice.send(&ClientFrame::Bye).await;
     let update = bob.update_of("alice").await;
     assert_eq!(user_of(&update).is_online, Some(false));
-    // Bob went quiet again after that update: rebuilt once more.
-    wait_rebuilt(&d, rebuilt + 1).await;
+    // Bob went quiet again after that update: parked once more.
+    wait_parked(&d, parked + 1).await;
     // carol has never connected: she is reported as not found, in the reply to request 3.
     let ServerFrame::Subscribed { id, users, errors } = subscribe(&mut bob, 3, &["carol"]).await
     else {
         panic!("expected subscribed");
     };
     assert_eq!((id, users.len(), errors.len()), (3, 0, 1), "{errors:?}");
-    // Server pings kept being answered across the rebuilds: bob is still connected.
+    // Server pings kept being answered across the parks: bob is still connected.
     bob.send(&ClientFrame::Ping { id: 4 }).await;
     assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 4 }));
+}
+
+/// A parked socket (no WebSocket stream, no buffer) wakes for what it must write (a push, a
+/// reply), for what the client writes (two requests in one TCP write: the second waits in the
+/// new stream's read buffer), for a close frame, and notices a dropped connection.
+#[tokio::test]
+async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
+    use futures_util::{SinkExt, StreamExt};
+    // No server pings: a parked socket stays parked until something happens to it.
+    let d = Reachd::start(
+        "[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n\
+         offline_grace_ms = 400\n",
+    );
+    let svc = enabled_service(&d).await;
+    let url = d.ws_url();
+    let (mut alice, _) = Ws::hello(&url, &d.token(&svc, "alice"), None).await;
+    let (mut bob, _) = Ws::hello(&url, &d.token(&svc, "bob"), Some(Encoding::MsgPack)).await;
+    let ServerFrame::Subscribed { users, .. } = subscribe(&mut bob, 1, &["alice"]).await else {
+        panic!("expected subscribed");
+    };
+    assert_eq!(users[0].is_online, Some(true));
+    wait_parked_now(&d, 2).await;
+    // A push wakes bob's socket.
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Users/alice"),
+            &[("FriendlyName", "Alice A.")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let update = bob.update_of("alice").await;
+    assert_eq!(user_of(&update).friendly_name.as_deref(), Some("Alice A."));
+    // Alice sees her own (read, so that her drop below ends with a FIN, not a reset).
+    let update = alice.update_of("alice").await;
+    assert_eq!(user_of(&update).friendly_name.as_deref(), Some("Alice A."));
+    wait_parked_now(&d, 2).await;
+    // Two requests in one TCP write wake it: both are answered, in order.
+    for id in [2, 3] {
+        let ping = reach_proto::encode(&ClientFrame::Ping { id }, Encoding::MsgPack);
+        bob.stream.feed(Message::Binary(ping)).await.unwrap();
+    }
+    bob.stream.flush().await.unwrap();
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 2 }));
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 3 }));
+    wait_parked_now(&d, 2).await;
+    // Alice's connection drops while parked (EOF): she goes offline for bob after the grace.
+    alice.abort();
+    let update = bob.update_of("alice").await;
+    assert_eq!(user_of(&update).is_online, Some(false));
+    wait_parked_now(&d, 1).await;
+    // A close frame to a parked socket is answered with the server's close.
+    bob.stream.close(None).await.unwrap();
+    let next = tokio::time::timeout(WAIT, bob.stream.next()).await.unwrap();
+    assert!(
+        matches!(next, Some(Ok(Message::Close(_))) | None),
+        "closing handshake completed: {next:?}"
+    );
+    wait_parked_now(&d, 0).await;
+    for reason in ["client_closed", "client_gone"] {
+        let line = format!("reach_connections_closed_total{{reason=\"{reason}\"}} 1");
+        let deadline = Instant::now() + WAIT;
+        while !metric(&d, &line).await {
+            assert!(
+                Instant::now() < deadline,
+                "no {line} in\n{}",
+                d.metrics().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -1337,9 +1425,9 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
     };
     assert!(next_text(&mut ws).await.contains("\"welcome\""));
     let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
-    // Both were rebuilt once their welcome (after the long hello) was flushed.
-    wait_rebuilt(&d, 2).await;
-    let before = streams_rebuilt(&d).await;
+    // Both were parked once their welcome (after the long hello) was flushed.
+    wait_parked(&d, 2).await;
+    let before = streams_parked(&d).await;
     let masked = |payload: &[u8]| {
         let mask = [9u8, 8, 7, 6];
         let mut frame = vec![0x81, 0x80 | payload.len() as u8];
@@ -1357,11 +1445,11 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
     ws.get_mut().write_all(&bytes).await.unwrap();
     assert!(next_text(&mut ws).await.contains("\"pong\""));
     // Bob's ping comes later (by 4 ticks of the shared timer at least), so his quiet check
-    // comes after alice's: once his stream is rebuilt, alice's was checked, and kept.
+    // comes after alice's: once he is parked, alice's was checked, and kept her stream.
     tokio::time::sleep(Duration::from_millis(200)).await;
     bob.send(&ClientFrame::Ping { id: 1 }).await;
     assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 1 }));
-    wait_rebuilt(&d, before + 1).await;
+    wait_parked(&d, before + 1).await;
     ws.get_mut().write_all(&subscribe[half..]).await.unwrap();
     let reply = next_text(&mut ws).await;
     assert!(
@@ -1369,8 +1457,8 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
         "{reply}"
     );
     assert!(reply.contains("\"carol\""), "{reply}");
-    // Then it is rebuilt too, and keeps answering.
-    wait_rebuilt(&d, streams_rebuilt(&d).await + 1).await;
+    // Then it is parked too, and keeps answering.
+    wait_parked(&d, streams_parked(&d).await + 1).await;
     ws.send(Message::text(r#"{"type":"ping","id":8}"#))
         .await
         .unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use reach_core::{Conn, UserKey};
 use reach_proto::{CloseCode, ErrorCode, ServerFrame};
 use reach_store::Service;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::socket::error_frame;
@@ -78,23 +79,22 @@ pub(super) struct WriteState {
     pub(super) blocked_since: Option<Instant>,
     pub(super) ping_due: bool,
     /// The last read or write that may have grown tungstenite's buffers since its stream was
-    /// built (a message other than a ping or pong); None while they are as built. The stream
-    /// is rebuilt once the socket has been quiet for [`QUIET`] after it.
+    /// built (a message other than a ping or pong); None while they are as built. The socket
+    /// is parked once the socket has been quiet for [`QUIET`] after it.
     pub(super) grown_at: Option<Instant>,
     /// Bytes of messages written since the last flush.
     pub(super) batch_bytes: usize,
     /// tungstenite's buffers surely grew past their initial sizes (a message read longer than
-    /// the read buffer, a batch of at least [`BIG_BATCH`] written): the stream is rebuilt as
+    /// the read buffer, a batch of at least [`BIG_BATCH`] written): the socket is parked as
     /// soon as everything is flushed, without waiting for a quiet second.
     pub(super) big: bool,
 }
 
 /// A batch this large leaves tungstenite's write buffer at least this large (a `subscribed`
-/// reply): worth rebuilding the stream at once.
+/// reply): worth parking the socket at once.
 pub(super) const BIG_BATCH: usize = 512;
 
-/// How long a socket stays quiet (nothing but pings and pongs) before its stream is rebuilt
-/// with fresh buffers.
+/// How long a socket stays quiet (nothing but pings and pongs) before it is parked.
 pub(super) const QUIET: Duration = Duration::from_millis(1000);
 
 /// An authenticated connection. Kept small: every idle socket holds one (its identity and
@@ -120,6 +120,8 @@ pub(super) struct Session {
     /// The socket's read side must be polled: it has not returned `Pending` since it was last
     /// woken (reads are polled with the connection as waker, see `next_io`).
     pub(super) must_read: bool,
+    /// The connection's place under `limits.max_connections`.
+    pub(super) permit: Option<OwnedSemaphorePermit>,
     /// `limits.socket_frames_per_second` (None: no limit).
     pub(super) frames: Option<FrameBucket>,
     pub(super) w: WriteState,
@@ -148,12 +150,14 @@ impl Session {
             must_read: true,
             push_credential_sid: grant.push_credential_sid.map(String::into_boxed_str),
             token_expires_at: grant.expires_at,
+            permit: None,
             frames: app.throttles.frame_bucket(),
-            // The `hello` (with its token, longer than the read buffer) was just read and the
-            // `welcome` is to be written. Most clients subscribe next, and the `subscribed`
-            // reply's rebuild gives back both; one that does not is rebuilt when quiet.
+            // The `hello` (with its token, longer than the read buffer) was just read: the
+            // socket is parked as soon as its `welcome` is flushed, so a connect storm holds
+            // a stream only for the sockets in their handshake.
             w: WriteState {
                 grown_at: Some(now),
+                big: true,
                 ..WriteState::default()
             },
         };

@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use reach_core::{Attach, SlotFrame};
 use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame, SidKind};
 use reach_store::{Service, StoreError};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::connection::Session;
@@ -124,22 +125,25 @@ async fn refuse(app: &App, ws: &mut Socket, encoding: Encoding, err: HelloError)
 
 /// Admission, `hello` and the session's start; on failure the socket is closed here and the
 /// end is returned. `pending` (the connection's place among the not-yet-authenticated ones) is
-/// given back once the session has started, or with the socket.
+/// given back once the session has started, or with the socket. `permit` (the place under
+/// `limits.max_connections`; `None`: refused) goes into the session.
 pub(super) async fn prepare(
     app: &Arc<App>,
     ws: &mut Socket,
     encoding: Encoding,
-    admitted: bool,
+    permit: Option<OwnedSemaphorePermit>,
     pending: Option<Slot>,
     peer: IpAddr,
 ) -> Result<Box<Session>, End> {
     let started = async {
-        if !admitted {
+        let Some(permit) = permit else {
             return Err(HelloError::TooManyConnections);
-        }
+        };
         let (grant, service) = await_hello(app, ws, encoding, peer).await?;
         // Boxed, so the task does not keep both this result and the session.
-        start(app, grant, service, encoding).await.map(Box::new)
+        let mut session = start(app, grant, service, encoding).await.map(Box::new)?;
+        session.permit = Some(permit);
+        Ok(session)
     };
     let started = started.await;
     drop(pending);

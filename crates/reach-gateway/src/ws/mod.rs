@@ -12,7 +12,7 @@
 //! - [`requests`]: the requests a session answers (`subscribe`, `unsubscribe`, `update_token`,
 //!   push registration, ...), one function each;
 //! - [`wire`]: the byte stream under tungstenite, which follows the client's frame
-//!   boundaries so that a quiet socket's stream can be rebuilt with fresh buffers.
+//!   boundaries so that a quiet socket can be parked without its stream.
 //!
 //! Modules depend one way: `upgrade` → `session` → `hello` → `connection` → `socket`, and
 //! `requests` → `connection` (the session loop calls `Session::handle`, which `requests` adds).

@@ -11,6 +11,10 @@
 //! `write_stall_timeout_ms` is closed with 4009 (so is one whose outbox passes
 //! `max_outbox_bytes`: the outbox asks for that close itself). What a session holds is in
 //! [`super::connection`], the requests it answers in [`super::requests`].
+//!
+//! A quiet socket is parked ([`Session::park`]): its WebSocket stream is taken apart and only
+//! the connection under it is kept until it has something to write or the client writes;
+//! then a new stream is built over the same connection.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -21,7 +25,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use reach_core::{Conn, Outgoing};
-use reach_proto::{CloseCode, Encoding, ErrorCode, ServerFrame};
+use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -31,8 +36,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{BIG_BATCH, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    End, Gone, Read, Socket, answer_close, classify, close_direct, error_frame, send_message, took,
-    ws_config,
+    End, Gone, Raw, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
+    took, ws_config,
 };
 use crate::admission::Slot;
 use crate::state::App;
@@ -41,75 +46,142 @@ use crate::throttle::{FrameVerdict, Limited};
 /// The upgrade of a socket and its stream's construction; `None` when the upgrade failed.
 pub(super) type Setup = Pin<Box<dyn Future<Output = Option<Box<Socket>>> + Send>>;
 
+/// What a socket's task starts with (boxed: an async fn keeps its arguments for its whole
+/// life, and these are mostly used up by `hello`).
+pub(super) struct Start {
+    pub app: Arc<App>,
+    /// The upgrade and the stream's construction.
+    pub setup: Setup,
+    pub encoding: Encoding,
+    /// The connection's place under `limits.max_connections` (`None`: past it, refused after
+    /// the upgrade), held by the session for its life.
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// The connection's place among the pending ones, until `welcome`.
+    pub pending: Option<Slot>,
+    pub peer: IpAddr,
+}
+
 /// The socket task: the upgrade, admission and `hello`, the session, the close; counted in
-/// the metrics. `permit` is the connection's place under `limits.max_connections` (`None`:
-/// past it, refused after the upgrade), held for the socket's life.
-pub(super) async fn serve_socket(
-    app: Arc<App>,
-    setup: Setup,
-    encoding: Encoding,
-    permit: Option<OwnedSemaphorePermit>,
-    pending: Option<Slot>,
-    peer: IpAddr,
-) {
-    let Some(mut ws) = setup.await else {
-        return;
-    };
-    let admitted = permit.is_some();
-    let m = &app.metrics;
-    m.connections.inc();
-    m.connections_opened.inc();
+/// the metrics.
+pub(super) async fn serve_socket(start: Box<Start>) {
+    let app = Arc::clone(&start.app);
     // Everything but the session loop runs in boxed futures that are gone once they finish:
     // an idle socket's task then holds only the session and its loop (an async fn's layout
-    // reserves room for every phase it awaits inline; see docs/benchmarks.md, memory).
-    let prepared = Box::pin(prepare(&app, &mut ws, encoding, admitted, pending, peer)).await;
-    let end = match prepared {
-        Ok(mut session) => {
-            let end = loop {
-                match session.run(&mut ws).await {
-                    Step::End(end) => break end,
-                    Step::Quiet => {
-                        ws = Box::pin(rebuild(ws, &app)).await;
-                        // The new stream's read side is not registered with the socket yet.
-                        session.must_read = true;
-                    }
-                }
-            };
-            Box::pin(session.finish(&mut ws, end)).await;
-            end
-        }
-        Err(end) => end,
+    // reserves room for every phase it awaits inline, and keeps its arguments for its whole
+    // life; see docs/benchmarks.md, memory).
+    let Some((mut ws, prepared)) = Box::pin(open(start)).await else {
+        return;
     };
-    if end == End::Gone(Gone::Closed) {
+    // The stream is `None` when the socket went away while parked (nothing more to send).
+    let (end, ws) = match prepared {
+        Ok(mut session) => loop {
+            match session.run(&mut ws).await {
+                Step::End(end) => {
+                    Box::pin(session.finish(&mut ws, end)).await;
+                    break (end, Some(ws));
+                }
+                Step::Quiet => match session.park(ws).await {
+                    Ok(back) => ws = back,
+                    Err(end) => {
+                        session.leave();
+                        break (end, None);
+                    }
+                },
+            }
+        },
+        Err(end) => (end, Some(ws)),
+    };
+    if end == End::Gone(Gone::Closed)
+        && let Some(mut ws) = ws
+    {
         Box::pin(answer_close(&mut ws)).await;
     }
+    let m = &app.metrics;
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
     tracing::debug!(reason = end.label(), "socket closed");
+}
+
+/// The upgrade, the stream's construction, admission and `hello`; `None` when the upgrade
+/// failed. The session keeps the connection's permit.
+async fn open(start: Box<Start>) -> Option<(Box<Socket>, Result<Box<Session>, End>)> {
+    let Start {
+        app,
+        setup,
+        encoding,
+        permit,
+        pending,
+        peer,
+    } = *start;
+    let mut ws = setup.await?;
+    app.metrics.connections.inc();
+    app.metrics.connections_opened.inc();
+    let prepared = prepare(&app, &mut ws, encoding, permit, pending, peer).await;
+    Some((ws, prepared))
 }
 
 /// How a session's loop returned.
 pub(super) enum Step {
     /// The connection ended.
     End(End),
-    /// The socket is quiet: its stream can be rebuilt with fresh buffers ([`rebuild`]).
+    /// The socket is quiet: it can be parked ([`Session::park`]).
     Quiet,
 }
 
-/// Rebuilds a quiet socket's tungstenite stream over the same connection, so its read and
-/// write buffers start again at their initial sizes (tungstenite keeps both at their
-/// high-water marks: the `hello` with its token, the largest batch written). Called only when
-/// tungstenite holds no unread input ([`Session::quiet`]); anything it still has to write (an
-/// automatic pong) is flushed first, and a socket that does not take it keeps its stream.
-async fn rebuild(mut ws: Box<Socket>, app: &App) -> Box<Socket> {
-    let flushed = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await;
-    if !matches!(flushed, Poll::Ready(Ok(()))) {
-        return ws;
+/// What woke a parked socket.
+enum Parked {
+    /// Something to write: a message or close in the outbox, or a server ping.
+    Write,
+    /// A deadline registered with the shared timers has come.
+    Timer,
+    /// The client sent these bytes (the start of its next frame, or more).
+    Read(Vec<u8>),
+    /// The connection ended (or failed) while parked.
+    Gone(Gone),
+}
+
+/// How many bytes a parked socket reads at once when the client writes, into a buffer on the
+/// worker thread's stack; what it read goes into the new stream's read buffer.
+const PARKED_READ: usize = 4096;
+
+/// Counts a socket in `reach_ws_sockets_parked` while it lives (also if the task is dropped
+/// while parked).
+struct ParkedGauge(prometheus::IntGauge);
+
+impl ParkedGauge {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ParkedGauge(gauge.clone())
     }
-    let io = ws.into_inner();
+}
+
+impl Drop for ParkedGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the session loop does after a wake-up ([`Session::on_io`]).
+enum Next {
+    /// Waits for the next wake-up.
+    Wait,
+    /// Returns from the loop.
+    Return(Step),
+    /// Handles a request.
+    Handle(ClientFrame),
+}
+
+/// A parked socket's new stream over its connection, with what the client wrote while it was
+/// parked as the start of its read buffer. Boxed: its construction (the connection and the
+/// settings, moved in) would otherwise widen every parked socket's task.
+fn unpark(raw: Raw, part: Vec<u8>, app: &App) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
     let config = ws_config(&app.config.limits);
-    app.metrics.streams_rebuilt.inc();
-    Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
+    Box::pin(WebSocketStream::from_partially_read(
+        raw,
+        part,
+        Role::Server,
+        Some(config),
+    ))
 }
 
 /// What one wake-up of a socket produced.
@@ -119,8 +191,8 @@ enum Io {
     /// A deadline registered with the shared timers has come.
     Timer,
     /// Everything is written and flushed after the stream's buffers grew, and tungstenite holds
-    /// no unread input: the stream can be rebuilt now.
-    Rebuild,
+    /// no unread input: the socket can be parked now.
+    Park,
     /// A read from the socket.
     Read(Option<Result<Message, tungstenite::Error>>),
 }
@@ -145,55 +217,73 @@ impl Session {
         d
     }
 
-    /// The main loop; returns how the connection ends, or that the socket is quiet and its
-    /// stream can be rebuilt (then it is called again).
+    /// The main loop; returns how the connection ends, or that the socket is quiet and can be
+    /// parked (then it is called again). Only the boxed handling of a request is awaited
+    /// besides the socket: what a wake-up brought is dealt with in [`Session::on_io`], so no
+    /// read message is kept in the task across an await (every idle socket's task would
+    /// reserve room for one).
     pub(super) async fn run(&mut self, ws: &mut Socket) -> Step {
-        let encoding = self.conn.outbox.encoding();
         loop {
-            let item = match self.next_io(ws).await {
-                Io::Closing(Ok(code)) => return Step::End(End::Close(code)),
-                Io::Closing(Err(_)) => return Step::End(End::Gone(Gone::Transport)),
-                Io::Timer => {
-                    // The registration that fired is the armed one (or a later, stale one).
-                    if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
-                        self.armed = None;
-                    }
-                    if let Some(end) = self.tick() {
-                        return Step::End(end);
-                    }
-                    if self.quiet(ws) {
-                        return Step::Quiet;
-                    }
-                    continue;
-                }
-                Io::Rebuild => {
-                    self.w.big = false;
-                    self.w.grown_at = None;
-                    return Step::Quiet;
-                }
-                Io::Read(item) => item,
+            let io = self.next_io(ws).await;
+            let frame = match self.on_io(ws, io) {
+                Next::Wait => continue,
+                Next::Return(step) => return step,
+                Next::Handle(frame) => frame,
             };
-            took(ws, &item);
-            self.last_heard = Instant::now();
-            if let Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) = &item {
-                self.w.grown_at = Some(self.last_heard);
-                if m.len() > self.app.config.limits.read_buffer_bytes {
-                    self.w.big = true;
+            // Boxed: a frame's handling (store calls) lives on the heap only while it runs,
+            // instead of widening every idle socket's task.
+            Box::pin(self.handle(frame)).await;
+        }
+    }
+
+    /// Deals with one wake-up's event: a deadline, a park, a read (classified, counted
+    /// against the frame limit, refused when bad).
+    fn on_io(&mut self, ws: &mut Socket, io: Io) -> Next {
+        let item = match io {
+            Io::Closing(Ok(code)) => return Next::Return(Step::End(End::Close(code))),
+            Io::Closing(Err(_)) => return Next::Return(Step::End(End::Gone(Gone::Transport))),
+            Io::Timer => {
+                // The registration that fired is the armed one (or a later, stale one).
+                if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
+                    self.armed = None;
                 }
+                if let Some(end) = self.tick() {
+                    return Next::Return(Step::End(end));
+                }
+                if self.quiet(ws) {
+                    return Next::Return(Step::Quiet);
+                }
+                return Next::Wait;
             }
-            self.app.metrics.frames_received.inc();
-            let read = classify(item, encoding, self.app.config.limits.max_frame_bytes);
-            if matches!(read, Read::Frame(_) | Read::Nothing) && !self.take_frame(&read) {
-                continue;
+            Io::Park => {
+                self.w.big = false;
+                self.w.grown_at = None;
+                return Next::Return(Step::Quiet);
             }
-            match read {
-                Read::Nothing => {}
-                Read::Gone(label) => return Step::End(End::Gone(label)),
-                Read::Fail(r) => self.fail(r.code, r.message, r.close),
-                // Boxed: a frame's handling (store calls) lives on the heap only while it
-                // runs, instead of widening every idle socket's task.
-                Read::Frame(frame) => Box::pin(self.handle(frame)).await,
+            Io::Read(item) => item,
+        };
+        took(ws, &item);
+        self.last_heard = Instant::now();
+        if let Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) = &item {
+            self.w.grown_at = Some(self.last_heard);
+            if m.len() > self.app.config.limits.read_buffer_bytes {
+                self.w.big = true;
             }
+        }
+        self.app.metrics.frames_received.inc();
+        let encoding = self.conn.outbox.encoding();
+        let read = classify(item, encoding, self.app.config.limits.max_frame_bytes);
+        if matches!(read, Read::Frame(_) | Read::Nothing) && !self.take_frame(&read) {
+            return Next::Wait;
+        }
+        match read {
+            Read::Nothing => Next::Wait,
+            Read::Gone(label) => Next::Return(Step::End(End::Gone(label))),
+            Read::Fail(r) => {
+                self.fail(r.code, r.message, r.close);
+                Next::Wait
+            }
+            Read::Frame(frame) => Next::Handle(frame),
         }
     }
 
@@ -246,7 +336,7 @@ impl Session {
             }
             let w = &self.w;
             if w.big && !w.dirty && w.blocked_since.is_none() && ws.get_ref().at_boundary() {
-                return Poll::Ready(Io::Rebuild);
+                return Poll::Ready(Io::Park);
             }
             self.arm();
             let events = self.conn.outbox.take_events(cx.waker());
@@ -283,7 +373,7 @@ impl Session {
 
     /// Whether the socket has been quiet for [`QUIET`] since its buffers last grew, with
     /// everything written and flushed and nothing read left inside tungstenite: then its
-    /// stream can be rebuilt. When only the state is wrong (a partial frame read, a blocked
+    /// socket can be parked. When only the state is wrong (a partial frame read, a blocked
     /// write), it asks again after another quiet period.
     fn quiet(&mut self, ws: &Socket) -> bool {
         let Some(grown) = self.w.grown_at else {
@@ -300,6 +390,86 @@ impl Session {
         }
         self.w.grown_at = None;
         true
+    }
+
+    /// Parks a quiet socket: takes its WebSocket stream apart (after flushing what tungstenite
+    /// still has to write, such as an automatic pong; a socket that does not take it keeps its
+    /// stream) and keeps only the connection under it, with no buffer of its own, until the
+    /// socket has something to write (the outbox, a server ping) or the client writes. Then
+    /// builds a new stream over the same connection, with what the client wrote as the start
+    /// of its read buffer. Called only when tungstenite holds no unread input
+    /// ([`Session::quiet`]). `Err`: the connection ended while parked.
+    async fn park(&mut self, mut ws: Box<Socket>) -> Result<Box<Socket>, End> {
+        // Only what is kept across the wait is stored in the task (flags, not results).
+        let flushed = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await;
+        if !matches!(flushed, Poll::Ready(Ok(()))) {
+            return Ok(ws);
+        }
+        drop(flushed);
+        let mut raw = ws.into_inner();
+        self.app.metrics.streams_parked.inc();
+        // Reads are polled with the connection as waker from here on (see `next_parked`).
+        self.must_read = true;
+        let part = {
+            let _gauge = ParkedGauge::new(&self.app.metrics.sockets_parked);
+            let woke = loop {
+                match self.next_parked(&mut raw).await {
+                    Parked::Timer => {
+                        if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
+                            self.armed = None;
+                        }
+                        // A parked socket has nothing blocked, so no deadline ends it here; a
+                        // close that `tick` asks for (none today) would still go out in order.
+                        if let Some(End::Close(code)) = self.tick() {
+                            self.conn.outbox.close(code);
+                        }
+                    }
+                    woke => break woke,
+                }
+            };
+            match woke {
+                Parked::Read(part) => part,
+                Parked::Gone(gone) => return Err(End::Gone(gone)),
+                Parked::Write | Parked::Timer => Vec::new(),
+            }
+        };
+        self.must_read = true;
+        self.w.grown_at = Some(Instant::now());
+        Ok(Box::new(unpark(raw, part, &self.app).await))
+    }
+
+    /// A parked socket's next event: arms the shared timer, then checks for something to
+    /// write, a deadline, and bytes from the client (read into a buffer on the stack).
+    fn next_parked<'a>(&'a mut self, raw: &'a mut Raw) -> impl Future<Output = Parked> + 'a {
+        std::future::poll_fn(move |cx| {
+            self.arm();
+            // Registers the waker first, so an item queued after the check below wakes it.
+            let events = self.conn.outbox.take_events(cx.waker());
+            self.must_read |= events.read;
+            if self.w.ping_due || self.conn.outbox.has_outgoing() {
+                return Poll::Ready(Parked::Write);
+            }
+            if events.timer {
+                return Poll::Ready(Parked::Timer);
+            }
+            if !self.must_read {
+                return Poll::Pending;
+            }
+            let waker = Waker::from(Arc::clone(&self.conn));
+            let mut buf = [0u8; PARKED_READ];
+            let mut read = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *raw).poll_read(&mut Context::from_waker(&waker), &mut read) {
+                Poll::Pending => {
+                    self.must_read = false;
+                    Poll::Pending
+                }
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    Poll::Ready(Parked::Gone(Gone::Dropped))
+                }
+                Poll::Ready(Ok(())) => Poll::Ready(Parked::Read(read.filled().to_vec())),
+                Poll::Ready(Err(_)) => Poll::Ready(Parked::Gone(Gone::Transport)),
+            }
+        })
     }
 
     /// Timers; returns an end when the socket must go now.
@@ -348,10 +518,15 @@ impl Session {
         None
     }
 
-    /// Leaves the engine (presence rules apply) and closes the socket as `end` says.
-    pub(super) async fn finish(mut self, ws: &mut Socket, end: End) {
+    /// Leaves the engine: the presence rules apply.
+    fn leave(&mut self) {
         let watched = self.watched.take();
         self.app.engine.detach(&self.conn, &watched, self.bye);
+    }
+
+    /// Leaves the engine and closes the socket as `end` says.
+    async fn finish(mut self, ws: &mut Socket, end: End) {
+        self.leave();
         if let End::Close(code) = end {
             let reason = match code {
                 CloseCode::Normal => "bye",

@@ -20,8 +20,12 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use super::wire::Wire;
 use crate::config::LimitsConfig;
 
-/// The upgraded connection of one client, its frames followed by [`Wire`].
-pub(super) type Socket = WebSocketStream<Wire<TokioIo<hyper::upgrade::Upgraded>>>;
+/// The upgraded connection of one client, its frames followed by [`Wire`]: all a parked
+/// socket keeps (see `session::Session::park`).
+pub(super) type Raw = Wire<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The WebSocket stream over a client's connection.
+pub(super) type Socket = WebSocketStream<Raw>;
 
 /// Notes that the session took a message tungstenite read (see [`Wire::at_boundary`]).
 pub(super) fn took(ws: &mut Socket, item: &Option<Result<Message, tungstenite::Error>>) {

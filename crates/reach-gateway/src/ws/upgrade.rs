@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
-use super::session::{Setup, serve_socket};
+use super::session::{Setup, Start, serve_socket};
 use super::socket::ws_config;
 use super::wire::Wire;
 use crate::admission::Slot;
@@ -113,14 +113,14 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
         .await;
         Some(Box::new(ws))
     });
-    let task = serve_socket(
-        Arc::clone(&app),
+    let task = serve_socket(Box::new(Start {
+        app: Arc::clone(&app),
         setup,
         encoding,
         permit,
         pending,
-        peer.ip(),
-    )
+        peer: peer.ip(),
+    }))
     .instrument(tracing::info_span!("ws", %peer, conn = tracing::field::Empty));
     app.sockets.spawn(task);
     let mut resp = Response::new(Body::empty());

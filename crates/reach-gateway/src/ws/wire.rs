@@ -1,11 +1,12 @@
 //! The socket's byte stream under tungstenite ([`Wire`]), which follows the client's frame
 //! boundaries in the bytes it hands over, so the session knows when tungstenite holds no
-//! unread input and its stream can be rebuilt with fresh buffers (see
+//! unread input and the socket can be parked without its stream (see
 //! [`super::session`], "quiet sockets").
 //!
 //! tungstenite keeps its read buffer at the size of the largest frame it has read (the `hello`
 //! with its token) and its write buffer at the size of the largest batch, for the life of the
-//! socket. Rebuilding the stream over the same connection releases both, but is only safe
+//! socket. Parking the socket (taking the stream apart, building a new one when it wakes)
+//! releases both, but is only safe
 //! when nothing read is still inside it: every message whose bytes were handed over has been
 //! taken, and no byte of a later frame was. [`Wire::at_boundary`] says exactly that.
 
