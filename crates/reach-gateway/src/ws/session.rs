@@ -171,6 +171,14 @@ enum Next {
     Handle(ClientFrame),
 }
 
+/// The connection under a stream. A function of its own, so that the stream's box is freed
+/// here: a box moved out of (`ws.into_inner()` on a `Box`) is only freed when the box's own
+/// variable goes, and an async fn keeps its arguments for its whole life.
+fn take_apart(ws: Box<Socket>) -> Raw {
+    let ws: Socket = *ws;
+    ws.into_inner()
+}
+
 /// A parked socket's new stream over its connection, with what the client wrote while it was
 /// parked as the start of its read buffer. Boxed: its construction (the connection and the
 /// settings, moved in) would otherwise widen every parked socket's task.
@@ -406,7 +414,7 @@ impl Session {
             return Ok(ws);
         }
         drop(flushed);
-        let mut raw = ws.into_inner();
+        let mut raw = take_apart(ws);
         self.app.metrics.streams_parked.inc();
         // Reads are polled with the connection as waker from here on (see `next_parked`).
         self.must_read = true;
