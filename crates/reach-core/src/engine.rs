@@ -259,9 +259,44 @@ struct Entry {
     /// Highest epoch seen online (from the store, raised when the user comes online).
     online_epoch: i64,
     /// `None` until loaded from the store.
-    profile: Option<Profile>,
+    profile: Option<Stored>,
     /// Connections subscribed to this user (its own connections included).
     subscribers: Subscribers,
+}
+
+/// A [`Profile`] as an entry keeps it: only what the engine reads back, in fewer bytes (every
+/// user in memory holds one, in its map's bucket), and no allocation for what is unset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    revision: i64,
+    friendly_name: Option<Box<str>>,
+    /// `None`: the store's default, `{}`.
+    attributes: Option<Box<str>>,
+    binding_count: u32,
+    ever_had_binding: bool,
+    last_seen_at: Option<i64>,
+}
+
+/// The attributes of a user who has none.
+const NO_ATTRIBUTES: &str = "{}";
+
+impl From<Profile> for Stored {
+    fn from(p: Profile) -> Stored {
+        Stored {
+            revision: p.revision,
+            friendly_name: p.friendly_name.map(String::into_boxed_str),
+            attributes: (p.attributes != NO_ATTRIBUTES).then(|| p.attributes.into_boxed_str()),
+            binding_count: u32::try_from(p.binding_count.max(0)).unwrap_or(u32::MAX),
+            ever_had_binding: p.ever_had_binding,
+            last_seen_at: p.last_seen_at,
+        }
+    }
+}
+
+impl Stored {
+    fn attributes(&self) -> &str {
+        self.attributes.as_deref().unwrap_or(NO_ATTRIBUTES)
+    }
 }
 
 /// A user's subscribers: connections sorted by id, one pointer each (a hash map costs several
@@ -354,15 +389,15 @@ impl Entry {
 
     fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
         let p = self.profile.as_ref()?;
-        is_notifiable_flag(svc, p.ever_had_binding, p.binding_count)
+        is_notifiable_flag(svc, p.ever_had_binding, i64::from(p.binding_count))
     }
 
     fn view(&self, identity: &str, svc: ServiceState) -> Option<User> {
         let p = self.profile.as_ref()?;
         Some(User {
             identity: identity.to_owned(),
-            friendly_name: p.friendly_name.clone(),
-            attributes: p.attributes.clone(),
+            friendly_name: p.friendly_name.as_deref().map(str::to_owned),
+            attributes: p.attributes().to_owned(),
             is_online: self.is_online(svc),
             is_notifiable: self.is_notifiable(svc),
             last_seen_at: last_seen(self.is_online(svc), p.last_seen_at, now_unix()),
@@ -947,7 +982,7 @@ impl Engine {
             .is_none_or(|p| p.revision < profile.revision)
         {
             let seen = entry.profile.as_ref().and_then(|p| p.last_seen_at);
-            entry.profile = Some(profile);
+            entry.profile = Some(profile.into());
             entry.went_offline_at(seen);
         }
     }
@@ -962,19 +997,22 @@ impl Engine {
             return;
         };
         entry.online_epoch = entry.online_epoch.max(profile.online_epoch);
-        let Some(old) = entry.profile.clone() else {
+        let profile = Stored::from(profile);
+        let Some(old) = entry.profile.take() else {
             entry.profile = Some(profile);
             return;
         };
         if old.revision >= profile.revision {
+            entry.profile = Some(old);
             return;
         }
-        let notifiable_before = entry.is_notifiable(svc);
+        let notifiable_before =
+            is_notifiable_flag(svc, old.ever_had_binding, i64::from(old.binding_count));
         let mut reasons = Reasons::EMPTY;
         if old.friendly_name != profile.friendly_name {
             reasons = reasons.with(UpdateReason::FriendlyName);
         }
-        if old.attributes != profile.attributes {
+        if old.attributes() != profile.attributes() {
             reasons = reasons.with(UpdateReason::Attributes);
         }
         entry.profile = Some(profile);
@@ -1124,5 +1162,41 @@ mod tests {
             subs.insert(&conn(id));
         }
         assert_eq!(subs.0.capacity(), 10, "a small list has no slack");
+    }
+
+    /// An entry keeps a profile without allocating what is unset, and gives back what it was
+    /// given.
+    #[test]
+    fn a_stored_profile_reads_back_as_loaded() {
+        let loaded = |friendly_name: Option<&str>, attributes: &str, binding_count| Profile {
+            revision: 3,
+            friendly_name: friendly_name.map(str::to_owned),
+            attributes: attributes.to_owned(),
+            binding_count,
+            ever_had_binding: binding_count > 0,
+            online_epoch: 2,
+            last_seen_at: Some(1_700_000_000),
+        };
+        let bare = Stored::from(loaded(None, "{}", 0));
+        assert_eq!(
+            (bare.friendly_name.as_deref(), bare.attributes.as_deref()),
+            (None, None)
+        );
+        assert_eq!(bare.attributes(), "{}");
+        let full = Stored::from(loaded(Some("Ann"), r#"{"a":1}"#, 2));
+        assert_eq!(full.friendly_name.as_deref(), Some("Ann"));
+        assert_eq!(full.attributes(), r#"{"a":1}"#);
+        assert_eq!((full.binding_count, full.revision), (2, 3));
+        assert_eq!(full.last_seen_at, Some(1_700_000_000));
+        assert_eq!(Stored::from(loaded(None, "{}", -1)).binding_count, 0);
+        assert_eq!(
+            Stored::from(loaded(None, "{}", i64::MAX)).binding_count,
+            u32::MAX
+        );
+        let mut entry = Entry::new();
+        entry.profile = Some(full);
+        let user = entry.view("ann", ServiceState::default()).unwrap();
+        assert_eq!(user.friendly_name.as_deref(), Some("Ann"));
+        assert_eq!(user.attributes, r#"{"a":1}"#);
     }
 }
