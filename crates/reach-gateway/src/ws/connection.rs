@@ -4,7 +4,8 @@
 //! frame, fail with a close). The loop that drives it is in [`super::session`], the requests in
 //! [`super::requests`].
 
-use std::sync::Arc;
+use std::num::NonZeroU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use reach_core::{Conn, UserKey};
@@ -18,10 +19,49 @@ use crate::auth::TokenGrant;
 use crate::state::App;
 use crate::throttle::FrameBucket;
 
-/// Unix seconds -> a tokio instant (clamped to now for the past).
-fn instant_at(unix: i64) -> Instant {
+/// Unix seconds -> a moment (clamped to now for the past).
+fn instant_at(unix: i64) -> At {
     let delta = unix - reach_proto::now_unix();
-    Instant::now() + Duration::from_secs(delta.max(0) as u64)
+    At::now() + Duration::from_secs(delta.max(0) as u64)
+}
+
+/// A moment on the monotonic clock, in 8 bytes where an `Instant` takes 16 (and `Option<At>`
+/// 8 too): microseconds since the first moment this process took, plus one. Every session
+/// keeps seven of them (its deadlines and write bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct At(NonZeroU64);
+
+/// The moment microseconds are counted from.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl At {
+    pub(super) fn now() -> At {
+        At::from_instant(Instant::now())
+    }
+
+    fn from_instant(instant: Instant) -> At {
+        At(NonZeroU64::MIN.saturating_add(micros(instant.saturating_duration_since(origin()))))
+    }
+
+    /// The same moment as an `Instant`.
+    pub(super) fn instant(self) -> Instant {
+        origin() + Duration::from_micros(self.0.get() - 1)
+    }
+}
+
+impl std::ops::Add<Duration> for At {
+    type Output = At;
+
+    fn add(self, d: Duration) -> At {
+        At(self.0.saturating_add(micros(d)))
+    }
 }
 
 /// The users a connection watches: the engine's keys (sharing the presence map's
@@ -76,12 +116,12 @@ pub(super) struct WriteState {
     /// Frames written to the sink but not flushed yet.
     pub(super) dirty: bool,
     /// Since when the socket has refused to take more bytes.
-    pub(super) blocked_since: Option<Instant>,
+    pub(super) blocked_since: Option<At>,
     pub(super) ping_due: bool,
     /// The last read or write that may have grown tungstenite's buffers since its stream was
     /// built (a message other than a ping or pong); None while they are as built. The socket
     /// is parked once the socket has been quiet for [`QUIET`] after it.
-    pub(super) grown_at: Option<Instant>,
+    pub(super) grown_at: Option<At>,
     /// Bytes of messages written since the last flush.
     pub(super) batch_bytes: usize,
     /// tungstenite's buffers surely grew past their initial sizes (a message read longer than
@@ -109,12 +149,13 @@ pub(super) struct Session {
     pub(super) token_expires_at: i64,
     /// Identities subscribed to besides the connection's own.
     pub(super) watched: Watched,
-    pub(super) last_heard: Instant,
-    /// The tick this session is registered at with the shared timers, if still to come.
-    pub(super) armed: Option<u64>,
-    pub(super) next_ping: Instant,
-    pub(super) expires_at: Instant,
-    pub(super) warn_at: Option<Instant>,
+    pub(super) last_heard: At,
+    /// The tick this session is registered at with the shared timers, if still to come
+    /// ([`Session::armed`]).
+    armed: Option<NonZeroU64>,
+    pub(super) next_ping: At,
+    pub(super) expires_at: At,
+    pub(super) warn_at: Option<At>,
     /// The client said `bye`: it goes offline at once, without grace.
     pub(super) bye: bool,
     /// The socket's read side must be polled: it has not returned `Pending` since it was last
@@ -135,7 +176,7 @@ impl Session {
         service: Arc<Service>,
         grant: TokenGrant,
     ) -> Session {
-        let now = Instant::now();
+        let now = At::now();
         let mut s = Session {
             app: Arc::clone(app),
             conn,
@@ -165,6 +206,17 @@ impl Session {
         s
     }
 
+    /// The tick this session is registered at with the shared timers, if still to come.
+    pub(super) fn armed(&self) -> Option<u64> {
+        self.armed.map(|t| t.get() - 1)
+    }
+
+    /// Notes the tick this session is registered at (`None`: it has come).
+    pub(super) fn set_armed(&mut self, tick: Option<u64>) {
+        // Kept as the tick plus one, in 8 bytes with its `None`.
+        self.armed = tick.map(|t| NonZeroU64::MIN.saturating_add(t));
+    }
+
     /// Re-arms the token's expiry and warning after `token_expires_at` changed.
     pub(super) fn set_expiry(&mut self) {
         self.expires_at = instant_at(self.token_expires_at);
@@ -181,5 +233,32 @@ impl Session {
     pub(super) fn fail(&self, code: ErrorCode, msg: impl Into<String>, close: CloseCode) {
         self.push(&error_frame(None, code, msg));
         self.conn.outbox.close(close);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moments order as the instants they stand for, add durations, and read back to within a
+    /// microsecond; `Option<At>` costs no more than `At`.
+    #[test]
+    fn moments_keep_the_monotonic_clock_in_eight_bytes() {
+        assert_eq!(std::mem::size_of::<Option<At>>(), 8);
+        let a = At::now();
+        let b = a + Duration::from_millis(1500);
+        assert!(a < b && b == a + Duration::from_micros(1_500_000));
+        let back = b.instant().saturating_duration_since(a.instant());
+        assert_eq!(back, Duration::from_millis(1500));
+        let now = Instant::now();
+        let read = At::from_instant(now).instant();
+        assert!(now.saturating_duration_since(read) < Duration::from_micros(1));
+        assert!(read <= now);
+        assert!(At::now() >= a);
+        assert_eq!(
+            a + Duration::MAX,
+            At(NonZeroU64::MAX),
+            "saturates, never wraps"
+        );
     }
 }

@@ -28,12 +28,11 @@ use reach_core::{Conn, Outgoing};
 use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::connection::{BIG_BATCH, QUIET, Session, WriteState};
+use super::connection::{At, BIG_BATCH, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
     End, Gone, Raw, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
@@ -206,7 +205,7 @@ enum Io {
 }
 
 impl Session {
-    fn next_deadline(&self) -> Instant {
+    fn next_deadline(&self) -> At {
         let w = &self.w;
         let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
         let mut d = self
@@ -252,8 +251,8 @@ impl Session {
             Io::Closing(Err(_)) => return Next::Return(Step::End(End::Gone(Gone::Transport))),
             Io::Timer => {
                 // The registration that fired is the armed one (or a later, stale one).
-                if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
-                    self.armed = None;
+                if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
+                    self.set_armed(None);
                 }
                 if let Some(end) = self.tick() {
                     return Next::Return(Step::End(end));
@@ -271,7 +270,7 @@ impl Session {
             Io::Read(item) => item,
         };
         took(ws, &item);
-        self.last_heard = Instant::now();
+        self.last_heard = At::now();
         if let Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) = &item {
             self.w.grown_at = Some(self.last_heard);
             if m.len() > self.app.config.limits.read_buffer_bytes {
@@ -372,10 +371,10 @@ impl Session {
     /// tick fires (`Io::Timer`), so this reads no clock: it runs on every wake-up.
     fn arm(&mut self) {
         let timers = &self.app.timers;
-        let tick = timers.tick_of(self.next_deadline());
-        if self.armed.is_none_or(|t| tick < t) {
+        let tick = timers.tick_of(self.next_deadline().instant());
+        if self.armed().is_none_or(|t| tick < t) {
             timers.arm(tick, &self.conn);
-            self.armed = Some(tick);
+            self.set_armed(Some(tick));
         }
     }
 
@@ -387,7 +386,7 @@ impl Session {
         let Some(grown) = self.w.grown_at else {
             return false;
         };
-        let now = Instant::now();
+        let now = At::now();
         if now < grown + QUIET {
             return false;
         }
@@ -423,8 +422,8 @@ impl Session {
             let woke = loop {
                 match self.next_parked(&mut raw).await {
                     Parked::Timer => {
-                        if self.armed.is_some_and(|t| self.app.timers.passed(t)) {
-                            self.armed = None;
+                        if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
+                            self.set_armed(None);
                         }
                         // A parked socket has nothing blocked, so no deadline ends it here; a
                         // close that `tick` asks for (none today) would still go out in order.
@@ -442,7 +441,7 @@ impl Session {
             }
         };
         self.must_read = true;
-        self.w.grown_at = Some(Instant::now());
+        self.w.grown_at = Some(At::now());
         Ok(Box::new(unpark(raw, part, &self.app).await))
     }
 
@@ -482,7 +481,7 @@ impl Session {
 
     /// Timers; returns an end when the socket must go now.
     fn tick(&mut self) -> Option<End> {
-        let now = Instant::now();
+        let now = At::now();
         let stall = Duration::from_millis(self.app.config.limits.write_stall_timeout_ms);
         if self.w.blocked_since.is_some_and(|b| now >= b + stall) {
             // The socket takes nothing: no error frame could reach the client.
@@ -560,7 +559,7 @@ fn poll_write(
     loop {
         match ws.poll_ready_unpin(cx) {
             Poll::Pending => {
-                w.blocked_since.get_or_insert_with(Instant::now);
+                w.blocked_since.get_or_insert_with(At::now);
                 return Poll::Pending;
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -578,7 +577,7 @@ fn poll_write(
                 send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                 app.metrics.frames_sent.inc();
                 w.dirty = true;
-                w.grown_at = Some(Instant::now());
+                w.grown_at = Some(At::now());
             }
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);
@@ -607,7 +606,7 @@ fn flush_dirty(
     }
     match ws.poll_flush_unpin(cx) {
         Poll::Pending => {
-            w.blocked_since.get_or_insert_with(Instant::now);
+            w.blocked_since.get_or_insert_with(At::now);
             Poll::Pending
         }
         Poll::Ready(result) => {
