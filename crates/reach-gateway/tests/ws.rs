@@ -803,6 +803,40 @@ max_connections = 2
     }
 }
 
+/// A refused socket keeps its place under `max_connections` until it is closed: one that does
+/// not answer the server's close still counts for the close's timeout (2 s).
+#[tokio::test]
+async fn a_refused_socket_counts_until_it_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let d = Reachd::start("[limits]\nmax_connections = 1\n");
+    let svc = enabled_service(&d).await;
+    let mut refused = RawWs::hello(d.http, "not-a-token").await;
+    // The error frame has come: the server now waits for this client's close, which never comes.
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, refused.tcp.read(&mut buf))
+        .await
+        .expect("the refusal within the wait")
+        .unwrap();
+    assert!(n > 0, "the refusal was written");
+    let c = Ws::connect(&d.ws_url(), None).await.closed().await;
+    assert_eq!((c.code, c.error_code()), (Some(4029), Some(20429)));
+    // Once the close has timed out, the place is free again.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut ws = Ws::connect(&d.ws_url(), None).await;
+        ws.send(&ClientFrame::Hello {
+            token: d.token(&svc, "c"),
+            client: None,
+        })
+        .await;
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("welcome") => break,
+            _ => assert!(Instant::now() < deadline, "a slot frees up"),
+        }
+    }
+    drop(refused);
+}
+
 #[tokio::test]
 async fn subscription_limit_is_per_identity() {
     let d = Reachd::start(

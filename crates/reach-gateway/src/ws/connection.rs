@@ -27,7 +27,7 @@ fn instant_at(unix: i64) -> At {
 
 /// A moment on the monotonic clock, in 8 bytes where an `Instant` takes 16 (and `Option<At>`
 /// 8 too): microseconds since the first moment this process took, plus one. Every session
-/// keeps seven of them (its deadlines and write bookkeeping).
+/// keeps six of them (its deadlines and write bookkeeping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct At(NonZeroU64);
 

@@ -16,7 +16,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::connection::Session;
-use super::socket::{End, Gone, Read, Refusal, Socket, classify, close_direct, error_frame, took};
+use super::socket::{
+    End, Gone, Read, Refusal, Socket, answer_close, classify, close_direct, error_frame, took,
+};
 use crate::admission::Slot;
 use crate::auth::{TokenError, TokenGrant, verify_token};
 use crate::state::{App, profile_of};
@@ -126,7 +128,8 @@ async fn refuse(app: &App, ws: &mut Socket, encoding: Encoding, err: HelloError)
 /// Admission, `hello` and the session's start; on failure the socket is closed here and the
 /// end is returned. `pending` (the connection's place among the not-yet-authenticated ones) is
 /// given back once the session has started, or with the socket. `permit` (the place under
-/// `limits.max_connections`; `None`: refused) goes into the session.
+/// `limits.max_connections`; `None`: refused) goes into the session, or is held until the
+/// refused socket is closed.
 pub(super) async fn prepare(
     app: &Arc<App>,
     ws: &mut Socket,
@@ -135,21 +138,31 @@ pub(super) async fn prepare(
     pending: Option<Slot>,
     peer: IpAddr,
 ) -> Result<Box<Session>, End> {
+    let admitted = permit.is_some();
     let started = async {
-        let Some(permit) = permit else {
+        if !admitted {
             return Err(HelloError::TooManyConnections);
-        };
+        }
         let (grant, service) = await_hello(app, ws, encoding, peer).await?;
         // Boxed, so the task does not keep both this result and the session.
-        let mut session = start(app, grant, service, encoding).await.map(Box::new)?;
-        session.permit = Some(permit);
-        Ok(session)
+        start(app, grant, service, encoding).await.map(Box::new)
     };
     let started = started.await;
     drop(pending);
     match started {
-        Ok(session) => Ok(session),
-        Err(err) => Err(refuse(app, ws, encoding, err).await),
+        Ok(mut session) => {
+            session.permit = permit;
+            Ok(session)
+        }
+        Err(err) => {
+            // The permit is held until the socket is closed.
+            let end = refuse(app, ws, encoding, err).await;
+            if end == End::Gone(Gone::Closed) {
+                answer_close(ws).await;
+            }
+            drop(permit);
+            Err(end)
+        }
     }
 }
 

@@ -71,30 +71,27 @@ pub(super) async fn serve_socket(start: Box<Start>) {
     let Some((mut ws, prepared)) = Box::pin(open(start)).await else {
         return;
     };
-    // The stream is `None` when the socket went away while parked (nothing more to send).
-    let (end, ws) = match prepared {
+    // The closing handshakes run while the session (with the connection's permit) is held:
+    // in `finish`, or in `prepare` when `hello` failed.
+    let end = match prepared {
         Ok(mut session) => loop {
             match session.run(&mut ws).await {
                 Step::End(end) => {
                     Box::pin(session.finish(&mut ws, end)).await;
-                    break (end, Some(ws));
+                    break end;
                 }
                 Step::Quiet => match session.park(ws).await {
                     Ok(back) => ws = back,
+                    // Gone while parked: nothing more to send.
                     Err(end) => {
                         session.leave();
-                        break (end, None);
+                        break end;
                     }
                 },
             }
         },
-        Err(end) => (end, Some(ws)),
+        Err(end) => end,
     };
-    if end == End::Gone(Gone::Closed)
-        && let Some(mut ws) = ws
-    {
-        Box::pin(answer_close(&mut ws)).await;
-    }
     let m = &app.metrics;
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
@@ -368,7 +365,9 @@ impl Session {
     /// Registers the session with the shared timers for its next deadline, unless an earlier
     /// or equal registration is still to come (a later one left behind by a deadline that
     /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
-    /// tick fires (`Io::Timer`), so this reads no clock: it runs on every wake-up.
+    /// tick fires (`Io::Timer`, `Parked::Timer`), so this reads no clock: it runs on every
+    /// wake-up. Hence whoever takes the outbox's events must act on a timer event before
+    /// returning anything else: a tick left armed after it passed is never armed again.
     fn arm(&mut self) {
         let timers = &self.app.timers;
         let tick = timers.tick_of(self.next_deadline().instant());
@@ -410,6 +409,8 @@ impl Session {
         // Only what is kept across the wait is stored in the task (flags, not results).
         let flushed = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await;
         if !matches!(flushed, Poll::Ready(Ok(()))) {
+            // Asked again after another quiet second.
+            self.w.grown_at = Some(At::now());
             return Ok(ws);
         }
         drop(flushed);
@@ -453,11 +454,14 @@ impl Session {
             // Registers the waker first, so an item queued after the check below wakes it.
             let events = self.conn.outbox.take_events(cx.waker());
             self.must_read |= events.read;
-            if self.w.ping_due || self.conn.outbox.has_outgoing() {
-                return Poll::Ready(Parked::Write);
-            }
+            // A deadline first: its event is taken now, and `armed` is cleared only here (a
+            // tick left armed after it passed would never be armed again). The park loop
+            // comes straight back for what is to be written.
             if events.timer {
                 return Poll::Ready(Parked::Timer);
+            }
+            if self.w.ping_due || self.conn.outbox.has_outgoing() {
+                return Poll::Ready(Parked::Write);
             }
             if !self.must_read {
                 return Poll::Pending;
@@ -531,9 +535,13 @@ impl Session {
         self.app.engine.detach(&self.conn, &watched, self.bye);
     }
 
-    /// Leaves the engine and closes the socket as `end` says.
+    /// Leaves the engine and closes the socket as `end` says, or completes the closing
+    /// handshake the client started; the session (with the connection's permit) goes after.
     async fn finish(mut self, ws: &mut Socket, end: End) {
         self.leave();
+        if end == End::Gone(Gone::Closed) {
+            answer_close(ws).await;
+        }
         if let End::Close(code) = end {
             let reason = match code {
                 CloseCode::Normal => "bye",
