@@ -297,6 +297,10 @@ impl Stored {
     fn attributes(&self) -> &str {
         self.attributes.as_deref().unwrap_or(NO_ATTRIBUTES)
     }
+
+    fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
+        is_notifiable_flag(svc, self.ever_had_binding, i64::from(self.binding_count))
+    }
 }
 
 /// A user's subscribers: connections sorted by id, one pointer each (a hash map costs several
@@ -388,8 +392,7 @@ impl Entry {
     }
 
     fn is_notifiable(&self, svc: ServiceState) -> Option<bool> {
-        let p = self.profile.as_ref()?;
-        is_notifiable_flag(svc, p.ever_had_binding, i64::from(p.binding_count))
+        self.profile.as_ref()?.is_notifiable(svc)
     }
 
     fn view(&self, identity: &str, svc: ServiceState) -> Option<User> {
@@ -1006,8 +1009,7 @@ impl Engine {
             entry.profile = Some(old);
             return;
         }
-        let notifiable_before =
-            is_notifiable_flag(svc, old.ever_had_binding, i64::from(old.binding_count));
+        let notifiable_before = old.is_notifiable(svc);
         let mut reasons = Reasons::EMPTY;
         if old.friendly_name != profile.friendly_name {
             reasons = reasons.with(UpdateReason::FriendlyName);

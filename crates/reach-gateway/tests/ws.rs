@@ -773,6 +773,23 @@ async fn heartbeats_ping_and_silent_peers_are_closed_with_4008() {
     );
 }
 
+/// Waits until a new socket under `max_connections` gets its `welcome`.
+async fn wait_for_a_slot(d: &Reachd, svc: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut ws = Ws::connect(&d.ws_url(), None).await;
+        ws.send(&ClientFrame::Hello {
+            token: d.token(svc, "c"),
+            client: None,
+        })
+        .await;
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("welcome") => return,
+            _ => assert!(Instant::now() < deadline, "a slot frees up"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn connection_limit_closes_with_4029() {
     let d = Reachd::start(
@@ -788,19 +805,7 @@ max_connections = 2
     assert_eq!((c.code, c.error_code()), (Some(4029), Some(20429)));
     b.abort();
     // The permit comes back once the socket task ends.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut ws = Ws::connect(&d.ws_url(), None).await;
-        ws.send(&ClientFrame::Hello {
-            token: d.token(&svc, "c"),
-            client: None,
-        })
-        .await;
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await {
-            Ok(Some(Ok(Message::Text(t)))) if t.contains("welcome") => break,
-            _ => assert!(Instant::now() < deadline, "a slot frees up"),
-        }
-    }
+    wait_for_a_slot(&d, &svc).await;
 }
 
 /// A refused socket keeps its place under `max_connections` until it is closed: one that does
@@ -821,19 +826,7 @@ async fn a_refused_socket_counts_until_it_is_closed() {
     let c = Ws::connect(&d.ws_url(), None).await.closed().await;
     assert_eq!((c.code, c.error_code()), (Some(4029), Some(20429)));
     // Once the close has timed out, the place is free again.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut ws = Ws::connect(&d.ws_url(), None).await;
-        ws.send(&ClientFrame::Hello {
-            token: d.token(&svc, "c"),
-            client: None,
-        })
-        .await;
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws.stream)).await {
-            Ok(Some(Ok(Message::Text(t)))) if t.contains("welcome") => break,
-            _ => assert!(Instant::now() < deadline, "a slot frees up"),
-        }
-    }
+    wait_for_a_slot(&d, &svc).await;
     drop(refused);
 }
 

@@ -20,7 +20,7 @@ use crate::state::App;
 use crate::throttle::FrameBucket;
 
 /// Unix seconds -> a moment (clamped to now for the past).
-fn instant_at(unix: i64) -> At {
+fn moment_at(unix: i64) -> At {
     let delta = unix - reach_proto::now_unix();
     At::now() + Duration::from_secs(delta.max(0) as u64)
 }
@@ -120,7 +120,7 @@ pub(super) struct WriteState {
     pub(super) ping_due: bool,
     /// The last read or write that may have grown tungstenite's buffers since its stream was
     /// built (a message other than a ping or pong); None while they are as built. The socket
-    /// is parked once the socket has been quiet for [`QUIET`] after it.
+    /// is parked once it has been quiet for [`QUIET`] after it.
     pub(super) grown_at: Option<At>,
     /// Bytes of messages written since the last flush.
     pub(super) batch_bytes: usize,
@@ -219,9 +219,9 @@ impl Session {
 
     /// Re-arms the token's expiry and warning after `token_expires_at` changed.
     pub(super) fn set_expiry(&mut self) {
-        self.expires_at = instant_at(self.token_expires_at);
+        self.expires_at = moment_at(self.token_expires_at);
         let warn = self.token_expires_at - self.app.config.presence.token_warning_s as i64;
-        self.warn_at = Some(instant_at(warn));
+        self.warn_at = Some(moment_at(warn));
     }
 
     /// Queues a frame for this connection.

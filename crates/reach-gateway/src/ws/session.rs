@@ -247,11 +247,7 @@ impl Session {
             Io::Closing(Ok(code)) => return Next::Return(Step::End(End::Close(code))),
             Io::Closing(Err(_)) => return Next::Return(Step::End(End::Gone(Gone::Transport))),
             Io::Timer => {
-                // The registration that fired is the armed one (or a later, stale one).
-                if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
-                    self.set_armed(None);
-                }
-                if let Some(end) = self.tick() {
+                if let Some(end) = self.on_timer() {
                     return Next::Return(Step::End(end));
                 }
                 if self.quiet(ws) {
@@ -365,7 +361,7 @@ impl Session {
     /// Registers the session with the shared timers for its next deadline, unless an earlier
     /// or equal registration is still to come (a later one left behind by a deadline that
     /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
-    /// tick fires (`Io::Timer`, `Parked::Timer`), so this reads no clock: it runs on every
+    /// tick fires ([`Session::on_timer`]), so this reads no clock: it runs on every
     /// wake-up. Hence whoever takes the outbox's events must act on a timer event before
     /// returning anything else: a tick left armed after it passed is never armed again.
     fn arm(&mut self) {
@@ -406,14 +402,16 @@ impl Session {
     /// of its read buffer. Called only when tungstenite holds no unread input
     /// ([`Session::quiet`]). `Err`: the connection ended while parked.
     async fn park(&mut self, mut ws: Box<Socket>) -> Result<Box<Socket>, End> {
-        // Only what is kept across the wait is stored in the task (flags, not results).
-        let flushed = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await;
-        if !matches!(flushed, Poll::Ready(Ok(()))) {
+        // A flag, not the flush's result: only that is kept in the task across the wait.
+        let flushed = matches!(
+            std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await,
+            Poll::Ready(Ok(()))
+        );
+        if !flushed {
             // Asked again after another quiet second.
             self.w.grown_at = Some(At::now());
             return Ok(ws);
         }
-        drop(flushed);
         let mut raw = take_apart(ws);
         self.app.metrics.streams_parked.inc();
         // Reads are polled with the connection as waker from here on (see `next_parked`).
@@ -423,12 +421,9 @@ impl Session {
             let woke = loop {
                 match self.next_parked(&mut raw).await {
                     Parked::Timer => {
-                        if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
-                            self.set_armed(None);
-                        }
                         // A parked socket has nothing blocked, so no deadline ends it here; a
                         // close that `tick` asks for (none today) would still go out in order.
-                        if let Some(End::Close(code)) = self.tick() {
+                        if let Some(End::Close(code)) = self.on_timer() {
                             self.conn.outbox.close(code);
                         }
                     }
@@ -454,7 +449,7 @@ impl Session {
             // Registers the waker first, so an item queued after the check below wakes it.
             let events = self.conn.outbox.take_events(cx.waker());
             self.must_read |= events.read;
-            // A deadline first: its event is taken now, and `armed` is cleared only here (a
+            // A deadline first: its event is taken now, and `armed` is cleared only on it (a
             // tick left armed after it passed would never be armed again). The park loop
             // comes straight back for what is to be written.
             if events.timer {
@@ -481,6 +476,15 @@ impl Session {
                 Poll::Ready(Err(_)) => Poll::Ready(Parked::Gone(Gone::Transport)),
             }
         })
+    }
+
+    /// A timer event: forgets the armed tick once it has come (the registration that fired is
+    /// the armed one, or a later, stale one), then checks the deadlines ([`Session::tick`]).
+    fn on_timer(&mut self) -> Option<End> {
+        if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
+            self.set_armed(None);
+        }
+        self.tick()
     }
 
     /// Timers; returns an end when the socket must go now.
