@@ -396,18 +396,39 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
 /// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
 /// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`).
 /// The users of a presence batch, `n` keys bound as `$1, $2` (service, identity) and so on,
-/// with the backend's row lock. A join with the keys, not `(service_sid, identity) IN (VALUES
-/// ...)`: SQLite scans the whole table for that one, and looks each key up for this one.
-pub(crate) fn presence_select_sql(n: usize, lock: &str) -> String {
+/// with the backend's row lock: their whole records when `whole` (an event may be recorded
+/// about them), else only what a presence change reads and writes. A join with the keys, not
+/// `(service_sid, identity) IN (VALUES ...)`: SQLite scans the whole table for that one, and
+/// looks each key up for this one.
+pub(crate) fn presence_select_sql(n: usize, whole: bool, lock: &str) -> String {
     let pairs: Vec<String> = (0..n)
         .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
         .collect();
+    let cols = if whole {
+        USER_COLS
+    } else {
+        "u.sid, u.service_sid, u.identity, u.online_epoch, u.presence_online, u.last_seen_at"
+    };
     format!(
         "WITH k (service_sid, identity) AS (VALUES {}) \
-         SELECT {USER_COLS}, u.presence_version FROM k JOIN users u \
+         SELECT {cols}, u.presence_version FROM k JOIN users u \
          ON u.service_sid = k.service_sid AND u.identity = k.identity {lock}",
         pairs.join(", "),
     )
+}
+
+/// A user of a presence batch as read (see `record_presence_batch`): its presence columns,
+/// changed in memory as the batch's changes apply, and its whole record when the batch may
+/// record an event about it.
+pub(crate) struct Presence {
+    pub(crate) sid: String,
+    pub(crate) version: i64,
+    pub(crate) online: bool,
+    pub(crate) last_seen_at: Option<i64>,
+    pub(crate) online_epoch: i64,
+    pub(crate) record: Option<UserRecord>,
+    /// Changed by the batch: written back.
+    pub(crate) dirty: bool,
 }
 
 /// The users of one service with `n` identities, bound as `$1` (the service) and `$2`... (the
@@ -444,7 +465,7 @@ macro_rules! shared_sql {
 
         use crate::hooks::{
             ClaimedEvent, Completion, PresenceRecord, QueueStats,
-            Source, Target, UserEvent, identities_select_sql, presence_pieces, presence_select_sql,
+            Presence, Source, Target, UserEvent, identities_select_sql, presence_pieces, presence_select_sql,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
@@ -511,6 +532,18 @@ macro_rules! shared_sql {
             .map_err(db)?
             .ok_or(StoreError::NotFound)?;
             config_row(&row).map_err(db)
+        }
+
+        /// The service's configuration, `None` when the service is gone.
+        async fn config_if_any(
+            conn: &mut $conn,
+            service_sid: &ServiceSid,
+        ) -> Result<Option<ServiceConfig>> {
+            match config(conn, service_sid).await {
+                Ok(cfg) => Ok(Some(cfg)),
+                Err(StoreError::NotFound) => Ok(None),
+                Err(e) => Err(e),
+            }
         }
 
         /// Records `event` about `user` if the service's webhook listens to it.
@@ -589,8 +622,6 @@ macro_rules! shared_sql {
         ) -> Result<()> {
             // The batch's users, each once, in the batch's order of first appearance.
             let mut order: Vec<(&str, &str)> = Vec::new();
-            let mut users: std::collections::HashMap<(&str, &str), (UserRecord, i64, bool)> =
-                std::collections::HashMap::new();
             {
                 let mut seen = std::collections::HashSet::new();
                 for c in changes {
@@ -600,83 +631,122 @@ macro_rules! shared_sql {
                     }
                 }
             }
+            // Each service's configuration, and its webhook when reachability is on, read once
+            // per batch. A service that is gone has no users left to change.
+            let mut services: std::collections::HashMap<
+                &str,
+                (ServiceConfig, Option<WebhookConfig>),
+            > = std::collections::HashMap::new();
+            for c in changes {
+                let sid = c.service_sid.as_str();
+                if services.contains_key(sid) {
+                    continue;
+                }
+                let Some(cfg) = config_if_any(&mut *conn, &c.service_sid).await? else {
+                    continue;
+                };
+                let hook = if cfg.reachability_enabled {
+                    Some(webhook(&mut *conn, &c.service_sid).await?)
+                } else {
+                    None
+                };
+                services.insert(sid, (cfg, hook));
+            }
+            // Whole records only when an `onUserUpdated` event may be recorded (its parameters
+            // describe the user); otherwise the presence columns are all the batch needs.
+            let whole = services.values().any(|(cfg, hook)| {
+                cfg.reachability_enabled
+                    && hook
+                        .as_ref()
+                        .is_some_and(|h| h.fires(UserEvent::Updated.filter()))
+            });
+            let mut users: std::collections::HashMap<(&str, &str), Presence> =
+                std::collections::HashMap::new();
             for chunk in presence_pieces(&order) {
-                let sql = presence_select_sql(chunk.len(), $lock);
+                let sql = presence_select_sql(chunk.len(), whole, $lock);
                 let mut query = sqlx::query(&sql);
                 for (service, identity) in chunk {
                     query = query.bind(*service).bind(*identity);
                 }
                 let rows = query.fetch_all(&mut *conn).await.map_err(db)?;
                 for row in &rows {
-                    let version: i64 = row.try_get("presence_version").map_err(db)?;
-                    let user = user_row(row).map_err(db)?.1;
+                    let service: &str = row.try_get("service_sid").map_err(db)?;
+                    let identity: &str = row.try_get("identity").map_err(db)?;
                     // Borrow the key from the batch, not the row.
-                    if let Some(key) = chunk.iter().find(|(s, i)| {
-                        *s == user.service_sid.as_str() && *i == user.identity.as_str()
-                    }) {
-                        users.insert(*key, (user, version, false));
-                    }
+                    let Some(key) = chunk.iter().find(|(s, i)| *s == service && *i == identity)
+                    else {
+                        continue;
+                    };
+                    let presence = Presence {
+                        sid: row.try_get("sid").map_err(db)?,
+                        version: row.try_get("presence_version").map_err(db)?,
+                        online: row.try_get("presence_online").map_err(db)?,
+                        last_seen_at: row.try_get("last_seen_at").map_err(db)?,
+                        online_epoch: row.try_get("online_epoch").map_err(db)?,
+                        record: if whole {
+                            Some(user_row(row).map_err(db)?.1)
+                        } else {
+                            None
+                        },
+                        dirty: false,
+                    };
+                    users.insert(*key, presence);
                 }
             }
-            // Each service's configuration, and its webhook once an event may be recorded, read
-            // once per batch (as of its first change of the service in the transaction).
-            let mut services: std::collections::HashMap<
-                &str,
-                (ServiceConfig, Option<WebhookConfig>),
-            > = std::collections::HashMap::new();
             let mut events: Vec<(String, String, &'static str, String)> = Vec::new();
             for change in changes {
                 let key = (change.service_sid.as_str(), change.identity.as_str());
                 // Users that do not exist (any more) are skipped.
-                let Some((user, version, dirty)) = users.get_mut(&key) else {
+                let Some(user) = users.get_mut(&key) else {
                     continue;
                 };
-                if change.version <= *version {
+                if change.version <= user.version {
                     continue;
                 }
-                let sid = change.service_sid.as_str();
-                if !services.contains_key(sid) {
-                    let cfg = config(&mut *conn, &change.service_sid).await?;
-                    services.insert(sid, (cfg, None));
-                }
-                let (cfg, hook) = services.get_mut(sid).expect("inserted above");
-                let flipped = user.presence_online != change.online;
-                user.presence_online = change.online;
+                let Some((cfg, hook)) = services.get(change.service_sid.as_str()) else {
+                    // The user exists, so its service does: read as before, for the error.
+                    config(&mut *conn, &change.service_sid).await?;
+                    continue;
+                };
+                let flipped = user.online != change.online;
+                user.online = change.online;
                 if flipped && !change.online {
                     user.last_seen_at = Some(change.at);
                 }
                 if change.online && cfg.reachability_enabled {
                     user.online_epoch = user.online_epoch.max(cfg.reachability_epoch);
                 }
-                *version = change.version;
-                *dirty = true;
-                if flipped && cfg.reachability_enabled {
-                    if hook.is_none() {
-                        *hook = Some(webhook(&mut *conn, &change.service_sid).await?);
-                    }
-                    let event = UserEvent::Updated;
-                    if hook.as_ref().is_some_and(|h| h.fires(event.filter())) {
-                        let params = event_params(
-                            event,
-                            Source::Sdk,
-                            user,
-                            cfg,
-                            &[UpdateReason::ReachabilityOnline],
-                            now_unix(),
-                        );
-                        events.push((
-                            user.service_sid.to_string(),
-                            user.identity.clone(),
-                            event.filter(),
-                            encode_params(&params),
-                        ));
-                    }
+                user.version = change.version;
+                user.dirty = true;
+                let event = UserEvent::Updated;
+                if flipped
+                    && cfg.reachability_enabled
+                    && hook.as_ref().is_some_and(|h| h.fires(event.filter()))
+                    && let Some(record) = user.record.as_mut()
+                {
+                    record.presence_online = user.online;
+                    record.last_seen_at = user.last_seen_at;
+                    record.online_epoch = user.online_epoch;
+                    let params = event_params(
+                        event,
+                        Source::Sdk,
+                        record,
+                        cfg,
+                        &[UpdateReason::ReachabilityOnline],
+                        now_unix(),
+                    );
+                    events.push((
+                        record.service_sid.to_string(),
+                        record.identity.clone(),
+                        event.filter(),
+                        encode_params(&params),
+                    ));
                 }
             }
-            let changed: Vec<&(UserRecord, i64, bool)> = order
+            let changed: Vec<&Presence> = order
                 .iter()
                 .filter_map(|key| users.get(key))
-                .filter(|(_, _, dirty)| *dirty)
+                .filter(|user| user.dirty)
                 .collect();
             for chunk in presence_pieces(&changed) {
                 let rows: Vec<String> = (0..chunk.len())
@@ -692,11 +762,11 @@ macro_rules! shared_sql {
                     rows.join(", ")
                 );
                 let mut query = sqlx::query(&sql);
-                for (user, version, _) in chunk {
+                for user in chunk {
                     query = query
                         .bind(&user.sid)
-                        .bind(*version)
-                        .bind(user.presence_online)
+                        .bind(user.version)
+                        .bind(user.online)
                         .bind(user.last_seen_at)
                         .bind(user.online_epoch);
                 }

@@ -1018,9 +1018,10 @@ mod tests {
             .unwrap();
         let one =
             format!("SELECT {USER_COLS} FROM users u WHERE u.service_sid = $1 AND u.identity = $2");
-        let batch = crate::hooks::presence_select_sql(8, "");
+        let batch = crate::hooks::presence_select_sql(8, true, "");
+        let narrow = crate::hooks::presence_select_sql(8, false, "");
         let identities = crate::hooks::identities_select_sql(8);
-        for sql in [one, batch, identities] {
+        for sql in [one, batch, narrow, identities] {
             let lines = plan(&store, &sql).await;
             // `k` is the keys asked for; a scan of users (u) or bindings (b) grows with the
             // table, or with the service (`bindings_by_service` searched, then filtered).

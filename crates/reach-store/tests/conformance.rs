@@ -55,6 +55,7 @@ conformance!(
     writes_record_what_subscribers_see_change,
     presence_changes_apply_in_version_order,
     a_presence_batch_larger_than_one_statement_applies_whole,
+    presence_without_a_listening_webhook_is_recorded_all_the_same,
     claims_take_each_users_events_one_at_a_time_in_order,
     leases_expire_and_outcomes_of_a_lost_lease_are_ignored,
     concurrent_claims_never_take_an_event_twice,
@@ -1195,6 +1196,90 @@ async fn presence_changes_apply_in_version_order(fx: &Fixture) {
         ("false", "1970-01-01T00:17:40Z", "reachabilityOnline")
     );
     assert!(events.iter().all(|e| param(e, "Source") == "SDK"));
+}
+
+/// A batch that can record no event (reachability on, no webhook listening) reads only the
+/// users' presence columns: what it writes must be what a batch with a listening webhook
+/// writes, and a batch mixing both kinds of service records the events of the one.
+async fn presence_without_a_listening_webhook_is_recorded_all_the_same(fx: &Fixture) {
+    let store = &fx.store;
+    let quiet = store.create_service(&AC, "quiet").await.unwrap();
+    enable(store.as_ref(), &quiet).await;
+    let loud = store.create_service(&AC, "loud").await.unwrap();
+    enable(store.as_ref(), &loud).await;
+    for svc in [&quiet, &loud] {
+        store
+            .create_user(svc, &new_user("alice"), None)
+            .await
+            .unwrap();
+    }
+    store
+        .record_presence(&[
+            presence(&quiet, "alice", true, 1_000, 10),
+            presence(&quiet, "alice", false, 1_030, 11),
+            presence(&quiet, "alice", true, 1_040, 12),
+            presence(&quiet, "alice", false, 1_050, 13),
+        ])
+        .await
+        .unwrap();
+    let alice = store.get_user(&quiet.sid, "alice").await.unwrap();
+    assert!(!alice.presence_online);
+    assert_eq!(alice.last_seen_at, Some(1_050));
+    assert_eq!(alice.online_epoch, 1, "online in the current epoch");
+    assert_eq!(store.queue_stats().await.unwrap().depth, 0);
+    // Older than what the store has: skipped.
+    store
+        .record_presence(&[presence(&quiet, "alice", true, 1_060, 12)])
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .get_user(&quiet.sid, "alice")
+            .await
+            .unwrap()
+            .presence_online
+    );
+
+    listen(store.as_ref(), &loud).await;
+    store
+        .record_presence(&[
+            presence(&quiet, "alice", true, 1_100, 20),
+            presence(&loud, "alice", true, 1_100, 21),
+            presence(&loud, "alice", false, 1_130, 22),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_user(&quiet.sid, "alice")
+            .await
+            .unwrap()
+            .presence_online
+    );
+    let loud_alice = store.get_user(&loud.sid, "alice").await.unwrap();
+    assert!(!loud_alice.presence_online);
+    assert_eq!(loud_alice.last_seen_at, Some(1_130));
+    let events: Vec<(String, String, String)> = pending(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "onUserUpdated")
+        .map(|e| {
+            (
+                e.service_sid.to_string(),
+                param(&e, "IsOnline").to_owned(),
+                param(&e, "DateLastSeen").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(sid, _, _)| sid.as_str() == loud.sid.as_str())
+    );
+    assert_eq!(events[0].1, "true");
+    assert_eq!(events[1].1, "false");
+    assert_eq!(events[1].2, "1970-01-01T00:18:50Z");
 }
 
 /// A batch is written a few hundred users per statement: one that spans several statements
