@@ -501,6 +501,16 @@ impl Outbox {
         inner.wake();
     }
 
+    /// Gives back the memory of an empty queue (a quiet connection's session calls it as it
+    /// parks its socket). An active queue keeps its allocation from one item to the next.
+    pub fn shrink(&self) {
+        let mut inner = self.lock();
+        if inner.items.is_empty() && inner.items.capacity() > 0 {
+            inner.items = VecDeque::new();
+            inner.barrier();
+        }
+    }
+
     /// Tells the connection's session that its socket may have something to read, waking its
     /// task. The session polls the socket's reads with the connection as waker (see `Conn`'s
     /// `Wake`), so a wake-up that only the queue caused does not poll the read side.
@@ -535,10 +545,6 @@ impl Outbox {
             }
             if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
                 inner.waker = Some(waker.clone());
-            }
-            if inner.items.is_empty() && inner.items.capacity() > 0 {
-                inner.items = VecDeque::new();
-                inner.barrier();
             }
             return None;
         }
@@ -663,6 +669,29 @@ mod tests {
         }
         // After the first was sent, a new update is queued again, not merged.
         assert_eq!(outbox.push_update(&bob, &u1), PushOutcome::Queued);
+    }
+
+    #[test]
+    fn an_emptied_queue_keeps_its_memory_until_shrunk() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let bob: Arc<str> = Arc::from("bob");
+        let on = presence("bob", true);
+        outbox.push_update(&bob, &on);
+        assert!(outbox.pop(Waker::noop()).is_some());
+        assert!(outbox.pop(Waker::noop()).is_none());
+        assert!(outbox.lock().items.capacity() > 0, "kept for the next item");
+        // A queue with something in it keeps it.
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        outbox.shrink();
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        outbox.shrink();
+        assert_eq!(outbox.lock().items.capacity(), 0);
+        // And merging starts afresh: an update queued now is not merged into a gone one.
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
     }
 
     #[test]

@@ -413,6 +413,7 @@ impl Session {
             return Ok(ws);
         }
         let mut raw = take_apart(ws);
+        self.conn.outbox.shrink();
         self.app.metrics.streams_parked.inc();
         // Reads are polled with the connection as waker from here on (see `next_parked`).
         self.must_read = true;
