@@ -13,8 +13,10 @@
 //!   carries. The writer stops at a slot until it is sealed.
 //!
 //! Memory is bounded: when the queued bytes pass `max_bytes` the outbox asks the connection to
-//! close with 4009 (slow consumer) and drops what it holds. The queue's buffers are released
-//! when it drains, so an idle connection's outbox costs only its empty struct.
+//! close with 4009 (slow consumer) and drops what it holds. A drained queue keeps a buffer of
+//! up to [`KEEP`] items for the next ones (a busy connection allocates nothing per delivery)
+//! and gives back a larger one at once; [`Outbox::shrink`] gives back the rest when the
+//! connection goes quiet, so an idle connection's outbox costs only its empty struct.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -157,6 +159,9 @@ const SLOT_SIZE: usize = 256;
 /// Queued items up to this many after the start of the mergeable region are scanned for a
 /// user's update; a longer region gets an index by identity.
 const SCAN_LIMIT: usize = 16;
+/// The most items a drained queue's buffer keeps room for (the first growth past one goes
+/// to four); a larger buffer, left by a burst, is given back as the queue drains.
+const KEEP: usize = 4;
 
 /// Where a newer update of a user may still be merged into a queued one: the updates queued
 /// at or after `from`. Queuing a frame or a reply slot moves `from` past it (a client reads in
@@ -169,7 +174,7 @@ struct Mergeable {
     from: u64,
     /// Identity -> absolute sequence of its update in the region, built once the region grew
     /// past [`SCAN_LIMIT`] and kept (entries removed as they are sent) until the next barrier
-    /// or until the queue drains.
+    /// (the queue draining is one).
     // Boxed on purpose: `None` is 8 bytes in every connection, an empty `HashMap` 48.
     #[allow(clippy::box_collection)]
     index: Option<Box<HashMap<Arc<str>, u64>>>,
@@ -502,7 +507,7 @@ impl Outbox {
     }
 
     /// Gives back the memory of an empty queue (a quiet connection's session calls it as it
-    /// parks its socket). An active queue keeps its allocation from one item to the next.
+    /// parks its socket). An active queue keeps a small buffer from one item to the next.
     pub fn shrink(&self) {
         let mut inner = self.lock();
         if inner.items.is_empty() && inner.items.capacity() > 0 {
@@ -545,6 +550,13 @@ impl Outbox {
             }
             if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
                 inner.waker = Some(waker.clone());
+            }
+            if inner.items.is_empty() {
+                if inner.items.capacity() > KEEP {
+                    inner.items = VecDeque::new();
+                }
+                // Nothing left to merge with: the region's index, if any, goes too.
+                inner.barrier();
             }
             return None;
         }
@@ -689,9 +701,28 @@ mod tests {
         ));
         outbox.shrink();
         assert_eq!(outbox.lock().items.capacity(), 0);
-        // And merging starts afresh: an update queued now is not merged into a gone one.
+        // And merging starts afresh.
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
+    }
+
+    #[test]
+    fn a_burst_gives_its_memory_back_as_the_queue_drains() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let ids: Vec<Arc<str>> = (0..SCAN_LIMIT * 2)
+            .map(|i| Arc::from(format!("u{i}")))
+            .collect();
+        for id in &ids {
+            outbox.push_update(id, &presence(id, true));
+        }
+        assert!(
+            outbox.lock().mergeable.index.is_some(),
+            "a long region is indexed"
+        );
+        while outbox.pop(Waker::noop()).is_some() {}
+        let inner = outbox.lock();
+        assert_eq!(inner.items.capacity(), 0, "a burst's buffer is not kept");
+        assert!(inner.mergeable.index.is_none(), "nor its index");
     }
 
     #[test]

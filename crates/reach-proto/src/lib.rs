@@ -436,9 +436,9 @@ pub fn decode_client(payload: &[u8], encoding: Encoding) -> Result<ClientFrame, 
 /// Encodes a frame. Serialising these types cannot fail.
 pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Bytes {
     match encoding {
+        Encoding::Json => Bytes::from(serde_json::to_vec(frame).expect("frames serialise")),
         // Starts at 128 bytes, as serde_json's own buffer does: a `user_updated` frame fits,
         // where a buffer grown from empty is reallocated five times on the way.
-        Encoding::Json => Bytes::from(serde_json::to_vec(frame).expect("frames serialise")),
         Encoding::MsgPack => {
             let mut buf = Vec::with_capacity(128);
             rmp_serde::encode::write_named(&mut buf, frame).expect("frames serialise");

@@ -444,8 +444,8 @@ pub(crate) fn identities_select_sql(n: usize) -> String {
 
 /// Splits a batch's keys (a presence batch's users or events, a subscribe's identities) into
 /// pieces of 64, 8 and 1, one statement each: a batch of any size takes few statements, and
-/// only three texts per statement kind exist, so the prepared statements the driver keeps per
-/// connection stay few and small.
+/// only three texts per statement kind exist (six for a presence batch's read: whole or narrow
+/// rows), so the prepared statements the driver keeps per connection stay few and small.
 pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     let mut pieces = Vec::new();
     for size in [64, 8, 1] {
@@ -632,7 +632,10 @@ macro_rules! shared_sql {
                 }
             }
             // Each service's configuration, and its webhook when reachability is on, read once
-            // per batch. A service that is gone has no users left to change.
+            // per batch. A service that is gone has no users left to change. They are read
+            // before the users' rows are locked (PostgreSQL), as they are not locked either:
+            // a reachability or webhook change committed while a batch runs may or may not
+            // apply to its changes, which were made before the batch began.
             let mut services: std::collections::HashMap<
                 &str,
                 (ServiceConfig, Option<WebhookConfig>),
@@ -704,9 +707,14 @@ macro_rules! shared_sql {
                     continue;
                 }
                 let Some((cfg, hook)) = services.get(change.service_sid.as_str()) else {
-                    // The user exists, so its service does: read as before, for the error.
+                    // The user exists, so its service does, but it had no configuration when
+                    // the batch began: the batch fails (and is retried) rather than apply the
+                    // change without knowing whether an event was due.
                     config(&mut *conn, &change.service_sid).await?;
-                    continue;
+                    return Err(StoreError::Backend(format!(
+                        "the configuration of service {} appeared during a presence batch",
+                        change.service_sid
+                    )));
                 };
                 let flipped = user.online != change.online;
                 user.online = change.online;

@@ -1213,6 +1213,22 @@ async fn presence_without_a_listening_webhook_is_recorded_all_the_same(fx: &Fixt
             .await
             .unwrap();
     }
+    // More users than one statement reads (pieces of 8 and 1).
+    let many: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    for identity in &many {
+        store.get_or_create_user(&quiet, identity).await.unwrap();
+    }
+    let changes: Vec<PresenceRecord> = many
+        .iter()
+        .enumerate()
+        .map(|(i, identity)| presence(&quiet, identity, true, 900, 1 + i as i64))
+        .collect();
+    store.record_presence(&changes).await.unwrap();
+    for identity in &many {
+        let user = store.get_user(&quiet.sid, identity).await.unwrap();
+        assert!(user.presence_online, "{identity}");
+        assert_eq!(user.online_epoch, 1, "{identity}");
+    }
     store
         .record_presence(&[
             presence(&quiet, "alice", true, 1_000, 10),
