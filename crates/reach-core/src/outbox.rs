@@ -637,6 +637,18 @@ mod tests {
     }
 
     /// A presence change of `identity` (reason `reachabilityOnline`).
+    /// Queues an online update of each of `n` users `u0`, `u1`...; returns their identities.
+    fn queue_users(outbox: &Outbox, n: usize) -> Vec<Arc<str>> {
+        let ids: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("u{i}"))).collect();
+        for id in &ids {
+            assert_eq!(
+                outbox.push_update(id, &presence(id, true)),
+                PushOutcome::Queued
+            );
+        }
+        ids
+    }
+
     fn presence(identity: &str, online: bool) -> Arc<Update> {
         Update::new(
             user(identity, online),
@@ -701,7 +713,7 @@ mod tests {
         ));
         outbox.shrink();
         assert_eq!(outbox.lock().items.capacity(), 0);
-        // And merging starts afresh.
+        // Merging still works after it.
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
     }
@@ -709,12 +721,7 @@ mod tests {
     #[test]
     fn a_burst_gives_its_memory_back_as_the_queue_drains() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
-        let ids: Vec<Arc<str>> = (0..SCAN_LIMIT * 2)
-            .map(|i| Arc::from(format!("u{i}")))
-            .collect();
-        for id in &ids {
-            outbox.push_update(id, &presence(id, true));
-        }
+        queue_users(&outbox, SCAN_LIMIT * 2);
         assert!(
             outbox.lock().mergeable.index.is_some(),
             "a long region is indexed"
@@ -781,11 +788,7 @@ mod tests {
     fn a_long_queue_still_merges_every_user_once_and_in_place() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let n = SCAN_LIMIT * 3;
-        let ids: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("u{i}"))).collect();
-        for id in &ids {
-            let u = presence(id, true);
-            assert_eq!(outbox.push_update(id, &u), PushOutcome::Queued);
-        }
+        let ids = queue_users(&outbox, n);
         // Send a few, so the index's sequences must be read against a moved head.
         for _ in 0..5 {
             assert!(outbox.pop(Waker::noop()).is_some());
@@ -975,12 +978,7 @@ mod tests {
     #[test]
     fn a_frame_after_a_long_queue_ends_merging_into_it() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
-        let ids: Vec<Arc<str>> = (0..=SCAN_LIMIT + 1)
-            .map(|i| Arc::from(format!("u{i}")))
-            .collect();
-        for id in &ids {
-            outbox.push_update(id, &presence(id, true));
-        }
+        let ids = queue_users(&outbox, SCAN_LIMIT + 2);
         assert!(
             outbox.lock().mergeable.index.is_some(),
             "past the scan limit"

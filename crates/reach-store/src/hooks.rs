@@ -631,15 +631,15 @@ macro_rules! shared_sql {
                     }
                 }
             }
-            // Each service's configuration, and its webhook when reachability is on, read once
-            // per batch. A service that is gone has no users left to change. They are read
-            // before the users' rows are locked (PostgreSQL), as they are not locked either:
-            // a reachability or webhook change committed while a batch runs may or may not
-            // apply to its changes, which were made before the batch began.
-            let mut services: std::collections::HashMap<
-                &str,
-                (ServiceConfig, Option<WebhookConfig>),
-            > = std::collections::HashMap::new();
+            // Each service's configuration, and whether a flip records `onUserUpdated` (reachability
+            // on and the webhook listening), read once per batch. A service that is gone has no
+            // users left to change. They are read before the users' rows are locked
+            // (PostgreSQL), as they are not locked either: a reachability or webhook change
+            // committed while a batch runs may or may not apply to its changes, which were made
+            // before the batch began.
+            let event = UserEvent::Updated;
+            let mut services: std::collections::HashMap<&str, (ServiceConfig, bool)> =
+                std::collections::HashMap::new();
             for c in changes {
                 let sid = c.service_sid.as_str();
                 if services.contains_key(sid) {
@@ -648,21 +648,15 @@ macro_rules! shared_sql {
                 let Some(cfg) = config_if_any(&mut *conn, &c.service_sid).await? else {
                     continue;
                 };
-                let hook = if cfg.reachability_enabled {
-                    Some(webhook(&mut *conn, &c.service_sid).await?)
-                } else {
-                    None
-                };
-                services.insert(sid, (cfg, hook));
+                let fires = cfg.reachability_enabled
+                    && webhook(&mut *conn, &c.service_sid)
+                        .await?
+                        .fires(event.filter());
+                services.insert(sid, (cfg, fires));
             }
-            // Whole records only when an `onUserUpdated` event may be recorded (its parameters
-            // describe the user); otherwise the presence columns are all the batch needs.
-            let whole = services.values().any(|(cfg, hook)| {
-                cfg.reachability_enabled
-                    && hook
-                        .as_ref()
-                        .is_some_and(|h| h.fires(UserEvent::Updated.filter()))
-            });
+            // Whole records only when an event may be recorded (its parameters describe the
+            // user); otherwise the presence columns are all the batch needs.
+            let whole = services.values().any(|(_, fires)| *fires);
             let mut users: std::collections::HashMap<(&str, &str), Presence> =
                 std::collections::HashMap::new();
             for chunk in presence_pieces(&order) {
@@ -706,15 +700,10 @@ macro_rules! shared_sql {
                 if change.version <= user.version {
                     continue;
                 }
-                let Some((cfg, hook)) = services.get(change.service_sid.as_str()) else {
-                    // The user exists, so its service does, but it had no configuration when
-                    // the batch began: the batch fails (and is retried) rather than apply the
-                    // change without knowing whether an event was due.
-                    config(&mut *conn, &change.service_sid).await?;
-                    return Err(StoreError::Backend(format!(
-                        "the configuration of service {} appeared during a presence batch",
-                        change.service_sid
-                    )));
+                let Some((cfg, fires)) = services.get(change.service_sid.as_str()) else {
+                    // A user of a service without a configuration (each is created with its
+                    // service): the batch fails, as reading the configuration would.
+                    return Err(StoreError::NotFound);
                 };
                 let flipped = user.online != change.online;
                 user.online = change.online;
@@ -726,10 +715,8 @@ macro_rules! shared_sql {
                 }
                 user.version = change.version;
                 user.dirty = true;
-                let event = UserEvent::Updated;
                 if flipped
-                    && cfg.reachability_enabled
-                    && hook.as_ref().is_some_and(|h| h.fires(event.filter()))
+                    && *fires
                     && let Some(record) = user.record.as_mut()
                 {
                     record.presence_online = user.online;
