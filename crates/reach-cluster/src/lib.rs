@@ -68,6 +68,9 @@
 //! - Watch: `SUBSCRIBE` first, then read the hash, so no change falls between the two.
 //! - Events of one user come from the engine in order and go to Redis in order (one task, one
 //!   multiplexed connection, batches sent as pipelines).
+//! - A connection's `welcome` waits until the backplane has written every event the engine
+//!   had reported by then ([`Cluster::written`]), so its hold is in Redis when the client
+//!   hears it is connected.
 //!
 //! # Presence changes for the store
 //!
@@ -117,7 +120,7 @@ use reach_core::{ClusterEvent, Engine, PersistEvent, PresenceChange, UserKey};
 use reach_proto::ServiceSid;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Settings of a cluster node.
 #[derive(Debug, Clone)]
@@ -229,6 +232,9 @@ pub(crate) struct Shared {
     /// The other nodes alive at the last liveness scan.
     pub peers: Mutex<Vec<String>>,
     pub leaving: AtomicBool,
+    /// How many of the engine's events the backplane is done with: written to Redis, or
+    /// dropped while Redis was away (redone from the engine's state when it is back).
+    pub done: watch::Sender<u64>,
 }
 
 /// Reports a change of the user's presence in the whole cluster, made by a script of this node
@@ -302,6 +308,7 @@ impl Cluster {
             persist,
             peers: Mutex::new(Vec::new()),
             leaving: AtomicBool::new(false),
+            done: watch::Sender::new(0),
         });
         tokio::spawn(session::run(Arc::clone(&shared), events));
         Ok((Cluster { shared }, control_rx))
@@ -324,6 +331,19 @@ impl Cluster {
     /// True while connected to Redis and in sync.
     pub fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the backplane has written the first `events` events of the engine to Redis
+    /// (a count from [`Engine::cluster_events_sent`]), so the other nodes see what they
+    /// changed: a hold written before a `welcome` is sent keeps a `bye` of the same user at
+    /// another node from reading as its last hold. Returns at once while Redis is away
+    /// (local presence is served meanwhile) and after at most the command timeout.
+    pub async fn written(&self, events: u64) {
+        if !self.is_up() {
+            return;
+        }
+        let mut done = self.shared.done.subscribe();
+        let _ = tokio::time::timeout(session::IO_TIMEOUT, done.wait_for(|d| *d >= events)).await;
     }
 
     fn connection(&self) -> Option<MultiplexedConnection> {

@@ -19,7 +19,7 @@ const NODES_KEY: &str = "reach:nodes";
 /// How long a holder hash with no holder left keeps its version.
 const EMPTY_HASH_TTL_MS: u64 = 3_600_000;
 const RETRY: Duration = Duration::from_millis(250);
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Engine events handled in one pipeline at most.
 const BATCH: usize = 1024;
 const DEAD_SCAN: Duration = Duration::from_secs(1);
@@ -78,8 +78,32 @@ struct Cleanup {
     due: Instant,
 }
 
+/// The engine's events, counted as they are taken off the channel.
+struct Events {
+    rx: mpsc::UnboundedReceiver<ClusterEvent>,
+    taken: u64,
+}
+
+impl Events {
+    async fn recv(&mut self) -> Option<ClusterEvent> {
+        let event = self.rx.recv().await;
+        self.taken += u64::from(event.is_some());
+        event
+    }
+
+    fn try_recv(&mut self) -> Option<ClusterEvent> {
+        let event = self.rx.try_recv().ok();
+        self.taken += u64::from(event.is_some());
+        event
+    }
+}
+
 /// Runs the backplane until the engine's event channel closes.
-pub async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<ClusterEvent>) {
+pub async fn run(shared: Arc<Shared>, events: mpsc::UnboundedReceiver<ClusterEvent>) {
+    let mut events = Events {
+        rx: events,
+        taken: 0,
+    };
     let mut first = true;
     let mut was_up = false;
     let mut cleanups: Vec<Cleanup> = Vec::new();
@@ -96,6 +120,8 @@ pub async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<Cluste
         };
         let up = shared.up.swap(false, Ordering::Relaxed);
         shared.metrics.up.set(0);
+        // The events taken but not written are redone from the engine's state.
+        shared.done.send_replace(events.taken);
         if let Ok(mut conn) = shared.conn.lock() {
             *conn = None;
         }
@@ -115,12 +141,15 @@ pub async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<Cluste
         loop {
             tokio::select! {
                 _ = sleep_until(deadline) => break,
-                event = events.recv() => match event {
-                    None => return,
-                    Some(ClusterEvent::Watch(key)) => shared.engine.apply_remote(&key, 0, false),
-                    // Redone from the engine's state at the resynchronisation.
-                    Some(_) => {}
-                },
+                event = events.recv() => {
+                    match event {
+                        None => return,
+                        Some(ClusterEvent::Watch(key)) => shared.engine.apply_remote(&key, 0, false),
+                        // Redone from the engine's state at the resynchronisation.
+                        Some(_) => {}
+                    }
+                    shared.done.send_replace(events.taken);
+                }
             }
         }
     }
@@ -168,7 +197,7 @@ impl Session {
     async fn run(
         &mut self,
         shared: &Shared,
-        events: &mut mpsc::UnboundedReceiver<ClusterEvent>,
+        events: &mut Events,
         first: bool,
         cleanups: &mut Vec<Cleanup>,
     ) -> RedisResult<()> {
@@ -185,8 +214,8 @@ impl Session {
                     let mut batch = vec![event];
                     while batch.len() < BATCH {
                         match events.try_recv() {
-                            Ok(e) => batch.push(e),
-                            Err(_) => break,
+                            Some(e) => batch.push(e),
+                            None => break,
                         }
                     }
                     if shared.leaving.load(Ordering::Relaxed) {
@@ -196,6 +225,7 @@ impl Session {
                         batch.retain(|e| !matches!(e, ClusterEvent::Held(_) | ClusterEvent::Released(_)));
                     }
                     self.apply(shared, batch).await?;
+                    shared.done.send_replace(events.taken);
                 }
                 msg = self.stream.next() => {
                     let Some(msg) = msg else {

@@ -443,6 +443,9 @@ pub struct Engine {
     clock: PresenceClock,
     persist: Option<mpsc::UnboundedSender<PersistEvent>>,
     cluster: Option<mpsc::UnboundedSender<ClusterEvent>>,
+    /// How many events were sent (or are about to be) on `cluster`: see
+    /// [`Engine::cluster_events_sent`].
+    cluster_sent: AtomicU64,
     metrics: EngineMetrics,
 }
 
@@ -491,14 +494,26 @@ impl Engine {
             clock: PresenceClock::default(),
             persist,
             cluster,
+            cluster_sent: AtomicU64::new(0),
             metrics,
         })
     }
 
     fn tell_cluster(&self, event: impl FnOnce() -> ClusterEvent) {
         if let Some(tx) = &self.cluster {
+            // Counted before it is sent: a count read after a send covers that event's place
+            // in the channel, whatever other threads send meanwhile.
+            self.cluster_sent.fetch_add(1, Ordering::SeqCst);
             let _ = tx.send(event());
         }
+    }
+
+    /// How many events this engine has reported to the cluster so far. Read after a call
+    /// that reported an event (`attach` of a user's first connection here sends `Held`), it
+    /// is at least that event's position in the channel (counting from 1): the backplane has
+    /// written it once it has written that many events.
+    pub fn cluster_events_sent(&self) -> u64 {
+        self.cluster_sent.load(Ordering::SeqCst)
     }
 
     pub fn config(&self) -> &EngineConfig {

@@ -340,12 +340,16 @@ fn key(identity: &str) -> UserKey {
 #[tokio::test(start_paused = true)]
 async fn cluster_events_report_holds_and_watches_in_order() {
     let (e, mut rx) = clustered();
+    assert_eq!(e.cluster_events_sent(), 0);
     let w = connect(&e, "w");
     let a = connect(&e, "alice");
+    // Read after alice's hold was sent: the hold's position in the channel.
+    assert_eq!(e.cluster_events_sent(), 2);
     subscribe(&e, &w, &["alice"]);
     e.detach(&a, &[], false);
     advance(GRACE + Duration::from_millis(1)).await;
     e.unsubscribe(&w, "alice");
+    assert_eq!(e.cluster_events_sent(), 5);
     assert_eq!(
         events(&mut rx),
         vec![

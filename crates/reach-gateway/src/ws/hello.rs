@@ -310,6 +310,12 @@ async fn start(
         }
         // `slot` is dropped here: the welcome is sealed.
     }
+    if let Some(cluster) = &app.cluster {
+        // The welcome goes out once the other nodes can see this connection's hold: a `bye`
+        // of the same user at another node, sent after this welcome, then never reads as the
+        // user's last hold.
+        cluster.written(engine.cluster_events_sent()).await;
+    }
     app.metrics
         .hello_duration
         .observe(started.elapsed().as_secs_f64());
