@@ -40,6 +40,7 @@ pub mod config;
 pub mod drain;
 pub mod listener;
 pub mod metrics;
+pub mod profiles;
 pub mod rest;
 pub mod server;
 pub mod state;

@@ -23,6 +23,7 @@ use crate::admission::{Budget, Pending, open_file_limit};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::profiles::ProfileReads;
 use crate::throttle::Throttles;
 use crate::timers::Timers;
 use crate::tls::{Tls, TlsError};
@@ -32,6 +33,8 @@ pub struct App {
     pub config: Config,
     pub creds: Credentials,
     pub store: Arc<dyn Store>,
+    /// The profile reads of `subscribe`, coalesced across sockets.
+    pub profiles: ProfileReads,
     pub engine: Arc<Engine>,
     /// The backplane, when this node is part of a cluster (`cluster.redis_url`).
     pub cluster: Option<Cluster>,
@@ -227,6 +230,7 @@ impl App {
             )),
             config,
             creds,
+            profiles: ProfileReads::over(Arc::clone(&store)),
             store,
             engine,
             cluster,

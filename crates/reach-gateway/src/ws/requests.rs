@@ -141,11 +141,12 @@ impl Session {
             return;
         }
         // One read for every user not in memory (a cluster's remote users, a user offline
-        // and watched by nobody), not one per user.
+        // and watched by nobody), not one per user, shared with the other sockets' reads
+        // meanwhile.
         let found = match self
             .app
-            .store
-            .get_users_by_identity(&self.service.sid, &cold)
+            .profiles
+            .read(&self.service.sid, cold.clone())
             .await
         {
             Ok(found) => found,
