@@ -98,8 +98,21 @@ impl Events {
     }
 }
 
+/// Whatever way the backplane's task ends (a panic included), nobody waits on it any more:
+/// [`crate::Cluster::written`] returns at once.
+struct Ended<'a>(&'a Shared);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.up.store(false, Ordering::Relaxed);
+        self.0.metrics.up.set(0);
+        self.0.done.send_replace(u64::MAX);
+    }
+}
+
 /// Runs the backplane until the engine's event channel closes.
 pub async fn run(shared: Arc<Shared>, events: mpsc::UnboundedReceiver<ClusterEvent>) {
+    let _ended = Ended(&shared);
     let mut events = Events {
         rx: events,
         taken: 0,

@@ -501,10 +501,11 @@ impl Engine {
 
     fn tell_cluster(&self, event: impl FnOnce() -> ClusterEvent) {
         if let Some(tx) = &self.cluster {
+            let event = event();
             // Counted before it is sent: a count read after a send covers that event's place
             // in the channel, whatever other threads send meanwhile.
             self.cluster_sent.fetch_add(1, Ordering::SeqCst);
-            let _ = tx.send(event());
+            let _ = tx.send(event);
         }
     }
 

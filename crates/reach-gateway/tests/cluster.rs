@@ -212,14 +212,13 @@ async fn one_user_on_two_nodes_stays_online_until_both_leave() {
         Some(true)
     );
     let (mut alice_b, _) = Ws::hello(&b.ws_url(), &b.token(&svc, "alice"), None).await;
-    // B's hold reaches Redis just after its `welcome` (in a batch off the hello path); a bye at
-    // A before it would be a real change (seen offline, then online again). Once it is there,
-    // leaving A (even with bye) changes nothing while B holds her.
+    // B's `welcome` waits for its hold to be in Redis. So leaving A (even with bye) changes
+    // nothing while B holds her.
     let b_id = node_id_of(&b).await;
-    eventually(Duration::from_secs(5), "B's hold in Redis", || async {
-        holders(&redis, &svc, "alice").await.contains(&b_id)
-    })
-    .await;
+    assert!(
+        holders(&redis, &svc, "alice").await.contains(&b_id),
+        "B's hold is in Redis when its welcome arrives"
+    );
     alice_a.send(&ClientFrame::Bye).await;
     assert_eq!(alice_a.closed().await.code, Some(1000));
     no_update_of(&mut bob, "alice", GRACE * 2).await;
