@@ -7,7 +7,10 @@
 //! node, queued behind the store's pool until some timed out (`20500 ... retry later`).
 //! [`ProfileReads`] serves the asks that wait together with one store call per service, each
 //! identity read once, and runs at most [`PARALLEL`] such calls at a time: while they run, new
-//! asks gather for the next call. A lone ask is read at once.
+//! asks gather for the next call. An ask that finds a call slot free is read at once. A call
+//! that takes longer than [`READ_TIMEOUT`] fails the asks it serves (their subscribes answer
+//! `20500 ... retry later`), so a stuck store cannot hold every subscribe of the node.
+//! A single node (SQLite) reads the same way.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,8 +24,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 /// rest stay free for `hello`, REST and the recorder).
 pub const PARALLEL: usize = 2;
 
-/// Identities gathered for one call at most (the store reads them 64 per query).
+/// Once the asks gathered for one call name this many identities, no more are added (the store
+/// reads them 64 per query); a call can hold up to one ask's worth more.
 pub const MAX_BATCH: usize = 4096;
+
+/// How long one store call may take before the asks it serves fail.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One store call: the records of these distinct identities of a service.
 pub type ReadFn = Arc<
@@ -81,13 +88,14 @@ impl ProfileReads {
             identities,
             reply,
         };
+        let stopped = || StoreError::Backend("the read of users was dropped".into());
         if self.asks.send(ask).is_err() {
-            return Err(StoreError::Backend("the profile reader has stopped".into()));
+            return Err(stopped());
         }
         match answer.await {
             Ok(Ok(found)) => Ok(found),
             Ok(Err(e)) => Err(StoreError::Backend(e)),
-            Err(_) => Err(StoreError::Backend("the profile reader has stopped".into())),
+            Err(_) => Err(stopped()),
         }
     }
 }
@@ -137,7 +145,14 @@ async fn serve(read: &ReadFn, asks: Vec<Ask>) {
             .flat_map(|a| a.identities.iter().map(String::as_str))
             .collect();
         let wanted: Vec<String> = wanted.into_iter().map(str::to_owned).collect();
-        match read(service, wanted).await {
+        let result = match tokio::time::timeout(READ_TIMEOUT, read(service, wanted)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Backend(format!(
+                "the read of users did not finish within {} s",
+                READ_TIMEOUT.as_secs()
+            ))),
+        };
+        match result {
             Ok(found) => {
                 let by_identity: HashMap<&str, &UserRecord> =
                     found.iter().map(|r| (r.identity.as_str(), r)).collect();
@@ -302,6 +317,28 @@ mod tests {
             ],
             "the three waiting asks: one call per service, each identity once"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_call_fails_its_asks_after_the_timeout_and_frees_its_slot() {
+        // The gate never opens: every call hangs.
+        let fake = fake(false);
+        let reads = reader(&fake);
+        let asks: Vec<_> = (0..PARALLEL + 1)
+            .map(|n| {
+                let reads = reads.clone();
+                tokio::spawn(async move { reads.read(&svc(1), vec![format!("u{n}")]).await })
+            })
+            .collect();
+        for a in asks {
+            let e = a.await.unwrap().unwrap_err();
+            assert!(e.to_string().contains("did not finish"), "{e}");
+        }
+        // The slots came back: a later ask gets a call of its own.
+        let before = fake.calls.lock().unwrap().len();
+        let e = reads.read(&svc(1), ids(&["u9"])).await.unwrap_err();
+        assert!(e.to_string().contains("did not finish"), "{e}");
+        assert_eq!(fake.calls.lock().unwrap().len(), before + 1);
     }
 
     #[tokio::test]
