@@ -166,7 +166,11 @@ async fn serve(read: &ReadFn, asks: Vec<Ask>) {
                 }
             }
             Err(e) => {
-                let e = e.to_string();
+                // `read` wraps it in `StoreError::Backend` again.
+                let e = match e {
+                    StoreError::Backend(message) => message,
+                    other => other.to_string(),
+                };
                 for ask in asks {
                     let _ = ask.reply.send(Err(e.clone()));
                 }
@@ -354,9 +358,9 @@ mod tests {
         fake.gate.add_permits(100);
         for a in asks {
             let e = a.await.unwrap().unwrap_err();
-            assert!(e.to_string().contains("connection refused"), "{e}");
+            assert_eq!(e.to_string(), "storage failure: connection refused");
         }
         let again = reads.read(&svc(1), ids(&["u7"])).await.unwrap_err();
-        assert!(again.to_string().contains("connection refused"), "{again}");
+        assert_eq!(again.to_string(), "storage failure: connection refused");
     }
 }
