@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arcstr::ArcStr;
 use dashmap::DashMap;
 pub use reach_proto::ServiceState;
 use reach_proto::flags::{is_notifiable_flag, is_online_flag, last_seen};
@@ -65,9 +66,11 @@ impl Default for EngineConfig {
     }
 }
 
-/// Key of a user: `<service SID>/<identity>` (a service SID never holds a `/`).
+/// Key of a user: `<service SID>/<identity>` (a service SID never holds a `/`). One pointer
+/// (the length is kept in the shared allocation, not beside the pointer as in an `Arc<str>`):
+/// every idle socket keeps one key per user it watches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UserKey(Arc<str>);
+pub struct UserKey(ArcStr);
 
 impl UserKey {
     pub fn new(service_sid: &str, identity: &str) -> Self {
@@ -75,7 +78,7 @@ impl UserKey {
         s.push_str(service_sid);
         s.push('/');
         s.push_str(identity);
-        UserKey(Arc::from(s))
+        UserKey(ArcStr::from(s))
     }
     pub fn service(&self) -> &str {
         self.0.split_once('/').map_or("", |(s, _)| s)
@@ -354,8 +357,8 @@ impl Subscribers {
 }
 
 impl Entry {
-    fn new() -> Self {
-        Entry {
+    fn boxed() -> Box<Self> {
+        Box::new(Entry {
             conns: 0,
             online: false,
             watchers: 0,
@@ -365,7 +368,7 @@ impl Entry {
             epoch_pending: false,
             profile: None,
             subscribers: Subscribers::default(),
-        }
+        })
     }
 
     fn is_idle(&self) -> bool {
@@ -434,7 +437,9 @@ pub enum Attach {
 /// The presence engine. See the module doc.
 pub struct Engine {
     config: EngineConfig,
-    users: DashMap<UserKey, Entry>,
+    /// Boxed entries: a map's buckets are 45-87 % full, and an empty bucket of a boxed map
+    /// costs a key and a pointer, not a whole entry.
+    users: DashMap<UserKey, Box<Entry>>,
     services: DashMap<Arc<str>, ServiceState>,
     conns: DashMap<ConnId, Arc<Conn>>,
     next_conn: AtomicU64,
@@ -574,7 +579,7 @@ impl Engine {
         let mut entry = self
             .users
             .entry(conn.key.clone())
-            .or_insert_with(Entry::new);
+            .or_insert_with(Entry::boxed);
         if let Some(profile) = profile {
             Self::keep_newer(&mut entry, profile);
         }
@@ -616,7 +621,7 @@ impl Engine {
         let key = UserKey::new(conn.service(), identity);
         let svc = self.service(conn.service());
         let watcher = key != conn.key;
-        let mut entry = self.users.entry(key).or_insert_with(Entry::new);
+        let mut entry = self.users.entry(key).or_insert_with(Entry::boxed);
         let key = entry.key().clone();
         if entry.subscribers.insert(conn) {
             self.metrics.subscriptions.inc();
@@ -811,7 +816,7 @@ impl Engine {
     pub fn report_offline_unless_online(&self, service_sid: &str, identity: &str, at: i64) {
         let key = UserKey::new(service_sid, identity);
         {
-            let entry = self.users.entry(key.clone()).or_insert_with(Entry::new);
+            let entry = self.users.entry(key.clone()).or_insert_with(Entry::boxed);
             if !entry.online {
                 self.report_presence(entry.key(), false, at);
             }
@@ -1211,10 +1216,20 @@ mod tests {
             Stored::from(loaded(None, "{}", i64::MAX)).binding_count,
             u32::MAX
         );
-        let mut entry = Entry::new();
+        let mut entry = Entry::boxed();
         entry.profile = Some(full);
         let user = entry.view("ann", ServiceState::default()).unwrap();
         assert_eq!(user.friendly_name.as_deref(), Some("Ann"));
         assert_eq!(user.attributes, r#"{"a":1}"#);
+    }
+
+    /// A key is one pointer and reads back what it was built from.
+    #[test]
+    fn a_user_key_is_one_pointer() {
+        assert_eq!(std::mem::size_of::<UserKey>(), 8);
+        let key = UserKey::new("IS0123", "ann/b");
+        assert_eq!((key.service(), key.identity()), ("IS0123", "ann/b"));
+        assert_eq!(key.as_str(), "IS0123/ann/b");
+        assert_eq!(UserKey::parse("IS0123/ann/b"), Some(key));
     }
 }
