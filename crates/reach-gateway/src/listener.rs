@@ -216,7 +216,7 @@ where
 
 /// A public connection's stream with its descriptor, given back when the stream is closed,
 /// whatever it has become by then (an HTTP connection, a TLS stream, a WebSocket).
-struct Counted {
+pub(crate) struct Counted {
     tcp: TcpStream,
     _descriptor: OwnedSemaphorePermit,
 }

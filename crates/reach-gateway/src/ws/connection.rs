@@ -11,10 +11,11 @@ use std::time::Duration;
 use reach_core::{Conn, UserKey};
 use reach_proto::{CloseCode, ErrorCode, ServerFrame};
 use reach_store::Service;
+use sync_wrapper::SyncWrapper;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::socket::error_frame;
+use super::socket::{Link, error_frame};
 use crate::auth::TokenGrant;
 use crate::state::App;
 use crate::throttle::FrameBucket;
@@ -166,6 +167,10 @@ pub(super) struct Session {
     /// `limits.socket_frames_per_second` (None: no limit).
     pub(super) frames: Option<FrameBucket>,
     pub(super) w: WriteState,
+    /// The connection while the socket is parked (see `session::Session::park`): kept here,
+    /// not in the socket's task, so that the task fits a smaller allocation. Used only through
+    /// `&mut` (the connection is not `Sync`; requests hold `&Session` across awaits).
+    pub(super) parked: Option<SyncWrapper<Link>>,
 }
 
 impl Session {
@@ -201,6 +206,7 @@ impl Session {
                 big: true,
                 ..WriteState::default()
             },
+            parked: None,
         };
         s.set_expiry();
         s

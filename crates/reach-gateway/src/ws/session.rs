@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use reach_core::{Conn, Outgoing};
 use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
+use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
@@ -35,9 +36,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{At, BIG_BATCH, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    End, Gone, Raw, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
+    End, Gone, Link, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
     took, ws_config,
 };
+use super::wire::Wire;
 use crate::admission::Slot;
 use crate::state::App;
 use crate::throttle::{FrameVerdict, Limited};
@@ -63,35 +65,38 @@ pub(super) struct Start {
 /// The socket task: the upgrade, admission and `hello`, the session, the close; counted in
 /// the metrics.
 pub(super) async fn serve_socket(start: Box<Start>) {
-    let app = Arc::clone(&start.app);
     // Everything but the session loop runs in boxed futures that are gone once they finish:
-    // an idle socket's task then holds only the session and its loop (an async fn's layout
-    // reserves room for every phase it awaits inline, and keeps its arguments for its whole
-    // life; see docs/benchmarks.md, memory).
-    let Some((mut ws, prepared)) = Box::pin(open(start)).await else {
+    // an idle socket's task then holds only the session's box, the stream's and its loop (an
+    // async fn's layout reserves room for every phase it awaits inline, and keeps its
+    // arguments for its whole life; see docs/benchmarks.md, memory).
+    let Some((mut ws, mut session)) = Box::pin(open(start)).await else {
         return;
     };
     // The closing handshakes run while the session (with the connection's permit) is held:
     // in `finish`, or in `prepare` when `hello` failed.
-    let end = match prepared {
-        Ok(mut session) => loop {
-            match session.run(&mut ws).await {
-                Step::End(end) => {
-                    Box::pin(session.finish(&mut ws, end)).await;
-                    break end;
-                }
-                Step::Quiet => match session.park(ws).await {
-                    Ok(back) => ws = back,
-                    // Gone while parked: nothing more to send.
-                    Err(end) => {
-                        session.leave();
-                        break end;
-                    }
-                },
+    loop {
+        match session.run(&mut ws).await {
+            Step::End(end) => {
+                let app = Arc::clone(&session.app);
+                Box::pin(session.finish(&mut ws, end)).await;
+                closed(&app, end);
+                return;
             }
-        },
-        Err(end) => end,
-    };
+            Step::Quiet => match session.park(ws).await {
+                Ok(back) => ws = back,
+                // Gone while parked: nothing more to send.
+                Err(end) => {
+                    session.leave();
+                    closed(&session.app, end);
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Counts a socket's end.
+fn closed(app: &App, end: End) {
     let m = &app.metrics;
     m.connections.dec();
     m.connections_closed.with_label_values(&[end.label()]).inc();
@@ -99,8 +104,9 @@ pub(super) async fn serve_socket(start: Box<Start>) {
 }
 
 /// The upgrade, the stream's construction, admission and `hello`; `None` when the upgrade
-/// failed. The session keeps the connection's permit.
-async fn open(start: Box<Start>) -> Option<(Box<Socket>, Result<Box<Session>, End>)> {
+/// failed or `hello` did not lead to a session (the socket is closed then, and counted). The
+/// session keeps the connection's permit.
+async fn open(start: Box<Start>) -> Option<(Box<Socket>, Box<Session>)> {
     let Start {
         app,
         setup,
@@ -112,8 +118,13 @@ async fn open(start: Box<Start>) -> Option<(Box<Socket>, Result<Box<Session>, En
     let mut ws = setup.await?;
     app.metrics.connections.inc();
     app.metrics.connections_opened.inc();
-    let prepared = prepare(&app, &mut ws, encoding, permit, pending, peer).await;
-    Some((ws, prepared))
+    match prepare(&app, &mut ws, encoding, permit, pending, peer).await {
+        Ok(session) => Some((ws, session)),
+        Err(end) => {
+            closed(&app, end);
+            None
+        }
+    }
 }
 
 /// How a session's loop returned.
@@ -167,21 +178,22 @@ enum Next {
     Handle(ClientFrame),
 }
 
-/// The connection under a stream. A function of its own, so that the stream's box is freed
-/// here: a box moved out of (`ws.into_inner()` on a `Box`) is only freed when the box's own
-/// variable goes, and an async fn keeps its arguments for its whole life.
-fn take_apart(ws: Box<Socket>) -> Raw {
+/// The connection under a stream, which tungstenite holds no unread input of (the `Wire` is at
+/// a boundary, so a new one starts where it stopped). A function of its own, so that the
+/// stream's box is freed here: a box moved out of (`ws.into_inner()` on a `Box`) is only freed
+/// when the box's own variable goes, and an async fn keeps its arguments for its whole life.
+fn take_apart(ws: Box<Socket>) -> Link {
     let ws: Socket = *ws;
-    ws.into_inner()
+    ws.into_inner().into_inner()
 }
 
 /// A parked socket's new stream over its connection, with what the client wrote while it was
 /// parked as the start of its read buffer. Boxed: its construction (the connection and the
 /// settings, moved in) would otherwise widen every parked socket's task.
-fn unpark(raw: Raw, part: Vec<u8>, app: &App) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
+fn unpark(link: Link, part: Vec<u8>, app: &App) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
     let config = ws_config(&app.config.limits);
     Box::pin(WebSocketStream::from_partially_read(
-        raw,
+        Wire::after(link, &part),
         part,
         Role::Server,
         Some(config),
@@ -412,7 +424,7 @@ impl Session {
             self.w.grown_at = Some(At::now());
             return Ok(ws);
         }
-        let mut raw = take_apart(ws);
+        self.parked = Some(SyncWrapper::new(take_apart(ws)));
         self.conn.outbox.shrink();
         self.app.metrics.streams_parked.inc();
         // Reads are polled with the connection as waker from here on (see `next_parked`).
@@ -420,7 +432,7 @@ impl Session {
         let part = {
             let _gauge = ParkedGauge::new(&self.app.metrics.sockets_parked);
             let woke = loop {
-                match self.next_parked(&mut raw).await {
+                match self.next_parked().await {
                     Parked::Timer => {
                         // A parked socket has nothing blocked, so no deadline ends it here; a
                         // close that `tick` asks for (none today) would still go out in order.
@@ -439,12 +451,17 @@ impl Session {
         };
         self.must_read = true;
         self.w.grown_at = Some(At::now());
-        Ok(Box::new(unpark(raw, part, &self.app).await))
+        let link = self
+            .parked
+            .take()
+            .expect("a parked socket keeps its connection")
+            .into_inner();
+        Ok(Box::new(unpark(link, part, &self.app).await))
     }
 
     /// A parked socket's next event: arms the shared timer, then checks for something to
     /// write, a deadline, and bytes from the client (read into a buffer on the stack).
-    fn next_parked<'a>(&'a mut self, raw: &'a mut Raw) -> impl Future<Output = Parked> + 'a {
+    fn next_parked(&mut self) -> impl Future<Output = Parked> + '_ {
         std::future::poll_fn(move |cx| {
             self.arm();
             // Registers the waker first, so an item queued after the check below wakes it.
@@ -465,7 +482,10 @@ impl Session {
             let waker = Waker::from(Arc::clone(&self.conn));
             let mut buf = [0u8; PARKED_READ];
             let mut read = ReadBuf::new(&mut buf);
-            match Pin::new(&mut *raw).poll_read(&mut Context::from_waker(&waker), &mut read) {
+            let Some(link) = self.parked.as_mut() else {
+                return Poll::Ready(Parked::Gone(Gone::Transport));
+            };
+            match Pin::new(link.get_mut()).poll_read(&mut Context::from_waker(&waker), &mut read) {
                 Poll::Pending => {
                     self.must_read = false;
                     Poll::Pending

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use reach_proto::{
     ClientFrame, CloseCode, DecodeError, Encoding, ErrorCode, ServerFrame, decode_client, encode,
@@ -16,13 +17,28 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_util::either::Either;
 
 use super::wire::Wire;
 use crate::config::LimitsConfig;
+use crate::listener::Counted;
 
-/// The upgraded connection of one client, its frames followed by [`Wire`]: all a parked
-/// socket keeps (see `session::Session::park`).
-pub(super) type Raw = Wire<TokioIo<hyper::upgrade::Upgraded>>;
+/// The upgraded connection of one client: all a parked socket keeps, in its session (see
+/// `session::Session::park`). The accepted TCP connection itself when hyper gives it back
+/// whole (plain TCP), so no box of hyper's stays under it; else (TLS) hyper's `Upgraded`.
+pub(super) type Link = Either<Counted, TokioIo<Upgraded>>;
+
+/// A client's connection out of hyper's upgrade, with the bytes hyper read past the request
+/// (the start of the client's first frames, if it sent them before the 101 came).
+pub(super) fn link(upgraded: Upgraded) -> (Link, Bytes) {
+    match upgraded.downcast::<TokioIo<Counted>>() {
+        Ok(parts) => (Either::Left(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => (Either::Right(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+/// The connection with its frames followed by [`Wire`], under the WebSocket stream.
+pub(super) type Raw = Wire<Link>;
 
 /// The WebSocket stream over a client's connection.
 pub(super) type Socket = WebSocketStream<Raw>;

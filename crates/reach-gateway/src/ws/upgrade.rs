@@ -11,7 +11,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::rt::TokioIo;
 use reach_proto::Encoding;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite;
@@ -19,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
 use super::session::{Setup, Start, serve_socket};
-use super::socket::ws_config;
+use super::socket::{link, ws_config};
 use super::wire::Wire;
 use crate::admission::Slot;
 use crate::rest::ApiError;
@@ -105,12 +104,14 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
                 return None;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            Wire::new(TokioIo::new(upgraded)),
-            Role::Server,
-            Some(ws_config(&limits_app.config.limits)),
-        )
-        .await;
+        let (link, read) = link(upgraded);
+        let config = Some(ws_config(&limits_app.config.limits));
+        let ws = if read.is_empty() {
+            WebSocketStream::from_raw_socket(Wire::new(link), Role::Server, config).await
+        } else {
+            let wire = Wire::after(link, &read);
+            WebSocketStream::from_partially_read(wire, read.to_vec(), Role::Server, config).await
+        };
         Some(Box::new(ws))
     });
     let task = serve_socket(Box::new(Start {

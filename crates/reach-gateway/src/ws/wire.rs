@@ -48,6 +48,22 @@ impl<S> Wire<S> {
         }
     }
 
+    /// A wire over `io` that has already handed over `read` (bytes read from `io` before it
+    /// existed, which tungstenite gets as the start of its read buffer), following their
+    /// frames as if they had come through it.
+    pub(super) fn after(io: S, read: &[u8]) -> Wire<S> {
+        let mut wire = Wire::new(io);
+        wire.scan(read);
+        wire
+    }
+
+    /// The stream under it, once [`Wire::at_boundary`]: a new `Wire` over it then follows the
+    /// frames from where this one stopped.
+    pub(super) fn into_inner(self) -> S {
+        debug_assert!(self.at_boundary());
+        self.io
+    }
+
     /// The session took a message from tungstenite.
     pub(super) fn taken(&mut self) {
         self.unread = self.unread.saturating_sub(1);
@@ -201,6 +217,23 @@ mod tests {
     const CONTINUATION: u8 = 0x00;
     const CONTINUATION_LAST: u8 = 0x80;
     const PING: u8 = 0x89;
+
+    /// A wire built after bytes were read follows the frames in them: a partial frame is no
+    /// boundary, a whole one is a message to take.
+    #[test]
+    fn a_wire_built_after_a_read_follows_its_frames() {
+        let text = frame(TEXT, 10);
+        assert!(Wire::after((), &[]).at_boundary());
+        assert!(!Wire::after((), &text[..5]).at_boundary());
+        let mut whole = Wire::after((), &text);
+        assert!(!whole.at_boundary(), "a message read and not taken");
+        whole.taken();
+        assert!(whole.at_boundary());
+        let mut wire = Wire::after((), &text[..5]);
+        wire.scan(&text[5..]);
+        wire.taken();
+        assert!(wire.at_boundary());
+    }
 
     /// Feeds `bytes` in pieces of `step`; returns the wire after each piece.
     fn feed(bytes: &[u8], step: usize) -> Vec<(usize, bool, u32)> {
