@@ -1494,6 +1494,23 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
         pong.contains("\"pong\"") && pong.contains("\"id\":8"),
         "{pong}"
     );
+    // Half a frame to a parked socket: it wakes with those bytes as the start of its new
+    // stream's read buffer, which is then known to hold a partial frame, so its quiet check
+    // keeps the stream (parked again, it would drop the half, and the rest would be garbage).
+    wait_parked(&d, streams_parked(&d).await + 1).await;
+    let subscribe = masked(br#"{"type":"subscribe","id":9,"identities":["dave"]}"#);
+    ws.get_mut().write_all(&subscribe[..half]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let parked = streams_parked(&d).await;
+    bob.send(&ClientFrame::Ping { id: 2 }).await;
+    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 2 }));
+    wait_parked(&d, parked + 1).await;
+    ws.get_mut().write_all(&subscribe[half..]).await.unwrap();
+    let reply = next_text(&mut ws).await;
+    assert!(
+        reply.contains("\"subscribed\"") && reply.contains("\"id\":9"),
+        "{reply}"
+    );
 }
 
 /// `hello` does not wait for the user's online epoch to be written: it goes with the next
