@@ -1513,6 +1513,82 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
     );
 }
 
+/// A client that sends its `hello` (and half of its next frame) in the same write as the
+/// upgrade request: the bytes hyper read past the request start the stream's read buffer, and
+/// the half frame among them keeps the stream (the socket is not parked under it) until the
+/// rest comes.
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_are_read() {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let d =
+        Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
+    let svc = enabled_service(&d).await;
+    let masked = |payload: &[u8]| {
+        let mask = [9u8, 8, 7, 6];
+        let mut frame = vec![0x81, 0x80 | 126];
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    };
+    let addr = d.http;
+    let mut bytes = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    let hello = serde_json::json!({"type": "hello", "token": d.token(&svc, "alice")});
+    bytes.extend(masked(hello.to_string().as_bytes()));
+    let ping = masked(br#"{"type":"ping","id":3}"#);
+    bytes.extend_from_slice(&ping[..10]);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let mut next_text = async || loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("socket open")
+            .expect("no socket error");
+        if let Message::Text(t) = msg {
+            return t.to_string();
+        }
+    };
+    let welcome = next_text().await;
+    assert!(welcome.contains("\"welcome\""), "{welcome}");
+    // Bob's socket is parked once his welcome is flushed; alice's, welcomed before, would have
+    // been parked first had her half frame not been followed.
+    let (_bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    wait_parked(&d, 1).await;
+    assert_eq!(streams_parked(&d).await, 1, "only bob's socket is parked");
+    drop(next_text);
+    ws.get_mut().write_all(&ping[10..]).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("a frame within the wait")
+        .expect("socket open")
+        .expect("no socket error");
+    let pong = pong.to_text().unwrap().to_string();
+    assert!(
+        pong.contains("\"pong\"") && pong.contains("\"id\":3"),
+        "{pong}"
+    );
+}
+
 /// `hello` does not wait for the user's online epoch to be written: it goes with the next
 /// presence batch (here 2 s later). Meanwhile a user who has left reads `false`, not `null`,
 /// over REST: the engine keeps her entry until the store has the epoch; and after.
