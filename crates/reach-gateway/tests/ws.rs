@@ -1575,7 +1575,6 @@ async fn bytes_sent_with_the_upgrade_request_are_read() {
     let (_bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
     wait_parked(&d, 1).await;
     assert_eq!(streams_parked(&d).await, 1, "only bob's socket is parked");
-    drop(next_text);
     ws.get_mut().write_all(&ping[10..]).await.unwrap();
     let pong = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
