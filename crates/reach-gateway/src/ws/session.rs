@@ -652,3 +652,25 @@ fn flush_dirty(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::task::task_tracker::TrackedFuture;
+    use tracing::instrument::Instrumented;
+
+    use super::*;
+
+    /// An idle socket's task fits a 256-byte tokio task cell (tokio aligns cells to 128 bytes
+    /// on x86_64): the cell's header (32 B), scheduler and task id (16 B) and trailer (48 B)
+    /// leave 160 B for the stage, the spawned future (with the socket's span and the tracker's
+    /// token) and its tag. One byte more in what the session loop keeps across an await can
+    /// cost 128 per socket; docs/benchmarks.md, "Under 1.9 KB per idle socket".
+    #[test]
+    fn the_socket_task_fits_a_256_byte_cell() {
+        fn spawned<F: Future>(_: fn(Box<Start>) -> F) -> usize {
+            std::mem::size_of::<TrackedFuture<Instrumented<F>>>()
+        }
+        let size = spawned(serve_socket);
+        assert!(size <= 152, "the spawned socket task is {size} B");
+    }
+}
