@@ -437,7 +437,7 @@ pub enum Attach {
 /// The presence engine. See the module doc.
 pub struct Engine {
     config: EngineConfig,
-    /// Boxed entries: a map's buckets are 45-87 % full, and an empty bucket of a boxed map
+    /// Boxed entries: a map's buckets are 44-87 % full, and an empty bucket of a boxed map
     /// costs a key and a pointer, not a whole entry.
     users: DashMap<UserKey, Box<Entry>>,
     services: DashMap<Arc<str>, ServiceState>,

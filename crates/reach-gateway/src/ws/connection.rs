@@ -169,7 +169,8 @@ pub(super) struct Session {
     pub(super) w: WriteState,
     /// The connection while the socket is parked (see `session::Session::park`): kept here,
     /// not in the socket's task, so that the task fits a smaller allocation. Used only through
-    /// `&mut` (the connection is not `Sync`; requests hold `&Session` across awaits).
+    /// `&mut` (hyper's `Upgraded`, under a TLS socket, is not `Sync`; requests hold `&Session`
+    /// across awaits).
     pub(super) parked: Option<SyncWrapper<Link>>,
 }
 
