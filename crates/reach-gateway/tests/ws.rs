@@ -7,7 +7,10 @@ mod ws_client;
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures_util::StreamExt;
 use reach_proto::{ClientFrame, Encoding, ServerFrame, UpdateReason};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use ws_client::*;
 
@@ -1427,20 +1430,9 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
     }
 }
 
-#[tokio::test]
-async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio::io::AsyncWriteExt;
-    use tokio_tungstenite::WebSocketStream;
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    // No server pings: the client answers them with pongs written on the same stream, which
-    // could land between the two halves this test writes by hand.
-    let d =
-        Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
-    let svc = enabled_service(&d).await;
-    let raw = RawWs::hello(d.http, &d.token(&svc, "alice")).await;
-    let mut ws = WebSocketStream::from_raw_socket(raw.tcp, Role::Client, None).await;
-    let next_text = async |ws: &mut WebSocketStream<tokio::net::TcpStream>| loop {
+/// The next text frame a raw client's stream receives (within 10 s).
+async fn next_text(ws: &mut WebSocketStream<tokio::net::TcpStream>) -> String {
+    loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .expect("a frame within the wait")
@@ -1449,34 +1441,50 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
         if let Message::Text(t) = msg {
             return t.to_string();
         }
-    };
+    }
+}
+
+/// Waits 200 ms (4 ticks of the shared timer at least), pings bob, and waits until his socket
+/// is parked again: his quiet check comes after that of a socket woken before the wait, so
+/// that one was checked by then.
+async fn after_an_earlier_quiet_check(d: &Reachd, bob: &mut Ws, id: i64) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let parked = streams_parked(d).await;
+    bob.send(&ClientFrame::Ping { id }).await;
+    let pong = bob.recv().await;
+    assert!(
+        matches!(pong, ServerFrame::Pong { id: got } if got == id),
+        "{pong:?}"
+    );
+    wait_parked(d, parked + 1).await;
+}
+
+#[tokio::test]
+async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    // No server pings: the client answers them with pongs written on the same stream, which
+    // could land between the two halves this test writes by hand.
+    let d =
+        Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
+    let svc = enabled_service(&d).await;
+    let raw = RawWs::hello(d.http, &d.token(&svc, "alice")).await;
+    let mut ws = WebSocketStream::from_raw_socket(raw.tcp, Role::Client, None).await;
     assert!(next_text(&mut ws).await.contains("\"welcome\""));
     let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
     // Both were parked once their welcome (after the long hello) was flushed.
     wait_parked(&d, 2).await;
-    let before = streams_parked(&d).await;
-    let masked = |payload: &[u8]| {
-        let mask = [9u8, 8, 7, 6];
-        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
-    };
     // A whole `ping` request, then half of a `subscribe` (header, mask, part of the
     // payload), in one write: alice's socket is due for a quiet check a second after the
     // ping, with tungstenite holding the half frame.
-    let subscribe = masked(br#"{"type":"subscribe","id":7,"identities":["bob","carol"]}"#);
+    let subscribe = masked_text(br#"{"type":"subscribe","id":7,"identities":["bob","carol"]}"#);
     let half = subscribe.len() / 2;
-    let mut bytes = masked(br#"{"type":"ping","id":6}"#);
+    let mut bytes = masked_text(br#"{"type":"ping","id":6}"#);
     bytes.extend_from_slice(&subscribe[..half]);
     ws.get_mut().write_all(&bytes).await.unwrap();
     assert!(next_text(&mut ws).await.contains("\"pong\""));
-    // Bob's ping comes later (by 4 ticks of the shared timer at least), so his quiet check
-    // comes after alice's: once he is parked, alice's was checked, and kept her stream.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    bob.send(&ClientFrame::Ping { id: 1 }).await;
-    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 1 }));
-    wait_parked(&d, before + 1).await;
+    // Once bob is parked again, alice's quiet check has come, and kept her stream.
+    after_an_earlier_quiet_check(&d, &mut bob, 1).await;
     ws.get_mut().write_all(&subscribe[half..]).await.unwrap();
     let reply = next_text(&mut ws).await;
     assert!(
@@ -1498,13 +1506,9 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
     // stream's read buffer, which is then known to hold a partial frame, so its quiet check
     // keeps the stream (parked again, it would drop the half, and the rest would be garbage).
     wait_parked(&d, streams_parked(&d).await + 1).await;
-    let subscribe = masked(br#"{"type":"subscribe","id":9,"identities":["dave"]}"#);
+    let subscribe = masked_text(br#"{"type":"subscribe","id":9,"identities":["dave"]}"#);
     ws.get_mut().write_all(&subscribe[..half]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let parked = streams_parked(&d).await;
-    bob.send(&ClientFrame::Ping { id: 2 }).await;
-    assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 2 }));
-    wait_parked(&d, parked + 1).await;
+    after_an_earlier_quiet_check(&d, &mut bob, 2).await;
     ws.get_mut().write_all(&subscribe[half..]).await.unwrap();
     let reply = next_text(&mut ws).await;
     assert!(
@@ -1519,56 +1523,18 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
 /// rest comes.
 #[tokio::test]
 async fn bytes_sent_with_the_upgrade_request_are_read() {
-    use futures_util::StreamExt;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_tungstenite::WebSocketStream;
-    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio::io::AsyncWriteExt;
     let d =
         Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
     let svc = enabled_service(&d).await;
-    let masked = |payload: &[u8]| {
-        let mask = [9u8, 8, 7, 6];
-        let mut frame = vec![0x81, 0x80 | 126];
-        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
-    };
-    let addr = d.http;
-    let mut bytes = format!(
-        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes();
     let hello = serde_json::json!({"type": "hello", "token": d.token(&svc, "alice")});
-    bytes.extend(masked(hello.to_string().as_bytes()));
-    let ping = masked(br#"{"type":"ping","id":3}"#);
+    let mut bytes = masked_text(hello.to_string().as_bytes());
+    let ping = masked_text(br#"{"type":"ping","id":3}"#);
     bytes.extend_from_slice(&ping[..10]);
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(&bytes).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tcp.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut tcp = tokio::net::TcpStream::connect(d.http).await.unwrap();
+    upgrade(&mut tcp, d.http, &bytes).await;
     let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
-    let mut next_text = async || loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a frame within the wait")
-            .expect("socket open")
-            .expect("no socket error");
-        if let Message::Text(t) = msg {
-            return t.to_string();
-        }
-    };
-    let welcome = next_text().await;
+    let welcome = next_text(&mut ws).await;
     assert!(welcome.contains("\"welcome\""), "{welcome}");
     // Bob's socket is parked once his welcome is flushed; alice's, welcomed before, would have
     // been parked first had her half frame not been followed.
@@ -1576,12 +1542,7 @@ async fn bytes_sent_with_the_upgrade_request_are_read() {
     wait_parked(&d, 1).await;
     assert_eq!(streams_parked(&d).await, 1, "only bob's socket is parked");
     ws.get_mut().write_all(&ping[10..]).await.unwrap();
-    let pong = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("a frame within the wait")
-        .expect("socket open")
-        .expect("no socket error");
-    let pong = pong.to_text().unwrap().to_string();
+    let pong = next_text(&mut ws).await;
     assert!(
         pong.contains("\"pong\"") && pong.contains("\"id\":3"),
         "{pong}"

@@ -29,17 +29,14 @@ use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::connection::{At, BIG_BATCH, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
     End, Gone, Link, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
-    took, ws_config,
+    stream_over, took,
 };
-use super::wire::Wire;
 use crate::admission::Slot;
 use crate::state::App;
 use crate::throttle::{FrameVerdict, Limited};
@@ -191,13 +188,7 @@ fn take_apart(ws: Box<Socket>) -> Link {
 /// parked as the start of its read buffer. Boxed: its construction (the connection and the
 /// settings, moved in) would otherwise widen every parked socket's task.
 fn unpark(link: Link, part: Vec<u8>, app: &App) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
-    let config = ws_config(&app.config.limits);
-    Box::pin(WebSocketStream::from_partially_read(
-        Wire::after(link, &part),
-        part,
-        Role::Server,
-        Some(config),
-    ))
+    Box::pin(stream_over(link, part, &app.config.limits))
 }
 
 /// What one wake-up of a socket produced.

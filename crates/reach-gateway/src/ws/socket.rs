@@ -13,9 +13,9 @@ use reach_proto::{
     ClientFrame, CloseCode, DecodeError, Encoding, ErrorCode, ServerFrame, decode_client, encode,
 };
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::either::Either;
 
@@ -42,6 +42,19 @@ pub(super) type Raw = Wire<Link>;
 
 /// The WebSocket stream over a client's connection.
 pub(super) type Socket = WebSocketStream<Raw>;
+
+/// The WebSocket stream over a client's connection, with `read` (bytes already read from it:
+/// what hyper read past the upgrade request, or what the client wrote while its socket was
+/// parked) as the start of its read buffer; the [`Wire`] under it follows their frames, so a
+/// partial frame among them keeps the stream until it is complete.
+pub(super) fn stream_over(
+    link: Link,
+    read: Vec<u8>,
+    limits: &LimitsConfig,
+) -> impl Future<Output = Socket> + use<> {
+    let wire = Wire::after(link, &read);
+    WebSocketStream::from_partially_read(wire, read, Role::Server, Some(ws_config(limits)))
+}
 
 /// Notes that the session took a message tungstenite read (see [`Wire::at_boundary`]).
 pub(super) fn took(ws: &mut Socket, item: &Option<Result<Message, tungstenite::Error>>) {

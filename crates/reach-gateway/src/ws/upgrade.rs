@@ -12,14 +12,11 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use reach_proto::Encoding;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::Instrument;
 
 use super::session::{Setup, Start, serve_socket};
-use super::socket::{link, ws_config};
-use super::wire::Wire;
+use super::socket::{link, stream_over};
 use crate::admission::Slot;
 use crate::rest::ApiError;
 use crate::state::App;
@@ -105,13 +102,7 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
             }
         };
         let (link, read) = link(upgraded);
-        let config = Some(ws_config(&limits_app.config.limits));
-        let ws = if read.is_empty() {
-            WebSocketStream::from_raw_socket(Wire::new(link), Role::Server, config).await
-        } else {
-            let wire = Wire::after(link, &read);
-            WebSocketStream::from_partially_read(wire, read.to_vec(), Role::Server, config).await
-        };
+        let ws = stream_over(link, read.to_vec(), &limits_app.config.limits).await;
         Some(Box::new(ws))
     });
     let task = serve_socket(Box::new(Start {

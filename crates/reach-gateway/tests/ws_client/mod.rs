@@ -197,6 +197,44 @@ impl Ws {
     }
 }
 
+/// Asks for the upgrade on `tcp` with `extra` (the start of the client's frames) in the same
+/// write, and reads the server's 101.
+pub async fn upgrade(tcp: &mut TcpStream, addr: std::net::SocketAddr, extra: &[u8]) {
+    let mut bytes = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(extra);
+    tcp.write_all(&bytes).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+}
+
+/// One masked text frame, as a client sends it (payloads under 64 KiB).
+pub fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81];
+    if payload.len() < 126 {
+        frame.push(0x80 | payload.len() as u8);
+    } else {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
 /// A raw WebSocket client that sends what it is told and never answers pings.
 pub struct RawWs {
     pub tcp: TcpStream,
@@ -219,22 +257,7 @@ impl RawWs {
             socket.set_recv_buffer_size(size).unwrap();
         }
         let mut tcp = socket.connect(addr).await.unwrap();
-        let req = format!(
-            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            tcp.read_exact(&mut b).await.unwrap();
-            head.push(b[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        upgrade(&mut tcp, addr, &[]).await;
         let mut raw = RawWs { tcp };
         let hello = serde_json::json!({"type": "hello", "token": token}).to_string();
         raw.send_text(&hello).await;
@@ -243,18 +266,10 @@ impl RawWs {
 
     /// Sends one masked text frame.
     pub async fn send_text(&mut self, text: &str) {
-        let payload = text.as_bytes();
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81];
-        if payload.len() < 126 {
-            frame.push(0x80 | payload.len() as u8);
-        } else {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.tcp.write_all(&frame).await.unwrap();
+        self.tcp
+            .write_all(&masked_text(text.as_bytes()))
+            .await
+            .unwrap();
     }
 
     /// Reads until EOF; returns the text frames and the close code, and how many pings came.
