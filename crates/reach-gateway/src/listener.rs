@@ -1,6 +1,7 @@
 //! The public listener's accept loop: every connection is admitted (or closed at once) before a
 //! byte is read, given TCP_NODELAY, taken through TLS when it is configured, and served as
-//! HTTP/1.1 with a header read timeout, so a client that opens connections and sends nothing,
+//! HTTP/1.1 with a header read timeout (a plain connection that starts with a WebSocket
+//! upgrade request is upgraded without the HTTP server: [`crate::ws::direct`]), so a client that opens connections and sends nothing,
 //! or half a request, holds them for `server.header_read_timeout_ms` at most and only within
 //! its address's share ([`crate::admission`]).
 //!
@@ -16,24 +17,20 @@
 //! flight completes, an idle kept-alive connection closes. Upgraded sockets are not HTTP
 //! connections any more; the drain takes care of them.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::admission::{Refused, Slot};
+use crate::admission::{Counted, Refused, Slot};
 use crate::state::App;
 
 /// The longest pause after failed accepts.
@@ -118,10 +115,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
             // Presence frames are small and must leave at once.
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let stream = Counted {
-            tcp,
-            _descriptor: descriptor,
-        };
+        let stream = Counted::new(tcp, descriptor);
         connections.spawn(connection(
             Arc::clone(&app),
             router.clone(),
@@ -134,14 +128,32 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, router: Router) {
     connections.wait().await;
 }
 
-/// One accepted connection: TLS if configured, then HTTP.
+/// One accepted connection: TLS if configured, then HTTP. A plain connection that starts with
+/// a WebSocket upgrade request is upgraded without the HTTP server ([`crate::ws::direct`]).
 async fn connection(app: Arc<App>, router: Router, tcp: Counted, peer: SocketAddr, slot: Slot) {
+    let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
     let Some(tls) = app.tls.clone() else {
-        return http(app, router, tcp, peer, slot).await;
+        let deadline = tokio::time::Instant::now() + header_timeout;
+        return match crate::ws::direct(&app, tcp, peer, slot, deadline).await {
+            crate::ws::Direct::Http(tcp, slot) => {
+                // The header read timeout counts from the accept, as on the other paths.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                http(
+                    app,
+                    router,
+                    tcp,
+                    peer,
+                    slot,
+                    left.max(Duration::from_millis(1)),
+                )
+                .await
+            }
+            crate::ws::Direct::Upgraded | crate::ws::Direct::Closed => {}
+        };
     };
     let timeout = Duration::from_millis(app.config.server.tls_handshake_timeout_ms);
     match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
-        Ok(Ok(stream)) => http(app, router, stream, peer, slot).await,
+        Ok(Ok(stream)) => http(app, router, stream, peer, slot, header_timeout).await,
         Ok(Err(e)) => {
             app.metrics
                 .tls_handshake_failures
@@ -159,9 +171,16 @@ async fn connection(app: Arc<App>, router: Router, tcp: Counted, peer: SocketAdd
     }
 }
 
-/// HTTP/1.1 on one connection, with upgrades (the WebSocket endpoint takes the socket).
-async fn http<S>(app: Arc<App>, router: Router, stream: S, peer: SocketAddr, slot: Slot)
-where
+/// HTTP/1.1 on one connection, with upgrades (the WebSocket endpoint takes the socket);
+/// `header_timeout` is the header read timeout left.
+async fn http<S>(
+    app: Arc<App>,
+    router: Router,
+    stream: S,
+    peer: SocketAddr,
+    slot: Slot,
+    header_timeout: Duration,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
@@ -183,9 +202,7 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(
-            app.config.server.header_read_timeout_ms,
-        ))
+        .header_read_timeout(header_timeout)
         .keep_alive(true);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
@@ -212,53 +229,6 @@ where
     // idle connection closes.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
-}
-
-/// A public connection's stream with its descriptor, given back when the stream is closed,
-/// whatever it has become by then (an HTTP connection, a TLS stream, a WebSocket).
-pub(crate) struct Counted {
-    tcp: TcpStream,
-    _descriptor: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-    }
 }
 
 /// Whether an HTTP connection is serving a request, and since when it has not been.

@@ -20,6 +20,10 @@ pub struct Metrics {
     /// Open WebSockets (upgraded, authenticated or not).
     pub connections: IntGauge,
     pub connections_opened: IntCounter,
+    /// WebSocket upgrades answered, by path: `direct` (read off a plain connection by the
+    /// gateway itself) or `http` (through the HTTP server: TLS, or a request the direct path
+    /// leaves to it).
+    pub upgrades: IntCounterVec,
     /// Closed connections by reason (close code label).
     pub connections_closed: IntCounterVec,
     /// Frames written to sockets (all types).
@@ -57,6 +61,11 @@ pub struct Metrics {
 /// The `reason` of `reach_auth_failures_total` for refused REST credentials.
 pub const AUTH_FAILURE_REST: &str = "rest_basic";
 
+/// Label of `reach_ws_upgrades_total` for an upgrade the gateway read off a plain connection.
+pub const UPGRADE_DIRECT: &str = "direct";
+/// Label of `reach_ws_upgrades_total` for an upgrade through the HTTP server.
+pub const UPGRADE_HTTP: &str = "http";
+
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The commit this build was made from (`build.rs`), or `unknown`.
@@ -70,6 +79,13 @@ impl Metrics {
         let connections_opened = IntCounter::new(
             "reach_connections_opened_total",
             "WebSocket connections accepted",
+        )?;
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "reach_ws_upgrades_total",
+                "WebSocket upgrades answered, by path (direct: read off a plain connection; http: through the HTTP server)",
+            ),
+            &["path"],
         )?;
         let connections_closed = IntCounterVec::new(
             Opts::new(
@@ -171,7 +187,12 @@ impl Metrics {
         ] {
             registry.register(Box::new(c.clone()))?;
         }
-        for c in [&connections_closed, &auth_failures, &http_requests] {
+        for c in [
+            &connections_closed,
+            &auth_failures,
+            &http_requests,
+            &upgrades,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(http_duration.clone()))?;
@@ -188,6 +209,9 @@ impl Metrics {
             connections_closed.with_label_values(&[code.label()]);
         }
         auth_failures.with_label_values(&[AUTH_FAILURE_REST]);
+        for path in [UPGRADE_DIRECT, UPGRADE_HTTP] {
+            upgrades.with_label_values(&[path]);
+        }
         for refused in crate::admission::Refused::ALL {
             connections_refused.with_label_values(&[refused.label()]);
         }
@@ -211,6 +235,7 @@ impl Metrics {
             engine,
             connections,
             connections_opened,
+            upgrades,
             connections_closed,
             frames_sent,
             frames_received,

@@ -1518,11 +1518,23 @@ async fn a_partial_frame_keeps_its_stream_until_it_is_complete() {
 }
 
 /// A client that sends its `hello` (and half of its next frame) in the same write as the
-/// upgrade request: the bytes hyper read past the request start the stream's read buffer, and
-/// the half frame among them keeps the stream (the socket is not parked under it) until the
-/// rest comes.
+/// upgrade request: the bytes after the request start the socket's stream, and the half frame
+/// among them keeps the stream (the socket is not parked under it) until the rest comes. On a
+/// plain connection the gateway answers the upgrade itself and leaves the frames in the
+/// connection; a request head too long for that path goes through the HTTP server, which
+/// reads past it: its leftover bytes start the stream's read buffer.
 #[tokio::test]
 async fn bytes_sent_with_the_upgrade_request_are_read() {
+    sent_with_the_upgrade_request("", "direct").await;
+}
+
+#[tokio::test]
+async fn bytes_sent_with_a_long_upgrade_request_are_read() {
+    let long = format!("X-Padding: {}\r\n", "a".repeat(5000));
+    sent_with_the_upgrade_request(&long, "http").await;
+}
+
+async fn sent_with_the_upgrade_request(fields: &str, path: &str) {
     use tokio::io::AsyncWriteExt;
     let d =
         Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
@@ -1532,10 +1544,11 @@ async fn bytes_sent_with_the_upgrade_request_are_read() {
     let ping = masked_text(br#"{"type":"ping","id":3}"#);
     bytes.extend_from_slice(&ping[..10]);
     let mut tcp = tokio::net::TcpStream::connect(d.http).await.unwrap();
-    upgrade(&mut tcp, d.http, &bytes).await;
+    upgrade_with(&mut tcp, d.http, fields, &bytes).await;
     let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
     let welcome = next_text(&mut ws).await;
     assert!(welcome.contains("\"welcome\""), "{welcome}");
+    assert_eq!(upgrades(&d, path).await, 1, "alice's upgrade, {path}");
     // Bob's socket is parked once his welcome is flushed; alice's, welcomed before, would have
     // been parked first had her half frame not been followed.
     let (_bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
@@ -1546,6 +1559,79 @@ async fn bytes_sent_with_the_upgrade_request_are_read() {
     assert!(
         pong.contains("\"pong\"") && pong.contains("\"id\":3"),
         "{pong}"
+    );
+}
+
+/// `reach_ws_upgrades_total` of one path (`direct` or `http`).
+async fn upgrades(d: &Reachd, path: &str) -> i64 {
+    metric_value(d, &format!("reach_ws_upgrades_total{{path=\"{path}\"}}")).await
+}
+
+/// A plain connection's upgrade is answered without the HTTP server when it can be. One with
+/// a body (`Content-Length`) goes through the HTTP server and still upgrades; refused ones (no
+/// key, another version, no upgrade asked) get the HTTP server's 400 with the error body: the
+/// direct path answers no refusal of its own.
+#[tokio::test]
+async fn upgrades_the_direct_path_leaves_go_through_the_http_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Reachd::start("");
+    let svc = enabled_service(&d).await;
+    let (_alice, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "alice"), None).await;
+    assert_eq!(
+        (upgrades(&d, "direct").await, upgrades(&d, "http").await),
+        (1, 0)
+    );
+    let hello = serde_json::json!({"type": "hello", "token": d.token(&svc, "bob")});
+    let mut tcp = tokio::net::TcpStream::connect(d.http).await.unwrap();
+    let hello = masked_text(hello.to_string().as_bytes());
+    upgrade_with(&mut tcp, d.http, "Content-Length: 0\r\n", &hello).await;
+    let mut bob = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let welcome = next_text(&mut bob).await;
+    assert!(welcome.contains("\"welcome\""), "{welcome}");
+    assert_eq!(
+        (upgrades(&d, "direct").await, upgrades(&d, "http").await),
+        (1, 1)
+    );
+    let base = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        d.http
+    );
+    for (fields, message) in [
+        (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Key is missing",
+        ),
+        (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "Sec-WebSocket-Version must be 13",
+        ),
+        ("", "expected a WebSocket upgrade request"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(d.http).await.unwrap();
+        tcp.write_all(format!("{base}{fields}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_to_string(&mut response))
+            .await
+            .expect("the refusal is answered and the connection closed")
+            .unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{message}: {response}"
+        );
+        let body = &response[response.find("\r\n\r\n").expect("a head") + 4..];
+        let body: serde_json::Value = serde_json::from_str(body).expect(body);
+        assert_eq!(body["status"], 400, "{response}");
+        assert!(
+            body["message"].as_str().unwrap().contains(message),
+            "{response}"
+        );
+    }
+    assert_eq!(
+        (upgrades(&d, "direct").await, upgrades(&d, "http").await),
+        (1, 1)
     );
 }
 

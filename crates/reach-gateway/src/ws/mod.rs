@@ -1,7 +1,8 @@
 //! The WebSocket endpoint `/v1/ws` (protocol v1, `docs/protocol.md`): one task per socket.
 //!
 //! - [`upgrade`]: the route, the checks of the upgrade request (refused with the REST error
-//!   body) and the spawn of the socket's task;
+//!   body) and the spawn of the socket's task; on a plain connection, the same upgrade read
+//!   off the connection without the HTTP server ([`direct`]);
 //! - [`socket`]: one socket's WebSocket settings, reading and classifying messages, sending
 //!   frames and closes, how a socket ended;
 //! - [`hello`]: admission, `hello` (token and service) and the session's start, with one error
@@ -32,3 +33,4 @@ mod upgrade;
 mod wire;
 
 pub use upgrade::router;
+pub(crate) use upgrade::{Direct, direct};

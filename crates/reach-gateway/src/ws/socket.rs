@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::either::Either;
 
 use super::wire::Wire;
+use crate::admission::Counted;
 use crate::config::LimitsConfig;
-use crate::listener::Counted;
 
 /// The upgraded connection of one client: all a parked socket keeps, in its session (see
 /// `session::Session::park`). The accepted TCP connection itself when hyper gives it back

@@ -200,9 +200,19 @@ impl Ws {
 /// Asks for the upgrade on `tcp` with `extra` (the start of the client's frames) in the same
 /// write, and reads the server's 101.
 pub async fn upgrade(tcp: &mut TcpStream, addr: std::net::SocketAddr, extra: &[u8]) {
+    upgrade_with(tcp, addr, "", extra).await
+}
+
+/// [`upgrade`] with more header fields (`fields`: whole lines, each ending in CRLF).
+pub async fn upgrade_with(
+    tcp: &mut TcpStream,
+    addr: std::net::SocketAddr,
+    fields: &str,
+    extra: &[u8],
+) {
     let mut bytes = format!(
         "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{fields}\r\n"
     )
     .into_bytes();
     bytes.extend_from_slice(extra);
