@@ -471,8 +471,10 @@ impl Session {
                 return Poll::Pending;
             }
             let waker = Waker::from(Arc::clone(&self.conn));
-            let mut buf = [0u8; PARKED_READ];
-            let mut read = ReadBuf::new(&mut buf);
+            // Not zeroed first (the read fills what it returns): a parked socket is polled
+            // like this at each park and each wake-up of its reads.
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); PARKED_READ];
+            let mut read = ReadBuf::uninit(&mut buf);
             let link = self
                 .parked
                 .as_mut()
