@@ -135,25 +135,17 @@ async fn connection(app: Arc<App>, router: Router, tcp: Counted, peer: SocketAdd
     let Some(tls) = app.tls.clone() else {
         let deadline = tokio::time::Instant::now() + header_timeout;
         return match crate::ws::direct(&app, tcp, peer, slot, deadline).await {
+            // The first request's head is due by `deadline` still: the header read timeout
+            // counts from the accept, as on the other paths.
             crate::ws::Direct::Http(tcp, slot) => {
-                // The header read timeout counts from the accept, as on the other paths.
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                http(
-                    app,
-                    router,
-                    tcp,
-                    peer,
-                    slot,
-                    left.max(Duration::from_millis(1)),
-                )
-                .await
+                http(app, router, tcp, peer, slot, Some(deadline)).await
             }
             crate::ws::Direct::Upgraded | crate::ws::Direct::Closed => {}
         };
     };
     let timeout = Duration::from_millis(app.config.server.tls_handshake_timeout_ms);
     match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
-        Ok(Ok(stream)) => http(app, router, stream, peer, slot, header_timeout).await,
+        Ok(Ok(stream)) => http(app, router, stream, peer, slot, None).await,
         Ok(Err(e)) => {
             app.metrics
                 .tls_handshake_failures
@@ -171,15 +163,17 @@ async fn connection(app: Arc<App>, router: Router, tcp: Counted, peer: SocketAdd
     }
 }
 
-/// HTTP/1.1 on one connection, with upgrades (the WebSocket endpoint takes the socket);
-/// `header_timeout` is the header read timeout left.
+/// HTTP/1.1 on one connection, with upgrades (the WebSocket endpoint takes the socket).
+/// hyper's header read timeout runs from its first read and again after each response;
+/// `first_head_by`, when the connection waited before (`ws::direct`), is when its first
+/// request's head is due: a connection with no request by then is closed.
 async fn http<S>(
     app: Arc<App>,
     router: Router,
     stream: S,
     peer: SocketAddr,
     slot: Slot,
-    header_timeout: Duration,
+    mut first_head_by: Option<tokio::time::Instant>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -202,7 +196,9 @@ async fn http<S>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(Duration::from_millis(
+            app.config.server.header_read_timeout_ms,
+        ))
         .keep_alive(true);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
@@ -218,6 +214,16 @@ async fn http<S>(
                 return;
             }
             () = app.shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(first_head_by.unwrap_or_else(tokio::time::Instant::now)),
+                if first_head_by.is_some() =>
+            {
+                if !activity.started() {
+                    tracing::debug!(%peer, "no request within the header read timeout");
+                    // Closed, as hyper closes a connection whose head is late.
+                    return;
+                }
+                first_head_by = None;
+            }
             () = tokio::time::sleep_until(activity.idle_deadline(idle)) => {
                 if activity.idle_since().is_some_and(|since| since.elapsed() >= idle) {
                     break;
@@ -243,6 +249,12 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> Busy {
         self.state.lock().expect("activity lock").0 += 1;
         Busy(Arc::clone(self))
+    }
+
+    /// Whether a request has reached the service (its head was read).
+    fn started(&self) -> bool {
+        let state = self.state.lock().expect("activity lock");
+        state.0 > 0 || state.1.is_some()
     }
 
     /// When the connection has been idle (no request in flight) since, if it has served one:

@@ -337,3 +337,72 @@ async fn read_response(tcp: &mut TcpStream) -> String {
         data.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A kept-alive plain connection whose first request came late (the gateway looks at a plain
+/// connection's first bytes before the HTTP server takes it) still gives each later request
+/// the whole header read timeout (2 s here): the second request, 1.5 s after the first
+/// answer, is answered too.
+#[tokio::test]
+async fn a_late_first_request_leaves_later_ones_the_whole_header_timeout() {
+    let d = Reachd::start_with_env("", &[("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "2000")]);
+    let mut tcp = TcpStream::connect(d.http).await.unwrap();
+    for _ in 0..2 {
+        // A client that takes its time, within the timeout (what the test is about).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tcp.write_all(b"GET /v1/Services HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_response(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
+}
+
+/// The first request's head is due within the header read timeout from the accept (2 s
+/// here), also for a client that sends its first byte late and then nothing more: closed
+/// about 2 s after the connect, not 2 s after that byte.
+#[tokio::test]
+async fn a_first_head_sent_late_is_due_from_the_accept() {
+    let d = Reachd::start_with_env("", &[("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "2000")]);
+    let connected = Instant::now();
+    let mut tcp = TcpStream::connect(d.http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tcp.write_all(b"G").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(ws_client::WAIT, tcp.read(&mut buf))
+        .await
+        .expect("closed within the wait")
+        .unwrap_or(0);
+    let open = connected.elapsed();
+    assert_eq!(n, 0, "the server closed it");
+    assert!(
+        open >= Duration::from_millis(1800) && open < Duration::from_millis(2800),
+        "{open:?}"
+    );
+}
+
+/// A connection that has sent nothing does not hold a draining gateway for the header read
+/// timeout (60 s here): SIGTERM ends the process within seconds.
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_the_drain() {
+    let d = Reachd::start_with_env("", &[("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "60000")]);
+    let _silent = TcpStream::connect(d.http).await.unwrap();
+    // The accept loop has taken it once the pending gauge counts it.
+    let deadline = Instant::now() + ws_client::WAIT;
+    while metric(&d, "reach_pending_connections").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection was never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    let status = tokio::task::spawn_blocking(move || d.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+}

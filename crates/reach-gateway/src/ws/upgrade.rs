@@ -122,9 +122,7 @@ fn spawn_socket(
     encoding: Encoding,
     pending: Option<Slot>,
     setup: Setup,
-    path: &'static str,
 ) {
-    app.metrics.upgrades.with_label_values(&[path]).inc();
     let permit = Arc::clone(&app.conn_permits).try_acquire_owned().ok();
     let task = serve_socket(Box::new(Start {
         app: Arc::clone(&app),
@@ -154,18 +152,16 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
                 return None;
             }
         };
+        limits_app
+            .metrics
+            .upgrades
+            .with_label_values(&[metrics::UPGRADE_HTTP])
+            .inc();
         let (link, read) = link(upgraded);
         let ws = stream_over(link, read.to_vec(), &limits_app.config.limits).await;
         Some(Box::new(ws))
     });
-    spawn_socket(
-        app,
-        peer,
-        handshake.encoding(),
-        pending,
-        setup,
-        metrics::UPGRADE_HTTP,
-    );
+    spawn_socket(app, peer, handshake.encoding(), pending, setup);
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -217,7 +213,13 @@ pub(crate) async fn direct(
     deadline: tokio::time::Instant,
 ) -> Direct {
     let mut head = vec![0u8; DIRECT_HEAD];
-    let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut head)).await {
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut head)) => peeked,
+        // Draining: a connection that has asked for nothing yet is closed at once (as hyper
+        // closes an idle one), so it does not hold the drain for the header read timeout.
+        () = app.shutdown.cancelled() => return Direct::Closed,
+    };
+    let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,
         // The client closed, or sent nothing within the header read timeout.
         _ => return Direct::Closed,
@@ -246,6 +248,10 @@ pub(crate) async fn direct(
         return Direct::Closed;
     }
     drop(head);
+    app.metrics
+        .upgrades
+        .with_label_values(&[metrics::UPGRADE_DIRECT])
+        .inc();
     let ws = stream_over(Either::Left(tcp), Vec::new(), &app.config.limits);
     let setup: Setup = Box::pin(async move { Some(Box::new(ws.await)) });
     spawn_socket(
@@ -254,7 +260,6 @@ pub(crate) async fn direct(
         handshake.encoding(),
         Some(slot),
         setup,
-        metrics::UPGRADE_DIRECT,
     );
     Direct::Upgraded
 }
@@ -268,7 +273,8 @@ fn direct_request(app: &App, bytes: &[u8]) -> Option<(usize, Handshake)> {
     let httparse::Status::Complete(len) = req.parse(bytes).ok()? else {
         return None;
     };
-    let path = req.path?;
+    // Only what hyper would take as it is: an ASCII target (hyper refuses others).
+    let path = req.path.filter(|p| p.is_ascii())?;
     let route = path.split_once('?').map_or(path, |(route, _)| route);
     if req.method != Some("GET") || req.version != Some(1) || route != "/v1/ws" {
         return None;
