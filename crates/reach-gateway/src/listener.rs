@@ -1,9 +1,10 @@
 //! The public listener's accept loop: every connection is admitted (or closed at once) before a
 //! byte is read, given TCP_NODELAY, taken through TLS when it is configured, and served as
 //! HTTP/1.1 with a header read timeout (a plain connection that starts with a WebSocket
-//! upgrade request is upgraded without the HTTP server: [`crate::ws::direct`]), so a client that opens connections and sends nothing,
-//! or half a request, holds them for `server.header_read_timeout_ms` at most and only within
-//! its address's share ([`crate::admission`]).
+//! upgrade request is upgraded without the HTTP server: [`crate::ws::direct`]), so a client
+//! that opens connections and sends nothing, or half a request, holds them for
+//! `server.header_read_timeout_ms` at most and only within its address's share
+//! ([`crate::admission`]).
 //!
 //! Each connection takes one descriptor of the budget ([`App::open_connections`]) before it
 //! is accepted. When the budget is spent, connections wait in the listen backlog for up to

@@ -296,18 +296,23 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout() {
         assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     }
     let answered = Instant::now();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(ws_client::WAIT, tcp.read(&mut buf))
-        .await
-        .expect("closed within the wait")
-        .unwrap_or(0);
+    wait_closed(&mut tcp).await;
     let idle = answered.elapsed();
-    assert_eq!(n, 0, "the server closed it");
     // Closed by the keep-alive timeout (1 s), long before the header read timeout (10 s).
     assert!(
         idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
         "{idle:?}"
     );
+}
+
+/// Waits until the server closes `tcp` (within the wait), sending nothing first.
+async fn wait_closed(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(ws_client::WAIT, tcp.read(&mut buf))
+        .await
+        .expect("closed within the wait")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the server closed it without a response");
 }
 
 /// Reads one response (head and `Content-Length` body); returns its head.
@@ -367,13 +372,8 @@ async fn a_first_head_sent_late_is_due_from_the_accept() {
     let mut tcp = TcpStream::connect(d.http).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     tcp.write_all(b"G").await.unwrap();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(ws_client::WAIT, tcp.read(&mut buf))
-        .await
-        .expect("closed within the wait")
-        .unwrap_or(0);
+    wait_closed(&mut tcp).await;
     let open = connected.elapsed();
-    assert_eq!(n, 0, "the server closed it");
     assert!(
         open >= Duration::from_millis(1800) && open < Duration::from_millis(2800),
         "{open:?}"

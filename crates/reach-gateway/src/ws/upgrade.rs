@@ -76,6 +76,20 @@ impl Handshake {
     fn encoding(&self) -> Encoding {
         self.chosen.unwrap_or(Encoding::Json)
     }
+
+    /// The `101`'s header fields, the same on both paths.
+    fn fields(&self) -> impl Iterator<Item = (header::HeaderName, &str)> {
+        [
+            (header::CONNECTION, "upgrade"),
+            (header::UPGRADE, "websocket"),
+            (header::SEC_WEBSOCKET_ACCEPT, self.accept.as_str()),
+        ]
+        .into_iter()
+        .chain(
+            self.chosen
+                .map(|enc| (header::SEC_WEBSOCKET_PROTOCOL, enc.subprotocol())),
+        )
+    }
 }
 
 /// The checks of an upgrade request, the same on both paths: the upgrade headers, version 13,
@@ -165,16 +179,10 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&handshake.accept).expect("base64 is a valid header"),
-    );
-    if let Some(enc) = handshake.chosen {
+    for (name, value) in handshake.fields() {
         h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(enc.subprotocol()),
+            name,
+            HeaderValue::from_str(value).expect("tokens and base64 are valid header values"),
         );
     }
     Ok(resp)
@@ -232,14 +240,11 @@ pub(crate) async fn direct(
     if !matches!(taken, Ok(Ok(_))) {
         return Direct::Closed;
     }
-    let mut response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
-         sec-websocket-accept: {}\r\n",
-        handshake.accept
-    );
-    if let Some(enc) = handshake.chosen {
-        response.push_str("sec-websocket-protocol: ");
-        response.push_str(enc.subprotocol());
+    let mut response = String::from("HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in handshake.fields() {
+        response.push_str(name.as_str());
+        response.push_str(": ");
+        response.push_str(value);
         response.push_str("\r\n");
     }
     response.push_str("\r\n");
