@@ -308,6 +308,16 @@ pub struct Events {
     pub read: bool,
 }
 
+/// What [`Outbox::take`] returns.
+#[derive(Debug)]
+pub struct Taken {
+    /// The next message, or the close, as [`Outbox::pop`] returns it.
+    pub next: Option<Outgoing>,
+    /// Nothing more can be sent now (the waker is registered): the events since the last
+    /// take, as [`Outbox::take_events`] returns them. `None`: more is queued, or the close.
+    pub idle: Option<Events>,
+}
+
 /// Counts what the outbox did, for the engine's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -544,20 +554,65 @@ impl Outbox {
     /// Returns `None` when nothing can be sent now (empty, or an unsealed slot at the head).
     pub fn pop(&self, waker: &Waker) -> Option<Outgoing> {
         let mut inner = self.lock();
+        match self.next_locked(&mut inner) {
+            None => self.idle_locked(&mut inner, waker),
+            some => some,
+        }
+    }
+
+    /// [`Outbox::pop`] and, once nothing more can be sent now, what
+    /// [`Outbox::take_events`] returns, in one lock: a writer's wake-up for one message takes
+    /// the queue's lock once instead of three times (pop, pop again, events).
+    pub fn take(&self, waker: &Waker) -> Taken {
+        let mut inner = self.lock();
+        let next = self.next_locked(&mut inner);
+        let next = match next {
+            None => self.idle_locked(&mut inner, waker),
+            Some(Outgoing::Message(bytes)) => Some(Outgoing::Message(bytes)),
+            // A close ends the connection: no events are taken.
+            close => {
+                return Taken {
+                    next: close,
+                    idle: None,
+                };
+            }
+        };
+        if inner.front_ready() || inner.close_due().is_some() {
+            return Taken { next, idle: None };
+        }
+        if next.is_some() {
+            // The last message for now: the empty queue's bookkeeping, as the next pop's.
+            self.idle_locked(&mut inner, waker);
+        }
+        let idle = Some(Events {
+            timer: std::mem::take(&mut inner.timer_due),
+            read: std::mem::take(&mut inner.read_due),
+        });
+        Taken { next, idle }
+    }
+
+    /// Nothing can be sent now: the close if it is due; else registers `waker` and, when the
+    /// queue is empty, gives back a buffer larger than [`KEEP`] and ends the mergeable region.
+    fn idle_locked(&self, inner: &mut Inner, waker: &Waker) -> Option<Outgoing> {
+        if let Some(code) = inner.close_due() {
+            return Some(Outgoing::Close(code));
+        }
+        if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            inner.waker = Some(waker.clone());
+        }
+        if inner.items.is_empty() {
+            if inner.items.capacity() > KEEP {
+                inner.items = VecDeque::new();
+            }
+            // Nothing left to merge with: the region's index, if any, goes too.
+            inner.barrier();
+        }
+        None
+    }
+
+    /// The message at the head, taken, if it can be sent now.
+    fn next_locked(&self, inner: &mut Inner) -> Option<Outgoing> {
         if !inner.front_ready() {
-            if let Some(code) = inner.close_due() {
-                return Some(Outgoing::Close(code));
-            }
-            if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                inner.waker = Some(waker.clone());
-            }
-            if inner.items.is_empty() {
-                if inner.items.capacity() > KEEP {
-                    inner.items = VecDeque::new();
-                }
-                // Nothing left to merge with: the region's index, if any, goes too.
-                inner.barrier();
-            }
             return None;
         }
         let item = inner.items.pop_front().expect("front checked");
@@ -1038,5 +1093,79 @@ mod tests {
             outbox.pop(Waker::noop()),
             Some(Outgoing::Close(CloseCode::Forbidden))
         ));
+    }
+
+    /// `take` hands out what `pop` would, and once nothing more can go now (after the last
+    /// message, or with nothing at all) also the events, registering the waker as `pop` and
+    /// `take_events` would; never with more queued or with the close.
+    #[test]
+    fn take_gives_the_events_with_the_last_message_for_now() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(Arc::clone(&count));
+        let none = outbox.take(&waker);
+        assert!(none.next.is_none());
+        assert_eq!(none.idle, Some(Events::default()), "nothing: idle at once");
+        outbox.push_frame(&ServerFrame::Pong { id: 1 });
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "take registered the waker"
+        );
+        outbox.push_frame(&ServerFrame::Pong { id: 2 });
+        outbox.wake_timer();
+        let first = outbox.take(&waker);
+        assert!(matches!(first.next, Some(Outgoing::Message(_))));
+        assert_eq!(first.idle, None, "one more queued: events stay");
+        let last = outbox.take(&waker);
+        assert!(matches!(last.next, Some(Outgoing::Message(_))));
+        let events = Events {
+            timer: true,
+            read: false,
+        };
+        assert_eq!(
+            last.idle,
+            Some(events),
+            "the last message brings the events"
+        );
+        assert_eq!(outbox.take_events(&waker), Events::default(), "taken once");
+        let before = count.0.load(Ordering::SeqCst);
+        outbox.wake_read();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            before + 1,
+            "registered again"
+        );
+
+        // An unsealed slot at the head: nothing can go, idle; the close waits for it.
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 1,
+                users: Vec::new(),
+                errors: Vec::new(),
+            })
+            .expect("reserved");
+        outbox.close(CloseCode::Normal);
+        let blocked = outbox.take(&waker);
+        assert!(blocked.next.is_none());
+        assert_eq!(blocked.idle.map(|e| e.read), Some(true));
+        outbox.seal(slot);
+        let reply = outbox.take(&waker);
+        assert!(matches!(reply.next, Some(Outgoing::Message(_))));
+        assert_eq!(reply.idle, None, "the close is due: no events with it");
+        let close = outbox.take(&waker);
+        assert!(matches!(
+            close.next,
+            Some(Outgoing::Close(CloseCode::Normal))
+        ));
+        assert_eq!(close.idle, None);
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use reach_core::{Conn, Outgoing};
+use reach_core::{Conn, Events, Outgoing, Taken};
 use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -334,18 +334,31 @@ impl Session {
     /// delivery) does not poll the read side again.
     fn next_io<'a>(&'a mut self, ws: &'a mut Socket) -> impl Future<Output = Io> + 'a {
         std::future::poll_fn(move |cx| {
-            if let Poll::Ready(r) = poll_write(ws, &self.conn, &mut self.w, &self.app, cx) {
+            let mut taken = None;
+            if let Poll::Ready(r) =
+                poll_write(ws, &self.conn, &mut self.w, &self.app, cx, &mut taken)
+            {
                 return Poll::Ready(Io::Closing(r));
+            }
+            // The events the writer took with its last message, if it got that far (else they
+            // are taken below, after arming).
+            if let Some(events) = taken {
+                self.must_read |= events.read;
+                if events.timer {
+                    return Poll::Ready(Io::Timer);
+                }
             }
             let w = &self.w;
             if w.big && !w.dirty && w.blocked_since.is_none() && ws.get_ref().at_boundary() {
                 return Poll::Ready(Io::Park);
             }
             self.arm();
-            let events = self.conn.outbox.take_events(cx.waker());
-            self.must_read |= events.read;
-            if events.timer {
-                return Poll::Ready(Io::Timer);
+            if taken.is_none() {
+                let events = self.conn.outbox.take_events(cx.waker());
+                self.must_read |= events.read;
+                if events.timer {
+                    return Poll::Ready(Io::Timer);
+                }
             }
             if !self.must_read {
                 return Poll::Pending;
@@ -361,18 +374,27 @@ impl Session {
         })
     }
 
-    /// Registers the session with the shared timers for its next deadline, unless an earlier
-    /// or equal registration is still to come (a later one left behind by a deadline that
-    /// moved earlier only causes a check that finds nothing due). `armed` is cleared when its
-    /// tick fires ([`Session::on_timer`]), so this reads no clock: it runs on every
-    /// wake-up. Hence whoever takes the outbox's events must act on a timer event before
-    /// returning anything else: a tick left armed after it passed is never armed again.
+    /// Registers the session with the shared timers for its next deadline, unless a
+    /// registration for an earlier or equal deadline, or one at an earlier or equal tick, is
+    /// still to come (a later one left behind by a deadline that moved earlier only causes a
+    /// check that finds nothing due). `armed` is cleared when its tick fires
+    /// ([`Session::on_timer`]), so this reads no clock, and while the deadlines only move later
+    /// (every delivery moves `grown_at`) it is a few comparisons: it runs on every wake-up.
+    /// Hence whoever takes the outbox's events must act on a timer event before returning
+    /// anything else: a registration left noted after its tick passed is never renewed.
     fn arm(&mut self) {
-        let timers = &self.app.timers;
-        let tick = timers.tick_of(self.next_deadline().instant());
-        if self.armed().is_none_or(|t| tick < t) {
-            timers.arm(tick, &self.conn);
-            self.set_armed(Some(tick));
+        let deadline = self.next_deadline();
+        match self.armed {
+            Some(armed) if armed <= deadline => {}
+            armed => {
+                let timers = &self.app.timers;
+                let tick = timers.tick_of(deadline.instant());
+                if armed.is_none_or(|a| tick < timers.tick_of(a.instant())) {
+                    timers.arm(tick, &self.conn);
+                }
+                // Same tick as the registration (or a new one): it covers this deadline.
+                self.armed = Some(deadline);
+            }
         }
     }
 
@@ -496,8 +518,12 @@ impl Session {
     /// A timer event: forgets the armed tick once it has come (the registration that fired is
     /// the armed one, or a later, stale one), then checks the deadlines ([`Session::tick`]).
     fn on_timer(&mut self) -> Option<End> {
-        if self.armed().is_some_and(|t| self.app.timers.passed(t)) {
-            self.set_armed(None);
+        let timers = &self.app.timers;
+        if self
+            .armed
+            .is_some_and(|a| timers.passed(timers.tick_of(a.instant())))
+        {
+            self.armed = None;
         }
         self.tick()
     }
@@ -574,13 +600,15 @@ impl Session {
 }
 
 /// Writes what the outbox holds while the socket takes it; flushes once per batch.
-/// Ready only when the connection must close (`Ok(code)`) or the socket failed.
+/// Ready only when the connection must close (`Ok(code)`) or the socket failed. Once the
+/// outbox has nothing more to send now, `taken` holds its events ([`reach_core::Taken`]).
 fn poll_write(
     ws: &mut Socket,
     conn: &Conn,
     w: &mut WriteState,
     app: &App,
     cx: &mut Context<'_>,
+    taken: &mut Option<Events>,
 ) -> Poll<Result<CloseCode, tungstenite::Error>> {
     let encoding = conn.outbox.encoding();
     loop {
@@ -598,7 +626,8 @@ fn poll_write(
             w.dirty = true;
             continue;
         }
-        match conn.outbox.pop(cx.waker()) {
+        let Taken { next, idle } = conn.outbox.take(cx.waker());
+        match next {
             Some(Outgoing::Message(bytes)) => {
                 w.batch_bytes += bytes.len();
                 send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
@@ -609,15 +638,17 @@ fn poll_write(
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);
             }
-            None => {
-                return match flush_dirty(ws, w, cx) {
-                    Poll::Ready(Ok(())) => {
-                        w.blocked_since = None;
-                        Poll::Pending
-                    }
-                    other => other.map_ok(|()| CloseCode::Normal),
-                };
-            }
+            None => {}
+        }
+        if idle.is_some() {
+            *taken = idle;
+            return match flush_dirty(ws, w, cx) {
+                Poll::Ready(Ok(())) => {
+                    w.blocked_since = None;
+                    Poll::Pending
+                }
+                other => other.map_ok(|()| CloseCode::Normal),
+            };
         }
     }
 }
