@@ -129,7 +129,24 @@ pub(super) struct WriteState {
     /// the read buffer, a batch of at least [`BIG_BATCH`] written): the socket is parked as
     /// soon as everything is flushed, without waiting for a quiet second.
     pub(super) big: bool,
+    /// Quiet checks in a row that found the socket busy, up to [`MAX_BUSY_CHECKS`]: each
+    /// doubles the wait for the next ([`WriteState::quiet_check`]).
+    pub(super) busy_checks: u8,
 }
+
+impl WriteState {
+    /// When to check whether the socket has gone quiet: [`QUIET`] after its buffers last grew,
+    /// doubled for each check in a row that found it busy. A socket that keeps writing is
+    /// woken for the check every 4 s instead of every second (each such wake-up costs about
+    /// what a delivery's does); one that stops is parked at most 4 s after its last write.
+    pub(super) fn quiet_check(&self) -> Option<At> {
+        self.grown_at
+            .map(|t| t + QUIET * (1u32 << self.busy_checks))
+    }
+}
+
+/// At most this many doublings of the wait between quiet checks ([`WriteState::quiet_check`]).
+pub(super) const MAX_BUSY_CHECKS: u8 = 2;
 
 /// A batch this large leaves tungstenite's write buffer at least this large (a `subscribed`
 /// reply): worth parking the socket at once.
@@ -272,5 +289,22 @@ mod tests {
         assert!(std::mem::offset_of!(Session, bye) < 96);
         assert_eq!(std::mem::offset_of!(Session, service), 96);
         println!("Session: {} B", std::mem::size_of::<Session>());
+    }
+
+    /// A busy socket's quiet checks come 1, 2, then every 4 s after its last write.
+    #[test]
+    fn busy_quiet_checks_back_off_to_four_seconds() {
+        let t = At::now();
+        let mut w = WriteState::default();
+        assert_eq!(w.quiet_check(), None, "nothing grew: nothing to check");
+        w.grown_at = Some(t);
+        let waits: Vec<Option<At>> = (0..=MAX_BUSY_CHECKS)
+            .map(|n| {
+                w.busy_checks = n;
+                w.quiet_check()
+            })
+            .collect();
+        let secs = |s| Some(t + Duration::from_secs(s));
+        assert_eq!(waits, vec![secs(1), secs(2), secs(4)]);
     }
 }

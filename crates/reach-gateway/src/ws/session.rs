@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::connection::{At, BIG_BATCH, QUIET, Session, WriteState};
+use super::connection::{At, BIG_BATCH, MAX_BUSY_CHECKS, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
     End, Gone, Link, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
@@ -218,8 +218,8 @@ impl Session {
         if let Some(b) = w.blocked_since {
             d = d.min(b + stall);
         }
-        if let Some(t) = w.grown_at {
-            d = d.min(t + QUIET);
+        if let Some(t) = w.quiet_check() {
+            d = d.min(t);
         }
         d
     }
@@ -261,6 +261,7 @@ impl Session {
             Io::Park => {
                 self.w.big = false;
                 self.w.grown_at = None;
+                self.w.busy_checks = 0;
                 return Next::Return(Step::Quiet);
             }
             Io::Read(item) => item,
@@ -401,21 +402,30 @@ impl Session {
     /// Whether the socket has been quiet for [`QUIET`] since its buffers last grew, with
     /// everything written and flushed and nothing read left inside tungstenite: then its
     /// socket can be parked. When only the state is wrong (a partial frame read, a blocked
-    /// write), it asks again after another quiet period.
+    /// write), it asks again after another quiet period. A check that finds the socket busy
+    /// (it wrote or read within the last [`QUIET`]) makes the next one wait longer
+    /// ([`WriteState::quiet_check`](super::connection::WriteState::quiet_check)).
     fn quiet(&mut self, ws: &Socket) -> bool {
         let Some(grown) = self.w.grown_at else {
             return false;
         };
         let now = At::now();
         if now < grown + QUIET {
+            self.w.busy_checks = (self.w.busy_checks + 1).min(MAX_BUSY_CHECKS);
             return false;
         }
         let w = &self.w;
-        if w.dirty || w.blocked_since.is_some() || w.ping_due || !ws.get_ref().at_boundary() {
+        if w.ping_due {
+            // A server ping goes out in this wake-up (a ping does not grow the buffers): the
+            // next wake-up, at the check's deadline or one tick later if it has passed, parks.
+            return false;
+        }
+        if w.dirty || w.blocked_since.is_some() || !ws.get_ref().at_boundary() {
             self.w.grown_at = Some(now);
             return false;
         }
         self.w.grown_at = None;
+        self.w.busy_checks = 0;
         true
     }
 
