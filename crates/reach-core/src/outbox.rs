@@ -13,10 +13,10 @@
 //!   carries. The writer stops at a slot until it is sealed.
 //!
 //! Memory is bounded: when the queued bytes pass `max_bytes` the outbox asks the connection to
-//! close with 4009 (slow consumer) and drops what it holds. A drained queue keeps a buffer of
-//! up to [`KEEP`] items for the next ones (a busy connection allocates nothing per delivery)
-//! and gives back a larger one at once; [`Outbox::shrink`] gives back the rest when the
-//! connection goes quiet, so an idle connection's outbox costs only its empty struct.
+//! close with 4009 (slow consumer) and drops what it holds. One queued item is kept inline (a
+//! delivery to an idle queue allocates nothing and touches no buffer); a second moves them
+//! into a ring buffer, given back once the queue drains, so an idle connection's outbox costs
+//! only its struct.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -159,9 +159,6 @@ const SLOT_SIZE: usize = 256;
 /// Queued items up to this many after the start of the mergeable region are scanned for a
 /// user's update; a longer region gets an index by identity.
 const SCAN_LIMIT: usize = 16;
-/// The most items a drained queue's buffer keeps room for (the first growth past one goes
-/// to four); a larger buffer, left by a burst, is given back as the queue drains.
-const KEEP: usize = 4;
 
 /// Where a newer update of a user may still be merged into a queued one: the updates queued
 /// at or after `from`. Queuing a frame or a reply slot moves `from` past it (a client reads in
@@ -180,9 +177,108 @@ struct Mergeable {
     index: Option<Box<HashMap<Arc<str>, u64>>>,
 }
 
+/// The queued items. Most wake-ups of a writer carry one item: it is kept inline, so a
+/// delivery to an idle queue touches no buffer of its own (a cache line fewer on the fan-out
+/// side and on the writer's; docs/benchmarks.md, "A delivery's cache misses"). A second item
+/// moves both into a ring buffer, which is given back once the queue drains.
+#[derive(Debug, Default)]
+enum Queue {
+    #[default]
+    Empty,
+    One(Item),
+    /// Never empty.
+    Many(VecDeque<Item>),
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        match self {
+            Queue::Empty => 0,
+            Queue::One(_) => 1,
+            Queue::Many(items) => items.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Queue::Empty)
+    }
+
+    fn front(&self) -> Option<&Item> {
+        self.get(0)
+    }
+
+    fn get(&self, i: usize) -> Option<&Item> {
+        match self {
+            Queue::Empty => None,
+            Queue::One(item) => (i == 0).then_some(item),
+            Queue::Many(items) => items.get(i),
+        }
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut Item> {
+        match self {
+            Queue::Empty => None,
+            Queue::One(item) => (i == 0).then_some(item),
+            Queue::Many(items) => items.get_mut(i),
+        }
+    }
+
+    /// The items from position `start` on.
+    fn from(&self, start: usize) -> impl Iterator<Item = &Item> {
+        let (one, many) = match self {
+            Queue::Empty => (None, None),
+            Queue::One(item) => ((start == 0).then_some(item), None),
+            Queue::Many(items) => (None, Some(items.range(start.min(items.len())..))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    fn push_back(&mut self, item: Item) {
+        match std::mem::take(self) {
+            Queue::Empty => *self = Queue::One(item),
+            Queue::One(first) => {
+                let mut items = VecDeque::with_capacity(4);
+                items.push_back(first);
+                items.push_back(item);
+                *self = Queue::Many(items);
+            }
+            Queue::Many(mut items) => {
+                items.push_back(item);
+                *self = Queue::Many(items);
+            }
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Item> {
+        match self {
+            Queue::Empty => None,
+            Queue::One(_) => match std::mem::take(self) {
+                Queue::One(item) => Some(item),
+                _ => unreachable!("matched One"),
+            },
+            Queue::Many(items) => {
+                let item = items.pop_front();
+                if items.is_empty() {
+                    *self = Queue::Empty;
+                }
+                item
+            }
+        }
+    }
+
+    /// Items the queue's ring buffer has room for (0 while it holds at most one item).
+    #[cfg(test)]
+    fn buffer_capacity(&self) -> usize {
+        match self {
+            Queue::Many(items) => items.capacity(),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    items: VecDeque<Item>,
+    items: Queue,
     /// Absolute sequence number of `items[0]`.
     head_seq: u64,
     /// The queued updates a newer one of the same user may replace.
@@ -232,11 +328,6 @@ impl Inner {
             return None;
         }
         let seq = self.head_seq + self.items.len() as u64;
-        if self.items.capacity() == 0 {
-            // Most wake-ups carry one item: a queue of one is a small allocation, and the
-            // first growth past it goes straight to four.
-            self.items.reserve_exact(1);
-        }
         self.items.push_back(item);
         self.wake();
         Some(seq)
@@ -256,7 +347,7 @@ impl Inner {
                 .map(|seq| (seq - self.head_seq) as usize);
         }
         let start = self.mergeable.from.saturating_sub(self.head_seq) as usize;
-        let found = self.items.range(start..).position(
+        let found = self.items.from(start).position(
             |item| matches!(item, Item::Update { update, .. } if update.user.identity == identity),
         );
         found.map(|i| start + i)
@@ -274,8 +365,8 @@ impl Inner {
             return;
         }
         let index = (start..self.items.len())
-            .filter_map(|i| match &self.items[i] {
-                Item::Update { update, .. } => Some((
+            .filter_map(|i| match self.items.get(i) {
+                Some(Item::Update { update, .. }) => Some((
                     Arc::from(update.user.identity.as_str()),
                     self.head_seq + i as u64,
                 )),
@@ -286,7 +377,7 @@ impl Inner {
     }
 
     fn overflow(&mut self) {
-        self.items = VecDeque::new();
+        self.items = Queue::Empty;
         self.barrier();
         self.bytes = 0;
         self.close = Some(CloseCode::SlowConsumer);
@@ -516,12 +607,12 @@ impl Outbox {
         inner.wake();
     }
 
-    /// Gives back the memory of an empty queue (a quiet connection's session calls it as it
-    /// parks its socket). An active queue keeps a small buffer from one item to the next.
+    /// Gives back what an empty queue still holds (a quiet connection's session calls it as it
+    /// parks its socket): the mergeable region's index, if a long queue left one. A drained
+    /// queue holds no buffer.
     pub fn shrink(&self) {
         let mut inner = self.lock();
-        if inner.items.is_empty() && inner.items.capacity() > 0 {
-            inner.items = VecDeque::new();
+        if inner.items.is_empty() {
             inner.barrier();
         }
     }
@@ -592,7 +683,7 @@ impl Outbox {
     }
 
     /// Nothing can be sent now: the close if it is due; else registers `waker` and, when the
-    /// queue is empty, gives back a buffer larger than [`KEEP`] and ends the mergeable region.
+    /// queue is empty, ends the mergeable region.
     fn idle_locked(&self, inner: &mut Inner, waker: &Waker) -> Option<Outgoing> {
         if let Some(code) = inner.close_due() {
             return Some(Outgoing::Close(code));
@@ -601,9 +692,6 @@ impl Outbox {
             inner.waker = Some(waker.clone());
         }
         if inner.items.is_empty() {
-            if inner.items.capacity() > KEEP {
-                inner.items = VecDeque::new();
-            }
             // Nothing left to merge with: the region's index, if any, goes too.
             inner.barrier();
         }
@@ -751,23 +839,26 @@ mod tests {
     }
 
     #[test]
-    fn an_emptied_queue_keeps_its_memory_until_shrunk() {
+    fn one_item_is_kept_inline_and_a_drained_queue_holds_no_buffer() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
         let bob: Arc<str> = Arc::from("bob");
         let on = presence("bob", true);
         outbox.push_update(&bob, &on);
+        assert_eq!(outbox.lock().items.buffer_capacity(), 0, "one item: inline");
+        assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
+        assert_eq!(outbox.len(), 1);
         assert!(outbox.pop(Waker::noop()).is_some());
         assert!(outbox.pop(Waker::noop()).is_none());
-        assert!(outbox.lock().items.capacity() > 0, "kept for the next item");
-        // A queue with something in it keeps it.
+        // Two items share a buffer, given back as the second is taken; order is kept.
         outbox.push_frame(&ServerFrame::Pong { id: 1 });
-        outbox.shrink();
+        outbox.push_frame(&ServerFrame::Pong { id: 2 });
+        assert!(outbox.lock().items.buffer_capacity() >= 2);
+        let frames = drain(&outbox);
         assert!(matches!(
-            outbox.pop(Waker::noop()),
-            Some(Outgoing::Message(_))
+            frames[..],
+            [ServerFrame::Pong { id: 1 }, ServerFrame::Pong { id: 2 }]
         ));
-        outbox.shrink();
-        assert_eq!(outbox.lock().items.capacity(), 0);
+        assert_eq!(outbox.lock().items.buffer_capacity(), 0);
         // Merging still works after it.
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Queued);
         assert_eq!(outbox.push_update(&bob, &on), PushOutcome::Coalesced);
@@ -783,8 +874,19 @@ mod tests {
         );
         while outbox.pop(Waker::noop()).is_some() {}
         let inner = outbox.lock();
-        assert_eq!(inner.items.capacity(), 0, "a burst's buffer is not kept");
+        assert_eq!(
+            inner.items.buffer_capacity(),
+            0,
+            "a burst's buffer is not kept"
+        );
         assert!(inner.mergeable.index.is_none(), "nor its index");
+    }
+
+    /// The queue holding one item inline costs no more than a ring buffer's header did, less
+    /// the item.
+    #[test]
+    fn the_queue_is_as_small_as_one_item() {
+        assert_eq!(std::mem::size_of::<Queue>(), std::mem::size_of::<Item>());
     }
 
     #[test]
