@@ -2,8 +2,9 @@
 # Counts reachd's user-space work per fan-out delivery under valgrind: instructions, and with
 # CACHE=1 the simulated cache's data misses (cachegrind's model: first level and last level),
 # which is where a delivery's user-space time goes (docs/benchmarks.md, "A delivery's cache
-# misses"). Counts, not times: they repeat for the same binary whatever else the machine does,
-# where the CPU time of a fanout run moves +-15 %. The kernel's share is not counted.
+# misses"). Counts, not times: they repeat within 1-3 % for the same binary whatever else the
+# machine does, where the CPU time of a fanout run moves +-15 %. The kernel's share is not
+# counted.
 #
 #   loadtest/callgrind/fanout.sh [REACHD] [OUT]   (defaults: target/release/reachd, /tmp/callgrind-fanout-<time>)
 #   SOCKETS=2001 FLAPS=1 WINDOW=20 CACHE=1 LL=1048576,16,64 ...   (the defaults)

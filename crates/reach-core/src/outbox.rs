@@ -236,12 +236,7 @@ impl Queue {
     fn push_back(&mut self, item: Item) {
         match std::mem::take(self) {
             Queue::Empty => *self = Queue::One(item),
-            Queue::One(first) => {
-                let mut items = VecDeque::with_capacity(4);
-                items.push_back(first);
-                items.push_back(item);
-                *self = Queue::Many(items);
-            }
+            Queue::One(first) => *self = Queue::Many(VecDeque::from([first, item])),
             Queue::Many(mut items) => {
                 items.push_back(item);
                 *self = Queue::Many(items);
@@ -315,6 +310,21 @@ impl Inner {
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
+        }
+    }
+
+    /// Registers `waker` to be woken by the next item, close or event.
+    fn register(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+
+    /// The timer and read events reported since they were last taken.
+    fn take_events(&mut self) -> Events {
+        Events {
+            timer: std::mem::take(&mut self.timer_due),
+            read: std::mem::take(&mut self.read_due),
         }
     }
 
@@ -631,13 +641,8 @@ impl Outbox {
     /// close, as with [`Outbox::pop`]).
     pub fn take_events(&self, waker: &Waker) -> Events {
         let mut inner = self.lock();
-        if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            inner.waker = Some(waker.clone());
-        }
-        Events {
-            timer: std::mem::take(&mut inner.timer_due),
-            read: std::mem::take(&mut inner.read_due),
-        }
+        inner.register(waker);
+        inner.take_events()
     }
 
     /// Takes the next message, or registers `waker` to be woken when there is one.
@@ -657,29 +662,26 @@ impl Outbox {
     pub fn take(&self, waker: &Waker) -> Taken {
         let mut inner = self.lock();
         let next = self.next_locked(&mut inner);
-        let next = match next {
-            None => self.idle_locked(&mut inner, waker),
-            Some(Outgoing::Message(bytes)) => Some(Outgoing::Message(bytes)),
-            // A close ends the connection: no events are taken.
-            close => {
-                return Taken {
-                    next: close,
-                    idle: None,
-                };
-            }
-        };
-        if inner.front_ready() || inner.close_due().is_some() {
+        if inner.front_ready() {
             return Taken { next, idle: None };
         }
-        if next.is_some() {
-            // The last message for now: the empty queue's bookkeeping, as the next pop's.
-            self.idle_locked(&mut inner, waker);
+        // Nothing more can go now: what the next pop would do, done here.
+        match (next, self.idle_locked(&mut inner, waker)) {
+            // A due close goes on its own call, after the message.
+            (Some(message), Some(_)) => Taken {
+                next: Some(message),
+                idle: None,
+            },
+            // A close ends the connection: no events are taken.
+            (None, Some(close)) => Taken {
+                next: Some(close),
+                idle: None,
+            },
+            (next, _) => Taken {
+                next,
+                idle: Some(inner.take_events()),
+            },
         }
-        let idle = Some(Events {
-            timer: std::mem::take(&mut inner.timer_due),
-            read: std::mem::take(&mut inner.read_due),
-        });
-        Taken { next, idle }
     }
 
     /// Nothing can be sent now: the close if it is due; else registers `waker` and, when the
@@ -688,9 +690,7 @@ impl Outbox {
         if let Some(code) = inner.close_due() {
             return Some(Outgoing::Close(code));
         }
-        if !inner.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            inner.waker = Some(waker.clone());
-        }
+        inner.register(waker);
         if inner.items.is_empty() {
             // Nothing left to merge with: the region's index, if any, goes too.
             inner.barrier();
@@ -1055,29 +1055,37 @@ mod tests {
         );
     }
 
+    /// A waker that counts its wake-ups.
+    fn counting_waker() -> (Arc<CountWakes>, Waker) {
+        let count = Arc::new(CountWakes::default());
+        (Arc::clone(&count), Waker::from(count))
+    }
+
+    #[derive(Default)]
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+
+    impl CountWakes {
+        fn get(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn read_and_timer_events_wake_the_task_and_are_taken_once() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        #[derive(Default)]
-        struct Count(AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = counting_waker();
         assert_eq!(outbox.take_events(&waker), Events::default());
         outbox.wake_read();
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            1,
-            "the registered task is woken"
-        );
+        assert_eq!(count.get(), 1, "the registered task is woken");
         outbox.wake_timer();
         assert_eq!(
-            count.0.load(Ordering::SeqCst),
+            count.get(),
             1,
             "a wake-up takes the waker: one per registration"
         );
@@ -1091,11 +1099,7 @@ mod tests {
         );
         assert_eq!(outbox.take_events(&waker), Events::default(), "taken once");
         outbox.push_frame(&ServerFrame::Pong { id: 1 });
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            2,
-            "take_events registered it again"
-        );
+        assert_eq!(count.get(), 2, "take_events registered it again");
     }
 
     #[test]
@@ -1202,26 +1206,13 @@ mod tests {
     /// `take_events` would; never with more queued or with the close.
     #[test]
     fn take_gives_the_events_with_the_last_message_for_now() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        #[derive(Default)]
-        struct Count(AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         let outbox = Outbox::new(Encoding::Json, 1 << 20);
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = counting_waker();
         let none = outbox.take(&waker);
         assert!(none.next.is_none());
         assert_eq!(none.idle, Some(Events::default()), "nothing: idle at once");
         outbox.push_frame(&ServerFrame::Pong { id: 1 });
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            1,
-            "take registered the waker"
-        );
+        assert_eq!(count.get(), 1, "take registered the waker");
         outbox.push_frame(&ServerFrame::Pong { id: 2 });
         outbox.wake_timer();
         let first = outbox.take(&waker);
@@ -1239,13 +1230,9 @@ mod tests {
             "the last message brings the events"
         );
         assert_eq!(outbox.take_events(&waker), Events::default(), "taken once");
-        let before = count.0.load(Ordering::SeqCst);
+        let before = count.get();
         outbox.wake_read();
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            before + 1,
-            "registered again"
-        );
+        assert_eq!(count.get(), before + 1, "registered again");
 
         // An unsealed slot at the head: nothing can go, idle; the close waits for it.
         let slot = outbox

@@ -282,13 +282,11 @@ mod tests {
         );
     }
 
-    /// What a delivery's wake-up reads first stays in the first 96 bytes (see [`Session`]),
-    /// and the order costs no padding: the box is as large as the compiler's order made it.
+    /// What a delivery's wake-up reads first stays in the first 96 bytes (see [`Session`]).
     #[test]
     fn the_hot_fields_come_first() {
         assert!(std::mem::offset_of!(Session, bye) < 96);
         assert_eq!(std::mem::offset_of!(Session, service), 96);
-        println!("Session: {} B", std::mem::size_of::<Session>());
     }
 
     /// A busy socket's quiet checks come 1, 2, then every 4 s after its last write.
