@@ -11,12 +11,16 @@
 # 20 cycles/s: callgrind runs reachd ~50x slower) connects every socket, then instrumentation
 # is switched on for WINDOW seconds (default 20) and off again; the cycles in the window are
 # the connections reachd opened in it (reach_connections_opened_total: each cycle reconnects
-# once). Needs valgrind (apt-get install valgrind), curl, and
+# once). BATCH_MS (default 50, reachd's default) sets webhooks.record_batch_ms: at 20 cycles/s
+# a 50 ms batch holds ~4 presence changes, where a 1,000 cycles/s run's holds ~100; BATCH_MS=2500
+# counts batches of that size (each batch's fixed statements then weigh as they do there).
+# Needs valgrind (apt-get install valgrind), curl, and
 # cargo build --release -p loadtest -p reach-gateway; run from the repository's root.
 set -euo pipefail
 reachd="$(realpath "${1:-target/release/reachd}")"
 out="${2:-/tmp/callgrind-churn-$(date +%s)}"
 window="${WINDOW:-20}"
+batch_ms="${BATCH_MS:-50}"
 mkdir -p "$out"
 wrapper="$out/reachd-under-callgrind"
 cat >"$wrapper" <<WRAP
@@ -34,6 +38,7 @@ fi
 target/release/reach-loadtest run -s loadtest/scenarios/rooms.toml --sockets 200 --churn-per-s 20 \
   --hold-s $((window + 20)) --reply-timeout-s 60 --spawn-reachd "$wrapper" \
   --reachd-env REACH_SERVER__LISTEN=127.0.0.1:28080 --reachd-env REACH_SERVER__ADMIN_LISTEN=127.0.0.1:29090 \
+  --reachd-env REACH_WEBHOOKS__RECORD_BATCH_MS=$batch_ms \
   --url ws://127.0.0.1:28080/v1/ws --admin $admin --quiet --out "$out/run" >"$out/run.stdout" 2>&1 &
 harness=$!
 for _ in $(seq 1 180); do
