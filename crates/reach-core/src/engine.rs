@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use arcstr::ArcStr;
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 pub use reach_proto::ServiceState;
 use reach_proto::flags::{is_notifiable_flag, is_online_flag, last_seen};
 use reach_proto::{
@@ -439,9 +440,9 @@ pub struct Engine {
     config: EngineConfig,
     /// Boxed entries: a map's buckets are 44-87 % full, and an empty bucket of a boxed map
     /// costs a key and a pointer, not a whole entry.
-    users: DashMap<UserKey, Box<Entry>>,
-    services: DashMap<Arc<str>, ServiceState>,
-    conns: DashMap<ConnId, Arc<Conn>>,
+    users: DashMap<UserKey, Box<Entry>, RandomState>,
+    services: DashMap<Arc<str>, ServiceState, RandomState>,
+    conns: DashMap<ConnId, Arc<Conn>, RandomState>,
     next_conn: AtomicU64,
     next_grace: AtomicU64,
     /// Versions of the presence changes this engine reports (single node only).
@@ -491,9 +492,9 @@ impl Engine {
     ) -> Arc<Engine> {
         Arc::new(Engine {
             config,
-            users: DashMap::new(),
-            services: DashMap::new(),
-            conns: DashMap::new(),
+            users: DashMap::default(),
+            services: DashMap::default(),
+            conns: DashMap::default(),
             next_conn: AtomicU64::new(1),
             next_grace: AtomicU64::new(1),
             clock: PresenceClock::default(),

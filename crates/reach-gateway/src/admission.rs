@@ -56,7 +56,7 @@ pub struct Pending {
     max_total: usize,
     max_per_address: usize,
     total: AtomicUsize,
-    per_address: DashMap<IpAddr, usize>,
+    per_address: DashMap<IpAddr, usize, foldhash::fast::RandomState>,
     /// `reach_pending_connections`.
     gauge: IntGauge,
 }
@@ -67,7 +67,7 @@ impl Pending {
             max_total,
             max_per_address,
             total: AtomicUsize::new(0),
-            per_address: DashMap::new(),
+            per_address: DashMap::default(),
             gauge,
         })
     }

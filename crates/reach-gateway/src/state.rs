@@ -74,7 +74,7 @@ pub struct App {
     /// Services by SID, so a `hello` does not read the store for its service each time.
     /// Filled on first use; a deleted service stays as `None` (a tombstone), so a read that
     /// raced with the delete cannot bring it back.
-    services: dashmap::DashMap<String, Option<Arc<Service>>>,
+    services: dashmap::DashMap<String, Option<Arc<Service>>, foldhash::fast::RandomState>,
 }
 
 impl std::fmt::Debug for App {
@@ -238,7 +238,7 @@ impl App {
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
             timers: Arc::new(Timers::default()),
-            services: dashmap::DashMap::new(),
+            services: dashmap::DashMap::default(),
             node_id,
             webhook_wake: Arc::new(Notify::new()),
             persist: persist_tx,

@@ -96,7 +96,7 @@ pub struct Throttles {
     rest: Option<Keyed<AccountSid>>,
     auth_failures: Option<Keyed<IpAddr>>,
     /// Addresses whose failures emptied their bucket, and until when they are blocked.
-    blocked: DashMap<IpAddr, Instant>,
+    blocked: DashMap<IpAddr, Instant, foldhash::fast::RandomState>,
     frames: Option<(Quota, u32)>,
     /// `reach_rate_limited_total`.
     counter: IntCounterVec,
@@ -142,7 +142,7 @@ impl Throttles {
                 limits.auth_failure_burst,
             )
             .map(|q| RateLimiter::dashmap_with_clock(q, MonotonicClock)),
-            blocked: DashMap::new(),
+            blocked: DashMap::default(),
             frames: quota(
                 limits.socket_frames_per_second,
                 second,
