@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 
 use bytes::Bytes;
-use reach_proto::{CloseCode, Encoding, IdentityError, Reasons, ServerFrame, User, encode};
+use reach_proto::{
+    CloseCode, Encoding, IdentityError, Reasons, ServerFrame, User, encode, encode_sized,
+};
 
 /// One diff of one user, shared (behind an `Arc`) by every subscriber it is fanned out to.
 #[derive(Debug)]
@@ -727,7 +729,10 @@ impl Outbox {
             }
             Item::Slot { frame, size, .. } => {
                 let frame = (*frame).into_frame();
-                (encode(&frame, self.encoding), size as usize)
+                // The slot's count (64 bytes and the attributes per user) runs below a user's
+                // encoded size; half as much again spares the buffer its doublings.
+                let capacity = size as usize + size as usize / 2;
+                (encode_sized(&frame, self.encoding, capacity), size as usize)
             }
         };
         inner.bytes = inner.bytes.saturating_sub(size);

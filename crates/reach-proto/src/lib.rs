@@ -435,16 +435,22 @@ pub fn decode_client(payload: &[u8], encoding: Encoding) -> Result<ClientFrame, 
 
 /// Encodes a frame. Serialising these types cannot fail.
 pub fn encode<T: Serialize>(frame: &T, encoding: Encoding) -> Bytes {
+    // 128 bytes, as serde_json's own buffer starts: a `user_updated` frame fits, where a
+    // buffer grown from empty is reallocated five times on the way.
+    encode_sized(frame, encoding, 128)
+}
+
+/// [`encode`] into a buffer that starts at `capacity` bytes (a frame's expected size: each
+/// time a buffer outgrows its capacity it is copied into one twice as large).
+pub fn encode_sized<T: Serialize>(frame: &T, encoding: Encoding, capacity: usize) -> Bytes {
+    let mut buf = Vec::with_capacity(capacity);
     match encoding {
-        Encoding::Json => Bytes::from(serde_json::to_vec(frame).expect("frames serialise")),
-        // Starts at 128 bytes, as serde_json's own buffer does: a `user_updated` frame fits,
-        // where a buffer grown from empty is reallocated five times on the way.
+        Encoding::Json => serde_json::to_writer(&mut buf, frame).expect("frames serialise"),
         Encoding::MsgPack => {
-            let mut buf = Vec::with_capacity(128);
-            rmp_serde::encode::write_named(&mut buf, frame).expect("frames serialise");
-            Bytes::from(buf)
+            rmp_serde::encode::write_named(&mut buf, frame).expect("frames serialise")
         }
     }
+    Bytes::from(buf)
 }
 
 /// Decodes a server frame (for clients and tests).

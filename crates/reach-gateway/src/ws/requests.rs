@@ -87,7 +87,7 @@ impl Session {
         let conn = Arc::clone(&self.conn);
         let Some(slot) = conn.outbox.reserve_guarded(SlotFrame::Subscribed {
             id,
-            users: vec![],
+            users: Vec::with_capacity(identities.len()),
             errors: vec![],
         }) else {
             return;
