@@ -394,7 +394,10 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
 /// The SQL both backends share, for one sqlx database (see the module doc). `$lock` is what a
 /// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
 /// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
-/// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`).
+/// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`), and
+/// `$update` how a presence batch's multi-row `UPDATE` starts (SQLite: `UPDATE OR FAIL`, which
+/// needs no statement journal: no constraint of the columns it sets can fail, and a failed
+/// batch's transaction is rolled back whole).
 /// The users of a presence batch, `n` keys bound as `$1, $2` (service, identity) and so on,
 /// with the backend's row lock: their whole records when `whole` (an event may be recorded
 /// about them), else only what a presence change reads and writes. A join with the keys, not
@@ -458,14 +461,41 @@ pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     pieces
 }
 
+/// Splits a presence batch's users into pieces of 64, 16 and 4 for its read and its write
+/// back, where a user named twice changes nothing: the last piece is filled up to 4 by naming
+/// its last user again (the second number: how many more times). Fewer statements than
+/// [`presence_pieces`] (each one a round trip to the driver's thread, and for a read one per
+/// row: 100 users take 4 instead of 9), with as few texts.
+pub(crate) fn padded_pieces<T>(mut items: &[T]) -> Vec<(&[T], usize)> {
+    let mut pieces = Vec::new();
+    for size in [64, 16, 4] {
+        while items.len() >= size {
+            let (piece, rest) = items.split_at(size);
+            pieces.push((piece, 0));
+            items = rest;
+        }
+    }
+    if !items.is_empty() {
+        pieces.push((items, 4 - items.len()));
+    }
+    pieces
+}
+
+/// A piece of [`padded_pieces`] as its items, the last one repeated as the padding asks.
+pub(crate) fn padded<T>((piece, pad): (&[T], usize)) -> impl Iterator<Item = &T> {
+    let last = piece.last();
+    piece.iter().chain(std::iter::repeat_n(last, pad).flatten())
+}
+
 macro_rules! shared_sql {
-    ($conn:ty, $lock:literal, $skip:literal) => {
+    ($conn:ty, $lock:literal, $skip:literal, $update:literal) => {
         use reach_proto::{ServiceSid, SidKind, UpdateReason};
         use sqlx::Row;
 
         use crate::hooks::{
             ClaimedEvent, Completion, PresenceRecord, QueueStats,
-            Presence, Source, Target, UserEvent, identities_select_sql, presence_pieces, presence_select_sql,
+            Presence, Source, Target, UserEvent, identities_select_sql, padded, padded_pieces,
+            presence_pieces, presence_select_sql,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
@@ -612,7 +642,7 @@ macro_rules! shared_sql {
 
         /// Applies a batch of presence changes (see `Store::record_presence`) in a few
         /// statements whatever its size: the batch's users are read in one query per
-        /// piece of them ([`presence_pieces`]), each user's changes are applied in order in
+        /// piece of them ([`padded_pieces`]), each user's changes are applied in order in
         /// memory (a change no newer than the user's last is skipped), and the users that
         /// changed are written back with one `UPDATE` per piece, the `onUserUpdated` events
         /// with one `INSERT` per piece. Each service's configuration and webhook are read once.
@@ -659,10 +689,11 @@ macro_rules! shared_sql {
             let whole = services.values().any(|(_, fires)| *fires);
             let mut users: std::collections::HashMap<(&str, &str), Presence> =
                 std::collections::HashMap::new();
-            for chunk in presence_pieces(&order) {
-                let sql = presence_select_sql(chunk.len(), whole, $lock);
+            for piece in padded_pieces(&order) {
+                let chunk = piece.0;
+                let sql = presence_select_sql(chunk.len() + piece.1, whole, $lock);
                 let mut query = sqlx::query(&sql);
-                for (service, identity) in chunk {
+                for (service, identity) in padded(piece) {
                     query = query.bind(*service).bind(*identity);
                 }
                 let rows = query.fetch_all(&mut *conn).await.map_err(db)?;
@@ -743,8 +774,8 @@ macro_rules! shared_sql {
                 .filter_map(|key| users.get(key))
                 .filter(|user| user.dirty)
                 .collect();
-            for chunk in presence_pieces(&changed) {
-                let rows: Vec<String> = (0..chunk.len())
+            for piece in padded_pieces(&changed) {
+                let rows: Vec<String> = (0..piece.0.len() + piece.1)
                     .map(|i| {
                         let n = 5 * i;
                         format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5)
@@ -752,12 +783,13 @@ macro_rules! shared_sql {
                     .collect();
                 let sql = format!(
                     "WITH v (sid, version, online, seen, epoch) AS (VALUES {}) \
-                     UPDATE users SET presence_version = v.version, presence_online = v.online, \
+                     {} users SET presence_version = v.version, presence_online = v.online, \
                      last_seen_at = v.seen, online_epoch = v.epoch FROM v WHERE users.sid = v.sid",
-                    rows.join(", ")
+                    rows.join(", "),
+                    $update
                 );
                 let mut query = sqlx::query(&sql);
-                for user in chunk {
+                for user in padded(piece) {
                     query = query
                         .bind(&user.sid)
                         .bind(user.version)
@@ -1085,6 +1117,39 @@ mod tests {
         let again: Vec<u32> = pieces.concat();
         assert_eq!(again, items, "in order, each once");
         assert!(super::presence_pieces::<u32>(&[]).is_empty());
+    }
+
+    /// Pieces of 64, 16 and 4, the last filled up to 4 with its last item; every item comes
+    /// once and in order before the filling.
+    #[test]
+    fn padded_pieces_name_each_item_in_order_and_fill_the_last() {
+        for (n, sizes) in [
+            (0, vec![]),
+            (1, vec![(1, 3)]),
+            (4, vec![(4, 0)]),
+            (7, vec![(4, 0), (3, 1)]),
+            (100, vec![(64, 0), (16, 0), (16, 0), (4, 0)]),
+            (139, vec![(64, 0), (64, 0), (4, 0), (4, 0), (3, 1)]),
+        ] {
+            let items: Vec<u32> = (0..n).collect();
+            let pieces = super::padded_pieces(&items);
+            let got: Vec<(usize, usize)> = pieces.iter().map(|(p, pad)| (p.len(), *pad)).collect();
+            assert_eq!(got, sizes, "{n} items");
+            let named: Vec<u32> = pieces
+                .iter()
+                .flat_map(|p| super::padded(*p).copied())
+                .collect();
+            let mut expected = items.clone();
+            if let Some((last, pad)) = pieces.last().and_then(|(p, pad)| Some((*p.last()?, *pad))) {
+                expected.extend(std::iter::repeat_n(last, pad));
+            }
+            assert_eq!(named, expected, "{n} items");
+            assert!(
+                pieces
+                    .iter()
+                    .all(|(p, pad)| [4, 16, 64].contains(&(p.len() + pad)))
+            );
+        }
     }
 
     use super::*;

@@ -437,7 +437,8 @@ mod sq {
     crate::hooks::shared_sql!(
         sqlx::PgConnection,
         "FOR UPDATE OF u",
-        "FOR UPDATE SKIP LOCKED"
+        "FOR UPDATE SKIP LOCKED",
+        "UPDATE"
     );
 }
 

@@ -254,7 +254,7 @@ use crate::rows::{
 /// The SQL of webhooks and presence that both backends share ([`crate::hooks`]); SQLite's
 /// write transactions hold the whole database, so reads need no row lock.
 mod sq {
-    crate::hooks::shared_sql!(sqlx::SqliteConnection, "", "");
+    crate::hooks::shared_sql!(sqlx::SqliteConnection, "", "", "UPDATE OR FAIL");
 }
 
 /// Reads one user by SID or identity; `NotFound` when there is none.
