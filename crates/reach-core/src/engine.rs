@@ -319,13 +319,25 @@ struct Subscribers(Vec<Arc<Conn>>);
 const SMALL_LIST: usize = 32;
 
 impl Subscribers {
-    fn find(&self, id: ConnId) -> Result<usize, usize> {
-        self.0.binary_search_by_key(&id, |c| c.id)
+    /// Where `conn` is (or would go). In a small list it is looked for by address, which reads
+    /// no connection (each one read is a cache miss of its own), and a new one usually goes
+    /// last (its id is the newest): only then is a connection's id read, the last one's.
+    fn find(&self, conn: &Conn) -> Result<usize, usize> {
+        let list = &self.0;
+        if list.len() <= SMALL_LIST {
+            if let Some(at) = list.iter().position(|c| std::ptr::eq(&**c, conn)) {
+                return Ok(at);
+            }
+            if list.last().is_none_or(|c| c.id < conn.id) {
+                return Err(list.len());
+            }
+        }
+        list.binary_search_by_key(&conn.id, |c| c.id)
     }
 
     /// Adds `conn`; false if it was there already.
     fn insert(&mut self, conn: &Arc<Conn>) -> bool {
-        match self.find(conn.id) {
+        match self.find(conn) {
             Ok(_) => false,
             Err(at) => {
                 // Small lists grow one slot at a time (a room of 10 keeps 10 slots, not 16);
@@ -339,8 +351,8 @@ impl Subscribers {
         }
     }
 
-    fn remove(&mut self, id: ConnId) -> Option<Arc<Conn>> {
-        let at = self.find(id).ok()?;
+    fn remove(&mut self, conn: &Conn) -> Option<Arc<Conn>> {
+        let at = self.find(conn).ok()?;
         let conn = self.0.remove(at);
         if self.0.is_empty() {
             self.0 = Vec::new();
@@ -690,18 +702,18 @@ impl Engine {
             return;
         }
         let key = UserKey::new(conn.service(), identity);
-        self.remove_subscriber(&key, conn.id);
+        self.remove_subscriber(&key, conn);
     }
 
-    fn remove_subscriber(&self, key: &UserKey, conn_id: ConnId) {
+    fn remove_subscriber(&self, key: &UserKey, conn: &Conn) {
         if let Some(mut entry) = self.users.get_mut(key)
-            && let Some(conn) = entry.subscribers.remove(conn_id)
+            && let Some(conn) = entry.subscribers.remove(conn)
         {
             self.metrics.subscriptions.dec();
             if conn.key != *key {
                 if let Some(backplane) = entry.backplane.as_mut() {
                     backplane.waiting.retain(|(c, slot)| {
-                        let keep = c.id != conn_id;
+                        let keep = c.id != conn.id;
                         if !keep {
                             c.outbox.release(*slot);
                         }
@@ -726,13 +738,13 @@ impl Engine {
         self.conns.remove(&conn.id);
         for key in watched {
             if *key != conn.key {
-                self.remove_subscriber(key, conn.id);
+                self.remove_subscriber(key, conn);
             }
         }
         let svc = self.service(conn.service());
         let mut start_grace = None;
         if let Some(mut entry) = self.users.get_mut(&conn.key) {
-            if entry.subscribers.remove(conn.id).is_some() {
+            if entry.subscribers.remove(conn).is_some() {
                 self.metrics.subscriptions.dec();
             }
             entry.conns = entry.conns.saturating_sub(1);
@@ -1174,11 +1186,11 @@ mod tests {
         );
         let ids: Vec<ConnId> = subs.iter().map(|c| c.id).collect();
         assert_eq!(ids, [1, 3, 5, 7, 9]);
-        assert_eq!(subs.remove(3).map(|c| c.id), Some(3));
-        assert!(subs.remove(3).is_none());
-        assert!(subs.remove(4).is_none());
+        assert_eq!(subs.remove(&conn(3)).map(|c| c.id), Some(3));
+        assert!(subs.remove(&conn(3)).is_none());
+        assert!(subs.remove(&conn(4)).is_none());
         for id in [1, 5, 7, 9] {
-            assert!(subs.remove(id).is_some());
+            assert!(subs.remove(&conn(id)).is_some());
         }
         assert!(subs.is_empty());
         assert_eq!(subs.0.capacity(), 0, "an emptied list frees its buffer");
@@ -1186,6 +1198,31 @@ mod tests {
             subs.insert(&conn(id));
         }
         assert_eq!(subs.0.capacity(), 10, "a small list has no slack");
+    }
+
+    /// The same connections found by address (a small list) and by id (a large one), whatever
+    /// order they came in.
+    #[test]
+    fn subscribers_are_found_by_address_and_by_id() {
+        for n in [3, SMALL_LIST, SMALL_LIST + 9] {
+            let conns: Vec<Arc<Conn>> = (0..n as ConnId).map(|i| conn(i * 2)).collect();
+            let mut subs = Subscribers::default();
+            // Newest first, then the rest from the middle: appends and inserts.
+            let order: Vec<usize> = (n / 2..n).rev().chain(0..n / 2).collect();
+            for &i in &order {
+                assert!(subs.insert(&conns[i]));
+                assert!(!subs.insert(&conns[i]), "{n}: the same connection twice");
+            }
+            let ids: Vec<ConnId> = subs.iter().map(|c| c.id).collect();
+            assert!(ids.is_sorted() && ids.len() == n, "{n}: {ids:?}");
+            assert!(subs.remove(&conn(1)).is_none(), "{n}: an id never added");
+            for (k, &i) in order.iter().enumerate() {
+                let gone = subs.remove(&conns[i]).expect("added");
+                assert!(Arc::ptr_eq(&gone, &conns[i]));
+                assert_eq!(subs.iter().count(), n - k - 1);
+                assert!(subs.remove(&conns[i]).is_none(), "{n}: removed twice");
+            }
+        }
     }
 
     /// An entry keeps a profile without allocating what is unset, and gives back what it was
