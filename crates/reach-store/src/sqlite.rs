@@ -28,7 +28,9 @@
 //! `foreign_keys=ON` on every connection. Multi-statement writes run in `BEGIN IMMEDIATE`
 //! transactions (the write lock is taken up front, so they never fail half-way with a busy
 //! snapshot); concurrent writers wait on the 5 s busy timeout. Nothing is buffered in memory:
-//! each method returns only after its transaction has committed.
+//! each method returns only after its transaction has committed. The presence batches have a
+//! connection of their own (its page cache stays warm between them); everything else shares a
+//! pool of four.
 
 use std::path::Path;
 use std::time::Duration;
@@ -162,6 +164,12 @@ const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection of its own for the presence batches and online epochs (the engine's
+    /// steady stream of writes): its page cache stays warm from one batch to the next. The
+    /// pool hands out its connections in turn, and a connection whose last transaction came
+    /// before another connection's commit starts over with an empty cache (every page of a
+    /// batch read from the file again).
+    recorder: SqlitePool,
     /// `<database>.lock`, locked until the store is closed or dropped: a second process (or
     /// store) on the same file is refused instead of silently sharing it.
     lock: std::sync::Arc<std::fs::File>,
@@ -193,11 +201,15 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(db)?;
+        let recorder = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
         let store = SqliteStore {
             pool,
+            recorder,
             lock: std::sync::Arc::new(lock),
         };
         if let Err(e) = store.migrate().await {
@@ -210,6 +222,7 @@ impl SqliteStore {
     /// Waits for the connections in use to be returned, then closes them all and releases the
     /// file's lock.
     pub async fn close(&self) {
+        self.recorder.close().await;
         self.pool.close().await;
         let _ = self.lock.unlock();
     }
@@ -689,7 +702,7 @@ impl Store for SqliteStore {
         .bind(service_sid.as_str())
         .bind(identity)
         .bind(epoch)
-        .execute(&self.pool)
+        .execute(&self.recorder)
         .await
         .map_err(db)?;
         if done.rows_affected() > 0 {
@@ -889,7 +902,11 @@ impl Store for SqliteStore {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin().await?;
+        let mut tx = self
+            .recorder
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db)?;
         sq::record_presence_batch(&mut tx, changes).await?;
         tx.commit().await.map_err(db)
     }
