@@ -332,7 +332,13 @@ mod tests {
         for n in names {
             assert!(w.contains(n), "{n:?}");
         }
-        for n in ["a", "alice3", "zoe", "b/", "IS00000000000000000000000000000001/bob"] {
+        for n in [
+            "a",
+            "alice3",
+            "zoe",
+            "b/",
+            "IS00000000000000000000000000000001/bob",
+        ] {
             assert!(!w.contains(n), "{n:?}");
         }
         assert!(w.remove("a/b") && !w.contains("a/b") && w.contains("alice"));
