@@ -481,6 +481,32 @@ pub(crate) fn padded_pieces<T>(mut items: &[T]) -> Vec<(&[T], usize)> {
     pieces
 }
 
+/// The texts of one kind of statement over a piece of [`padded_pieces`], one per piece size,
+/// each built on first use: a batch's statements are then not formatted again (for 64 users,
+/// 64 small strings and their join) each time.
+pub(crate) type PieceTexts = [std::sync::OnceLock<String>; 3];
+
+/// An empty [`PieceTexts`], for a `static`.
+pub(crate) const fn no_texts() -> PieceTexts {
+    [const { std::sync::OnceLock::new() }; 3]
+}
+
+/// The text for a piece of `n` items from `texts`, built by `build` the first time; a size
+/// [`padded_pieces`] never makes is built every time.
+pub(crate) fn piece_text(
+    texts: &'static PieceTexts,
+    n: usize,
+    build: impl FnOnce() -> String,
+) -> std::borrow::Cow<'static, str> {
+    let slot = match n {
+        4 => &texts[0],
+        16 => &texts[1],
+        64 => &texts[2],
+        _ => return std::borrow::Cow::Owned(build()),
+    };
+    std::borrow::Cow::Borrowed(slot.get_or_init(build).as_str())
+}
+
 /// A piece of [`padded_pieces`] as its items, the last one repeated as the padding asks.
 pub(crate) fn padded<T>((piece, pad): (&[T], usize)) -> impl Iterator<Item = &T> {
     let last = piece.last();
@@ -494,8 +520,8 @@ macro_rules! shared_sql {
 
         use crate::hooks::{
             ClaimedEvent, Completion, PresenceRecord, QueueStats,
-            Presence, Source, Target, UserEvent, identities_select_sql, padded, padded_pieces,
-            presence_pieces, presence_select_sql,
+            PieceTexts, Presence, Source, Target, UserEvent, identities_select_sql, padded,
+            no_texts, padded_pieces, piece_text, presence_pieces, presence_select_sql,
             WebhookConfig, WebhookMethod, decode_params, encode_params, event_params,
             join_filters, now_ms, profile_reasons, split_filters,
         };
@@ -689,9 +715,15 @@ macro_rules! shared_sql {
             let whole = services.values().any(|(_, fires)| *fires);
             let mut users: std::collections::HashMap<(&str, &str), Presence> =
                 std::collections::HashMap::new();
+            // This backend's batch statements, by piece size (whole or narrow rows for reads).
+            static READS: [PieceTexts; 2] = [no_texts(), no_texts()];
+            static WRITES: PieceTexts = no_texts();
             for piece in padded_pieces(&order) {
                 let chunk = piece.0;
-                let sql = presence_select_sql(chunk.len() + piece.1, whole, $lock);
+                let n = chunk.len() + piece.1;
+                let sql = piece_text(&READS[usize::from(whole)], n, || {
+                    presence_select_sql(n, whole, $lock)
+                });
                 let mut query = sqlx::query(&sql);
                 for (service, identity) in padded(piece) {
                     query = query.bind(*service).bind(*identity);
@@ -775,19 +807,21 @@ macro_rules! shared_sql {
                 .filter(|user| user.dirty)
                 .collect();
             for piece in padded_pieces(&changed) {
-                let rows: Vec<String> = (0..piece.0.len() + piece.1)
-                    .map(|i| {
-                        let n = 5 * i;
-                        format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5)
-                    })
-                    .collect();
-                let sql = format!(
-                    "WITH v (sid, version, online, seen, epoch) AS (VALUES {}) \
-                     {} users SET presence_version = v.version, presence_online = v.online, \
-                     last_seen_at = v.seen, online_epoch = v.epoch FROM v WHERE users.sid = v.sid",
-                    rows.join(", "),
-                    $update
-                );
+                let sql = piece_text(&WRITES, piece.0.len() + piece.1, || {
+                    let rows: Vec<String> = (0..piece.0.len() + piece.1)
+                        .map(|i| {
+                            let n = 5 * i;
+                            format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5)
+                        })
+                        .collect();
+                    format!(
+                        "WITH v (sid, version, online, seen, epoch) AS (VALUES {}) \
+                         {} users SET presence_version = v.version, presence_online = v.online, \
+                         last_seen_at = v.seen, online_epoch = v.epoch FROM v WHERE users.sid = v.sid",
+                        rows.join(", "),
+                        $update
+                    )
+                });
                 let mut query = sqlx::query(&sql);
                 for user in padded(piece) {
                     query = query
