@@ -8,7 +8,8 @@
 //! overtake the state the reply carries. The slot is held by a guard that seals it on every
 //! way out, so no early return can leave the writer waiting behind it.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
+use foldhash::HashSetExt;
 use std::sync::Arc;
 
 use reach_core::{Attach, SlotFrame};
@@ -25,8 +26,11 @@ use crate::throttle::Limited;
 const MAX_ADDRESS_LEN: usize = 1024;
 
 impl Session {
-    /// Answers one frame.
-    pub(super) async fn handle(&mut self, frame: ClientFrame) {
+    /// Answers a frame that needs nothing from the store (a ping, `bye`, an unsubscribe, a
+    /// token update, a second `hello`) at once; returns the others, for [`Session::handle`].
+    /// The session loop awaits the store's answers in a future of its own (on the heap while
+    /// it runs), which these need not pay for.
+    pub(super) fn handle_at_once(&mut self, frame: ClientFrame) -> Option<ClientFrame> {
         match frame {
             ClientFrame::Hello { .. } => {
                 self.fail(
@@ -36,9 +40,23 @@ impl Session {
                 );
             }
             ClientFrame::Ping { id } => self.push(&ServerFrame::Pong { id }),
-            ClientFrame::Subscribe { id, identities } => self.subscribe(id, identities).await,
             ClientFrame::Unsubscribe { id, identities } => self.unsubscribe(id, identities),
             ClientFrame::UpdateToken { id, token } => self.update_token(id, &token),
+            ClientFrame::Bye => {
+                self.bye = true;
+                self.conn.outbox.close(CloseCode::Normal);
+            }
+            later @ (ClientFrame::Subscribe { .. }
+            | ClientFrame::RegisterPush { .. }
+            | ClientFrame::UnregisterPush { .. }) => return Some(later),
+        }
+        None
+    }
+
+    /// Answers one frame (those [`Session::handle_at_once`] answers without waiting too).
+    pub(super) async fn handle(&mut self, frame: ClientFrame) {
+        match frame {
+            ClientFrame::Subscribe { id, identities } => self.subscribe(id, identities).await,
             ClientFrame::RegisterPush {
                 id,
                 binding_type,
@@ -53,9 +71,9 @@ impl Session {
             } => {
                 self.unregister_push(id, &binding_type, &address).await;
             }
-            ClientFrame::Bye => {
-                self.bye = true;
-                self.conn.outbox.close(CloseCode::Normal);
+            other => {
+                let waits = self.handle_at_once(other);
+                debug_assert!(waits.is_none());
             }
         }
     }
@@ -94,7 +112,9 @@ impl Session {
         };
         let outbox = &conn.outbox;
         let limit = self.app.config.presence.max_subscriptions_per_connection;
-        let mut seen = HashSet::new();
+        // The request's identities, each once (foldhash: a request names up to
+        // `limits.max_identities_per_request` of them).
+        let mut seen = HashSet::with_capacity(identities.len());
         let mut cold = Vec::new();
         let err = |identity: &str, code: ErrorCode, message: &str| IdentityError {
             identity: identity.to_owned(),
@@ -169,8 +189,7 @@ impl Session {
                 return;
             }
         };
-        let mut missing: std::collections::HashSet<&str> =
-            cold.iter().map(String::as_str).collect();
+        let mut missing: HashSet<&str> = cold.iter().map(String::as_str).collect();
         for rec in &found {
             engine.load_profile(&self.service.sid, &rec.identity, profile_of(rec));
             engine.fill(&conn, &rec.identity, slot.id());

@@ -171,7 +171,7 @@ enum Next {
     Wait,
     /// Returns from the loop.
     Return(Step),
-    /// Handles a request.
+    /// Handles a request that waits on the store.
     Handle(ClientFrame),
 }
 
@@ -238,7 +238,8 @@ impl Session {
                 Next::Handle(frame) => frame,
             };
             // Boxed: a frame's handling (store calls) lives on the heap only while it runs,
-            // instead of widening every idle socket's task.
+            // instead of widening every idle socket's task. Frames that need no store were
+            // answered in `on_io`.
             Box::pin(self.handle(frame)).await;
         }
     }
@@ -287,7 +288,11 @@ impl Session {
                 self.fail(r.code, r.message, r.close);
                 Next::Wait
             }
-            Read::Frame(frame) => Next::Handle(frame),
+            // Most frames are answered here; only those that wait on the store go on.
+            Read::Frame(frame) => match self.handle_at_once(frame) {
+                None => Next::Wait,
+                Some(frame) => Next::Handle(frame),
+            },
         }
     }
 
