@@ -310,8 +310,9 @@ impl Stored {
 /// A user's subscribers: connections sorted by id, one pointer each (a hash map costs several
 /// times that per entry, and every idle socket is in one of these lists per user it watches,
 /// its own included; docs/benchmarks.md has the figures). Ids grow, so a new connection's
-/// subscribe appends; lookups are binary searches; a removal moves the tail (one pointer per
-/// subscriber after it, cheap even for a user watched by thousands).
+/// subscribe appends; a small list is searched by address first, a large one by id (binary
+/// search); a removal moves the tail (one pointer per subscriber after it, cheap even for a
+/// user watched by thousands).
 #[derive(Default)]
 struct Subscribers(Vec<Arc<Conn>>);
 
@@ -319,9 +320,10 @@ struct Subscribers(Vec<Arc<Conn>>);
 const SMALL_LIST: usize = 32;
 
 impl Subscribers {
-    /// Where `conn` is (or would go). In a small list it is looked for by address, which reads
-    /// no connection (each one read is a cache miss of its own), and a new one usually goes
-    /// last (its id is the newest): only then is a connection's id read, the last one's.
+    /// Where `conn` is (or would go), by id. In a small list it is first looked for by address,
+    /// which reads no connection (each one read is a cache miss of its own); when it is not
+    /// there, the last one's id decides whether it goes last (a new connection's id is the
+    /// newest), and only otherwise is the list searched by id.
     fn find(&self, conn: &Conn) -> Result<usize, usize> {
         let list = &self.0;
         if list.len() <= SMALL_LIST {

@@ -391,13 +391,6 @@ pub(crate) fn decode_params(text: &str) -> Vec<(String, String)> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-/// The SQL both backends share, for one sqlx database (see the module doc). `$lock` is what a
-/// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
-/// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
-/// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`), and
-/// `$update` how a presence batch's multi-row `UPDATE` starts (SQLite: `UPDATE OR FAIL`, which
-/// needs no statement journal: no constraint of the columns it sets can fail, and a failed
-/// batch's transaction is rolled back whole).
 /// The users of a presence batch, `n` keys bound as `$1, $2` (service, identity) and so on,
 /// with the backend's row lock: their whole records when `whole` (an event may be recorded
 /// about them), else only what a presence change reads and writes. A join with the keys, not
@@ -445,10 +438,11 @@ pub(crate) fn identities_select_sql(n: usize) -> String {
     )
 }
 
-/// Splits a batch's keys (a presence batch's users or events, a subscribe's identities) into
-/// pieces of 64, 8 and 1, one statement each: a batch of any size takes few statements, and
-/// only three texts per statement kind exist (six for a presence batch's read: whole or narrow
-/// rows), so the prepared statements the driver keeps per connection stay few and small.
+/// Splits a batch's keys (a presence batch's events, a subscribe's identities: where a key named
+/// twice would count twice) into pieces of 64, 8 and 1, one statement each: a batch of any size
+/// takes few statements, and only three texts per statement kind exist, so the prepared
+/// statements the driver keeps per connection stay few and small. A presence batch's users
+/// go in [`padded_pieces`].
 pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
     let mut pieces = Vec::new();
     for size in [64, 8, 1] {
@@ -513,6 +507,13 @@ pub(crate) fn padded<T>((piece, pad): (&[T], usize)) -> impl Iterator<Item = &T>
     piece.iter().chain(std::iter::repeat_n(last, pad).flatten())
 }
 
+/// The SQL both backends share, for one sqlx database (see the module doc). `$lock` is what a
+/// backend appends to a read that must hold the row until the transaction ends (PostgreSQL's
+/// `FOR UPDATE`; empty for SQLite, whose write transactions take the whole database), and
+/// `$skip` what lets concurrent claims pass each other's rows (`FOR UPDATE SKIP LOCKED`), and
+/// `$update` how a presence batch's multi-row `UPDATE` starts (SQLite: `UPDATE OR FAIL`, which
+/// needs no statement journal: no constraint of the columns it sets can fail, and a failed
+/// batch's transaction is rolled back whole).
 macro_rules! shared_sql {
     ($conn:ty, $lock:literal, $skip:literal, $update:literal) => {
         use reach_proto::{ServiceSid, SidKind, UpdateReason};

@@ -165,10 +165,11 @@ const BINDING_COLS: &str = "seq, sid, account_sid, service_sid, credential_sid, 
 pub struct SqliteStore {
     pool: SqlitePool,
     /// One connection of its own for the presence batches and online epochs (the engine's
-    /// steady stream of writes): its page cache stays warm from one batch to the next. The
-    /// pool hands out its connections in turn, and a connection whose last transaction came
-    /// before another connection's commit starts over with an empty cache (every page of a
-    /// batch read from the file again).
+    /// steady stream of writes): its page cache stays warm from one batch to the next, unless
+    /// the pool's connections committed in between (REST writes, webhook outcomes). The pool
+    /// hands out its connections in turn, and a connection whose last transaction came before
+    /// another connection's commit starts over with an empty cache (every page of a batch read
+    /// from the file again).
     recorder: SqlitePool,
     /// `<database>.lock`, locked until the store is closed or dropped: a second process (or
     /// store) on the same file is refused instead of silently sharing it.
@@ -199,13 +200,20 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // A connection to a local file does not go stale as a network one does: no ping (a
+        // round trip to the connection's thread) before each use.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(db)?;
+        // Kept for the store's life: a new connection starts with a cold cache.
         let recorder = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_lazy_with(options);
         let store = SqliteStore {
             pool,
