@@ -462,7 +462,7 @@ pub(crate) fn presence_pieces<T>(mut items: &[T]) -> Vec<&[T]> {
 /// row: 100 users take 4 instead of 9), with as few texts.
 pub(crate) fn padded_pieces<T>(mut items: &[T]) -> Vec<(&[T], usize)> {
     let mut pieces = Vec::new();
-    for size in [64, 16, 4] {
+    for size in PIECE_SIZES.into_iter().rev() {
         while items.len() >= size {
             let (piece, rest) = items.split_at(size);
             pieces.push((piece, 0));
@@ -470,19 +470,22 @@ pub(crate) fn padded_pieces<T>(mut items: &[T]) -> Vec<(&[T], usize)> {
         }
     }
     if !items.is_empty() {
-        pieces.push((items, 4 - items.len()));
+        pieces.push((items, PIECE_SIZES[0] - items.len()));
     }
     pieces
 }
 
+/// The sizes of [`padded_pieces`], smallest first.
+const PIECE_SIZES: [usize; 3] = [4, 16, 64];
+
 /// The texts of one kind of statement over a piece of [`padded_pieces`], one per piece size,
 /// each built on first use: a batch's statements are then not formatted again (for 64 users,
 /// 64 small strings and their join) each time.
-pub(crate) type PieceTexts = [std::sync::OnceLock<String>; 3];
+pub(crate) type PieceTexts = [std::sync::OnceLock<String>; PIECE_SIZES.len()];
 
 /// An empty [`PieceTexts`], for a `static`.
 pub(crate) const fn no_texts() -> PieceTexts {
-    [const { std::sync::OnceLock::new() }; 3]
+    [const { std::sync::OnceLock::new() }; PIECE_SIZES.len()]
 }
 
 /// The text for a piece of `n` items from `texts`, built by `build` the first time; a size
@@ -492,13 +495,10 @@ pub(crate) fn piece_text(
     n: usize,
     build: impl FnOnce() -> String,
 ) -> std::borrow::Cow<'static, str> {
-    let slot = match n {
-        4 => &texts[0],
-        16 => &texts[1],
-        64 => &texts[2],
-        _ => return std::borrow::Cow::Owned(build()),
-    };
-    std::borrow::Cow::Borrowed(slot.get_or_init(build).as_str())
+    match PIECE_SIZES.iter().position(|&size| size == n) {
+        Some(i) => std::borrow::Cow::Borrowed(texts[i].get_or_init(build).as_str()),
+        None => std::borrow::Cow::Owned(build()),
+    }
 }
 
 /// A piece of [`padded_pieces`] as its items, the last one repeated as the padding asks.
@@ -808,8 +808,9 @@ macro_rules! shared_sql {
                 .filter(|user| user.dirty)
                 .collect();
             for piece in padded_pieces(&changed) {
-                let sql = piece_text(&WRITES, piece.0.len() + piece.1, || {
-                    let rows: Vec<String> = (0..piece.0.len() + piece.1)
+                let n = piece.0.len() + piece.1;
+                let sql = piece_text(&WRITES, n, || {
+                    let rows: Vec<String> = (0..n)
                         .map(|i| {
                             let n = 5 * i;
                             format!("(${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5)

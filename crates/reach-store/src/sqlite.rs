@@ -264,13 +264,18 @@ impl SqliteStore {
 
     /// A write transaction that holds the database's write lock from its start.
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+        begin_on(&self.pool).await
     }
 }
 
 use crate::rows::{
     USER_COLS, binding_row, config_row, db, db_fk, page_of, service_row, user_row, window,
 };
+
+/// [`SqliteStore::begin`] on `pool` (the store's pool, or the recorder's connection).
+async fn begin_on(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>> {
+    pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+}
 
 /// The SQL of webhooks and presence that both backends share ([`crate::hooks`]); SQLite's
 /// write transactions hold the whole database, so reads need no row lock.
@@ -910,11 +915,7 @@ impl Store for SqliteStore {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut tx = self
-            .recorder
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db)?;
+        let mut tx = begin_on(&self.recorder).await?;
         sq::record_presence_batch(&mut tx, changes).await?;
         tx.commit().await.map_err(db)
     }
