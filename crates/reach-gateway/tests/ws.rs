@@ -1065,6 +1065,113 @@ async fn deleted_services_and_users_close_their_sockets_with_4003() {
     assert_eq!(ws.closed().await.code, Some(4001));
 }
 
+/// Small messages are written straight to the connection while it takes them, through the
+/// WebSocket stream behind what it has not taken: a watcher whose connection is full (large
+/// replies it has not read) and that then reads while its users keep changing (their first
+/// updates queue behind the replies, the later ones go straight out) gets every frame whole,
+/// the replies in order and each user's updates in order, the last one carrying the last
+/// change. (A frame the connection takes only part of: `wire`'s unit tests.)
+#[tokio::test]
+async fn updates_stay_whole_and_in_order_when_a_watcher_reads_late() {
+    let d = Reachd::start(
+        r#"
+[presence]
+heartbeat_interval_ms = 200
+offline_grace_ms = 400
+[limits]
+max_outbox_bytes = 16777216
+"#,
+    );
+    let svc = enabled_service(&d).await;
+    let rest = d.client();
+    let users: Vec<String> = (0..5).map(|i| format!("user{i}")).collect();
+    let attributes = serde_json::json!({ "bio": "x".repeat(15_000) }).to_string();
+    let big = [("Identity", "big"), ("Attributes", attributes.as_str())];
+    let r = rest.post(&format!("/v1/Services/{svc}/Users"), &big).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    for u in &users {
+        let r = rest
+            .post(&format!("/v1/Services/{svc}/Users"), &[("Identity", u)])
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let mut watcher = Ws::connect_with_rcvbuf(d.http, 4096).await;
+    watcher
+        .send(&ClientFrame::Hello {
+            token: d.token(&svc, "watcher"),
+            client: None,
+        })
+        .await;
+    assert!(matches!(watcher.recv().await, ServerFrame::Welcome { .. }));
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert!(matches!(
+        subscribe(&mut watcher, 1, &names).await,
+        ServerFrame::Subscribed { .. }
+    ));
+    // ~4.5 MB of replies, unread: more than the connection's buffers hold.
+    const REPLIES: i64 = 300;
+    for id in 0..REPLIES {
+        watcher
+            .send(&ClientFrame::Subscribe {
+                id: 10 + id,
+                identities: vec!["big".into()],
+            })
+            .await;
+    }
+    // The users change while the watcher catches up, ~300 bytes a frame.
+    const ROUNDS: usize = 150;
+    let pad = "x".repeat(200);
+    let changes = {
+        let (rest, svc, users, pad) = (d.client(), svc.clone(), users.clone(), pad.clone());
+        tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                for u in &users {
+                    let name = format!("{u} {round:04} {pad}");
+                    let r = rest
+                        .post(
+                            &format!("/v1/Services/{svc}/Users/{u}"),
+                            &[("FriendlyName", &name)],
+                        )
+                        .await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                }
+            }
+        })
+    };
+    let (mut replies, mut updates) = (0, 0);
+    let mut last: std::collections::HashMap<String, usize> = Default::default();
+    while replies < REPLIES || users.iter().any(|u| last.get(u) != Some(&(ROUNDS - 1))) {
+        match watcher.recv().await {
+            ServerFrame::Subscribed { id, users, .. } => {
+                assert_eq!(id, 10 + replies, "replies in order");
+                assert_eq!(users[0].attributes.len(), attributes.len());
+                replies += 1;
+            }
+            f @ ServerFrame::UserUpdated { .. } => {
+                updates += 1;
+                let user = user_of(&f);
+                let name = user.friendly_name.as_deref().expect("a name");
+                let round: usize = name.split(' ').nth(1).unwrap().parse().unwrap();
+                assert!(name.ends_with(&pad), "{name}");
+                if let Some(before) = last.insert(user.identity.clone(), round) {
+                    assert!(
+                        round > before,
+                        "{}: round {round} after {before}",
+                        user.identity
+                    );
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    changes.await.unwrap();
+    assert!(updates >= users.len(), "{updates} updates");
+    assert_eq!(
+        watcher.request(ClientFrame::Ping { id: 2 }).await,
+        ServerFrame::Pong { id: 2 }
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
     let d = Reachd::start(

@@ -35,7 +35,7 @@ use super::connection::{At, BIG_BATCH, MAX_BUSY_CHECKS, QUIET, Session, WriteSta
 use super::hello::prepare;
 use super::socket::{
     End, Gone, Link, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
-    stream_over, took,
+    stream_over, took, write_direct,
 };
 use crate::admission::Slot;
 use crate::state::App;
@@ -370,6 +370,9 @@ impl Session {
                 return Poll::Pending;
             }
             let waker = Waker::from(Arc::clone(&self.conn));
+            // A read may queue (and partly write) an automatic pong: frames go through the
+            // stream until its next flush.
+            self.w.direct = false;
             match ws.poll_next_unpin(&mut Context::from_waker(&waker)) {
                 Poll::Pending => {
                     self.must_read = false;
@@ -484,6 +487,8 @@ impl Session {
             .take()
             .expect("a parked socket keeps its connection")
             .into_inner();
+        // The new stream has written nothing.
+        self.w.direct = true;
         Ok(Box::new(unpark(link, part, &self.app).await))
     }
 
@@ -626,29 +631,54 @@ fn poll_write(
     taken: &mut Option<Events>,
 ) -> Poll<Result<CloseCode, tungstenite::Error>> {
     let encoding = conn.outbox.encoding();
+    let fragment = app.config.limits.write_fragment_bytes;
     loop {
-        match ws.poll_ready_unpin(cx) {
-            Poll::Pending => {
-                w.blocked_since.get_or_insert_with(At::now);
-                return Poll::Pending;
+        // With nothing left in tungstenite (`direct`), the stream is ready.
+        if !w.direct {
+            match ws.poll_ready_unpin(cx) {
+                Poll::Pending => {
+                    w.blocked_since.get_or_insert_with(At::now);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => w.blocked_since = None,
             }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => w.blocked_since = None,
         }
         if w.ping_due {
             w.ping_due = false;
             ws.start_send_unpin(Message::Ping(Bytes::new()))?;
             w.dirty = true;
+            w.direct = false;
             continue;
         }
         let Taken { next, idle } = conn.outbox.take(cx.waker());
         match next {
             Some(Outgoing::Message(bytes)) => {
-                w.batch_bytes += bytes.len();
-                send_message(ws, bytes, encoding, app.config.limits.write_fragment_bytes)?;
                 app.metrics.frames_sent.inc();
-                w.dirty = true;
+                // Moved by every message (also those written past the stream, which do not
+                // grow its buffers), so a busy socket is not parked only to be woken for its
+                // next message.
                 w.grown_at = Some(At::now());
+                let direct = match w.direct {
+                    true => write_direct(ws, cx, &bytes, encoding, fragment),
+                    false => None,
+                };
+                match direct {
+                    Some(Ok(true)) => {}
+                    Some(Ok(false)) => {
+                        // The rest of the frame waits in the wire: flushed with the batch,
+                        // and what follows goes through the stream behind it.
+                        w.dirty = true;
+                        w.direct = false;
+                    }
+                    Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                    None => {
+                        w.batch_bytes += bytes.len();
+                        send_message(ws, bytes, encoding, fragment)?;
+                        w.dirty = true;
+                        w.direct = false;
+                    }
+                }
             }
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);
@@ -685,6 +715,7 @@ fn flush_dirty(
         Poll::Ready(result) => {
             if result.is_ok() {
                 w.dirty = false;
+                w.direct = true;
                 w.big |= w.batch_bytes >= BIG_BATCH;
                 w.batch_bytes = 0;
             }

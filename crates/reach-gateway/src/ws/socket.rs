@@ -3,6 +3,8 @@
 //! ([`send_message`] in the session, [`close_direct`] before and after it), and how a socket
 //! ended ([`End`]).
 
+use std::io;
+use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -275,6 +277,55 @@ pub(super) fn send_message(
     Ok(())
 }
 
+/// The longest frame written past tungstenite ([`write_direct`]), header included: it is
+/// built in a buffer on the stack. Presence updates are far shorter.
+const DIRECT_FRAME: usize = 512;
+
+/// Writes one message as one unfragmented frame straight to the connection, past tungstenite
+/// (which must hold nothing unwritten: `WriteState::direct`): the bytes tungstenite would
+/// write for it, without copying them into the stream's write buffer or touching the stream's
+/// state. `None`: the message is too long for that, or is to be fragmented; it goes through the
+/// stream. `Some(Ok(false))`: the connection took only part of the frame; the wire keeps the
+/// rest and a flush of the stream writes it first.
+pub(super) fn write_direct(
+    ws: &mut Socket,
+    cx: &mut Context<'_>,
+    payload: &[u8],
+    encoding: Encoding,
+    fragment: usize,
+) -> Option<io::Result<bool>> {
+    if fragment != 0 && payload.len() > fragment {
+        return None;
+    }
+    let mut buf = [0u8; DIRECT_FRAME];
+    let len = frame_into(&mut buf, payload, encoding)?;
+    Some(ws.get_mut().write_frame(cx, &buf[..len]))
+}
+
+/// Writes a server frame (final, unmasked) holding `payload` into `buf`; its length, or `None`
+/// when it does not fit.
+fn frame_into(buf: &mut [u8; DIRECT_FRAME], payload: &[u8], encoding: Encoding) -> Option<usize> {
+    let op = OpCode::Data(match encoding {
+        Encoding::MsgPack => Data::Binary,
+        Encoding::Json => Data::Text,
+    });
+    let len = payload.len();
+    buf[0] = 0x80 | u8::from(op);
+    let header = match len {
+        0..=125 => {
+            buf[1] = len as u8;
+            2
+        }
+        _ => {
+            buf[1] = 126;
+            buf[2..4].copy_from_slice(&u16::try_from(len).ok()?.to_be_bytes());
+            4
+        }
+    };
+    buf.get_mut(header..header + len)?.copy_from_slice(payload);
+    Some(header + len)
+}
+
 fn message(bytes: Bytes, encoding: Encoding) -> Message {
     match encoding {
         Encoding::MsgPack => Message::Binary(bytes),
@@ -319,4 +370,34 @@ pub(super) async fn close_direct(
 /// close frame; this sends it (else the client sees 1006).
 pub(super) async fn answer_close(ws: &mut Socket) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame written past tungstenite is byte for byte the one tungstenite writes for the
+    /// same message, at every header size that fits; longer ones are left to tungstenite.
+    #[test]
+    fn direct_frames_are_the_frames_tungstenite_writes() {
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            for len in [0, 1, 125, 126, 127, 300, DIRECT_FRAME - 4] {
+                let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut buf = [0u8; DIRECT_FRAME];
+                let n = frame_into(&mut buf, &payload, encoding).expect("fits");
+                let op = OpCode::Data(match encoding {
+                    Encoding::MsgPack => Data::Binary,
+                    Encoding::Json => Data::Text,
+                });
+                let mut expected = Vec::new();
+                Frame::message(payload.clone(), op, true)
+                    .format(&mut expected)
+                    .expect("formats");
+                assert_eq!(&buf[..n], &expected[..], "{encoding:?}, {len} bytes");
+            }
+            let mut buf = [0u8; DIRECT_FRAME];
+            let long = vec![b'x'; DIRECT_FRAME - 3];
+            assert_eq!(frame_into(&mut buf, &long, encoding), None);
+        }
+    }
 }

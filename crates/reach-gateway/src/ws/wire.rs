@@ -9,11 +9,16 @@
 //! releases both, but is only safe
 //! when nothing read is still inside it: every message whose bytes were handed over has been
 //! taken, and no byte of a later frame was. [`Wire::at_boundary`] says exactly that.
+//!
+//! Small messages are written through the wire itself, past tungstenite
+//! ([`Wire::write_frame`]): what the connection does not take at once is kept here and goes
+//! out before any later byte, tungstenite's included.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The longest client frame header: 2 bytes, 8 of extended length, 4 of mask.
@@ -33,6 +38,9 @@ pub(super) struct Wire<S> {
     fragmented: bool,
     /// Messages whose last byte was handed over and that the session has not taken yet.
     unread: u32,
+    /// The unwritten rest of a frame written past tungstenite ([`Wire::write_frame`]); it goes
+    /// out before anything else written or flushed through the wire.
+    owed: Bytes,
 }
 
 impl<S> Wire<S> {
@@ -45,6 +53,7 @@ impl<S> Wire<S> {
             payload_left: 0,
             fragmented: false,
             unread: 0,
+            owed: Bytes::new(),
         }
     }
 
@@ -61,6 +70,10 @@ impl<S> Wire<S> {
     /// frames from where this one stopped.
     pub(super) fn into_inner(self) -> S {
         debug_assert!(self.at_boundary());
+        debug_assert!(
+            self.owed.is_empty(),
+            "a frame's rest is still to be written"
+        );
         self.io
     }
 
@@ -159,13 +172,58 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Wire<S> {
+    /// Writes one whole server frame (`frame`: header and payload) to the connection, past
+    /// tungstenite, which must hold nothing unwritten then (the session writes this way only
+    /// after a flush, with nothing sent through the stream since). `Ok(true)`: written.
+    /// `Ok(false)`: the connection took only part of it (or none); the rest is kept and goes
+    /// out first when anything is next written or flushed through the wire, so a flush sends
+    /// it, and frames written after it must go through the stream.
+    pub(super) fn write_frame(&mut self, cx: &mut Context<'_>, frame: &[u8]) -> io::Result<bool> {
+        if !self.owed.is_empty() {
+            // Not reached (the session writes past the stream only with nothing owed); kept
+            // in order all the same.
+            let mut owed = Vec::with_capacity(self.owed.len() + frame.len());
+            owed.extend_from_slice(&self.owed);
+            owed.extend_from_slice(frame);
+            self.owed = Bytes::from(owed);
+            return Ok(false);
+        }
+        let written = match Pin::new(&mut self.io).poll_write(cx, frame) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => 0,
+        };
+        if written >= frame.len() {
+            return Ok(true);
+        }
+        self.owed = Bytes::copy_from_slice(&frame[written..]);
+        Ok(false)
+    }
+
+    /// Writes what [`Wire::write_frame`] kept, if anything; ready once it is all written.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.owed.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.owed))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.owed.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.poll_owed(cx))?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -173,7 +231,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.poll_owed(cx))?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -181,11 +241,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_owed(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_owed(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -306,6 +370,89 @@ mod tests {
         wire.taken();
         wire.taken();
         assert!(wire.at_boundary());
+    }
+
+    /// A connection that takes at most `room` more bytes, then is not ready until given more
+    /// room.
+    #[derive(Default)]
+    struct Tight {
+        written: Vec<u8>,
+        room: usize,
+        flushes: usize,
+    }
+
+    impl AsyncWrite for Tight {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let n = buf.len().min(this.room);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            this.room -= n;
+            this.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(std::task::Waker::noop())
+    }
+
+    /// A frame the connection takes whole is written at once; one it takes only part of (or
+    /// none of) is kept, and its rest goes out before anything written or flushed after it,
+    /// even across several partial writes.
+    #[test]
+    fn a_frame_written_in_part_goes_out_whole_before_what_follows() {
+        let mut wire = Wire::new(Tight {
+            room: 100,
+            ..Tight::default()
+        });
+        assert!(wire.write_frame(&mut cx(), b"first").unwrap(), "written");
+        wire.io.room = 3;
+        assert!(!wire.write_frame(&mut cx(), b"second").unwrap(), "in part");
+        assert_eq!(wire.io.written, b"firstsec");
+        // Nothing else gets past the rest: the write waits while the rest does not fit.
+        let mut w = Pin::new(&mut wire);
+        assert!(w.as_mut().poll_write(&mut cx(), b"third").is_pending());
+        w.as_mut().get_mut().io.room = 2;
+        assert!(w.as_mut().poll_flush(&mut cx()).is_pending());
+        assert_eq!(w.io.written, b"firstsecon");
+        assert_eq!(w.io.flushes, 0, "no flush before the rest is out");
+        w.as_mut().get_mut().io.room = 100;
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx(), b"third"),
+            Poll::Ready(Ok(5))
+        ));
+        assert_eq!(w.io.written, b"firstsecondthird");
+        // Not taken at all: kept whole, and a flush sends it.
+        w.as_mut().get_mut().io.room = 0;
+        assert!(
+            !w.as_mut()
+                .get_mut()
+                .write_frame(&mut cx(), b"fourth")
+                .unwrap()
+        );
+        w.as_mut().get_mut().io.room = 100;
+        assert!(matches!(
+            w.as_mut().poll_flush(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(w.io.written, b"firstsecondthirdfourth");
+        assert_eq!(w.io.flushes, 1);
+        assert!(wire.owed.is_empty());
     }
 
     #[test]

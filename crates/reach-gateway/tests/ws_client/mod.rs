@@ -69,6 +69,27 @@ impl Ws {
         }
     }
 
+    /// Connects (JSON) with a small kernel receive buffer, so the server's writes block early
+    /// once the client stops reading.
+    pub async fn connect_with_rcvbuf(addr: std::net::SocketAddr, rcvbuf: u32) -> Ws {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(rcvbuf).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let url = format!("ws://{addr}/v1/ws");
+        let (stream, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)),
+        )
+        .await
+        .expect("upgrade in time")
+        .expect("upgrade accepted");
+        Ws {
+            stream,
+            enc: Encoding::Json,
+            pings: 0,
+        }
+    }
+
     /// Connects and says hello; returns the socket and the welcome.
     pub async fn hello(url: &str, token: &str, protocol: Option<Encoding>) -> (Ws, ServerFrame) {
         let mut ws = Self::connect(url, protocol).await;
@@ -138,6 +159,12 @@ impl Ws {
             |f| matches!(f, ServerFrame::UserUpdated { user, .. } if user.identity == identity),
         )
         .await
+    }
+
+    /// The next `user_updated`, of any user.
+    pub async fn update_of_any(&mut self) -> ServerFrame {
+        self.recv_until(|f| matches!(f, ServerFrame::UserUpdated { .. }))
+            .await
     }
 
     /// `is_online` in the next `user_updated` for `identity`.
