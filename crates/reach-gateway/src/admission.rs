@@ -214,6 +214,12 @@ impl Counted {
         }
     }
 
+    /// Sends `buf` with one `send`, without the runtime's readiness check (see
+    /// `ws::wire::SendNow`); `WouldBlock` when the socket takes nothing now.
+    pub(crate) fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+        socket2::SockRef::from(&self.tcp).send(buf)
+    }
+
     /// Reads what the client sent without taking it from the connection.
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.tcp.peek(buf).await

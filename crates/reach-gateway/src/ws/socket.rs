@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::either::Either;
 
-use super::wire::Wire;
+use super::wire::{SendNow, Wire};
 use crate::admission::Counted;
 use crate::config::LimitsConfig;
 
@@ -36,6 +36,15 @@ pub(super) fn link(upgraded: Upgraded) -> (Link, Bytes) {
     match upgraded.downcast::<TokioIo<Counted>>() {
         Ok(parts) => (Either::Left(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => (Either::Right(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+impl SendNow for Link {
+    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+        match self {
+            Either::Left(tcp) => Some(tcp.send_now(buf)),
+            Either::Right(_) => None,
+        }
     }
 }
 

@@ -172,28 +172,50 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> Wire<S> {
+/// A connection that can take bytes at once, with a plain `send` and without the runtime's
+/// readiness check first (which reads the socket's readiness record: a cache line of its own
+/// per socket, on a delivery's path). The runtime's readiness is only a hint: a send that
+/// would block leaves the socket's readiness to the runtime's next write, which finds out
+/// itself.
+pub(super) trait SendNow {
+    /// `None`: not this kind of connection (a TLS stream); write through `AsyncWrite`.
+    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>>;
+}
+
+impl<S: AsyncWrite + SendNow + Unpin> Wire<S> {
     /// Writes one whole server frame (`frame`: header and payload) to the connection, past
     /// tungstenite, which must hold nothing unwritten then (the session writes this way only
     /// after a flush, with nothing sent through the stream since). `Ok(true)`: written.
     /// `Ok(false)`: the connection took only part of it (or none); the rest is kept and goes
     /// out first when anything is next written or flushed through the wire, so a flush sends
     /// it, and frames written after it must go through the stream.
+    ///
+    /// Called only with nothing owed (the session writes past the stream only after a flush,
+    /// which writes what is owed first): checking here would read a cache line of the wire
+    /// that a delivery otherwise does not touch.
     pub(super) fn write_frame(&mut self, cx: &mut Context<'_>, frame: &[u8]) -> io::Result<bool> {
-        if !self.owed.is_empty() {
-            // Not reached (the session writes past the stream only with nothing owed); kept
-            // in order all the same.
-            let mut owed = Vec::with_capacity(self.owed.len() + frame.len());
-            owed.extend_from_slice(&self.owed);
-            owed.extend_from_slice(frame);
-            self.owed = Bytes::from(owed);
-            return Ok(false);
-        }
-        let written = match Pin::new(&mut self.io).poll_write(cx, frame) {
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => 0,
+        debug_assert!(
+            self.owed.is_empty(),
+            "a frame's rest is still to be written"
+        );
+        let sent = match self.io.send_now(frame) {
+            Some(sent) => sent,
+            None => match Pin::new(&mut self.io).poll_write(cx, frame) {
+                Poll::Ready(sent) => sent,
+                Poll::Pending => Ok(0),
+            },
+        };
+        let written = match sent {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Err(e),
         };
         if written >= frame.len() {
             return Ok(true);
@@ -201,7 +223,9 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
         self.owed = Bytes::copy_from_slice(&frame[written..]);
         Ok(false)
     }
+}
 
+impl<S: AsyncWrite + Unpin> Wire<S> {
     /// Writes what [`Wire::write_frame`] kept, if anything; ready once it is all written.
     fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.owed.is_empty() {
@@ -404,6 +428,12 @@ mod tests {
 
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
+        }
+    }
+
+    impl SendNow for Tight {
+        fn send_now(&self, _: &[u8]) -> Option<io::Result<usize>> {
+            None
         }
     }
 
