@@ -215,9 +215,14 @@ impl Counted {
     }
 
     /// Sends `buf` with one `send`, without the runtime's readiness check (see
-    /// `ws::wire::SendNow`); `WouldBlock` when the socket takes nothing now.
+    /// `ws::wire::SendNow`); `WouldBlock` when the socket takes nothing now. With
+    /// `MSG_NOSIGNAL`, as the runtime's own writes: a peer gone gives `EPIPE`, never SIGPIPE.
     pub(crate) fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(&self.tcp).send(buf)
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let flags = libc::MSG_NOSIGNAL;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let flags = 0;
+        socket2::SockRef::from(&self.tcp).send_with_flags(buf, flags)
     }
 
     /// Reads what the client sent without taking it from the connection.

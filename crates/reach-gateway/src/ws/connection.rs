@@ -125,10 +125,11 @@ pub(super) struct WriteState {
     /// Frames written to the sink (or part of one to the wire, see `direct`) but not flushed
     /// yet.
     pub(super) dirty: bool,
-    /// tungstenite holds nothing unwritten and the wire owes nothing (a flush succeeded, and
-    /// nothing was sent through the stream nor read from it since: a read may queue an
-    /// automatic pong): small messages are then written past the stream, straight to the
-    /// wire (`socket::write_direct`), which spares a delivery the stream's state and copy.
+    /// tungstenite holds nothing unwritten and the wire owes nothing (a flush succeeded, or a
+    /// parked socket's stream was just built, and nothing was sent through the stream nor
+    /// read from it since: a read may queue an automatic pong): small messages are then
+    /// written past the stream, straight to the connection (`socket::write_direct`), which
+    /// spares a delivery the stream's state and copy.
     pub(super) direct: bool,
     /// Since when the socket has refused to take more bytes.
     pub(super) blocked_since: Option<At>,

@@ -6,8 +6,9 @@
 //! Each wake-up first writes what the outbox holds while the socket takes it (in batches,
 //! flushed once per batch), then checks the session's deadlines (server pings, heartbeat
 //! timeout, token warning and expiry, write stall), then reads. Writes are pulled from the
-//! outbox only when the socket is ready to take them, so a wake-up that ends in a read or a
-//! deadline never loses a frame. A socket whose writes make no progress for
+//! outbox only when the socket is ready to take them (a small message written past
+//! tungstenite that the connection takes only in part is kept whole by the wire), so a
+//! wake-up that ends in a read or a deadline never loses a frame. A socket whose writes make no progress for
 //! `write_stall_timeout_ms` is closed with 4009 (so is one whose outbox passes
 //! `max_outbox_bytes`: the outbox asks for that close itself). What a session holds is in
 //! [`super::connection`], the requests it answers in [`super::requests`].
@@ -654,13 +655,12 @@ fn poll_write(
         let Taken { next, idle } = conn.outbox.take(cx.waker());
         match next {
             Some(Outgoing::Message(bytes)) => {
-                app.metrics.frames_sent.inc();
                 // Moved by every message (also those written past the stream, which do not
                 // grow its buffers), so a busy socket is not parked only to be woken for its
                 // next message.
                 w.grown_at = Some(At::now());
                 let direct = match w.direct {
-                    true => write_direct(ws, cx, &bytes, encoding, fragment),
+                    true => write_direct(ws, &bytes, encoding, fragment),
                     false => None,
                 };
                 match direct {
@@ -679,6 +679,7 @@ fn poll_write(
                         w.direct = false;
                     }
                 }
+                app.metrics.frames_sent.inc();
             }
             Some(Outgoing::Close(code)) => {
                 return flush_dirty(ws, w, cx).map_ok(|()| code);
@@ -715,6 +716,8 @@ fn flush_dirty(
         Poll::Ready(result) => {
             if result.is_ok() {
                 w.dirty = false;
+                // Everything is written, the wire's owed bytes first: `write_frame` may be
+                // used (it relies on this, and does not check them itself).
                 w.direct = true;
                 w.big |= w.batch_bytes >= BIG_BATCH;
                 w.batch_bytes = 0;

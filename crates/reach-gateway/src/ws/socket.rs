@@ -1,10 +1,9 @@
 //! One client's socket: its WebSocket settings (read buffer, message and frame limits,
 //! fragment size), reading and classifying what arrives ([`classify`]), sending
-//! ([`send_message`] in the session, [`close_direct`] before and after it), and how a socket
-//! ended ([`End`]).
+//! ([`send_message`] in the session, or [`write_direct`] past tungstenite for small messages
+//! on plain TCP; [`close_direct`] before and after it), and how a socket ended ([`End`]).
 
 use std::io;
-use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,10 +39,14 @@ pub(super) fn link(upgraded: Upgraded) -> (Link, Bytes) {
 }
 
 impl SendNow for Link {
-    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+    fn can_send_now(&self) -> bool {
+        matches!(self, Either::Left(_))
+    }
+
+    fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Either::Left(tcp) => Some(tcp.send_now(buf)),
-            Either::Right(_) => None,
+            Either::Left(tcp) => tcp.send_now(buf),
+            Either::Right(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 }
@@ -290,15 +293,15 @@ pub(super) fn send_message(
 /// built in a buffer on the stack. Presence updates are far shorter.
 const DIRECT_FRAME: usize = 512;
 
-/// Writes one message as one unfragmented frame straight to the connection, past tungstenite
-/// (which must hold nothing unwritten: `WriteState::direct`): the bytes tungstenite would
-/// write for it, without copying them into the stream's write buffer or touching the stream's
-/// state. `None`: the message is too long for that, or is to be fragmented; it goes through the
-/// stream. `Some(Ok(false))`: the connection took only part of the frame; the wire keeps the
-/// rest and a flush of the stream writes it first.
+/// Writes one message as one unfragmented frame straight to the connection with one `send`,
+/// past tungstenite (which must hold nothing unwritten: `WriteState::direct`): the bytes
+/// tungstenite would write for it, without copying them into the stream's write buffer or
+/// touching the stream's state. `None`: the message is too long for that or is to be
+/// fragmented, or the connection is TLS; it goes through the stream. `Some(Ok(false))`: the
+/// connection took only part of the frame; the wire keeps the rest and a flush of the stream
+/// writes it first.
 pub(super) fn write_direct(
     ws: &mut Socket,
-    cx: &mut Context<'_>,
     payload: &[u8],
     encoding: Encoding,
     fragment: usize,
@@ -306,9 +309,14 @@ pub(super) fn write_direct(
     if fragment != 0 && payload.len() > fragment {
         return None;
     }
+    debug_assert!(encoding != Encoding::Json || std::str::from_utf8(payload).is_ok());
+    let wire = ws.get_mut();
+    if !wire.can_write_frame() {
+        return None;
+    }
     let mut buf = [0u8; DIRECT_FRAME];
     let len = frame_into(&mut buf, payload, encoding)?;
-    Some(ws.get_mut().write_frame(cx, &buf[..len]))
+    Some(wire.write_frame(&buf[..len]))
 }
 
 /// Writes a server frame (final, unmasked) holding `payload` into `buf`; its length, or `None`

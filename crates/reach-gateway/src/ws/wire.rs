@@ -178,34 +178,38 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
 /// would block leaves the socket's readiness to the runtime's next write, which finds out
 /// itself.
 pub(super) trait SendNow {
-    /// `None`: not this kind of connection (a TLS stream); write through `AsyncWrite`.
-    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>>;
+    /// Whether [`SendNow::send_now`] can be used: not over TLS, whose stream may accept bytes
+    /// it has not written yet (only a flush would send them).
+    fn can_send_now(&self) -> bool;
+
+    /// Sends what the connection takes of `buf` now, with one `send`.
+    fn send_now(&self, buf: &[u8]) -> io::Result<usize>;
 }
 
 impl<S: AsyncWrite + SendNow + Unpin> Wire<S> {
-    /// Writes one whole server frame (`frame`: header and payload) to the connection, past
-    /// tungstenite, which must hold nothing unwritten then (the session writes this way only
-    /// after a flush, with nothing sent through the stream since). `Ok(true)`: written.
+    /// Whether [`Wire::write_frame`] can be used on this connection ([`SendNow`]).
+    pub(super) fn can_write_frame(&self) -> bool {
+        self.io.can_send_now()
+    }
+
+    /// Writes one whole server frame (`frame`: header and payload) to the connection with one
+    /// `send`, past tungstenite, which must hold nothing unwritten then (the session writes
+    /// this way only after a flush, with nothing sent through the stream since), on a
+    /// connection that [can take it so](Wire::can_write_frame). `Ok(true)`: written.
     /// `Ok(false)`: the connection took only part of it (or none); the rest is kept and goes
     /// out first when anything is next written or flushed through the wire, so a flush sends
     /// it, and frames written after it must go through the stream.
     ///
     /// Called only with nothing owed (the session writes past the stream only after a flush,
-    /// which writes what is owed first): checking here would read a cache line of the wire
-    /// that a delivery otherwise does not touch.
-    pub(super) fn write_frame(&mut self, cx: &mut Context<'_>, frame: &[u8]) -> io::Result<bool> {
+    /// which writes what is owed first, and sets `WriteState::direct` only then or on a new
+    /// wire): checking here would read a cache line of the wire that a delivery otherwise
+    /// does not touch.
+    pub(super) fn write_frame(&mut self, frame: &[u8]) -> io::Result<bool> {
         debug_assert!(
             self.owed.is_empty(),
             "a frame's rest is still to be written"
         );
-        let sent = match self.io.send_now(frame) {
-            Some(sent) => sent,
-            None => match Pin::new(&mut self.io).poll_write(cx, frame) {
-                Poll::Ready(sent) => sent,
-                Poll::Pending => Ok(0),
-            },
-        };
-        let written = match sent {
+        let written = match self.io.send_now(frame) {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -397,12 +401,25 @@ mod tests {
     }
 
     /// A connection that takes at most `room` more bytes, then is not ready until given more
-    /// room.
+    /// room; the same through `send_now` (which then says `WouldBlock`) and `poll_write`.
     #[derive(Default)]
     struct Tight {
-        written: Vec<u8>,
-        room: usize,
+        written: std::cell::RefCell<Vec<u8>>,
+        room: std::cell::Cell<usize>,
         flushes: usize,
+    }
+
+    impl Tight {
+        fn take(&self, buf: &[u8]) -> usize {
+            let n = buf.len().min(self.room.get());
+            self.room.set(self.room.get() - n);
+            self.written.borrow_mut().extend_from_slice(&buf[..n]);
+            n
+        }
+
+        fn written(&self) -> Vec<u8> {
+            self.written.borrow().clone()
+        }
     }
 
     impl AsyncWrite for Tight {
@@ -411,14 +428,10 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            let n = buf.len().min(this.room);
-            if n == 0 {
-                return Poll::Pending;
+            match self.take(buf) {
+                0 => Poll::Pending,
+                n => Poll::Ready(Ok(n)),
             }
-            this.room -= n;
-            this.written.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
         }
 
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -432,8 +445,15 @@ mod tests {
     }
 
     impl SendNow for Tight {
-        fn send_now(&self, _: &[u8]) -> Option<io::Result<usize>> {
-            None
+        fn can_send_now(&self) -> bool {
+            true
+        }
+
+        fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+            match self.take(buf) {
+                0 => Err(io::ErrorKind::WouldBlock.into()),
+                n => Ok(n),
+            }
         }
     }
 
@@ -446,43 +466,86 @@ mod tests {
     /// even across several partial writes.
     #[test]
     fn a_frame_written_in_part_goes_out_whole_before_what_follows() {
-        let mut wire = Wire::new(Tight {
-            room: 100,
-            ..Tight::default()
-        });
-        assert!(wire.write_frame(&mut cx(), b"first").unwrap(), "written");
-        wire.io.room = 3;
-        assert!(!wire.write_frame(&mut cx(), b"second").unwrap(), "in part");
-        assert_eq!(wire.io.written, b"firstsec");
+        let mut wire = Wire::new(Tight::default());
+        wire.io.room.set(100);
+        assert!(wire.write_frame(b"first").unwrap(), "written");
+        wire.io.room.set(3);
+        assert!(!wire.write_frame(b"second").unwrap(), "in part");
+        assert_eq!(wire.io.written(), b"firstsec");
         // Nothing else gets past the rest: the write waits while the rest does not fit.
         let mut w = Pin::new(&mut wire);
         assert!(w.as_mut().poll_write(&mut cx(), b"third").is_pending());
-        w.as_mut().get_mut().io.room = 2;
+        w.io.room.set(2);
         assert!(w.as_mut().poll_flush(&mut cx()).is_pending());
-        assert_eq!(w.io.written, b"firstsecon");
+        assert_eq!(w.io.written(), b"firstsecon");
         assert_eq!(w.io.flushes, 0, "no flush before the rest is out");
-        w.as_mut().get_mut().io.room = 100;
+        w.io.room.set(100);
         assert!(matches!(
             w.as_mut().poll_write(&mut cx(), b"third"),
             Poll::Ready(Ok(5))
         ));
-        assert_eq!(w.io.written, b"firstsecondthird");
+        assert_eq!(w.io.written(), b"firstsecondthird");
         // Not taken at all: kept whole, and a flush sends it.
-        w.as_mut().get_mut().io.room = 0;
-        assert!(
-            !w.as_mut()
-                .get_mut()
-                .write_frame(&mut cx(), b"fourth")
-                .unwrap()
-        );
-        w.as_mut().get_mut().io.room = 100;
+        w.io.room.set(0);
+        assert!(!w.as_mut().get_mut().write_frame(b"fourth").unwrap());
+        w.io.room.set(100);
         assert!(matches!(
             w.as_mut().poll_flush(&mut cx()),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(w.io.written, b"firstsecondthirdfourth");
+        assert_eq!(w.io.written(), b"firstsecondthirdfourth");
         assert_eq!(w.io.flushes, 1);
         assert!(wire.owed.is_empty());
+    }
+
+    /// Over a real connection with small buffers: frames sent with a plain `send` until one is
+    /// taken only in part, then bytes written through the wire as tungstenite writes them;
+    /// the peer reads every byte once, in order.
+    #[tokio::test]
+    async fn frames_sent_past_the_runtime_reach_the_peer_whole_and_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (client, accepted) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let link: super::super::socket::Link =
+            tokio_util::either::Either::Left(crate::admission::Counted::new(server, permit));
+        let mut wire = Wire::new(link);
+        assert!(wire.can_write_frame());
+        let mut expected = Vec::new();
+        for i in 0.. {
+            assert!(i < 10_000_000, "the connection never filled");
+            let frame = format!("frame {i:07};").into_bytes();
+            expected.extend_from_slice(&frame);
+            if !wire.write_frame(&frame).unwrap() {
+                break;
+            }
+        }
+        assert!(!wire.owed.is_empty());
+        let after = b"after the rest".repeat(1000);
+        expected.extend_from_slice(&after);
+        let len = expected.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; len];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        wire.write_all(&after).await.unwrap();
+        wire.flush().await.unwrap();
+        let got = reader.await.unwrap();
+        assert!(got == expected, "the peer read the bytes out of order");
     }
 
     #[test]

@@ -161,12 +161,6 @@ impl Ws {
         .await
     }
 
-    /// The next `user_updated`, of any user.
-    pub async fn update_of_any(&mut self) -> ServerFrame {
-        self.recv_until(|f| matches!(f, ServerFrame::UserUpdated { .. }))
-            .await
-    }
-
     /// `is_online` in the next `user_updated` for `identity`.
     pub async fn is_online_of(&mut self, identity: &str) -> Option<bool> {
         match self.update_of(identity).await {
