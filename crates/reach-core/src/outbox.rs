@@ -155,6 +155,17 @@ pub enum Outgoing {
     Close(CloseCode),
 }
 
+/// What [`Outbox::pop_small`] found at the head of the queue.
+#[derive(Debug)]
+pub enum Head {
+    /// A message no longer than asked, taken.
+    Small(Bytes),
+    /// Something else can be sent now (a longer message, a reply, the close): left in place.
+    Other,
+    /// Nothing can be sent now.
+    Nothing,
+}
+
 /// What a reply slot counts in the queue's bytes before it is filled.
 const SLOT_SIZE: usize = 256;
 
@@ -742,6 +753,34 @@ impl Outbox {
             inner.bytes = 0;
         }
         Some(Outgoing::Message(bytes))
+    }
+
+    /// Takes the message at the head if it can be sent now and is at most `max` bytes long
+    /// (an update or a frame; replies and the close are left for [`Outbox::pop`]), without
+    /// registering a waker: for a parked socket, which writes such messages without its
+    /// stream (its waker is registered by [`Outbox::take_events`] first).
+    pub fn pop_small(&self, max: usize) -> Head {
+        let mut inner = self.lock();
+        if !inner.front_ready() {
+            return match inner.close_due() {
+                Some(_) => Head::Other,
+                None => Head::Nothing,
+            };
+        }
+        let small = match inner.items.front() {
+            Some(Item::Frame(b)) => b.len() <= max,
+            Some(Item::Update { update, reasons }) => {
+                *reasons == update.reasons && update.bytes(self.encoding).len() <= max
+            }
+            _ => false,
+        };
+        if !small {
+            return Head::Other;
+        }
+        match self.next_locked(&mut inner) {
+            Some(Outgoing::Message(bytes)) => Head::Small(bytes),
+            _ => Head::Other,
+        }
     }
 
     /// Whether [`Outbox::pop`] would return something now (a message or the close), without

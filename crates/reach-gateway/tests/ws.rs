@@ -1486,7 +1486,8 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
     };
     assert_eq!(users[0].is_online, Some(true));
     wait_parked_now(&d, 2).await;
-    // A push wakes bob's socket.
+    let parks = streams_parked(&d).await;
+    // An update reaches both parked sockets without a stream: they stay parked.
     let r = d
         .client()
         .post(
@@ -1500,6 +1501,18 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
     // Alice sees her own (read, so that her drop below ends with a FIN, not a reset).
     let update = alice.update_of("alice").await;
     assert_eq!(user_of(&update).friendly_name.as_deref(), Some("Alice A."));
+    assert_eq!(metric_value(&d, "reach_ws_sockets_parked").await, 2);
+    assert_eq!(
+        streams_parked(&d).await,
+        parks,
+        "no stream was built and parked again"
+    );
+    // A reply needs the stream: a subscribe wakes bob's socket, which parks again.
+    assert!(matches!(
+        subscribe(&mut bob, 4, &["carol"]).await,
+        ServerFrame::Subscribed { .. }
+    ));
+    wait_parked(&d, parks + 1).await;
     wait_parked_now(&d, 2).await;
     // Two requests in one TCP write wake it: both are answered, in order.
     for id in [2, 3] {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use reach_core::{Conn, Events, Outgoing, Taken};
+use reach_core::{Conn, Events, Head, Outgoing, Taken};
 use reach_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -35,9 +35,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{At, BIG_BATCH, MAX_BUSY_CHECKS, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    End, Gone, Link, Read, Socket, answer_close, classify, close_direct, error_frame, send_message,
-    stream_over, took, write_direct,
+    DIRECT_PAYLOAD, End, Gone, Link, Read, Socket, answer_close, classify, close_direct,
+    error_frame, send_message, send_parked, stream_over, took, write_direct,
 };
+use super::wire::SendNow;
 use crate::admission::Slot;
 use crate::state::App;
 use crate::throttle::{FrameVerdict, Limited};
@@ -135,8 +136,11 @@ pub(super) enum Step {
 
 /// What woke a parked socket.
 enum Parked {
-    /// Something to write: a message or close in the outbox, or a server ping.
-    Write,
+    /// Something to write that needs the stream (a reply, a long message, the close, a server
+    /// ping, or anything over TLS), or the rest of a small message the connection took only in
+    /// part (to go out first; boxed, as this is rare and a parked socket's task keeps room
+    /// for the largest of these).
+    Write(Option<Box<Bytes>>),
     /// A deadline registered with the shared timers has come.
     Timer,
     /// The client sent these bytes (the start of its next frame, or more).
@@ -188,8 +192,27 @@ fn take_apart(ws: Box<Socket>) -> Link {
 /// A parked socket's new stream over its connection, with what the client wrote while it was
 /// parked as the start of its read buffer. Boxed: its construction (the connection and the
 /// settings, moved in) would otherwise widen every parked socket's task.
-fn unpark(link: Link, part: Vec<u8>, app: &App) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
-    Box::pin(stream_over(link, part, &app.config.limits))
+fn unpark(
+    link: Link,
+    part: Vec<u8>,
+    owed: Option<Box<Bytes>>,
+    app: &App,
+) -> Pin<Box<impl Future<Output = Socket> + use<>>> {
+    let owed = owed.map_or_else(Bytes::new, |rest| *rest);
+    Box::pin(stream_over(link, part, owed, &app.config.limits))
+}
+
+/// What a parked socket's write of the outbox's next message did ([`Session::write_parked`]).
+enum Wrote {
+    /// Nothing can be sent now.
+    Nothing,
+    /// A small message went out whole.
+    Whole,
+    /// The rest needs the stream: what the connection did not take of a message (`None`: it
+    /// took nothing from the outbox).
+    Stream(Option<Box<Bytes>>),
+    /// The connection failed.
+    Failed,
 }
 
 /// What one wake-up of a socket produced.
@@ -476,11 +499,13 @@ impl Session {
                 }
             };
             match woke {
-                Parked::Read(part) => part,
+                Parked::Read(part) => (part, None),
                 Parked::Gone(gone) => return Err(End::Gone(gone)),
-                Parked::Write | Parked::Timer => Vec::new(),
+                Parked::Write(owed) => (Vec::new(), owed),
+                Parked::Timer => (Vec::new(), None),
             }
         };
+        let (part, owed) = part;
         self.must_read = true;
         self.w.grown_at = Some(At::now());
         let link = self
@@ -488,9 +513,11 @@ impl Session {
             .take()
             .expect("a parked socket keeps its connection")
             .into_inner();
-        // The new stream has written nothing.
-        self.w.direct = true;
-        Ok(Box::new(unpark(link, part, &self.app).await))
+        // The new stream has written nothing; the rest of a frame the connection took only in
+        // part goes out first, with the next flush.
+        self.w.direct = owed.is_none();
+        self.w.dirty = owed.is_some();
+        Ok(Box::new(unpark(link, part, owed, &self.app).await))
     }
 
     /// A parked socket's next event: arms the shared timer, then checks for something to
@@ -507,8 +534,24 @@ impl Session {
             if events.timer {
                 return Poll::Ready(Parked::Timer);
             }
-            if self.w.ping_due || self.conn.outbox.has_outgoing() {
-                return Poll::Ready(Parked::Write);
+            if self.w.ping_due {
+                return Poll::Ready(Parked::Write(None));
+            }
+            // Small messages go out without the stream, the socket stays parked. After each
+            // one the waker is registered again before the next look at the queue.
+            loop {
+                match self.write_parked() {
+                    Wrote::Nothing => break,
+                    Wrote::Whole => {
+                        let events = self.conn.outbox.take_events(cx.waker());
+                        self.must_read |= events.read;
+                        if events.timer {
+                            return Poll::Ready(Parked::Timer);
+                        }
+                    }
+                    Wrote::Stream(owed) => return Poll::Ready(Parked::Write(owed)),
+                    Wrote::Failed => return Poll::Ready(Parked::Gone(Gone::Transport)),
+                }
             }
             if !self.must_read {
                 return Poll::Pending;
@@ -534,6 +577,44 @@ impl Session {
                 Poll::Ready(Err(_)) => Poll::Ready(Parked::Gone(Gone::Transport)),
             }
         })
+    }
+
+    /// Writes the outbox's next message on a parked socket's connection when it is small and
+    /// the connection plain TCP ([`send_parked`]), without building a stream: a quiet socket
+    /// that gets an update now and then stays parked (no stream built and taken apart again,
+    /// no quiet check a second later).
+    fn write_parked(&mut self) -> Wrote {
+        let link = self
+            .parked
+            .as_mut()
+            .expect("a parked socket keeps its connection")
+            .get_mut();
+        let outbox = &self.conn.outbox;
+        if !link.can_send_now() {
+            return match outbox.has_outgoing() {
+                true => Wrote::Stream(None),
+                false => Wrote::Nothing,
+            };
+        }
+        let max = match self.app.config.limits.write_fragment_bytes {
+            0 => DIRECT_PAYLOAD,
+            fragment => fragment.min(DIRECT_PAYLOAD),
+        };
+        let bytes = match outbox.pop_small(max) {
+            Head::Nothing => return Wrote::Nothing,
+            Head::Other => return Wrote::Stream(None),
+            Head::Small(bytes) => bytes,
+        };
+        match send_parked(link, &bytes, outbox.encoding()) {
+            Ok(rest) => {
+                self.app.metrics.frames_sent.inc();
+                match rest {
+                    None => Wrote::Whole,
+                    Some(rest) => Wrote::Stream(Some(Box::new(rest))),
+                }
+            }
+            Err(_) => Wrote::Failed,
+        }
     }
 
     /// A timer event: forgets the armed tick once it has come (the registration that fired is

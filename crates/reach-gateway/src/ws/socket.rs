@@ -61,12 +61,17 @@ pub(super) type Socket = WebSocketStream<Raw>;
 /// what hyper read past the upgrade request, or what the client wrote while its socket was
 /// parked) as the start of its read buffer; the [`Wire`] under it follows their frames, so a
 /// partial frame among them keeps the stream until it is complete.
+///
+/// `owed`: the rest of a frame the connection took only in part while the socket was parked
+/// ([`send_parked`]); it goes out before anything the stream writes.
 pub(super) fn stream_over(
     link: Link,
     read: Vec<u8>,
+    owed: Bytes,
     limits: &LimitsConfig,
 ) -> impl Future<Output = Socket> + use<> {
-    let wire = Wire::after(link, &read);
+    let mut wire = Wire::after(link, &read);
+    wire.owe(owed);
     WebSocketStream::from_partially_read(wire, read, Role::Server, Some(ws_config(limits)))
 }
 
@@ -293,6 +298,10 @@ pub(super) fn send_message(
 /// built in a buffer on the stack. Presence updates are far shorter.
 const DIRECT_FRAME: usize = 512;
 
+/// The longest message written past tungstenite: [`DIRECT_FRAME`] less the longest header
+/// it needs (4 bytes).
+pub(super) const DIRECT_PAYLOAD: usize = DIRECT_FRAME - 4;
+
 /// Writes one message as one unfragmented frame straight to the connection with one `send`,
 /// past tungstenite (which must hold nothing unwritten: `WriteState::direct`): the bytes
 /// tungstenite would write for it, without copying them into the stream's write buffer or
@@ -317,6 +326,35 @@ pub(super) fn write_direct(
     let mut buf = [0u8; DIRECT_FRAME];
     let len = frame_into(&mut buf, payload, encoding)?;
     Some(wire.write_frame(&buf[..len]))
+}
+
+/// Sends one message as one unfragmented frame on a parked socket's connection, which has no
+/// stream: as [`write_direct`], for a message of at most [`DIRECT_PAYLOAD`] bytes on plain
+/// TCP (`link.can_send_now()`). `Ok(None)`: sent whole. `Ok(Some(rest))`: the connection took
+/// only part of it (or none); `rest` must go out before anything else (the new stream's wire
+/// takes it: [`stream_over`]).
+pub(super) fn send_parked(
+    link: &Link,
+    payload: &[u8],
+    encoding: Encoding,
+) -> io::Result<Option<Bytes>> {
+    let mut buf = [0u8; DIRECT_FRAME];
+    let len = frame_into(&mut buf, payload, encoding)
+        .ok_or_else(|| io::Error::other("a message too long to send parked"))?;
+    let frame = &buf[..len];
+    let written = match link.send_now(frame) {
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((written < len).then(|| Bytes::copy_from_slice(&frame[written..])))
 }
 
 /// Writes a server frame (final, unmasked) holding `payload` into `buf`; its length, or `None`
@@ -392,6 +430,60 @@ pub(super) async fn answer_close(ws: &mut Socket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::Counted;
+
+    /// A parked socket's messages sent without a stream until the connection takes one only in
+    /// part; the stream built then writes that rest first: a WebSocket client reads every
+    /// message whole and in order, then the stream's own.
+    #[tokio::test]
+    async fn a_parked_socket_s_partial_frame_goes_out_first_from_its_new_stream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (client, accepted) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let link: Link = Either::Left(Counted::new(server, permit));
+        assert!(link.can_send_now());
+        let mut sent = Vec::new();
+        let rest = loop {
+            assert!(sent.len() < 1_000_000, "the connection never filled");
+            let text = format!("message {:07} {}", sent.len(), "x".repeat(300));
+            let rest = send_parked(&link, text.as_bytes(), Encoding::Json).unwrap();
+            sent.push(text);
+            if let Some(rest) = rest {
+                break rest;
+            }
+        };
+        let mut ws = stream_over(link, Vec::new(), rest, &LimitsConfig::default()).await;
+        let reader = tokio::spawn(async move {
+            let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+            let mut got = Vec::new();
+            while let Some(Ok(Message::Text(t))) = client.next().await {
+                let last = t.as_str() == "after";
+                got.push(t.to_string());
+                if last {
+                    break;
+                }
+            }
+            got
+        });
+        ws.send(Message::Text("after".into())).await.unwrap();
+        sent.push("after".into());
+        assert!(
+            reader.await.unwrap() == sent,
+            "every message whole and in order"
+        );
+    }
 
     /// A frame written past tungstenite is byte for byte the one tungstenite writes for the
     /// same message, at every header size that fits; longer ones are left to tungstenite.

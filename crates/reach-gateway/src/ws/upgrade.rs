@@ -16,6 +16,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use reach_proto::Encoding;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite;
@@ -172,7 +173,7 @@ fn accept(app: Arc<App>, peer: SocketAddr, mut req: Request) -> Result<Response,
             .with_label_values(&[metrics::UPGRADE_HTTP])
             .inc();
         let (link, read) = link(upgraded);
-        let ws = stream_over(link, read.to_vec(), &limits_app.config.limits).await;
+        let ws = stream_over(link, read.to_vec(), Bytes::new(), &limits_app.config.limits).await;
         Some(Box::new(ws))
     });
     spawn_socket(app, peer, handshake.encoding(), pending, setup);
@@ -257,7 +258,12 @@ pub(crate) async fn direct(
         .upgrades
         .with_label_values(&[metrics::UPGRADE_DIRECT])
         .inc();
-    let ws = stream_over(Either::Left(tcp), Vec::new(), &app.config.limits);
+    let ws = stream_over(
+        Either::Left(tcp),
+        Vec::new(),
+        Bytes::new(),
+        &app.config.limits,
+    );
     let setup: Setup = Box::pin(async move { Some(Box::new(ws.await)) });
     spawn_socket(
         Arc::clone(app),

@@ -187,6 +187,13 @@ pub(super) trait SendNow {
 }
 
 impl<S: AsyncWrite + SendNow + Unpin> Wire<S> {
+    /// Takes `rest`, the unwritten rest of a frame sent on the connection before this wire
+    /// existed (by a parked socket), to write before anything else.
+    pub(super) fn owe(&mut self, rest: Bytes) {
+        debug_assert!(self.owed.is_empty());
+        self.owed = rest;
+    }
+
     /// Whether [`Wire::write_frame`] can be used on this connection ([`SendNow`]).
     pub(super) fn can_write_frame(&self) -> bool {
         self.io.can_send_now()
