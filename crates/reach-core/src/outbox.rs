@@ -756,9 +756,11 @@ impl Outbox {
     }
 
     /// Takes the message at the head if it can be sent now and is at most `max` bytes long
-    /// (an update or a frame; replies and the close are left for [`Outbox::pop`]), without
-    /// registering a waker: for a parked socket, which writes such messages without its
-    /// stream (its waker is registered by [`Outbox::take_events`] first).
+    /// (an update or a frame; replies, an update whose reasons were merged with a later one's,
+    /// and the close are left for [`Outbox::pop`]), without registering a waker: for a parked
+    /// socket, which writes such messages without its stream (its waker is registered by
+    /// [`Outbox::take_events`] first). Once the queue is empty, the mergeable region ends, as
+    /// with [`Outbox::pop`].
     pub fn pop_small(&self, max: usize) -> Head {
         let mut inner = self.lock();
         if !inner.front_ready() {
@@ -777,7 +779,12 @@ impl Outbox {
         if !small {
             return Head::Other;
         }
-        match self.next_locked(&mut inner) {
+        let next = self.next_locked(&mut inner);
+        if inner.items.is_empty() {
+            // Nothing left to merge with: the region's index, if any, goes too.
+            inner.barrier();
+        }
+        match next {
             Some(Outgoing::Message(bytes)) => Head::Small(bytes),
             _ => Head::Other,
         }
@@ -1058,6 +1065,68 @@ mod tests {
     }
 
     /// `has_outgoing` (what a parked socket checks) says what `pop` would do, and takes nothing.
+    #[test]
+    fn small_messages_are_taken_and_the_rest_left_for_pop() {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        assert!(matches!(outbox.pop_small(1000), Head::Nothing));
+        // A burst past the scan limit builds the merge index; draining it with pop_small
+        // ends the region, as pop does, so no index stays with an idle socket.
+        let users = queue_users(&outbox, SCAN_LIMIT + 4);
+        assert!(outbox.lock().mergeable.index.is_some());
+        for id in &users {
+            match outbox.pop_small(1000) {
+                Head::Small(bytes) => {
+                    let frame = decode_server(&bytes, Encoding::Json).unwrap();
+                    assert!(
+                        matches!(&frame, ServerFrame::UserUpdated { user, .. } if user.identity == **id),
+                        "{frame:?}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(outbox.pop_small(1000), Head::Nothing));
+        assert!(outbox.lock().mergeable.index.is_none());
+        // Longer than asked: left in place for pop.
+        let bob: Arc<str> = Arc::from("bob");
+        outbox.push_update(&bob, &presence("bob", true));
+        assert!(matches!(outbox.pop_small(10), Head::Other));
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        // An update whose reasons were merged with a newer one's: encoded by pop.
+        let carol: Arc<str> = Arc::from("carol");
+        outbox.push_update(&carol, &presence("carol", true));
+        let renamed = Update::new(user("carol", true), Reasons::of(UpdateReason::FriendlyName));
+        assert_eq!(outbox.push_update(&carol, &renamed), PushOutcome::Coalesced);
+        assert!(matches!(outbox.pop_small(1000), Head::Other));
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        // A reply slot, and the close once the queue is empty.
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 1,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        outbox.seal(slot);
+        assert!(matches!(outbox.pop_small(1000), Head::Other));
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Message(_))
+        ));
+        outbox.close(CloseCode::Normal);
+        assert!(matches!(outbox.pop_small(1000), Head::Other));
+        assert!(matches!(
+            outbox.pop(Waker::noop()),
+            Some(Outgoing::Close(CloseCode::Normal))
+        ));
+    }
+
     #[test]
     fn has_outgoing_answers_as_pop_would() {
         let outbox = Outbox::new(Encoding::Json, 1 << 20);

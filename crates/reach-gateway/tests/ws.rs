@@ -1445,7 +1445,8 @@ async fn quiet_sockets_are_parked_and_keep_working() {
     // Both go quiet (server pings and their pongs do not count) and are parked.
     wait_parked(&d, 2).await;
     let parked = streams_parked(&d).await;
-    // Requests, replies and pushes wake them and go on over new streams, in both encodings.
+    // Requests wake them and go on over new streams, in both encodings; a push reaches a
+    // parked socket without one.
     let ServerFrame::Subscribed { users, .. } = subscribe(&mut alice, 2, &["bob"]).await else {
         panic!("expected subscribed");
     };
@@ -1453,7 +1454,7 @@ async fn quiet_sockets_are_parked_and_keep_working() {
     alice.send(&ClientFrame::Bye).await;
     let update = bob.update_of("alice").await;
     assert_eq!(user_of(&update).is_online, Some(false));
-    // Bob went quiet again after that update: parked once more.
+    // Bob is parked again (after the server pings that keep waking him in this test).
     wait_parked(&d, parked + 1).await;
     // carol has never connected: she is reported as not found, in the reply to request 3.
     let ServerFrame::Subscribed { id, users, errors } = subscribe(&mut bob, 3, &["carol"]).await
@@ -1466,9 +1467,10 @@ async fn quiet_sockets_are_parked_and_keep_working() {
     assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 4 }));
 }
 
-/// A parked socket (no WebSocket stream, no buffer) wakes for what it must write (a push, a
-/// reply), for what the client writes (two requests in one TCP write: the second waits in the
-/// new stream's read buffer), for a close frame, and notices a dropped connection.
+/// A parked socket (no WebSocket stream, no buffer) sends a small update without waking, wakes
+/// for a write that needs its stream (an update longer than a frame sent parked), for what the
+/// client writes (a request; two requests in one TCP write: the second waits in the new
+/// stream's read buffer), for a close frame, and notices a dropped connection.
 #[tokio::test]
 async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
     use futures_util::{SinkExt, StreamExt};
@@ -1507,12 +1509,30 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
         parks,
         "no stream was built and parked again"
     );
-    // A reply needs the stream: a subscribe wakes bob's socket, which parks again.
+    // An update longer than a frame sent parked (600 bytes of attributes) needs the stream:
+    // bob's socket wakes, writes it whole, and parks again.
+    let attributes = serde_json::json!({ "bio": "y".repeat(600) }).to_string();
+    let r = d
+        .client()
+        .post(
+            &format!("/v1/Services/{svc}/Users/alice"),
+            &[("Attributes", &attributes)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let update = bob.update_of("alice").await;
+    assert_eq!(user_of(&update).attributes, attributes);
+    let update = alice.update_of("alice").await;
+    assert_eq!(user_of(&update).attributes, attributes);
+    wait_parked(&d, parks + 2).await;
+    wait_parked_now(&d, 2).await;
+    // A request wakes bob's socket (a read): its reply goes through the stream, and it parks
+    // again.
     assert!(matches!(
         subscribe(&mut bob, 4, &["carol"]).await,
         ServerFrame::Subscribed { .. }
     ));
-    wait_parked(&d, parks + 1).await;
+    wait_parked(&d, parks + 3).await;
     wait_parked_now(&d, 2).await;
     // Two requests in one TCP write wake it: both are answered, in order.
     for id in [2, 3] {

@@ -14,8 +14,10 @@
 //! [`super::connection`], the requests it answers in [`super::requests`].
 //!
 //! A quiet socket is parked ([`Session::park`]): its WebSocket stream is taken apart and only
-//! the connection under it is kept until it has something to write or the client writes;
-//! then a new stream is built over the same connection.
+//! the connection under it is kept until it has something to write that needs a stream (a
+//! reply, a long message, a server ping, the close; small updates are sent on the connection
+//! itself, [`Session::write_parked`]) or the client writes; then a new stream is built over
+//! the same connection.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -138,8 +140,8 @@ pub(super) enum Step {
 enum Parked {
     /// Something to write that needs the stream (a reply, a long message, the close, a server
     /// ping, or anything over TLS), or the rest of a small message the connection took only in
-    /// part (to go out first; boxed, as this is rare and a parked socket's task keeps room
-    /// for the largest of these).
+    /// part (to go out first; boxed: it is rare, and an 8-byte box keeps this no larger than
+    /// before, which a parked socket's task is measured against).
     Write(Option<Box<Bytes>>),
     /// A deadline registered with the shared timers has come.
     Timer,
@@ -464,7 +466,8 @@ impl Session {
     /// Parks a quiet socket: takes its WebSocket stream apart (after flushing what tungstenite
     /// still has to write, such as an automatic pong; a socket that does not take it keeps its
     /// stream) and keeps only the connection under it, with no buffer of its own, until the
-    /// socket has something to write (the outbox, a server ping) or the client writes. Then
+    /// socket has something to write that needs a stream (see [`Session::write_parked`]; a
+    /// server ping) or the client writes. Then
     /// builds a new stream over the same connection, with what the client wrote as the start
     /// of its read buffer. Called only when tungstenite holds no unread input
     /// ([`Session::quiet`]). `Err`: the connection ended while parked.

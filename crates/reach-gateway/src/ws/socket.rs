@@ -433,8 +433,8 @@ mod tests {
     use crate::admission::Counted;
 
     /// A parked socket's messages sent without a stream until the connection takes one only in
-    /// part; the stream built then writes that rest first: a WebSocket client reads every
-    /// message whole and in order, then the stream's own.
+    /// part (or not at all); the stream built then writes that rest first: a WebSocket client
+    /// reads every message whole and in order, then the stream's own.
     #[tokio::test]
     async fn a_parked_socket_s_partial_frame_goes_out_first_from_its_new_stream() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

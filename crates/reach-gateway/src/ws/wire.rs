@@ -38,8 +38,9 @@ pub(super) struct Wire<S> {
     fragmented: bool,
     /// Messages whose last byte was handed over and that the session has not taken yet.
     unread: u32,
-    /// The unwritten rest of a frame written past tungstenite ([`Wire::write_frame`]); it goes
-    /// out before anything else written or flushed through the wire.
+    /// The unwritten rest of a frame written past tungstenite ([`Wire::write_frame`], or by a
+    /// parked socket before this wire existed: [`Wire::owe`]); it goes out before anything
+    /// else written or flushed through the wire.
     owed: Bytes,
 }
 
