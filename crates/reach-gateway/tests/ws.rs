@@ -1454,7 +1454,7 @@ async fn quiet_sockets_are_parked_and_keep_working() {
     alice.send(&ClientFrame::Bye).await;
     let update = bob.update_of("alice").await;
     assert_eq!(user_of(&update).is_online, Some(false));
-    // Bob is parked again (after the server pings that keep waking him in this test).
+    // Alice's request woke her socket; it is parked again after its reply.
     wait_parked(&d, parked + 1).await;
     // carol has never connected: she is reported as not found, in the reply to request 3.
     let ServerFrame::Subscribed { id, users, errors } = subscribe(&mut bob, 3, &["carol"]).await
@@ -1465,6 +1465,33 @@ async fn quiet_sockets_are_parked_and_keep_working() {
     // Server pings kept being answered across the parks: bob is still connected.
     bob.send(&ClientFrame::Ping { id: 4 }).await;
     assert!(matches!(bob.recv().await, ServerFrame::Pong { id: 4 }));
+}
+
+/// A parked socket pings and hears the pongs without a stream: with pings every 200 ms and a
+/// 1 s heartbeat timeout, a client that reads (and so answers) stays connected and parked, and
+/// no stream is built for the pings.
+#[tokio::test]
+async fn parked_sockets_ping_and_hear_pongs_without_a_stream() {
+    let d = Reachd::start(FAST_HEARTBEAT);
+    let svc = enabled_service(&d).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    wait_parked_now(&d, 1).await;
+    let parks = streams_parked(&d).await;
+    // Two seconds of reading: about ten pings, twice the heartbeat timeout.
+    let read = tokio::time::timeout(Duration::from_secs(2), bob.recv()).await;
+    assert!(read.is_err(), "no frame came: {read:?}");
+    assert!(bob.pings >= 5, "{} pings", bob.pings);
+    assert_eq!(
+        streams_parked(&d).await,
+        parks,
+        "no stream built for pings and pongs"
+    );
+    assert_eq!(metric_value(&d, "reach_ws_sockets_parked").await, 1);
+    // Heard all along: still connected, and a request is answered.
+    assert_eq!(
+        bob.request(ClientFrame::Ping { id: 1 }).await,
+        ServerFrame::Pong { id: 1 }
+    );
 }
 
 /// A parked socket (no WebSocket stream, no buffer) sends a small update without waking, wakes

@@ -19,6 +19,7 @@
 //! itself, [`Session::write_parked`]) or the client writes; then a new stream is built over
 //! the same connection.
 
+use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,8 +38,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{At, BIG_BATCH, MAX_BUSY_CHECKS, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    DIRECT_PAYLOAD, End, Gone, Link, Read, Socket, answer_close, classify, close_direct,
-    error_frame, send_message, send_parked, stream_over, took, write_direct,
+    DIRECT_PAYLOAD, End, Gone, Link, PING_FRAME, Read, Socket, answer_close, classify,
+    close_direct, error_frame, is_lone_pong, send_message, send_parked, stream_over, took,
+    write_direct,
 };
 use super::wire::SendNow;
 use crate::admission::Slot;
@@ -537,8 +539,10 @@ impl Session {
             if events.timer {
                 return Poll::Ready(Parked::Timer);
             }
-            if self.w.ping_due {
-                return Poll::Ready(Parked::Write(None));
+            if self.w.ping_due
+                && let Some(woke) = self.ping_parked()
+            {
+                return Poll::Ready(woke);
             }
             // Small messages go out without the stream, the socket stays parked. After each
             // one the waker is registered again before the next look at the queue.
@@ -563,23 +567,80 @@ impl Session {
             // Not zeroed first (the read fills what it returns): a parked socket is polled
             // like this at each park and each wake-up of its reads.
             let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); PARKED_READ];
-            let mut read = ReadBuf::uninit(&mut buf);
-            let link = self
-                .parked
-                .as_mut()
-                .expect("a parked socket keeps its connection");
-            match Pin::new(link.get_mut()).poll_read(&mut Context::from_waker(&waker), &mut read) {
-                Poll::Pending => {
-                    self.must_read = false;
-                    Poll::Pending
+            loop {
+                let mut read = ReadBuf::uninit(&mut buf);
+                let link = self
+                    .parked
+                    .as_mut()
+                    .expect("a parked socket keeps its connection");
+                match Pin::new(link.get_mut())
+                    .poll_read(&mut Context::from_waker(&waker), &mut read)
+                {
+                    Poll::Pending => {
+                        self.must_read = false;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                        return Poll::Ready(Parked::Gone(Gone::Dropped));
+                    }
+                    // The answer to a server ping: heard, and the socket stays parked.
+                    Poll::Ready(Ok(())) if is_lone_pong(read.filled()) && self.take_pong() => {}
+                    Poll::Ready(Ok(())) => {
+                        return Poll::Ready(Parked::Read(read.filled().to_vec()));
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Parked::Gone(Gone::Transport)),
                 }
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
-                    Poll::Ready(Parked::Gone(Gone::Dropped))
-                }
-                Poll::Ready(Ok(())) => Poll::Ready(Parked::Read(read.filled().to_vec())),
-                Poll::Ready(Err(_)) => Poll::Ready(Parked::Gone(Gone::Transport)),
             }
         })
+    }
+
+    /// Sends a due server ping on a parked socket's plain TCP connection, without building a
+    /// stream (the client's pong is taken parked too: [`Session::take_pong`]). `None`: sent,
+    /// the socket stays parked. Else what wakes the stream: a TLS connection or one that takes
+    /// nothing now (the stream sends the ping), the rest of a ping taken in part, a failure.
+    fn ping_parked(&mut self) -> Option<Parked> {
+        let link = self
+            .parked
+            .as_mut()
+            .expect("a parked socket keeps its connection")
+            .get_mut();
+        if !link.can_send_now() {
+            return Some(Parked::Write(None));
+        }
+        match link.send_now(&PING_FRAME) {
+            Ok(n) if n == PING_FRAME.len() => {
+                self.w.ping_due = false;
+                None
+            }
+            Ok(0) => Some(Parked::Write(None)),
+            Ok(n) => {
+                self.w.ping_due = false;
+                let rest = Bytes::copy_from_slice(&PING_FRAME[n..]);
+                Some(Parked::Write(Some(Box::new(rest))))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Some(Parked::Write(None))
+            }
+            Err(_) => Some(Parked::Gone(Gone::Transport)),
+        }
+    }
+
+    /// A parked socket read a lone pong: counted as heard and against the frame limit, as the
+    /// stream would; false when the limit refuses it (then the stream reads it and answers).
+    fn take_pong(&mut self) -> bool {
+        if let Some(bucket) = &mut self.frames
+            && bucket.check() != FrameVerdict::Take
+        {
+            return false;
+        }
+        self.last_heard = At::now();
+        self.app.metrics.frames_received.inc();
+        true
     }
 
     /// Writes the outbox's next message on a parked socket's connection when it is small and

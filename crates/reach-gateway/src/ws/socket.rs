@@ -328,6 +328,23 @@ pub(super) fn write_direct(
     Some(wire.write_frame(&buf[..len]))
 }
 
+/// A server ping with no payload, as tungstenite writes `Message::Ping` of nothing: what a
+/// parked socket sends on its connection without building a stream.
+pub(super) const PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// Whether `bytes` are exactly one whole client pong frame (final, no extension bits, masked,
+/// at most 125 bytes of payload): the answer to a server ping, which a parked socket takes
+/// without building a stream. Anything else goes to a stream, which reads it as usual.
+pub(super) fn is_lone_pong(bytes: &[u8]) -> bool {
+    match bytes {
+        [0x8A, second, ..] if second & 0x80 != 0 => {
+            let len = usize::from(second & 0x7F);
+            len <= 125 && bytes.len() == 2 + 4 + len
+        }
+        _ => false,
+    }
+}
+
 /// Sends one message as one unfragmented frame on a parked socket's connection, which has no
 /// stream: as [`write_direct`], for a message of at most [`DIRECT_PAYLOAD`] bytes on plain
 /// TCP (`link.can_send_now()`). `Ok(None)`: sent whole. `Ok(Some(rest))`: the connection took
@@ -483,6 +500,42 @@ mod tests {
             reader.await.unwrap() == sent,
             "every message whole and in order"
         );
+    }
+
+    /// A parked socket takes a client's pong alone, whole and well formed; anything else goes
+    /// to a stream.
+    #[test]
+    fn only_a_lone_whole_pong_is_taken_while_parked() {
+        let masked = |frame: Frame| {
+            let mut frame = frame;
+            frame.header_mut().mask = Some([1, 2, 3, 4]);
+            let mut bytes = Vec::new();
+            frame.format(&mut bytes).expect("formats");
+            bytes
+        };
+        let pong = masked(Frame::pong(Vec::new()));
+        assert!(is_lone_pong(&pong));
+        assert!(is_lone_pong(&masked(Frame::pong(vec![7; 125]))));
+        let ping = masked(Frame::ping(Vec::new()));
+        assert!(!is_lone_pong(&ping));
+        assert!(!is_lone_pong(&pong[..pong.len() - 1]), "a partial pong");
+        assert!(!is_lone_pong(&[pong.clone(), pong.clone()].concat()), "two");
+        assert!(
+            !is_lone_pong(&[pong.clone(), ping].concat()),
+            "a pong and more"
+        );
+        let mut unmasked = Vec::new();
+        Frame::pong(Vec::new()).format(&mut unmasked).unwrap();
+        assert!(!is_lone_pong(&unmasked));
+        let mut rsv = pong.clone();
+        rsv[0] |= 0x40;
+        assert!(!is_lone_pong(&rsv));
+        assert!(!is_lone_pong(&[]));
+        assert_eq!(PING_FRAME.to_vec(), {
+            let mut bytes = Vec::new();
+            Frame::ping(Vec::new()).format(&mut bytes).unwrap();
+            bytes
+        });
     }
 
     /// A frame written past tungstenite is byte for byte the one tungstenite writes for the
