@@ -15,9 +15,10 @@
 //!
 //! A quiet socket is parked ([`Session::park`]): its WebSocket stream is taken apart and only
 //! the connection under it is kept until it has something to write that needs a stream (a
-//! reply, a long message, a server ping, the close; small updates are sent on the connection
-//! itself, [`Session::write_parked`]) or the client writes; then a new stream is built over
-//! the same connection.
+//! reply, a long message, the close, anything over TLS; small updates and server pings are
+//! sent on the connection itself, [`Session::write_parked`], [`Session::ping_parked`]) or the
+//! client writes anything but a lone pong; then a new stream is built over the same
+//! connection.
 
 use std::io;
 use std::net::IpAddr;
@@ -141,8 +142,8 @@ pub(super) enum Step {
 /// What woke a parked socket.
 enum Parked {
     /// Something to write that needs the stream (a reply, a long message, the close, a server
-    /// ping, or anything over TLS), or the rest of a small message the connection took only in
-    /// part (to go out first; boxed: it is rare, and an 8-byte box keeps this no larger than
+    /// ping the connection did not take whole, or anything over TLS), or the rest of a small
+    /// message or ping the connection took only in part (to go out first; boxed: it is rare, and an 8-byte box keeps this no larger than
     /// before, which a parked socket's task is measured against).
     Write(Option<Box<Bytes>>),
     /// A deadline registered with the shared timers has come.
@@ -468,8 +469,8 @@ impl Session {
     /// Parks a quiet socket: takes its WebSocket stream apart (after flushing what tungstenite
     /// still has to write, such as an automatic pong; a socket that does not take it keeps its
     /// stream) and keeps only the connection under it, with no buffer of its own, until the
-    /// socket has something to write that needs a stream (see [`Session::write_parked`]; a
-    /// server ping) or the client writes. Then
+    /// socket has something to write that needs a stream (see [`Session::write_parked`] and
+    /// [`Session::ping_parked`]) or the client writes anything but a lone pong. Then
     /// builds a new stream over the same connection, with what the client wrote as the start
     /// of its read buffer. Called only when tungstenite holds no unread input
     /// ([`Session::quiet`]). `Err`: the connection ended while parked.
@@ -583,8 +584,13 @@ impl Session {
                     Poll::Ready(Ok(())) if read.filled().is_empty() => {
                         return Poll::Ready(Parked::Gone(Gone::Dropped));
                     }
-                    // The answer to a server ping: heard, and the socket stays parked.
-                    Poll::Ready(Ok(())) if is_lone_pong(read.filled()) && self.take_pong() => {}
+                    // The answer to a server ping: heard, and the socket stays parked (unless
+                    // the frame limit closes it: then the close goes out through a stream).
+                    Poll::Ready(Ok(())) if is_lone_pong(read.filled()) => {
+                        if !self.take_pong() {
+                            return Poll::Ready(Parked::Write(None));
+                        }
+                    }
                     Poll::Ready(Ok(())) => {
                         return Poll::Ready(Parked::Read(read.filled().to_vec()));
                     }
@@ -630,17 +636,13 @@ impl Session {
         }
     }
 
-    /// A parked socket read a lone pong: counted as heard and against the frame limit, as the
-    /// stream would; false when the limit refuses it (then the stream reads it and answers).
+    /// A parked socket read a lone pong: heard, counted, and taken against the frame limit, as
+    /// the stream takes one (`on_io`). False when the limit queued its close (a client that
+    /// kept sending past it): the socket then needs its stream to send it.
     fn take_pong(&mut self) -> bool {
-        if let Some(bucket) = &mut self.frames
-            && bucket.check() != FrameVerdict::Take
-        {
-            return false;
-        }
         self.last_heard = At::now();
         self.app.metrics.frames_received.inc();
-        true
+        self.take_frame(&Read::Nothing) || !self.conn.outbox.has_outgoing()
     }
 
     /// Writes the outbox's next message on a parked socket's connection when it is small and

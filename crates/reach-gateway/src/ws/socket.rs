@@ -531,6 +531,9 @@ mod tests {
         rsv[0] |= 0x40;
         assert!(!is_lone_pong(&rsv));
         assert!(!is_lone_pong(&[]));
+        // An extended length (126): no control frame may have one.
+        let long = [&[0x8A, 0x80 | 126, 0, 126, 1, 2, 3, 4][..], &[0; 126]].concat();
+        assert!(!is_lone_pong(&long));
         assert_eq!(PING_FRAME.to_vec(), {
             let mut bytes = Vec::new();
             Frame::ping(Vec::new()).format(&mut bytes).unwrap();
