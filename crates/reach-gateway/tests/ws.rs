@@ -1494,6 +1494,43 @@ async fn parked_sockets_ping_and_hear_pongs_without_a_stream() {
     );
 }
 
+/// A pong that arrives with a request in one read, or split across reads, is not taken parked:
+/// the stream built for the read reads all of it, and the request is answered.
+#[tokio::test]
+async fn a_parked_socket_hands_a_pong_with_more_to_its_stream() {
+    use tokio::io::AsyncWriteExt;
+    let d =
+        Reachd::start("[presence]\nheartbeat_interval_ms = 60000\nheartbeat_timeout_ms = 120000\n");
+    let svc = enabled_service(&d).await;
+    let (mut bob, _) = Ws::hello(&d.ws_url(), &d.token(&svc, "bob"), None).await;
+    wait_parked_now(&d, 1).await;
+    let pong = [0x8A, 0x80, 1, 2, 3, 4];
+    let request = |id| {
+        masked_text(&reach_proto::encode(
+            &ClientFrame::Ping { id },
+            Encoding::Json,
+        ))
+    };
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = bob.stream.get_mut() else {
+        panic!("a plain connection");
+    };
+    tcp.write_all(&[&pong[..], &request(7)].concat())
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await, ServerFrame::Pong { id: 7 });
+    wait_parked_now(&d, 1).await;
+    // Half a pong, then the rest with a request.
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = bob.stream.get_mut() else {
+        panic!("a plain connection");
+    };
+    tcp.write_all(&pong[..3]).await.unwrap();
+    tcp.flush().await.unwrap();
+    tcp.write_all(&[&pong[3..], &request(8)].concat())
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await, ServerFrame::Pong { id: 8 });
+}
+
 /// A parked socket (no WebSocket stream, no buffer) sends a small update without waking, wakes
 /// for a write that needs its stream (an update longer than a frame sent parked), for what the
 /// client writes (a request; two requests in one TCP write: the second waits in the new
