@@ -1073,27 +1073,18 @@ async fn deleted_services_and_users_close_their_sockets_with_4003() {
 /// change. (A frame the connection takes only part of: `wire`'s unit tests.)
 #[tokio::test]
 async fn updates_stay_whole_and_in_order_when_a_watcher_reads_late() {
-    let d = Reachd::start(
-        r#"
-[presence]
-heartbeat_interval_ms = 200
-offline_grace_ms = 400
-[limits]
-max_outbox_bytes = 16777216
-"#,
-    );
+    let d = Reachd::start("[limits]\nmax_outbox_bytes = 16777216\n");
     let svc = enabled_service(&d).await;
-    let rest = d.client();
     let users: Vec<String> = (0..5).map(|i| format!("user{i}")).collect();
     let attributes = serde_json::json!({ "bio": "x".repeat(15_000) }).to_string();
     let big = [("Identity", "big"), ("Attributes", attributes.as_str())];
-    let r = rest.post(&format!("/v1/Services/{svc}/Users"), &big).await;
+    let r = d
+        .client()
+        .post(&format!("/v1/Services/{svc}/Users"), &big)
+        .await;
     assert_eq!(r.status, 201, "{}", r.text);
     for u in &users {
-        let r = rest
-            .post(&format!("/v1/Services/{svc}/Users"), &[("Identity", u)])
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
+        create_user(&d, &svc, u).await;
     }
     let mut watcher = Ws::connect_with_rcvbuf(d.http, 4096).await;
     watcher
@@ -1138,7 +1129,7 @@ max_outbox_bytes = 16777216
             }
         })
     };
-    let (mut replies, mut updates) = (0, 0);
+    let mut replies = 0;
     let mut last: std::collections::HashMap<String, usize> = Default::default();
     while replies < REPLIES || users.iter().any(|u| last.get(u) != Some(&(ROUNDS - 1))) {
         match watcher.recv().await {
@@ -1148,7 +1139,6 @@ max_outbox_bytes = 16777216
                 replies += 1;
             }
             f @ ServerFrame::UserUpdated { .. } => {
-                updates += 1;
                 let user = user_of(&f);
                 let name = user.friendly_name.as_deref().expect("a name");
                 let round: usize = name.split(' ').nth(1).unwrap().parse().unwrap();
@@ -1165,7 +1155,6 @@ max_outbox_bytes = 16777216
         }
     }
     changes.await.unwrap();
-    assert!(updates >= users.len(), "{updates} updates");
     assert_eq!(
         watcher.request(ClientFrame::Ping { id: 2 }).await,
         ServerFrame::Pong { id: 2 }

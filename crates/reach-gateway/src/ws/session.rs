@@ -20,7 +20,6 @@
 //! client writes anything but a lone pong; then a new stream is built over the same
 //! connection.
 
-use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,11 +38,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{At, BIG_BATCH, MAX_BUSY_CHECKS, QUIET, Session, WriteState};
 use super::hello::prepare;
 use super::socket::{
-    DIRECT_PAYLOAD, End, Gone, Link, PING_FRAME, Read, Socket, answer_close, classify,
-    close_direct, error_frame, is_lone_pong, send_message, send_parked, stream_over, took,
-    write_direct,
+    End, Gone, Link, PING_FRAME, Read, Socket, answer_close, classify, close_direct, direct_max,
+    error_frame, is_lone_pong, send_message, send_parked, stream_over, took, write_direct,
 };
-use super::wire::SendNow;
+use super::wire::{SendNow, send_whole};
 use crate::admission::Slot;
 use crate::state::App;
 use crate::throttle::{FrameVerdict, Limited};
@@ -141,10 +139,10 @@ pub(super) enum Step {
 
 /// What woke a parked socket.
 enum Parked {
-    /// Something to write that needs the stream (a reply, a long message, the close, a server
-    /// ping the connection did not take whole, or anything over TLS), or the rest of a small
-    /// message or ping the connection took only in part (to go out first; boxed: it is rare, and an 8-byte box keeps this no larger than
-    /// before, which a parked socket's task is measured against).
+    /// Something to write that needs the stream (a reply, a long message, the close, anything
+    /// over TLS), or the rest of a small message or ping the connection did not take whole (to
+    /// go out first; boxed: it is rare, and an 8-byte box keeps this no larger than before,
+    /// which a parked socket's task is measured against).
     Write(Option<Box<Bytes>>),
     /// A deadline registered with the shared timers has come.
     Timer,
@@ -490,7 +488,7 @@ impl Session {
         self.app.metrics.streams_parked.inc();
         // Reads are polled with the connection as waker from here on (see `next_parked`).
         self.must_read = true;
-        let part = {
+        let (part, owed) = {
             let _gauge = ParkedGauge::new(&self.app.metrics.sockets_parked);
             let woke = loop {
                 match self.next_parked().await {
@@ -505,13 +503,12 @@ impl Session {
                 }
             };
             match woke {
-                Parked::Read(part) => (part, None),
+                Parked::Read(read) => (read, None),
                 Parked::Gone(gone) => return Err(End::Gone(gone)),
                 Parked::Write(owed) => (Vec::new(), owed),
                 Parked::Timer => (Vec::new(), None),
             }
         };
-        let (part, owed) = part;
         self.must_read = true;
         self.w.grown_at = Some(At::now());
         let link = self
@@ -602,8 +599,8 @@ impl Session {
 
     /// Sends a due server ping on a parked socket's plain TCP connection, without building a
     /// stream (the client's pong is taken parked too: [`Session::take_pong`]). `None`: sent,
-    /// the socket stays parked. Else what wakes the stream: a TLS connection or one that takes
-    /// nothing now (the stream sends the ping), the rest of a ping taken in part, a failure.
+    /// the socket stays parked. Else what wakes the stream: a TLS connection (the stream sends
+    /// the ping), the rest of a ping the connection did not take whole, a failure.
     fn ping_parked(&mut self) -> Option<Parked> {
         let link = self
             .parked
@@ -613,24 +610,10 @@ impl Session {
         if !link.can_send_now() {
             return Some(Parked::Write(None));
         }
-        match link.send_now(&PING_FRAME) {
-            Ok(n) if n == PING_FRAME.len() => {
+        match send_whole(link, &PING_FRAME) {
+            Ok(rest) => {
                 self.w.ping_due = false;
-                None
-            }
-            Ok(0) => Some(Parked::Write(None)),
-            Ok(n) => {
-                self.w.ping_due = false;
-                let rest = Bytes::copy_from_slice(&PING_FRAME[n..]);
-                Some(Parked::Write(Some(Box::new(rest))))
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Some(Parked::Write(None))
+                rest.map(|rest| Parked::Write(Some(Box::new(rest))))
             }
             Err(_) => Some(Parked::Gone(Gone::Transport)),
         }
@@ -662,10 +645,7 @@ impl Session {
                 false => Wrote::Nothing,
             };
         }
-        let max = match self.app.config.limits.write_fragment_bytes {
-            0 => DIRECT_PAYLOAD,
-            fragment => fragment.min(DIRECT_PAYLOAD),
-        };
+        let max = direct_max(self.app.config.limits.write_fragment_bytes);
         let bytes = match outbox.pop_small(max) {
             Head::Nothing => return Wrote::Nothing,
             Head::Other => return Wrote::Stream(None),

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::either::Either;
 
-use super::wire::{SendNow, Wire};
+use super::wire::{SendNow, Wire, send_whole};
 use crate::admission::Counted;
 use crate::config::LimitsConfig;
 
@@ -298,9 +298,16 @@ pub(super) fn send_message(
 /// built in a buffer on the stack. Presence updates are far shorter.
 const DIRECT_FRAME: usize = 512;
 
-/// The longest message written past tungstenite: [`DIRECT_FRAME`] less the longest header
-/// it needs (4 bytes).
-pub(super) const DIRECT_PAYLOAD: usize = DIRECT_FRAME - 4;
+/// The longest message written as one frame past tungstenite ([`write_direct`],
+/// [`send_parked`]): what fits [`DIRECT_FRAME`] with the longest header it needs (4 bytes),
+/// and no longer than a fragment (`limits.write_fragment_bytes`, 0: none), which only the
+/// stream cuts.
+pub(super) fn direct_max(fragment: usize) -> usize {
+    match fragment {
+        0 => DIRECT_FRAME - 4,
+        fragment => fragment.min(DIRECT_FRAME - 4),
+    }
+}
 
 /// Writes one message as one unfragmented frame straight to the connection with one `send`,
 /// past tungstenite (which must hold nothing unwritten: `WriteState::direct`): the bytes
@@ -315,7 +322,7 @@ pub(super) fn write_direct(
     encoding: Encoding,
     fragment: usize,
 ) -> Option<io::Result<bool>> {
-    if fragment != 0 && payload.len() > fragment {
+    if payload.len() > direct_max(fragment) {
         return None;
     }
     debug_assert!(encoding != Encoding::Json || std::str::from_utf8(payload).is_ok());
@@ -346,8 +353,8 @@ pub(super) fn is_lone_pong(bytes: &[u8]) -> bool {
 }
 
 /// Sends one message as one unfragmented frame on a parked socket's connection, which has no
-/// stream: as [`write_direct`], for a message of at most [`DIRECT_PAYLOAD`] bytes on plain
-/// TCP (`link.can_send_now()`). `Ok(None)`: sent whole. `Ok(Some(rest))`: the connection took
+/// stream: as [`write_direct`], for a message of at most [`direct_max`] bytes on plain TCP
+/// (`link.can_send_now()`). `Ok(None)`: sent whole. `Ok(Some(rest))`: the connection took
 /// only part of it (or none); `rest` must go out before anything else (the new stream's wire
 /// takes it: [`stream_over`]).
 pub(super) fn send_parked(
@@ -358,20 +365,7 @@ pub(super) fn send_parked(
     let mut buf = [0u8; DIRECT_FRAME];
     let len = frame_into(&mut buf, payload, encoding)
         .ok_or_else(|| io::Error::other("a message too long to send parked"))?;
-    let frame = &buf[..len];
-    let written = match link.send_now(frame) {
-        Ok(n) => n,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) =>
-        {
-            0
-        }
-        Err(e) => return Err(e),
-    };
-    Ok((written < len).then(|| Bytes::copy_from_slice(&frame[written..])))
+    send_whole(link, &buf[..len])
 }
 
 /// Writes a server frame (final, unmasked) holding `payload` into `buf`; its length, or `None`
@@ -546,7 +540,7 @@ mod tests {
     #[test]
     fn direct_frames_are_the_frames_tungstenite_writes() {
         for encoding in [Encoding::Json, Encoding::MsgPack] {
-            for len in [0, 1, 125, 126, 127, 300, DIRECT_FRAME - 4] {
+            for len in [0, 1, 125, 126, 127, 300, direct_max(0)] {
                 let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
                 let mut buf = [0u8; DIRECT_FRAME];
                 let n = frame_into(&mut buf, &payload, encoding).expect("fits");

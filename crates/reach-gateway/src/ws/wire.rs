@@ -187,6 +187,25 @@ pub(super) trait SendNow {
     fn send_now(&self, buf: &[u8]) -> io::Result<usize>;
 }
 
+/// Sends `frame` with one `send` ([`SendNow`]). `Ok(None)`: all of it went. `Ok(Some(rest))`:
+/// the connection took only part of it, or none (it would block); `rest` must go out before
+/// anything else written to the connection.
+pub(super) fn send_whole<S: SendNow>(io: &S, frame: &[u8]) -> io::Result<Option<Bytes>> {
+    let written = match io.send_now(frame) {
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((written < frame.len()).then(|| Bytes::copy_from_slice(&frame[written..])))
+}
+
 impl<S: AsyncWrite + SendNow + Unpin> Wire<S> {
     /// Takes `rest`, the unwritten rest of a frame sent on the connection before this wire
     /// existed (by a parked socket), to write before anything else.
@@ -217,23 +236,13 @@ impl<S: AsyncWrite + SendNow + Unpin> Wire<S> {
             self.owed.is_empty(),
             "a frame's rest is still to be written"
         );
-        let written = match self.io.send_now(frame) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                0
+        match send_whole(&self.io, frame)? {
+            None => Ok(true),
+            Some(rest) => {
+                self.owed = rest;
+                Ok(false)
             }
-            Err(e) => return Err(e),
-        };
-        if written >= frame.len() {
-            return Ok(true);
         }
-        self.owed = Bytes::copy_from_slice(&frame[written..]);
-        Ok(false)
     }
 }
 
