@@ -104,33 +104,34 @@ async fn flood_helper() {
 async fn half_open_flood_from_two_addresses_leaves_rest_answering_for_a_third() {
     // The defaults: each address holds 512, the rest are closed at once.
     let d = Reachd::start_with_env("", &[("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "3000")]);
-    flood(&d, 10_000, 2 * 512).await;
+    flood(&d, 10_000, 2 * 512, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_flood_held_in_full_is_gone_within_the_header_timeout() {
     // Caps raised past the flood: reachd holds all 18,000 (its own limit is 20,000 open
-    // files), and the header read timeout alone ends them.
+    // files), and the header read timeout alone ends them. The timeout is longer than the
+    // flood takes to connect (~3 s on a slow kernel), so all are held at once.
     let d = Reachd::start_with_env(
         "",
         &[
-            ("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "3000"),
+            ("REACH_SERVER__HEADER_READ_TIMEOUT_MS", "8000"),
             ("REACH_LIMITS__MAX_PENDING_CONNECTIONS", "19000"),
             ("REACH_LIMITS__MAX_PENDING_PER_ADDRESS", "19000"),
         ],
     );
-    flood(&d, 9_000, 18_000).await;
+    flood(&d, 9_000, 18_000, 8000).await;
 }
 
 /// Floods `d` with `per_address` half-open requests from each of 127.0.0.2 (this process)
 /// and 127.0.0.3 (a helper process), of which it should hold `held`; checks that REST from
 /// 127.0.0.4 answers within a second meanwhile, and that all are closed within the header
-/// read timeout (3 s) and a margin.
-async fn flood(d: &Reachd, per_address: usize, held: usize) {
+/// read timeout (`header_timeout_ms`, as `d` was started with) and a margin of 3 s.
+async fn flood(d: &Reachd, per_address: usize, held: usize, header_timeout_ms: u64) {
     // One flood at a time: this process may hold 20,000 descriptors.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
-    let grace = Duration::from_millis(3000 + 3000);
+    let grace = Duration::from_millis(header_timeout_ms + 3000);
     let flood_started = Instant::now();
     let helper = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "flood_helper", "--ignored", "--nocapture"])
