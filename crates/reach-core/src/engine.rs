@@ -47,6 +47,9 @@ use tokio::sync::mpsc;
 use crate::metrics::EngineMetrics;
 use crate::outbox::{Outbox, PushOutcome, SlotId, Update};
 
+/// Connections whose queued updates one task sends ([`Engine::flush_later`]).
+const FLUSH_CHUNK: usize = 256;
+
 /// Identifies a connection within this process.
 pub type ConnId = u64;
 
@@ -364,6 +367,10 @@ impl Subscribers {
 
     fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 
     fn iter(&self) -> impl Iterator<Item = &Arc<Conn>> {
@@ -980,21 +987,56 @@ impl Engine {
         let update = Update::new(user, reasons);
         let identity: Arc<str> = Arc::from(key.identity());
         let (mut queued, mut coalesced) = (0u64, 0u64);
+        let mut held = Vec::new();
         for conn in entry.subscribers.iter() {
             if !skip.is_empty() && skip.iter().any(|(c, _)| c.id == conn.id) {
                 continue;
             }
             match conn.outbox.push_update(&identity, &update) {
                 PushOutcome::Queued => queued += 1,
+                PushOutcome::Held => {
+                    queued += 1;
+                    if held.is_empty() {
+                        held.reserve(FLUSH_CHUNK.min(entry.subscribers.len()));
+                    }
+                    held.push(Arc::clone(conn));
+                    if held.len() == FLUSH_CHUNK {
+                        self.flush_later(std::mem::take(&mut held));
+                    }
+                }
                 PushOutcome::Coalesced => coalesced += 1,
                 PushOutcome::Dropped => {}
             }
+        }
+        if !held.is_empty() {
+            self.flush_later(held);
         }
         self.metrics.deliveries.inc_by(queued);
         self.metrics.coalesced.inc_by(coalesced);
         self.metrics
             .fanout_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sends the updates just queued to connections whose sessions lent their sockets
+    /// ([`Outbox::flush`]), outside the user's shard lock: in a task of its own on the runtime
+    /// (a diff's watchers in pieces of [`FLUSH_CHUNK`], so a large fan-out is spread over the
+    /// workers), or here when there is no runtime. Each connection's queue is sent in order,
+    /// whoever flushes it.
+    fn flush_later(&self, held: Vec<Arc<Conn>>) {
+        let (sent, writes) = (
+            self.metrics.frames_sent.clone(),
+            self.metrics.fanout_writes.clone(),
+        );
+        let flush = move || {
+            let n: usize = held.iter().map(|conn| conn.outbox.flush()).sum();
+            sent.inc_by(n as u64);
+            writes.inc_by(n as u64);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { flush() })),
+            Err(_) => flush(),
+        }
     }
 
     /// Stores a loaded profile unless a newer one is already in memory. Presence that changed

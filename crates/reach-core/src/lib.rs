@@ -22,4 +22,7 @@ pub use engine::{
     PresenceChange, PresenceClock, Profile, ServiceState, UserKey,
 };
 pub use metrics::EngineMetrics;
-pub use outbox::{Events, Head, Outbox, Outgoing, SlotFrame, SlotGuard, SlotId, Taken, Update};
+pub use outbox::{
+    Events, Head, Outbox, Outgoing, PushOutcome, Sent, Sink, SlotFrame, SlotGuard, SlotId, Taken,
+    Update,
+};

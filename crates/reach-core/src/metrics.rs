@@ -17,6 +17,11 @@ pub struct EngineMetrics {
     pub coalesced: IntCounter,
     /// Time to hand one diff to all its subscribers' outboxes.
     pub fanout_seconds: Histogram,
+    /// Frames written to sockets (by their sessions, and by the fan-out to sockets lent to it).
+    pub frames_sent: IntCounter,
+    /// Of those, the frames the fan-out wrote itself, to sockets their waiting sessions lent
+    /// it (no task woken for them).
+    pub fanout_writes: IntCounter,
 }
 
 impl EngineMetrics {
@@ -29,6 +34,8 @@ impl EngineMetrics {
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.coalesced.clone()))?;
         registry.register(Box::new(m.fanout_seconds.clone()))?;
+        registry.register(Box::new(m.frames_sent.clone()))?;
+        registry.register(Box::new(m.fanout_writes.clone()))?;
         Ok(m)
     }
 
@@ -68,6 +75,11 @@ impl EngineMetrics {
                 ]),
             )
             .expect("valid metric"),
+            frames_sent: counter("reach_frames_sent_total", "Frames written to sockets"),
+            fanout_writes: counter(
+                "reach_fanout_writes_total",
+                "Frames the fan-out wrote itself to sockets lent by their waiting sessions",
+            ),
         }
     }
 }

@@ -17,8 +17,18 @@
 //! delivery to an idle queue allocates nothing and touches no buffer); a second moves them
 //! into a ring buffer, given back once the queue drains, so an idle connection's outbox costs
 //! only its struct.
+//!
+//! Writes without the connection's task: a session that waits with nothing unwritten on a
+//! plain TCP connection lends the outbox its socket ([`Outbox::grant`], a [`Sink`] set once
+//! with [`Outbox::set_sink`]). An update queued then does not wake the session
+//! ([`PushOutcome::Held`]): the fan-out sends it itself, after leaving the presence map's lock
+//! ([`Outbox::flush`]), so a delivery costs one `send` instead of a task's wake-up. The
+//! session takes the socket back ([`Outbox::revoke`]) before any write or read of its own,
+//! with the rest of a frame the socket took only in part, to send first (the fan-out then
+//! wakes it).
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 
@@ -46,9 +56,11 @@ impl Update {
 
     /// The `user_updated` frame in this encoding, encoded on first use and then shared.
     pub fn bytes(&self, encoding: Encoding) -> Bytes {
-        self.encoded[encoding.index()]
-            .get_or_init(|| encode(&self.frame(self.reasons), encoding))
-            .clone()
+        self.encoded(encoding).clone()
+    }
+
+    fn encoded(&self, encoding: Encoding) -> &Bytes {
+        self.encoded[encoding.index()].get_or_init(|| encode(&self.frame(self.reasons), encoding))
     }
 
     fn frame(&self, reasons: Reasons) -> ServerFrame {
@@ -153,6 +165,39 @@ pub enum Outgoing {
     Message(Bytes),
     /// The connection must be closed with this code.
     Close(CloseCode),
+}
+
+/// A connection's socket as the fan-out writes it while the connection's session waits with
+/// nothing unwritten ([`Outbox::grant`]): plain TCP, where a `send` that returns has handed
+/// its bytes to the kernel.
+pub trait Sink: Send + Sync {
+    /// Sends `message` (at most the length given to [`Outbox::set_sink`]) as one whole frame
+    /// in `encoding`, with one `send`.
+    fn send(&self, message: &[u8], encoding: Encoding) -> Sent;
+}
+
+/// What a [`Sink`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// All of its frame went.
+    Whole,
+    /// The connection took only part of the frame: the rest must go out before anything else.
+    Part(Bytes),
+    /// Nothing was written (the connection would block, or failed: the session's own write
+    /// finds out which).
+    Nothing,
+}
+
+/// The socket lent to the outbox ([`Outbox::set_sink`]) and the longest message sent on it.
+struct Lent {
+    sink: Arc<dyn Sink>,
+    max: u32,
+}
+
+impl fmt::Debug for Lent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lent").field("max", &self.max).finish()
+    }
 }
 
 /// What [`Outbox::pop_small`] found at the head of the queue.
@@ -299,6 +344,13 @@ struct Inner {
     timer_due: bool,
     /// The connection's socket may have something to read (see [`Outbox::wake_read`]).
     read_due: bool,
+    /// The session lent its socket ([`Outbox::grant`]): updates are sent by the fan-out.
+    granted: bool,
+    /// The socket the session lends, once set ([`Outbox::set_sink`]).
+    lent: Option<Lent>,
+    /// The unwritten rest of a frame the fan-out sent in part, for the session to write first
+    /// ([`Outbox::revoke`]). Boxed: it is rare.
+    rest: Option<Box<Bytes>>,
 }
 
 impl Inner {
@@ -342,6 +394,13 @@ impl Inner {
     }
 
     fn push(&mut self, item: Item, size: usize, max_bytes: usize) -> Option<u64> {
+        let seq = self.push_quietly(item, size, max_bytes)?;
+        self.wake();
+        Some(seq)
+    }
+
+    /// [`Inner::push`] without waking the writer (an overflow still does).
+    fn push_quietly(&mut self, item: Item, size: usize, max_bytes: usize) -> Option<u64> {
         if self.close.is_some() {
             return None;
         }
@@ -352,7 +411,6 @@ impl Inner {
         }
         let seq = self.head_seq + self.items.len() as u64;
         self.items.push_back(item);
-        self.wake();
         Some(seq)
     }
 
@@ -404,7 +462,48 @@ impl Inner {
         self.barrier();
         self.bytes = 0;
         self.close = Some(CloseCode::SlowConsumer);
+        self.granted = false;
         self.wake();
+    }
+
+    /// The head's encoded message when it is an update sent as queued or a frame: what the
+    /// fan-out or a parked socket may send past the stream (an update whose reasons were
+    /// merged with a later one's is encoded anew by the writer; replies, the rest of a frame
+    /// and the close are the session's).
+    fn front_payload(&self, encoding: Encoding) -> Option<&[u8]> {
+        match self.items.front()? {
+            Item::Frame(b) => Some(b),
+            Item::Update { update, reasons } if *reasons == update.reasons => {
+                Some(update.encoded(encoding))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the head off the queue (there is one), with what it counted in the queue's bytes
+    /// and its place in the merge index.
+    fn pop_item(&mut self) -> Item {
+        let item = self.items.pop_front().expect("an item at the head");
+        let seq = self.head_seq;
+        self.head_seq += 1;
+        let size = match &item {
+            Item::Frame(b) => b.len() + 32,
+            Item::Update { update, .. } => {
+                let identity = update.user.identity.as_str();
+                if let Some(index) = self.mergeable.index.as_mut()
+                    && index.get(identity) == Some(&seq)
+                {
+                    index.remove(identity);
+                }
+                update.approx_size()
+            }
+            Item::Slot { size, .. } => *size as usize,
+        };
+        self.bytes = self.bytes.saturating_sub(size);
+        if self.items.is_empty() {
+            self.bytes = 0;
+        }
+        item
     }
 
     fn slot_mut(&mut self, slot: SlotId) -> Option<&mut Item> {
@@ -436,6 +535,9 @@ pub struct Taken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
     Queued,
+    /// Queued without waking the session, which lent its socket: the caller must call
+    /// [`Outbox::flush`] (after leaving any lock it holds).
+    Held,
     Coalesced,
     Dropped,
 }
@@ -528,13 +630,105 @@ impl Outbox {
             update: Arc::clone(update),
             reasons: update.reasons,
         };
-        match inner.push(item, update.approx_size(), self.max_bytes) {
+        let held = inner.granted;
+        let pushed = match held {
+            true => inner.push_quietly(item, update.approx_size(), self.max_bytes),
+            false => inner.push(item, update.approx_size(), self.max_bytes),
+        };
+        match pushed {
             Some(seq) => {
                 inner.note_update(identity, seq);
-                PushOutcome::Queued
+                match held {
+                    true => PushOutcome::Held,
+                    false => PushOutcome::Queued,
+                }
             }
             None => PushOutcome::Dropped,
         }
+    }
+
+    /// Sets the socket the session lends while it waits ([`Outbox::grant`]), and the longest
+    /// message sent on it (a longer one wakes the session). Once per connection, for plain
+    /// TCP only.
+    pub fn set_sink(&self, sink: Arc<dyn Sink>, max: usize) {
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        self.lock().lent = Some(Lent { sink, max });
+    }
+
+    /// Forgets the lent socket (the session ends: the connection must close with it, not
+    /// when the last queued update is dropped).
+    pub fn drop_sink(&self) {
+        let lent = {
+            let mut inner = self.lock();
+            inner.granted = false;
+            inner.lent.take()
+        };
+        drop(lent);
+    }
+
+    /// The session waits with nothing unwritten and nothing queued that it could send now:
+    /// until [`Outbox::revoke`], updates are queued without waking it and sent by whoever
+    /// queued them ([`Outbox::flush`]). Nothing is lent without a sink, or once a close was
+    /// asked for.
+    pub fn grant(&self) {
+        let mut inner = self.lock();
+        if inner.lent.is_some() && inner.close.is_none() && inner.rest.is_none() {
+            inner.granted = true;
+        }
+    }
+
+    /// The session takes its socket back (before any write or read of its own): a flush
+    /// that has not sent yet sends nothing, one under way has finished. Returns the rest of a
+    /// frame the socket took only in part ([`Outbox::flush`]): it must go out before anything
+    /// else.
+    pub fn revoke(&self) -> Option<Bytes> {
+        let mut inner = self.lock();
+        inner.granted = false;
+        inner.rest.take().map(|rest| *rest)
+    }
+
+    /// Sends what can go now on the lent socket while the session waits: small updates and
+    /// frames at the head, in order, each as one frame. Stops at anything else (a reply still
+    /// to be sealed, whose seal wakes the session; a long message; the close), and at the
+    /// first message the socket does not take whole: the lending ends, the session is woken,
+    /// and takes the frame's rest with [`Outbox::revoke`]. Returns the messages sent whole.
+    pub fn flush(&self) -> usize {
+        let mut inner = self.lock();
+        // Taken out for the loop (the lock is held throughout), put back after it.
+        let Some(lent) = inner.lent.take() else {
+            return 0;
+        };
+        let mut sent = 0;
+        while inner.granted && inner.close.is_none() && inner.front_ready() {
+            let sent_now = match inner.front_payload(self.encoding) {
+                Some(payload) if payload.len() <= lent.max as usize => {
+                    lent.sink.send(payload, self.encoding)
+                }
+                // Something the session sends itself.
+                _ => Sent::Nothing,
+            };
+            match sent_now {
+                Sent::Whole => {
+                    inner.pop_item();
+                    sent += 1;
+                }
+                Sent::Part(rest) => {
+                    inner.pop_item();
+                    inner.rest = Some(Box::new(rest));
+                    inner.granted = false;
+                    inner.wake();
+                }
+                Sent::Nothing => {
+                    inner.granted = false;
+                    inner.wake();
+                }
+            }
+        }
+        if inner.items.is_empty() {
+            inner.barrier();
+        }
+        inner.lent = Some(lent);
+        sent
     }
 
     /// Reserves a place in the queue for a reply that is completed later.
@@ -619,6 +813,7 @@ impl Outbox {
         if inner.close.is_none() {
             inner.close = Some(code);
         }
+        inner.granted = false;
         inner.wake();
     }
 
@@ -716,28 +911,13 @@ impl Outbox {
         if !inner.front_ready() {
             return None;
         }
-        let item = inner.items.pop_front().expect("front checked");
-        let seq = inner.head_seq;
-        inner.head_seq += 1;
-        let (bytes, size) = match item {
-            Item::Frame(b) => {
-                let n = b.len() + 32;
-                (b, n)
-            }
-            Item::Update { update, reasons } => {
-                let identity = update.user.identity.as_str();
-                if let Some(index) = inner.mergeable.index.as_mut()
-                    && index.get(identity) == Some(&seq)
-                {
-                    index.remove(identity);
-                }
-                let bytes = if reasons == update.reasons {
-                    update.bytes(self.encoding)
-                } else {
-                    encode(&update.frame(reasons), self.encoding)
-                };
-                (bytes, update.approx_size())
-            }
+        Some(match inner.pop_item() {
+            Item::Frame(b) => Outgoing::Message(b),
+            Item::Update { update, reasons } => Outgoing::Message(if reasons == update.reasons {
+                update.bytes(self.encoding)
+            } else {
+                encode(&update.frame(reasons), self.encoding)
+            }),
             Item::Slot { frame, size, .. } => {
                 let frame = (*frame).into_frame();
                 // The slot's count (64 bytes and the attributes per user) runs a little below
@@ -745,14 +925,9 @@ impl Outbox {
                 // keeps a room's reply (10 users) under 1 KiB, which malloc serves from its
                 // per-thread cache.
                 let capacity = size as usize + size as usize / 8;
-                (encode_sized(&frame, self.encoding, capacity), size as usize)
+                Outgoing::Message(encode_sized(&frame, self.encoding, capacity))
             }
-        };
-        inner.bytes = inner.bytes.saturating_sub(size);
-        if inner.items.is_empty() {
-            inner.bytes = 0;
-        }
-        Some(Outgoing::Message(bytes))
+        })
     }
 
     /// Takes the message at the head if it can be sent now and is at most `max` bytes long
@@ -769,14 +944,10 @@ impl Outbox {
                 None => Head::Nothing,
             };
         }
-        let small = match inner.items.front() {
-            Some(Item::Frame(b)) => b.len() <= max,
-            Some(Item::Update { update, reasons }) => {
-                *reasons == update.reasons && update.bytes(self.encoding).len() <= max
-            }
-            _ => false,
-        };
-        if !small {
+        if inner
+            .front_payload(self.encoding)
+            .is_none_or(|payload| payload.len() > max)
+        {
             return Head::Other;
         }
         let next = self.next_locked(&mut inner);
@@ -1171,6 +1342,217 @@ mod tests {
     }
 
     /// A waker that counts its wake-ups.
+    /// A sink that takes `room` bytes of frames in all, then would block; it records what
+    /// it took (the message of each whole frame, and the bytes of a frame taken in part).
+    #[derive(Default)]
+    struct TestSink {
+        room: Mutex<usize>,
+        whole: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Sink for TestSink {
+        fn send(&self, message: &[u8], _: Encoding) -> Sent {
+            // A 2-byte header stands for the frame's.
+            let frame = message.len() + 2;
+            let mut room = self.room.lock().unwrap();
+            match *room {
+                0 => Sent::Nothing,
+                n if n >= frame => {
+                    *room -= frame;
+                    self.whole.lock().unwrap().push(message.to_vec());
+                    Sent::Whole
+                }
+                n => {
+                    *room = 0;
+                    Sent::Part(Bytes::from(vec![b'x'; frame - n]))
+                }
+            }
+        }
+    }
+
+    fn lent_outbox(room: usize) -> (Outbox, Arc<TestSink>) {
+        let outbox = Outbox::new(Encoding::Json, 1 << 20);
+        let sink = Arc::new(TestSink {
+            room: Mutex::new(room),
+            ..TestSink::default()
+        });
+        outbox.set_sink(Arc::clone(&sink) as Arc<dyn Sink>, 1000);
+        (outbox, sink)
+    }
+
+    fn identity_of(bytes: &[u8]) -> String {
+        match decode_server(bytes, Encoding::Json).unwrap() {
+            ServerFrame::UserUpdated { user, .. } => user.identity,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lent_socket_gets_updates_from_the_fan_out_without_a_wake_up() {
+        let (outbox, sink) = lent_outbox(1 << 20);
+        let (wakes, waker) = counting_waker();
+        assert!(outbox.pop(&waker).is_none());
+        // Not lent yet: the update wakes the session.
+        let alice: Arc<str> = Arc::from("alice");
+        assert_eq!(
+            outbox.push_update(&alice, &presence("alice", true)),
+            PushOutcome::Queued
+        );
+        assert_eq!(wakes.get(), 1);
+        assert!(outbox.pop(&waker).is_some());
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let users = ["bob", "carol", "dave"].map(Arc::<str>::from);
+        for id in &users {
+            assert_eq!(
+                outbox.push_update(id, &presence(id, true)),
+                PushOutcome::Held
+            );
+        }
+        assert_eq!(wakes.get(), 1, "held updates wake nobody");
+        assert_eq!(outbox.flush(), 3);
+        assert_eq!(wakes.get(), 1);
+        assert!(outbox.is_empty());
+        let sent: Vec<String> = sink
+            .whole
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| identity_of(m))
+            .collect();
+        assert_eq!(sent, ["bob", "carol", "dave"]);
+        // Taken back: the next update wakes the session again, and a flush sends nothing.
+        assert_eq!(outbox.revoke(), None);
+        assert_eq!(
+            outbox.push_update(&alice, &presence("alice", false)),
+            PushOutcome::Queued
+        );
+        assert_eq!(outbox.flush(), 0);
+        assert_eq!(wakes.get(), 2);
+        assert_eq!(outbox.len(), 1);
+    }
+
+    #[test]
+    fn a_frame_taken_in_part_ends_the_lending_and_its_rest_goes_first() {
+        // Room for the first update's frame and part of the second's.
+        let first = presence("bob", true).bytes(Encoding::Json).len() + 2;
+        let (outbox, sink) = lent_outbox(first + 5);
+        let (wakes, waker) = counting_waker();
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let users = ["bob", "carl", "dave"].map(Arc::<str>::from);
+        for id in &users {
+            assert_eq!(
+                outbox.push_update(id, &presence(id, true)),
+                PushOutcome::Held
+            );
+        }
+        assert_eq!(outbox.flush(), 1);
+        assert_eq!(wakes.get(), 1, "the session is woken for the rest");
+        let rest = outbox.revoke().expect("the rest of carl's frame");
+        let carl = presence("carl", true).bytes(Encoding::Json).len() + 2;
+        assert_eq!(rest.len(), carl - 5);
+        // What follows the rest is the session's: dave only.
+        let left: Vec<String> = drain(&outbox)
+            .into_iter()
+            .map(|f| match f {
+                ServerFrame::UserUpdated { user, .. } => user.identity,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(left, ["dave"]);
+        assert_eq!(sink.whole.lock().unwrap().len(), 1);
+        // Lent again: the rest was taken, so the socket may be lent.
+        outbox.grant();
+        assert_eq!(
+            outbox.push_update(&users[0], &presence("bob", false)),
+            PushOutcome::Held
+        );
+    }
+
+    #[test]
+    fn a_socket_that_takes_nothing_leaves_the_update_queued_for_the_session() {
+        let (outbox, sink) = lent_outbox(0);
+        let (wakes, waker) = counting_waker();
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let bob: Arc<str> = Arc::from("bob");
+        assert_eq!(
+            outbox.push_update(&bob, &presence("bob", true)),
+            PushOutcome::Held
+        );
+        assert_eq!(outbox.flush(), 0);
+        assert_eq!(wakes.get(), 1);
+        assert_eq!(outbox.revoke(), None);
+        assert!(sink.whole.lock().unwrap().is_empty());
+        assert_eq!(drain(&outbox).len(), 1);
+    }
+
+    #[test]
+    fn the_fan_out_sends_nothing_past_what_the_session_must_send() {
+        let (outbox, sink) = lent_outbox(1 << 20);
+        let (wakes, waker) = counting_waker();
+        // A reply not sealed yet: updates queue behind it, and neither goes.
+        let slot = outbox
+            .reserve(SlotFrame::Subscribed {
+                id: 7,
+                users: vec![],
+                errors: vec![],
+            })
+            .unwrap();
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let bob: Arc<str> = Arc::from("bob");
+        assert_eq!(
+            outbox.push_update(&bob, &presence("bob", true)),
+            PushOutcome::Held
+        );
+        assert_eq!(outbox.flush(), 0);
+        assert!(sink.whole.lock().unwrap().is_empty());
+        // Its seal wakes the session, which sends both.
+        outbox.seal(slot);
+        assert_eq!(wakes.get(), 1);
+        assert_eq!(outbox.revoke(), None);
+        assert_eq!(drain(&outbox).len(), 2);
+        // A message longer than the sink's limit goes to the session.
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let long = Update::new(
+            User {
+                attributes: format!("{{\"a\":\"{}\"}}", "x".repeat(1000)),
+                ..user("carol", true)
+            },
+            Reasons::of(UpdateReason::Attributes),
+        );
+        let carol: Arc<str> = Arc::from("carol");
+        assert_eq!(outbox.push_update(&carol, &long), PushOutcome::Held);
+        assert_eq!(outbox.flush(), 0);
+        assert_eq!(wakes.get(), 2);
+        assert!(sink.whole.lock().unwrap().is_empty());
+        assert_eq!(outbox.revoke(), None);
+        assert_eq!(drain(&outbox).len(), 1);
+        // No lending once a close was asked for, nor without a sink.
+        outbox.grant();
+        outbox.close(CloseCode::Normal);
+        assert!(!outbox.lock().granted);
+        outbox.grant();
+        assert!(!outbox.lock().granted);
+        let plain = Outbox::new(Encoding::Json, 1 << 20);
+        plain.grant();
+        assert_eq!(
+            plain.push_update(&bob, &presence("bob", true)),
+            PushOutcome::Queued
+        );
+        // A dropped sink ends the lending.
+        let (outbox, _) = lent_outbox(1 << 20);
+        outbox.grant();
+        outbox.drop_sink();
+        assert_eq!(
+            outbox.push_update(&bob, &presence("bob", true)),
+            PushOutcome::Queued
+        );
+    }
+
     fn counting_waker() -> (Arc<CountWakes>, Waker) {
         let count = Arc::new(CountWakes::default());
         (Arc::clone(&count), Waker::from(count))

@@ -202,18 +202,17 @@ pub fn open_file_limit() -> Option<usize> {
 /// A public connection's stream with its descriptor, given back when the stream is closed,
 /// whatever it has become by then (an HTTP connection, a TLS stream, a WebSocket).
 pub(crate) struct Counted {
-    tcp: TcpStream,
+    tcp: Arc<Tcp>,
     _descriptor: OwnedSemaphorePermit,
 }
 
-impl Counted {
-    pub(crate) fn new(tcp: TcpStream, descriptor: OwnedSemaphorePermit) -> Self {
-        Counted {
-            tcp,
-            _descriptor: descriptor,
-        }
-    }
+/// An accepted TCP connection, shared: a WebSocket session on plain TCP lends it to its
+/// outbox while it waits, so the fan-out writes updates to it without waking the session
+/// (`reach_core::Sink`, implemented in `ws::socket`). Read and written through `&self` (the
+/// runtime's readiness, then a non-blocking read or write), as the runtime's own stream is.
+pub(crate) struct Tcp(TcpStream);
 
+impl Tcp {
     /// Sends `buf` with one `send`, without the runtime's readiness check (see
     /// `ws::wire::SendNow`); `WouldBlock` when the socket takes nothing now. With
     /// `MSG_NOSIGNAL`, as the runtime's own writes: a peer gone gives `EPIPE`, never SIGPIPE.
@@ -222,12 +221,47 @@ impl Counted {
         let flags = libc::MSG_NOSIGNAL;
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let flags = 0;
-        socket2::SockRef::from(&self.tcp).send_with_flags(buf, flags)
+        socket2::SockRef::from(&self.0).send_with_flags(buf, flags)
+    }
+}
+
+impl Counted {
+    pub(crate) fn new(tcp: TcpStream, descriptor: OwnedSemaphorePermit) -> Self {
+        Counted {
+            tcp: Arc::new(Tcp(tcp)),
+            _descriptor: descriptor,
+        }
+    }
+
+    /// The connection, shared (see [`Tcp`]).
+    pub(crate) fn shared(&self) -> &Arc<Tcp> {
+        &self.tcp
+    }
+
+    /// See [`Tcp::send_now`].
+    pub(crate) fn send_now(&self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.send_now(buf)
     }
 
     /// Reads what the client sent without taking it from the connection.
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.tcp.peek(buf).await
+        self.tcp.0.peek(buf).await
+    }
+}
+
+/// Runs `op` once the connection is ready for it, until it does not say `WouldBlock` (which
+/// clears the runtime's readiness, so the next poll waits for the next event).
+fn poll_io<T>(
+    cx: &mut Context<'_>,
+    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        std::task::ready!(ready(cx))?;
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
     }
 }
 
@@ -237,7 +271,14 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        let tcp = &self.tcp.0;
+        let n = std::task::ready!(poll_io(
+            cx,
+            |cx| tcp.poll_read_ready(cx),
+            || tcp.try_read(buf.initialize_unfilled())
+        ))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -247,7 +288,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let tcp = &self.tcp.0;
+        poll_io(cx, |cx| tcp.poll_write_ready(cx), || tcp.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -255,19 +297,24 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        let tcp = &self.tcp.0;
+        poll_io(
+            cx,
+            |cx| tcp.poll_write_ready(cx),
+            || tcp.try_write_vectored(bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&self.tcp.0).shutdown(std::net::Shutdown::Write))
     }
 }
 

@@ -94,7 +94,8 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        let frames_sent = IntCounter::new("reach_frames_sent_total", "Frames written to sockets")?;
+        // Counted by the engine too (the fan-out writes to sockets lent to it): registered there.
+        let frames_sent = engine.frames_sent.clone();
         let frames_received =
             IntCounter::new("reach_frames_received_total", "Frames read from sockets")?;
         let heartbeat_timeouts = IntCounter::new(
@@ -180,7 +181,6 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         for c in [
             &connections_opened,
-            &frames_sent,
             &frames_received,
             &heartbeat_timeouts,
             &streams_parked,

@@ -147,6 +147,12 @@ pub(super) struct WriteState {
     /// Quiet checks in a row that found the socket busy, up to [`MAX_BUSY_CHECKS`]: each
     /// doubles the wait for the next ([`WriteState::quiet_check`]).
     pub(super) busy_checks: u8,
+    /// The connection is plain TCP and its outbox has it as a sink (`socket::lend`): the
+    /// session lends it while it waits with nothing unwritten.
+    pub(super) lendable: bool,
+    /// The session lent the connection at its last wait (`reach_core::Outbox::grant`), and
+    /// takes it back before it writes or reads (`Session::take_back`).
+    pub(super) lent: bool,
 }
 
 impl WriteState {
@@ -211,6 +217,16 @@ pub(super) struct Session {
     /// `&mut` (hyper's `Upgraded`, under a TLS socket, is not `Sync`; requests hold `&Session`
     /// across awaits).
     pub(super) parked: Option<SyncWrapper<Link>>,
+}
+
+/// The session gives up the connection it may have lent to its outbox, so the connection
+/// closes with the session, whatever way it ends.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.w.lendable {
+            self.conn.outbox.drop_sink();
+        }
+    }
 }
 
 impl Session {

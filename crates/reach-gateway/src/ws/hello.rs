@@ -152,6 +152,7 @@ pub(super) async fn prepare(
     match started {
         Ok(mut session) => {
             session.permit = permit;
+            session.w.lendable = super::socket::lend(ws, &session.conn, &app.config.limits);
             Ok(session)
         }
         Err(err) => {

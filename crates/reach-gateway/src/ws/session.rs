@@ -367,6 +367,12 @@ impl Session {
     /// delivery) does not poll the read side again.
     fn next_io<'a>(&'a mut self, ws: &'a mut Socket) -> impl Future<Output = Io> + 'a {
         std::future::poll_fn(move |cx| {
+            if let Some(rest) = self.take_back() {
+                // The rest of a frame the fan-out sent in part: out first, with the next flush.
+                ws.get_mut().owe(rest);
+                self.w.direct = false;
+                self.w.dirty = true;
+            }
             let mut taken = None;
             if let Poll::Ready(r) =
                 poll_write(ws, &self.conn, &mut self.w, &self.app, cx, &mut taken)
@@ -394,6 +400,10 @@ impl Session {
                 }
             }
             if !self.must_read {
+                let w = &self.w;
+                if w.direct && !w.dirty && w.blocked_since.is_none() {
+                    self.lend();
+                }
                 return Poll::Pending;
             }
             let waker = Waker::from(Arc::clone(&self.conn));
@@ -527,6 +537,10 @@ impl Session {
     /// write, a deadline, and bytes from the client (read into a buffer on the stack).
     fn next_parked(&mut self) -> impl Future<Output = Parked> + '_ {
         std::future::poll_fn(move |cx| {
+            if let Some(rest) = self.take_back() {
+                // The rest of a frame the fan-out sent in part: the new stream sends it first.
+                return Poll::Ready(Parked::Write(Some(Box::new(rest))));
+            }
             self.arm();
             // Registers the waker first, so an item queued after the check below wakes it.
             let events = self.conn.outbox.take_events(cx.waker());
@@ -559,6 +573,7 @@ impl Session {
                 }
             }
             if !self.must_read {
+                self.lend();
                 return Poll::Pending;
             }
             let waker = Waker::from(Arc::clone(&self.conn));
@@ -576,6 +591,7 @@ impl Session {
                 {
                     Poll::Pending => {
                         self.must_read = false;
+                        self.lend();
                         return Poll::Pending;
                     }
                     Poll::Ready(Ok(())) if read.filled().is_empty() => {
@@ -661,6 +677,27 @@ impl Session {
             }
             Err(_) => Wrote::Failed,
         }
+    }
+
+    /// Lends the connection to the outbox while the session waits (it holds nothing unwritten:
+    /// the caller checked): the fan-out sends small updates itself instead of waking it.
+    fn lend(&mut self) {
+        if self.w.lendable && !self.w.ping_due {
+            self.conn.outbox.grant();
+            self.w.lent = true;
+        }
+    }
+
+    /// Takes the connection back from the outbox, if it was lent, before anything is written
+    /// or read: returns the rest of a frame the fan-out sent in part, to go out first.
+    fn take_back(&mut self) -> Option<Bytes> {
+        if !std::mem::take(&mut self.w.lent) {
+            return None;
+        }
+        let rest = self.conn.outbox.revoke()?;
+        // Counted here: the fan-out counts only frames it sent whole.
+        self.app.metrics.frames_sent.inc();
+        Some(rest)
     }
 
     /// A timer event: forgets the armed tick once it has come (the registration that fired is

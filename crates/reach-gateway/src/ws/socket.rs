@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::either::Either;
 
 use super::wire::{SendNow, Wire, send_whole};
-use crate::admission::Counted;
+use crate::admission::{Counted, Tcp};
 use crate::config::LimitsConfig;
 
 /// The upgraded connection of one client: all a parked socket keeps, in its session (see
@@ -48,6 +48,40 @@ impl SendNow for Link {
             Either::Left(tcp) => tcp.send_now(buf),
             Either::Right(_) => Err(io::ErrorKind::Unsupported.into()),
         }
+    }
+}
+
+/// The fan-out's writes to a plain TCP connection whose session waits with nothing unwritten
+/// (`reach_core::Outbox::grant`): one unfragmented frame per message, as [`write_direct`]
+/// writes it.
+impl reach_core::Sink for Tcp {
+    fn send(&self, message: &[u8], encoding: Encoding) -> reach_core::Sent {
+        use reach_core::Sent;
+        let mut buf = [0u8; DIRECT_FRAME];
+        let Some(len) = frame_into(&mut buf, message, encoding) else {
+            return Sent::Nothing;
+        };
+        match self.send_now(&buf[..len]) {
+            Ok(n) if n == len => Sent::Whole,
+            Ok(n) if n > 0 => Sent::Part(Bytes::copy_from_slice(&buf[n..len])),
+            // Would block (or failed: the session's own write finds out).
+            _ => Sent::Nothing,
+        }
+    }
+}
+
+/// Lends a plain TCP connection to the session's outbox (`reach_core::Outbox::set_sink`):
+/// while the session waits with nothing unwritten, the fan-out writes small updates to it
+/// itself. A TLS connection is not lent (its stream may keep bytes until a flush): false.
+pub(super) fn lend(ws: &Socket, conn: &reach_core::Conn, limits: &LimitsConfig) -> bool {
+    match ws.get_ref().get_ref() {
+        Either::Left(tcp) => {
+            let sink: std::sync::Arc<dyn reach_core::Sink> = tcp.shared().clone();
+            conn.outbox
+                .set_sink(sink, direct_max(limits.write_fragment_bytes));
+            true
+        }
+        Either::Right(_) => false,
     }
 }
 

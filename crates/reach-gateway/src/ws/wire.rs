@@ -67,6 +67,10 @@ impl<S> Wire<S> {
         wire
     }
 
+    pub(super) fn get_ref(&self) -> &S {
+        &self.io
+    }
+
     /// The stream under it, once [`Wire::at_boundary`]: a new `Wire` over it then follows the
     /// frames from where this one stopped.
     pub(super) fn into_inner(self) -> S {
