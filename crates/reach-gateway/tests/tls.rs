@@ -163,6 +163,33 @@ async fn rest_and_sockets_over_tls_and_a_reload_that_keeps_open_sockets() {
         .expect("wss with the CA file");
     assert_eq!(alice.connection_state(), ConnectionState::Connected);
     assert_eq!(alice.user().is_online(), Some(true));
+    // An update reaches her over TLS, written by her session: a TLS connection is never lent
+    // to the fan-out (its stream may keep bytes until a flush).
+    let mut events = alice.events();
+    let renamed = https(
+        &d,
+        &crt,
+        "127.0.0.1",
+        "POST",
+        &format!("/v1/Services/{svc}/Users/alice"),
+        "FriendlyName=Alice",
+    )
+    .await
+    .unwrap();
+    assert!(renamed.starts_with("HTTP/1.1 200"), "{renamed}");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(reach_client::ClientEvent::UserUpdated { user, .. }))
+                if user.friendly_name().as_deref() == Some("Alice") =>
+            {
+                break;
+            }
+            Ok(Some(_)) => continue,
+            other => panic!("no update over TLS: {other:?}"),
+        }
+    }
+    assert_eq!(metric(&d, "reach_fanout_writes_total").await, 0.0);
+    assert!(metric(&d, "reach_frames_sent_total").await >= 2.0);
     // The system's roots do not vouch for a self-signed certificate.
     match Client::connect(&wss_url(&d), &d.token(&svc, "bob")).await {
         Err(Error::Tls(reason)) => assert!(reason.contains("certificate"), "{reason}"),

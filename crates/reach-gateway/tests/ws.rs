@@ -1562,6 +1562,8 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
         parks,
         "no stream was built and parked again"
     );
+    // Both were written by the fan-out itself, to the connections the waiting sessions lent it.
+    assert_eq!(metric_value(&d, "reach_fanout_writes_total").await, 2);
     // An update longer than a frame sent parked (600 bytes of attributes) needs the stream:
     // bob's socket wakes, writes it whole, and parks again.
     let attributes = serde_json::json!({ "bio": "y".repeat(600) }).to_string();
@@ -1577,6 +1579,11 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
     assert_eq!(user_of(&update).attributes, attributes);
     let update = alice.update_of("alice").await;
     assert_eq!(user_of(&update).attributes, attributes);
+    assert_eq!(
+        metric_value(&d, "reach_fanout_writes_total").await,
+        2,
+        "a long update is written by the session"
+    );
     wait_parked(&d, parks + 2).await;
     wait_parked_now(&d, 2).await;
     // A request wakes bob's socket (a read): its reply goes through the stream, and it parks
