@@ -211,6 +211,9 @@ pub enum Head {
     Nothing,
 }
 
+/// The most messages one [`Outbox::flush`] sends: a socket's lock is held across its sends.
+pub const FLUSH_MAX: usize = 16;
+
 /// What a reply slot counts in the queue's bytes before it is filled.
 const SLOT_SIZE: usize = 256;
 
@@ -535,8 +538,9 @@ pub struct Taken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
     Queued,
-    /// Queued without waking the session, which lent its socket: the caller must call
-    /// [`Outbox::flush`] (after leaving any lock it holds).
+    /// Queued without waking the session, which lent its socket: the caller must see that
+    /// [`Outbox::flush`] is called (the engine does so in a task of its own, so the sends run
+    /// outside the user's shard lock).
     Held,
     Coalesced,
     Dropped,
@@ -691,7 +695,10 @@ impl Outbox {
     /// frames at the head, in order, each as one frame. Stops at anything else (a reply still
     /// to be sealed, whose seal wakes the session; a long message; the close), and at the
     /// first message the socket does not take whole: the lending ends, the session is woken,
-    /// and takes the frame's rest with [`Outbox::revoke`]. Returns the messages sent whole.
+    /// and takes the frame's rest with [`Outbox::revoke`]. At most [`FLUSH_MAX`] messages go
+    /// per call (the lock is held across the sends, and the fan-out queues to this outbox under
+    /// a user's shard lock): a longer queue goes to the session. Returns the messages sent
+    /// whole.
     pub fn flush(&self) -> usize {
         let mut inner = self.lock();
         // Taken out for the loop (the lock is held throughout), put back after it.
@@ -701,7 +708,7 @@ impl Outbox {
         let mut sent = 0;
         while inner.granted && inner.close.is_none() && inner.front_ready() {
             let sent_now = match inner.front_payload(self.encoding) {
-                Some(payload) if payload.len() <= lent.max as usize => {
+                Some(payload) if payload.len() <= lent.max as usize && sent < FLUSH_MAX => {
                     lent.sink.send(payload, self.encoding)
                 }
                 // Something the session sends itself.
@@ -1468,6 +1475,36 @@ mod tests {
             outbox.push_update(&users[0], &presence("bob", false)),
             PushOutcome::Held
         );
+    }
+
+    #[test]
+    fn one_flush_sends_at_most_flush_max_and_leaves_the_rest_to_the_session() {
+        let (outbox, sink) = lent_outbox(1 << 20);
+        let (wakes, waker) = counting_waker();
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        let users: Vec<Arc<str>> = (0..FLUSH_MAX + 3)
+            .map(|i| Arc::from(format!("user{i}")))
+            .collect();
+        for id in &users {
+            assert_eq!(
+                outbox.push_update(id, &presence(id, true)),
+                PushOutcome::Held
+            );
+        }
+        assert_eq!(outbox.flush(), FLUSH_MAX);
+        assert_eq!(wakes.get(), 1, "the session is woken for the rest");
+        assert_eq!(sink.whole.lock().unwrap().len(), FLUSH_MAX);
+        assert_eq!(outbox.revoke(), None);
+        let left: Vec<String> = drain(&outbox)
+            .into_iter()
+            .map(|f| match f {
+                ServerFrame::UserUpdated { user, .. } => user.identity,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected: Vec<String> = users[FLUSH_MAX..].iter().map(|u| u.to_string()).collect();
+        assert_eq!(left, expected);
     }
 
     #[test]

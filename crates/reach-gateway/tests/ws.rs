@@ -1562,7 +1562,13 @@ async fn parked_sockets_wake_for_writes_reads_closes_and_drops() {
         parks,
         "no stream was built and parked again"
     );
-    // Both were written by the fan-out itself, to the connections the waiting sessions lent it.
+    // Both were written by the fan-out itself, to the connections the waiting sessions lent it
+    // (counted once its task has sent to both: the frames may arrive first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_value(&d, "reach_fanout_writes_total").await < 2 {
+        assert!(Instant::now() < deadline, "no fan-out writes counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(metric_value(&d, "reach_fanout_writes_total").await, 2);
     // An update longer than a frame sent parked (600 bytes of attributes) needs the stream:
     // bob's socket wakes, writes it whole, and parks again.
