@@ -1387,10 +1387,32 @@ mod tests {
         (outbox, sink)
     }
 
-    fn identity_of(bytes: &[u8]) -> String {
-        match decode_server(bytes, Encoding::Json).unwrap() {
+    fn identity_of(frame: ServerFrame) -> String {
+        match frame {
             ServerFrame::UserUpdated { user, .. } => user.identity,
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The identities of the updates the session would send now.
+    fn drained_identities(outbox: &Outbox) -> Vec<String> {
+        drain(outbox).into_iter().map(identity_of).collect()
+    }
+
+    /// The session waits (its waker registered, counting wake-ups) and lends the socket.
+    fn wait_lent(outbox: &Outbox) -> (Arc<CountWakes>, Waker) {
+        let (wakes, waker) = counting_waker();
+        assert!(outbox.pop(&waker).is_none());
+        outbox.grant();
+        (wakes, waker)
+    }
+
+    /// Queues an update of each user to the lent outbox: held, for the fan-out to send.
+    fn hold<S: AsRef<str>>(outbox: &Outbox, identities: &[S]) {
+        for id in identities {
+            let id: Arc<str> = Arc::from(id.as_ref());
+            let update = presence(&id, true);
+            assert_eq!(outbox.push_update(&id, &update), PushOutcome::Held);
         }
     }
 
@@ -1409,13 +1431,7 @@ mod tests {
         assert!(outbox.pop(&waker).is_some());
         assert!(outbox.pop(&waker).is_none());
         outbox.grant();
-        let users = ["bob", "carol", "dave"].map(Arc::<str>::from);
-        for id in &users {
-            assert_eq!(
-                outbox.push_update(id, &presence(id, true)),
-                PushOutcome::Held
-            );
-        }
+        hold(&outbox, &["bob", "carol", "dave"]);
         assert_eq!(wakes.get(), 1, "held updates wake nobody");
         assert_eq!(outbox.flush(), 3);
         assert_eq!(wakes.get(), 1);
@@ -1425,7 +1441,7 @@ mod tests {
             .lock()
             .unwrap()
             .iter()
-            .map(|m| identity_of(m))
+            .map(|m| identity_of(decode_server(m, Encoding::Json).unwrap()))
             .collect();
         assert_eq!(sent, ["bob", "carol", "dave"]);
         // Taken back: the next update wakes the session again, and a flush sends nothing.
@@ -1444,80 +1460,39 @@ mod tests {
         // Room for the first update's frame and part of the second's.
         let first = presence("bob", true).bytes(Encoding::Json).len() + 2;
         let (outbox, sink) = lent_outbox(first + 5);
-        let (wakes, waker) = counting_waker();
-        assert!(outbox.pop(&waker).is_none());
-        outbox.grant();
-        let users = ["bob", "carl", "dave"].map(Arc::<str>::from);
-        for id in &users {
-            assert_eq!(
-                outbox.push_update(id, &presence(id, true)),
-                PushOutcome::Held
-            );
-        }
+        let (wakes, _waker) = wait_lent(&outbox);
+        hold(&outbox, &["bob", "carl", "dave"]);
         assert_eq!(outbox.flush(), 1);
         assert_eq!(wakes.get(), 1, "the session is woken for the rest");
         let rest = outbox.revoke().expect("the rest of carl's frame");
         let carl = presence("carl", true).bytes(Encoding::Json).len() + 2;
         assert_eq!(rest.len(), carl - 5);
         // What follows the rest is the session's: dave only.
-        let left: Vec<String> = drain(&outbox)
-            .into_iter()
-            .map(|f| match f {
-                ServerFrame::UserUpdated { user, .. } => user.identity,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(left, ["dave"]);
+        assert_eq!(drained_identities(&outbox), ["dave"]);
         assert_eq!(sink.whole.lock().unwrap().len(), 1);
         // Lent again: the rest was taken, so the socket may be lent.
         outbox.grant();
-        assert_eq!(
-            outbox.push_update(&users[0], &presence("bob", false)),
-            PushOutcome::Held
-        );
+        hold(&outbox, &["bob"]);
     }
 
     #[test]
     fn one_flush_sends_at_most_flush_max_and_leaves_the_rest_to_the_session() {
         let (outbox, sink) = lent_outbox(1 << 20);
-        let (wakes, waker) = counting_waker();
-        assert!(outbox.pop(&waker).is_none());
-        outbox.grant();
-        let users: Vec<Arc<str>> = (0..FLUSH_MAX + 3)
-            .map(|i| Arc::from(format!("user{i}")))
-            .collect();
-        for id in &users {
-            assert_eq!(
-                outbox.push_update(id, &presence(id, true)),
-                PushOutcome::Held
-            );
-        }
+        let (wakes, _waker) = wait_lent(&outbox);
+        let users: Vec<String> = (0..FLUSH_MAX + 3).map(|i| format!("user{i}")).collect();
+        hold(&outbox, &users);
         assert_eq!(outbox.flush(), FLUSH_MAX);
         assert_eq!(wakes.get(), 1, "the session is woken for the rest");
         assert_eq!(sink.whole.lock().unwrap().len(), FLUSH_MAX);
         assert_eq!(outbox.revoke(), None);
-        let left: Vec<String> = drain(&outbox)
-            .into_iter()
-            .map(|f| match f {
-                ServerFrame::UserUpdated { user, .. } => user.identity,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        let expected: Vec<String> = users[FLUSH_MAX..].iter().map(|u| u.to_string()).collect();
-        assert_eq!(left, expected);
+        assert_eq!(drained_identities(&outbox), users[FLUSH_MAX..]);
     }
 
     #[test]
     fn a_socket_that_takes_nothing_leaves_the_update_queued_for_the_session() {
         let (outbox, sink) = lent_outbox(0);
-        let (wakes, waker) = counting_waker();
-        assert!(outbox.pop(&waker).is_none());
-        outbox.grant();
-        let bob: Arc<str> = Arc::from("bob");
-        assert_eq!(
-            outbox.push_update(&bob, &presence("bob", true)),
-            PushOutcome::Held
-        );
+        let (wakes, _waker) = wait_lent(&outbox);
+        hold(&outbox, &["bob"]);
         assert_eq!(outbox.flush(), 0);
         assert_eq!(wakes.get(), 1);
         assert_eq!(outbox.revoke(), None);
@@ -1539,11 +1514,7 @@ mod tests {
             .unwrap();
         assert!(outbox.pop(&waker).is_none());
         outbox.grant();
-        let bob: Arc<str> = Arc::from("bob");
-        assert_eq!(
-            outbox.push_update(&bob, &presence("bob", true)),
-            PushOutcome::Held
-        );
+        hold(&outbox, &["bob"]);
         assert_eq!(outbox.flush(), 0);
         assert!(sink.whole.lock().unwrap().is_empty());
         // Its seal wakes the session, which sends both.
@@ -1574,6 +1545,7 @@ mod tests {
         assert!(!outbox.lock().granted);
         outbox.grant();
         assert!(!outbox.lock().granted);
+        let bob: Arc<str> = Arc::from("bob");
         let plain = Outbox::new(Encoding::Json, 1 << 20);
         plain.grant();
         assert_eq!(
