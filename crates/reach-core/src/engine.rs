@@ -238,13 +238,25 @@ impl Conn {
     }
 }
 
-/// Cluster mode: a watched user's state from the backplane.
+/// What only some entries need for a while: a watched user's state from the backplane (cluster
+/// mode), and the `subscribed` replies to fill once something arrives.
 #[derive(Default)]
-struct Backplane {
+struct Side {
     /// Whether another node holds the user; `None` until the backplane answered.
     remote: Option<Remote>,
     /// `subscribed` slots waiting for `remote`.
     waiting: Vec<(Arc<Conn>, SlotId)>,
+    /// Watchers whose `subscribed` slot waits for the user's profile from the store
+    /// ([`Attach::NeedsProfile`], until [`Engine::fill`]). Fan-outs skip them: the fill puts
+    /// the state of its own time in the slot, so a change made before it is in the reply, and
+    /// an update of it queued behind the slot would repeat it.
+    loading: Vec<(Arc<Conn>, SlotId)>,
+}
+
+impl Side {
+    fn is_empty(&self) -> bool {
+        self.remote.is_none() && self.waiting.is_empty() && self.loading.is_empty()
+    }
 }
 
 struct Entry {
@@ -258,9 +270,10 @@ struct Entry {
     epoch_pending: bool,
     /// Cluster mode: subscribers that are not the user's own connections.
     watchers: u32,
-    /// Cluster mode, while the user is watched here: what the backplane said. Boxed, so a
-    /// user's entry carries one pointer for it outside cluster mode.
-    backplane: Option<Box<Backplane>>,
+    /// Cluster mode, while the user is watched here: what the backplane said; and watchers
+    /// whose reply waits (`Side`). Boxed, so a user's entry carries one pointer for it while
+    /// it has none of them.
+    side: Option<Box<Side>>,
     /// Non-zero while an offline grace timer is pending; a timer acts only if it still matches.
     grace_gen: u64,
     /// Highest epoch seen online (from the store, raised when the user comes online).
@@ -384,7 +397,7 @@ impl Entry {
             conns: 0,
             online: false,
             watchers: 0,
-            backplane: None,
+            side: None,
             grace_gen: 0,
             online_epoch: 0,
             epoch_pending: false,
@@ -404,12 +417,30 @@ impl Entry {
 
     /// Whether another node holds the user; `None` until the backplane answered.
     fn remote(&self) -> Option<Remote> {
-        self.backplane.as_ref().and_then(|b| b.remote)
+        self.side.as_ref().and_then(|b| b.remote)
     }
 
     /// `subscribed` slots waiting for the backplane's answer.
     fn waiting(&self) -> &[(Arc<Conn>, SlotId)] {
-        self.backplane.as_ref().map_or(&[], |b| &b.waiting)
+        self.side.as_ref().map_or(&[], |b| &b.waiting)
+    }
+
+    /// Watchers whose `subscribed` slot waits for the user's profile ([`Side::loading`]).
+    fn loading(&self) -> &[(Arc<Conn>, SlotId)] {
+        self.side.as_ref().map_or(&[], |b| &b.loading)
+    }
+
+    /// `conn`'s reply no longer waits for the profile: its `slot` is filled now, or `conn`
+    /// stops watching (`None`: every slot of it).
+    fn loaded(&mut self, conn: &Conn, slot: Option<SlotId>) {
+        let Some(side) = self.side.as_mut() else {
+            return;
+        };
+        side.loading
+            .retain(|(c, s)| c.id != conn.id || slot.is_some_and(|slot| *s != slot));
+        if side.is_empty() {
+            self.side = None;
+        }
     }
 
     fn is_online(&self, svc: ServiceState) -> Option<bool> {
@@ -654,10 +685,12 @@ impl Engine {
                 }
             }
         }
-        (
-            self.fill_or_wait(&mut entry, identity, conn, slot, svc),
-            key,
-        )
+        let attach = self.fill_or_wait(&mut entry, identity, conn, slot, svc);
+        if attach == Attach::NeedsProfile && watcher {
+            let side = entry.side.get_or_insert_with(Box::default);
+            side.loading.push((Arc::clone(conn), slot));
+        }
+        (attach, key)
     }
 
     /// Fills `slot` with the user's current state once its profile is loaded.
@@ -665,7 +698,10 @@ impl Engine {
         let key = UserKey::new(conn.service(), identity);
         let svc = self.service(conn.service());
         match self.users.get_mut(&key) {
-            Some(mut entry) => self.fill_or_wait(&mut entry, identity, conn, slot, svc),
+            Some(mut entry) => {
+                entry.loaded(conn, Some(slot));
+                self.fill_or_wait(&mut entry, identity, conn, slot, svc)
+            }
             None => Attach::NeedsProfile,
         }
     }
@@ -681,8 +717,8 @@ impl Engine {
         let own = identity == conn.identity();
         if self.cluster.is_some() && !own && entry.remote().is_none() && entry.profile.is_some() {
             conn.outbox.expect(slot);
-            let backplane = entry.backplane.get_or_insert_with(Box::default);
-            backplane.waiting.push((Arc::clone(conn), slot));
+            let side = entry.side.get_or_insert_with(Box::default);
+            side.waiting.push((Arc::clone(conn), slot));
             return Attach::Filled;
         }
         self.fill_locked(entry, identity, conn, slot, svc)
@@ -720,8 +756,9 @@ impl Engine {
         {
             self.metrics.subscriptions.dec();
             if conn.key != *key {
-                if let Some(backplane) = entry.backplane.as_mut() {
-                    backplane.waiting.retain(|(c, slot)| {
+                entry.loaded(&conn, None);
+                if let Some(side) = entry.side.as_mut() {
+                    side.waiting.retain(|(c, slot)| {
                         let keep = c.id != conn.id;
                         if !keep {
                             c.outbox.release(*slot);
@@ -732,7 +769,7 @@ impl Engine {
                 entry.watchers -= 1;
                 if entry.watchers == 0 {
                     // No watcher left, so no slot waits either.
-                    entry.backplane = None;
+                    entry.side = None;
                     self.tell_cluster(|| ClusterEvent::Unwatch(key.clone()));
                 }
             }
@@ -859,9 +896,9 @@ impl Engine {
         }
         let svc = self.service(key.service());
         let before = entry.visible();
-        let backplane = entry.backplane.get_or_insert_with(Box::default);
-        backplane.remote = Some(Remote { version, held });
-        let waiting = std::mem::take(&mut backplane.waiting);
+        let side = entry.side.get_or_insert_with(Box::default);
+        side.remote = Some(Remote { version, held });
+        let waiting = std::mem::take(&mut side.waiting);
         let after = entry.visible();
         if before && !after {
             // The cluster's version is the change's time in Redis, in microseconds.
@@ -967,7 +1004,8 @@ impl Engine {
         self.fan_out(key, entry, svc, reasons, skip);
     }
 
-    /// Sends the user's current view, with `reasons`, to its subscribers except `skip`.
+    /// Sends the user's current view, with `reasons`, to its subscribers except `skip` and those
+    /// whose reply waits for the profile ([`Side::loading`]: the reply will carry this view).
     fn fan_out(
         &self,
         key: &UserKey,
@@ -988,8 +1026,12 @@ impl Engine {
         let identity: Arc<str> = Arc::from(key.identity());
         let (mut queued, mut coalesced) = (0u64, 0u64);
         let mut held = Vec::new();
+        let loading = entry.loading();
         for conn in entry.subscribers.iter() {
             if !skip.is_empty() && skip.iter().any(|(c, _)| c.id == conn.id) {
+                continue;
+            }
+            if !loading.is_empty() && loading.iter().any(|(c, _)| c.id == conn.id) {
                 continue;
             }
             match conn.outbox.push_update(&identity, &update) {

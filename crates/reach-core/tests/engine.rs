@@ -410,6 +410,99 @@ async fn a_waiting_reply_gets_the_latest_state_and_no_repeat() {
     }
 }
 
+fn reserve_subscribed(conn: &Conn) -> reach_core::SlotId {
+    conn.outbox
+        .reserve(SlotFrame::Subscribed {
+            id: 1,
+            users: vec![],
+            errors: vec![],
+        })
+        .unwrap()
+}
+
+/// The one `subscribed` reply a watcher got, as (identity, is_online) of its users; panics on
+/// anything else, a repeated update included.
+fn only_reply(frames: &[ServerFrame]) -> Vec<(String, Option<bool>)> {
+    match frames {
+        [ServerFrame::Subscribed { users, .. }] => users
+            .iter()
+            .map(|u| (u.identity.clone(), u.is_online))
+            .collect(),
+        other => panic!("one reply with the state at its fill, nothing after it: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_while_a_reply_loads_the_profile_is_in_the_reply_only() {
+    let e = engine();
+    let (w1, w2) = (connect(&e, "w1"), connect(&e, "w2"));
+    drain(&w1);
+    drain(&w2);
+    // bob is in no memory: w1's reply waits for his profile from the store.
+    let slot = reserve_subscribed(&w1);
+    assert_eq!(e.subscribe(&w1, "bob", slot).0, Attach::NeedsProfile);
+    // Meanwhile another socket's read loads it, and bob comes online.
+    subscribe(&e, &w2, &["bob"]);
+    let bob = connect(&e, "bob");
+    assert_eq!(
+        presence_updates(&drain(&w2)),
+        vec![("bob".into(), Some(true))]
+    );
+    // w1's read comes back: the reply says online, and no update repeats it.
+    e.load_profile(SVC, "bob", profile(1));
+    assert_eq!(e.fill(&w1, "bob", slot), Attach::Filled);
+    w1.outbox.seal(slot);
+    assert_eq!(only_reply(&drain(&w1)), vec![("bob".into(), Some(true))]);
+    // Once filled, w1 hears bob's changes again.
+    e.detach(&bob, &[], true);
+    assert_eq!(
+        presence_updates(&drain(&w1)),
+        vec![("bob".into(), Some(false))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_loading_the_profile_misses_nothing_when_the_watch_ends() {
+    let e = engine();
+    let (w1, w2) = (connect(&e, "w1"), connect(&e, "w2"));
+    let slot = reserve_subscribed(&w1);
+    assert_eq!(e.subscribe(&w1, "bob", slot).0, Attach::NeedsProfile);
+    // w2 watches bob too, so his entry stays.
+    subscribe(&e, &w2, &["bob"]);
+    // w1's read failed: the socket gives the watch up (as after a store failure).
+    e.unsubscribe(&w1, "bob");
+    w1.outbox.seal(slot);
+    drain(&w1);
+    // Subscribed again, w1 is an ordinary watcher: it hears bob come online.
+    subscribe(&e, &w1, &["bob"]);
+    drain(&w1);
+    let _bob = connect(&e, "bob");
+    assert_eq!(
+        presence_updates(&drain(&w1)),
+        vec![("bob".into(), Some(true))]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cluster_state_arriving_while_a_reply_loads_the_profile_is_not_repeated() {
+    let (e, _rx) = clustered();
+    let (w1, w2) = (connect(&e, "w1"), connect(&e, "w2"));
+    drain(&w1);
+    drain(&w2);
+    // alice is held by another node. w1's reply waits for her profile; w2's read has it
+    // first and waits for the backplane.
+    let slot = reserve_subscribed(&w1);
+    assert_eq!(e.subscribe(&w1, "alice", slot).0, Attach::NeedsProfile);
+    subscribe(&e, &w2, &["alice"]);
+    e.apply_remote(&key("alice"), 10, true);
+    assert_eq!(only_reply(&drain(&w2)), vec![("alice".into(), Some(true))]);
+    // w1's read comes back after the backplane's answer: its reply has it, once.
+    e.load_profile(SVC, "alice", profile(1));
+    assert_eq!(e.fill(&w1, "alice", slot), Attach::Filled);
+    w1.outbox.seal(slot);
+    assert_eq!(only_reply(&drain(&w1)), vec![("alice".into(), Some(true))]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_user_held_elsewhere_does_not_flap_when_it_leaves_here() {
     let (e, _rx) = clustered();
