@@ -29,6 +29,10 @@
 //! watcher here; the backplane answers with [`Engine::apply_remote`]. A `subscribed` reply for
 //! a user whose remote state is not known yet waits (its outbox slot is held back) until the
 //! backplane's answer arrives, so the first state a watcher sees is the cluster's.
+//!
+//! In any mode, a watcher whose `subscribed` reply waits for the user's profile from the store
+//! is skipped by fan-outs until [`Engine::fill`]: the reply carries the state as it is then,
+//! and an update queued behind it would only repeat it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -668,6 +672,10 @@ impl Engine {
     /// [`Engine::apply_remote`]; the slot is held back until then (this still returns
     /// `Filled`).
     ///
+    /// On [`Attach::NeedsProfile`] the caller must load the profile and call [`Engine::fill`],
+    /// or give the watch up ([`Engine::unsubscribe`], [`Engine::detach`]): until one of them,
+    /// fan-outs skip `conn` for this user.
+    ///
     /// Also returns the user's key as the engine stores it (sharing its allocation), for the
     /// caller's list of what the connection watches.
     pub fn subscribe(&self, conn: &Arc<Conn>, identity: &str, slot: SlotId) -> (Attach, UserKey) {
@@ -980,8 +988,8 @@ impl Engine {
 
     /// Fans a diff out to the user's subscribers. Nothing is published while reachability is
     /// disabled for presence reasons, or before the profile is loaded (nobody has seen it yet).
-    /// Connections whose `subscribed` reply still waits for the cluster state are skipped:
-    /// the reply, filled later, carries the state as it is then.
+    /// Connections whose `subscribed` reply still waits for the cluster state or the profile
+    /// are skipped: the reply, filled later, carries the state as it is then.
     fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
         self.publish_except(key, entry, svc, reasons, entry.waiting());
     }
