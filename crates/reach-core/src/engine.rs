@@ -989,9 +989,9 @@ impl Engine {
     /// Fans a diff out to the user's subscribers. Nothing is published while reachability is
     /// disabled for presence reasons, or before the profile is loaded (nobody has seen it yet).
     /// Connections whose `subscribed` reply still waits for the cluster state or the profile
-    /// are skipped: the reply, filled later, carries the state as it is then.
+    /// are skipped ([`Engine::fan_out`]).
     fn publish(&self, key: &UserKey, entry: &Entry, svc: ServiceState, reasons: Reasons) {
-        self.publish_except(key, entry, svc, reasons, entry.waiting());
+        self.publish_except(key, entry, svc, reasons, &[]);
     }
 
     /// [`Engine::publish`], skipping the connections in `skip` (they were just given the state
@@ -1013,7 +1013,8 @@ impl Engine {
     }
 
     /// Sends the user's current view, with `reasons`, to its subscribers except `skip` and those
-    /// whose reply waits for the profile ([`Side::loading`]: the reply will carry this view).
+    /// whose `subscribed` reply still waits, for the cluster state ([`Side::waiting`]) or the
+    /// profile ([`Side::loading`]): the reply, filled later, carries the state as it is then.
     fn fan_out(
         &self,
         key: &UserKey,
@@ -1034,12 +1035,10 @@ impl Engine {
         let identity: Arc<str> = Arc::from(key.identity());
         let (mut queued, mut coalesced) = (0u64, 0u64);
         let mut held = Vec::new();
-        let loading = entry.loading();
+        let pending = [skip, entry.waiting(), entry.loading()];
+        let skipping = pending.iter().any(|p| !p.is_empty());
         for conn in entry.subscribers.iter() {
-            if !skip.is_empty() && skip.iter().any(|(c, _)| c.id == conn.id) {
-                continue;
-            }
-            if !loading.is_empty() && loading.iter().any(|(c, _)| c.id == conn.id) {
+            if skipping && pending.into_iter().flatten().any(|(c, _)| c.id == conn.id) {
                 continue;
             }
             match conn.outbox.push_update(&identity, &update) {
@@ -1210,7 +1209,7 @@ impl Engine {
                     reasons = reasons.with(UpdateReason::ReachabilityNotifiable);
                 }
                 if !reasons.is_empty() {
-                    self.fan_out(&key, entry, state, reasons, entry.waiting());
+                    self.fan_out(&key, entry, state, reasons, &[]);
                 }
                 continue;
             }

@@ -68,15 +68,18 @@ fn connect(e: &Arc<Engine>, identity: &str) -> Arc<Conn> {
     conn
 }
 
-fn subscribe(e: &Arc<Engine>, conn: &Arc<Conn>, identities: &[&str]) {
-    let slot = conn
-        .outbox
+fn reserve_subscribed(conn: &Conn) -> reach_core::SlotId {
+    conn.outbox
         .reserve(SlotFrame::Subscribed {
             id: 1,
             users: vec![],
             errors: vec![],
         })
-        .unwrap();
+        .unwrap()
+}
+
+fn subscribe(e: &Arc<Engine>, conn: &Arc<Conn>, identities: &[&str]) {
+    let slot = reserve_subscribed(conn);
     for id in identities {
         if e.subscribe(conn, id, slot).0 == Attach::NeedsProfile {
             e.load_profile(SVC, id, profile(1));
@@ -408,16 +411,6 @@ async fn a_waiting_reply_gets_the_latest_state_and_no_repeat() {
         [ServerFrame::Subscribed { users, .. }] => assert_eq!(users[0].is_online, Some(true)),
         other => panic!("one reply with the latest state, no repeated update: {other:?}"),
     }
-}
-
-fn reserve_subscribed(conn: &Conn) -> reach_core::SlotId {
-    conn.outbox
-        .reserve(SlotFrame::Subscribed {
-            id: 1,
-            users: vec![],
-            errors: vec![],
-        })
-        .unwrap()
 }
 
 /// The one `subscribed` reply a watcher got, as (identity, is_online) of its users; panics on
